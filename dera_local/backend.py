@@ -1,0 +1,202 @@
+"""Thin, typed wrappers over llama.cpp's C API (through llama-cpp-python's ctypes bindings):
+one loaded model, one context with its KV cache, and facts about the llama.cpp build.
+
+The high-level `Llama` class is deliberately not used: it owns one model per object and
+its per-token Python logits-processor path is what dera-local replaces.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import llama_cpp
+
+from . import llama_log
+from .errors import DeraError, ModelFileError
+
+
+@cache
+def _init_backend() -> None:
+    llama_cpp.llama_backend_init()
+
+
+def system_info() -> str:
+    """llama.cpp's own feature line (CPU ISA, GPU backends, ...)."""
+    _init_backend()
+    return llama_cpp.llama_print_system_info().decode("utf-8", errors="replace").strip()
+
+
+def built_with_amx() -> bool:
+    """True when the loaded ggml has AMX kernels, which crash on quantized batches
+    (llama.cpp issue #20824) unless weights skip the extra (repacked) buffer types."""
+    return "AMX_INT8 = 1" in system_info()
+
+
+def supports_gpu_offload() -> bool:
+    _init_backend()
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def default_threads() -> int:
+    return max(1, min(os.cpu_count() or 1, 16))
+
+
+@dataclass(frozen=True)
+class LoadOptions:
+    """How to load a model: GPU layers (-1 = all that fit the build) and buffer types."""
+
+    n_gpu_layers: int = 0
+    use_extra_bufts: bool = True
+
+
+class LoadedModel:
+    """One llama.cpp model and its vocabulary."""
+
+    def __init__(self, path: Path, options: LoadOptions) -> None:
+        _init_backend()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = options.n_gpu_layers if options.n_gpu_layers >= 0 else 999
+        params.use_extra_bufts = options.use_extra_bufts
+        llama_log.recent_problem()  # forget older lines: only this load's matter below
+        model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), params)
+        if not model:
+            reason = llama_log.recent_problem() or "llama.cpp could not load it"
+            raise ModelFileError(f"{path}: {reason}")
+        self.path = path
+        self.ptr = model
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self._piece_buffer = ctypes.create_string_buffer(256)
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def describe(self) -> str:
+        buffer = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(self.ptr, buffer, len(buffer))
+        return buffer.value.decode("utf-8", errors="replace")
+
+    def n_params(self) -> int:
+        return int(llama_cpp.llama_model_n_params(self.ptr))
+
+    def train_context_length(self) -> int:
+        return int(llama_cpp.llama_model_n_ctx_train(self.ptr))
+
+    def chat_template(self) -> str | None:
+        template = llama_cpp.llama_model_chat_template(self.ptr, None)
+        return template.decode("utf-8") if template else None
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        while True:
+            tokens = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(
+                self.vocab, data, len(data), tokens, capacity, add_special, parse_special
+            )
+            if n >= 0:
+                return list(tokens[:n])
+            capacity = -n
+
+    def token_bytes(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes a token stands for; control tokens are empty unless `special`."""
+        n = llama_cpp.llama_token_to_piece(
+            self.vocab, token, self._piece_buffer, len(self._piece_buffer), 0, special
+        )
+        if n < 0:
+            self._piece_buffer = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(
+                self.vocab, token, self._piece_buffer, len(self._piece_buffer), 0, special
+            )
+        return self._piece_buffer.raw[:n]
+
+    def is_end_of_generation(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def special_token(self, name: str) -> int | None:
+        """bos, eos or eot id, or None when the vocabulary has none."""
+        token = getattr(llama_cpp, f"llama_vocab_{name}")(self.vocab)
+        return None if token == llama_cpp.LLAMA_TOKEN_NULL else int(token)
+
+    def token_text(self, token: int) -> str:
+        return llama_cpp.llama_vocab_get_text(self.vocab, token).decode("utf-8", errors="replace")
+
+
+FLASH_ATTN_TYPES = {
+    "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+
+
+@dataclass(frozen=True)
+class ContextOptions:
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_threads: int = 0  # 0 = default_threads()
+    # Off by default, like llama-cpp-python's Llama: flash attention changes logits by
+    # ~1e-3, enough to flip greedy near-ties against the single-model runs users compare to.
+    flash_attn: str = "off"
+
+
+class Context:
+    """One llama.cpp context (one KV cache, sequence 0) of a loaded model."""
+
+    def __init__(self, model: LoadedModel, options: ContextOptions) -> None:
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = options.n_ctx
+        params.n_batch = options.n_batch
+        params.n_ubatch = options.n_batch
+        params.n_seq_max = 1
+        threads = options.n_threads or default_threads()
+        params.n_threads = threads
+        params.n_threads_batch = threads
+        params.no_perf = True
+        params.flash_attn_type = FLASH_ATTN_TYPES[options.flash_attn]
+        ctx = llama_cpp.llama_init_from_model(model.ptr, params)
+        if not ctx:
+            reason = llama_log.recent_problem() or "out of memory?"
+            raise DeraError(
+                f"{model.path}: could not create a context of {options.n_ctx} tokens ({reason}); "
+                "try a smaller -c"
+            )
+        self.ptr = ctx
+        self.model = model
+        self.n_ctx = int(llama_cpp.llama_n_ctx(ctx))
+        self.n_batch = options.n_batch
+        self.memory = llama_cpp.llama_get_memory(ctx)
+
+    def close(self) -> None:
+        if self.ptr:
+            llama_cpp.llama_free(self.ptr)
+            self.ptr = None
+
+    def n_cached(self) -> int:
+        """How many positions of sequence 0 the KV cache really holds."""
+        return int(llama_cpp.llama_memory_seq_pos_max(self.memory, 0)) + 1
+
+    def truncate(self, n_keep: int) -> None:
+        """Drops every cached position from n_keep on; clears all if the model cannot."""
+        if not llama_cpp.llama_memory_seq_rm(self.memory, 0, n_keep, -1):
+            llama_cpp.llama_memory_clear(self.memory, True)
+
+    def decode(self, tokens: list[int]) -> None:
+        """Feeds tokens after the cached ones, in n_batch chunks; logits of the last remain."""
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            array = (llama_cpp.llama_token * len(chunk))(*chunk)
+            # `array` stays referenced until llama_decode returns: the batch only points at it.
+            status = llama_cpp.llama_decode(self.ptr, llama_cpp.llama_batch_get_one(array, len(chunk)))
+            if status != 0:
+                raise DeraError(f"{self.model.path.name}: llama_decode failed with status {status}")
+
+    def last_logits_address(self) -> int:
+        """Address of the float32[n_vocab] logits of the last decoded token."""
+        pointer = llama_cpp.llama_get_logits_ith(self.ptr, -1)
+        return ctypes.cast(pointer, ctypes.c_void_p).value

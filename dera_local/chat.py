@@ -1,0 +1,143 @@
+"""Chat on a DeRa pair: renders the conversation with the aligned model's GGUF chat
+template (Jinja, sandboxed) and keeps the history; the pair's prefix cache means each
+turn only reads what is new since the last one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from datetime import datetime
+
+from jinja2 import TemplateError
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from .engine import DeraPair, GenerationStream
+from .errors import DeraError
+from .sampling import SamplingParams
+
+# Used when a GGUF has no template at all (base models); ChatML is the common default.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _raise(message: str) -> None:
+    raise TemplateError(message)
+
+
+class ChatTemplate:
+    """A GGUF chat template, rendered the way Hugging Face's apply_chat_template does."""
+
+    def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "") -> None:
+        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        environment.globals["raise_exception"] = _raise
+        environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        try:
+            self._template = environment.from_string(source)
+        except TemplateError as exc:
+            raise DeraError(f"the chat template does not parse: {exc}") from None
+        self.source = source
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+
+    def render(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
+        try:
+            return self._template.render(
+                messages=list(messages),
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
+        except TemplateError as exc:
+            raise DeraError(f"the chat template failed: {exc}") from None
+
+    @classmethod
+    def for_pair(cls, pair: DeraPair, override: str | None = None) -> ChatTemplate:
+        """The override, else the aligned model's template, else ChatML."""
+        model = pair.loaded.aligned_model
+        source = override or model.chat_template() or CHATML_TEMPLATE
+
+        def text_of(name: str) -> str:
+            token = model.special_token(name)
+            return "" if token is None else model.token_text(token)
+
+        return cls(source, bos_token=text_of("bos"), eos_token=text_of("eos"))
+
+
+class ChatSession:
+    """A conversation with a DeRa pair; lam and sampling may change between turns."""
+
+    def __init__(
+        self,
+        pair: DeraPair,
+        *,
+        system: str | None = None,
+        template: str | None = None,
+        lam: float = 1.0,
+        sampling: SamplingParams | None = None,
+        max_tokens: int = 512,
+    ) -> None:
+        self.pair = pair
+        self.template = ChatTemplate.for_pair(pair, template)
+        self.system = system
+        self.lam = lam
+        self.sampling = sampling or SamplingParams()
+        self.max_tokens = max_tokens
+        self.messages: list[dict] = []  # user and assistant turns, without the system prompt
+
+    def reset(self) -> None:
+        self.messages = []
+
+    def conversation(self) -> list[dict]:
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return head + self.messages
+
+    def prompt_tokens(self) -> list[int]:
+        text = self.template.render(self.conversation())
+        bos = self.template.bos_token
+        # Templates that write the BOS text themselves must not get a second BOS.
+        add_special = not (bos and text.startswith(bos))
+        return self.pair.tokenize(text, add_special=add_special)
+
+    def send(self, text: str, **overrides) -> GenerationStream:
+        """Adds a user turn and streams the reply; the reply joins the history when the
+        stream ends (or when record_reply is called with a partial reply)."""
+        self.messages.append({"role": "user", "content": text})
+        settings = {"lam": self.lam, "sampling": self.sampling, "max_tokens": self.max_tokens}
+        settings.update(overrides)
+        try:
+            stream = self.pair.stream(self.prompt_tokens(), **settings)
+        except BaseException:
+            self.messages.pop()
+            raise
+        return _RecordingStream(self, stream)
+
+    def say(self, text: str, **overrides) -> str:
+        """send() to the end; returns the reply text."""
+        stream = self.send(text, **overrides)
+        return "".join(stream)
+
+    def record_reply(self, text: str) -> None:
+        self.messages.append({"role": "assistant", "content": text})
+
+
+class _RecordingStream(GenerationStream):
+    """A GenerationStream that writes the reply into the session's history as it ends,
+    including when it is stopped early (Ctrl-C): the user saw that text, so it stays."""
+
+    def __init__(self, session: ChatSession, inner: GenerationStream) -> None:
+        super().__init__(self._chunks_of(session, inner))
+        self._inner = inner
+
+    def _chunks_of(self, session: ChatSession, inner: GenerationStream):
+        shown: list[str] = []
+        try:
+            for chunk in inner:
+                shown.append(chunk)
+                yield chunk
+        finally:
+            inner.close()
+            self.result = inner.result
+            session.record_reply("".join(shown))

@@ -1,0 +1,105 @@
+"""`dera-local chat`: an interactive, streaming conversation with commands to turn
+alignment up or down mid-conversation."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+
+import click
+
+from ..chat import ChatSession
+from ..errors import DeraError
+from ..mixing import validate_lam
+from .options import (model_options, open_pair, read_text_file, sampling_from,
+                      sampling_options, split_options)
+
+HELP = """commands:
+  /lambda X      set lam (1 = aligned, 0 = reference, >1 extrapolates)
+  /system TEXT   set the system prompt and start over
+  /reset         forget the conversation
+  /help          this text
+  /quit          leave (Ctrl-D too); Ctrl-C stops the current reply"""
+
+
+def _lines(interactive: bool) -> Iterator[str]:
+    while True:
+        try:
+            line = input("> ") if interactive else sys.stdin.readline()
+        except EOFError:
+            return
+        except KeyboardInterrupt:
+            click.echo()
+            continue
+        if not interactive and not line:
+            return
+        yield line.rstrip("\n")
+
+
+def _command(session: ChatSession, line: str) -> bool:
+    """Runs a /command; returns False when the session should end."""
+    name, _, argument = line.partition(" ")
+    argument = argument.strip()
+    if name in ("/quit", "/exit"):
+        return False
+    if name in ("/lambda", "/lam"):
+        try:
+            session.lam = validate_lam(argument)
+        except DeraError as exc:
+            click.echo(f"error: {exc}", err=True)
+        else:
+            click.echo(f"lam = {session.lam:g}", err=True)
+    elif name == "/reset":
+        session.reset()
+        click.echo("conversation cleared", err=True)
+    elif name == "/system":
+        session.system = argument or None
+        session.reset()
+        click.echo("system prompt set; conversation cleared", err=True)
+    elif name == "/help":
+        click.echo(HELP, err=True)
+    else:
+        click.echo(f"unknown command {name}; /help lists them", err=True)
+    return True
+
+
+def _reply(session: ChatSession, line: str) -> None:
+    stream = session.send(line)
+    try:
+        for chunk in stream:
+            click.echo(chunk, nl=False)
+    except KeyboardInterrupt:
+        stream.close()
+        click.echo(" [stopped]", nl=False)
+    click.echo()
+
+
+@click.command()
+@click.option("--system", "system", default=None, help="System prompt.")
+@click.option("--chat-template", "template", default=None,
+              help="Jinja chat template (text) instead of the aligned model's.")
+@click.option("--chat-template-file", default=None, help="Read the chat template from a file.")
+@model_options
+@sampling_options
+def chat(system: str | None, template: str | None, chat_template_file: str | None,
+         **kwargs) -> None:
+    """Chat with the DeRa pair; /lambda X changes lam as you go, /help lists commands."""
+    model, sampling, rest = split_options(kwargs)
+    if chat_template_file:
+        template = read_text_file(chat_template_file, "chat template file")
+    params = sampling_from(**sampling)
+    lam = validate_lam(rest["lam"])
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    with open_pair(**model) as pair:
+        session = ChatSession(pair, system=system, template=template, lam=lam,
+                              sampling=params, max_tokens=rest["max_tokens"])
+        if interactive:
+            click.echo(f"lam = {lam:g}; /help for commands, /quit to leave", err=True)
+        for line in _lines(interactive):
+            if not line.strip():
+                continue
+            if line.startswith("/"):
+                if not _command(session, line):
+                    break
+                continue
+            _reply(session, line)

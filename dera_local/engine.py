@@ -1,0 +1,268 @@
+"""The lockstep DeRa engine: both models read the same tokens; at each step the aligned
+context's logits are replaced in place by lam * aligned + (1 - lam) * reference and
+llama.cpp's sampler chain picks the next token from them.
+
+Both KV caches always hold the same token prefix, so a later call whose prompt starts
+with what the caches hold (the next chat turn, the same prompt again) reads only the rest.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+
+from . import backend
+from .errors import BadParameterError, DeraError
+from .loading import LoadedPair, PairOptions, load_models
+from .mixing import LogitMixer, validate_lam
+from .sampling import SamplerChain, SamplingParams
+from .text_stream import TextStream
+
+FINISH_STOP = "stop"  # an end-of-generation token or a stop string
+FINISH_LENGTH = "length"  # max_tokens reached or the context is full
+
+
+@dataclass
+class GenerationResult:
+    """One finished generation. `tokens` excludes the end-of-generation token."""
+
+    text: str
+    tokens: list[int]
+    prompt_tokens: list[int]
+    finish_reason: str
+    lam: float
+    seed: int | None
+    reused_prompt_tokens: int = 0
+    prompt_seconds: float = 0.0
+    generation_seconds: float = 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        if not self.tokens or self.generation_seconds <= 0:
+            return 0.0
+        return len(self.tokens) / self.generation_seconds
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data["tokens_per_second"] = self.tokens_per_second
+        return data
+
+
+@dataclass
+class GenerationStream:
+    """Iterate for text chunks (always whole UTF-8 characters); `result` is set at the end.
+    Closing it early (or breaking out of the loop) stops generation cleanly."""
+
+    _chunks: Iterator[str]
+    result: GenerationResult | None = field(default=None)
+
+    def __iter__(self) -> Iterator[str]:
+        return self._chunks
+
+    def close(self) -> None:
+        self._chunks.close()  # type: ignore[attr-defined]
+
+
+class DeraPair:
+    """An aligned and a reference model decoding in lockstep with DeRa mixing."""
+
+    def __init__(self, loaded: LoadedPair, mixer: LogitMixer, overlap_decodes: bool) -> None:
+        self.loaded = loaded
+        self.mixer = mixer
+        self.n_ctx = loaded.aligned_ctx.n_ctx
+        self.n_vocab = loaded.aligned_model.n_vocab
+        self._cached: list[int] = []  # tokens both KV caches hold, in order
+        self._overlap = ThreadPoolExecutor(1, "dera-reference") if overlap_decodes else None
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def close(self) -> None:
+        if self._overlap is not None:
+            self._overlap.shutdown()
+        self.loaded.close()
+
+    def __enter__(self) -> DeraPair:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def overlaps_decodes(self) -> bool:
+        return self._overlap is not None
+
+    # -- tokens and text ------------------------------------------------------------------
+    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
+        """Prompt text to ids, with the aligned model's tokenizer (both share it).
+        Special-token texts such as <|im_start|> become their ids, as in llama.cpp's CLI."""
+        return self.loaded.aligned_model.tokenize(text, add_special=add_special, parse_special=True)
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+        model = self.loaded.aligned_model
+        data = b"".join(model.token_bytes(t, special=special) for t in tokens)
+        return data.decode("utf-8", errors="replace")
+
+    def clear_cache(self) -> None:
+        """Forgets the cached prefix: the next call re-reads its whole prompt."""
+        self._cached = []
+        self.loaded.aligned_ctx.truncate(0)
+        self.loaded.reference_ctx.truncate(0)
+
+    # -- generation -----------------------------------------------------------------------
+    def generate(self, prompt: str | Sequence[int], **kwargs) -> GenerationResult:
+        """Generates to the end and returns the result; keywords as for stream()."""
+        stream = self.stream(prompt, **kwargs)
+        for _ in stream:
+            pass
+        assert stream.result is not None
+        return stream.result
+
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        lam: float = 1.0,
+        sampling: SamplingParams | None = None,
+        max_tokens: int = 256,
+        stop: Sequence[str] = (),
+        logits_observer=None,
+    ) -> GenerationStream:
+        """Starts a DeRa generation from a prompt (text, or token ids fed as they are).
+
+        lam: 1 = aligned model, 0 = reference, between = weaker alignment, > 1 extrapolates.
+        max_tokens: at most this many new tokens (-1: until the context is full).
+        stop: strings that end generation; they are not part of the text.
+        logits_observer: a llama_sampler put first in the chain (for tests and debugging).
+        """
+        lam = validate_lam(lam)
+        sampling = (sampling or SamplingParams()).with_seed()
+        if max_tokens < -1 or max_tokens == 0:
+            raise BadParameterError("max_tokens must be positive, or -1 for no limit")
+        prompt_tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not prompt_tokens:
+            raise BadParameterError("the prompt is empty")
+        bad = [t for t in prompt_tokens if not 0 <= t < self.n_vocab]
+        if bad:
+            raise BadParameterError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
+        if len(prompt_tokens) > self.n_ctx:
+            raise DeraError(
+                f"the prompt has {len(prompt_tokens)} tokens but the context holds {self.n_ctx}; "
+                "raise -c or shorten the prompt"
+            )
+        chain = SamplerChain(sampling, self.loaded.aligned_model.vocab, self.n_ctx, logits_observer)
+        stream = GenerationStream(iter(()))
+        stream._chunks = self._lockstep(stream, prompt_tokens, lam, sampling, max_tokens,
+                                        stop, chain)
+        return stream
+
+    def _lockstep(self, stream: GenerationStream, prompt_tokens: list[int], lam: float,
+                  sampling: SamplingParams, max_tokens: int, stop: Sequence[str],
+                  chain: SamplerChain) -> Iterator[str]:
+        aligned_ctx = self.loaded.aligned_ctx
+        text = TextStream(stop)
+        pieces: list[str] = []
+        generated: list[int] = []
+        finish = FINISH_LENGTH
+        try:
+            started = time.perf_counter()
+            reused = self._prefill(prompt_tokens)
+            prefilled = time.perf_counter()
+            while True:
+                self._mix(lam)
+                token = chain.sample(aligned_ctx.ptr)
+                if self.loaded.aligned_model.is_end_of_generation(token):
+                    finish = FINISH_STOP
+                    break
+                generated.append(token)
+                piece = text.push(self.loaded.aligned_model.token_bytes(token))
+                if piece:
+                    pieces.append(piece)
+                    yield piece
+                if text.stopped:
+                    finish = FINISH_STOP
+                    break
+                if len(generated) == max_tokens or len(self._cached) >= self.n_ctx:
+                    break
+                self._decode_both([token])
+            tail = text.finish()
+            if tail:
+                pieces.append(tail)
+                yield tail
+            stream.result = GenerationResult(
+                text="".join(pieces), tokens=generated, prompt_tokens=prompt_tokens,
+                finish_reason=finish, lam=lam, seed=sampling.seed, reused_prompt_tokens=reused,
+                prompt_seconds=prefilled - started,
+                generation_seconds=time.perf_counter() - prefilled,
+            )
+        finally:
+            chain.close()
+
+    def _mix(self, lam: float) -> None:
+        self.mixer.mix_in_place(
+            self.loaded.aligned_ctx.last_logits_address(),
+            self.loaded.reference_ctx.last_logits_address(),
+            self.n_vocab,
+            lam,
+        )
+
+    def _prefill(self, tokens: list[int]) -> int:
+        """Brings both KV caches to `tokens`, reusing the common cached prefix; returns how
+        many tokens were reused. Always decodes at least the last token, for fresh logits."""
+        keep = 0
+        limit = min(len(self._cached), len(tokens) - 1)
+        while keep < limit and self._cached[keep] == tokens[keep]:
+            keep += 1
+        # What the caches really hold wins over our bookkeeping (an interrupt may have
+        # landed between the two decodes of one step).
+        keep = min(keep, self.loaded.aligned_ctx.n_cached(), self.loaded.reference_ctx.n_cached())
+        self._cached = self._cached[:keep]
+        self.loaded.aligned_ctx.truncate(keep)
+        self.loaded.reference_ctx.truncate(keep)
+        if self.loaded.aligned_ctx.n_cached() != keep or self.loaded.reference_ctx.n_cached() != keep:
+            keep = 0  # a model that cannot drop a tail (recurrent) was cleared instead
+            self._cached = []
+        self._decode_both(tokens[keep:])
+        return keep
+
+    def _decode_both(self, tokens: list[int]) -> None:
+        if self._overlap is not None:
+            pending = self._overlap.submit(self.loaded.reference_ctx.decode, tokens)
+            self.loaded.aligned_ctx.decode(tokens)
+            pending.result()
+        else:
+            self.loaded.aligned_ctx.decode(tokens)
+            self.loaded.reference_ctx.decode(tokens)
+        self._cached.extend(tokens)
+
+
+def load_pair(
+    aligned: str | os.PathLike[str],
+    reference: str | os.PathLike[str],
+    *,
+    n_ctx: int = PairOptions.n_ctx,
+    n_batch: int = PairOptions.n_batch,
+    n_threads: int = PairOptions.n_threads,
+    n_gpu_layers: int | None = None,
+    flash_attn: str = "off",
+    hook: str | None = None,
+    overlap_decodes: bool | None = None,
+    verbose: bool = False,
+) -> DeraPair:
+    """Loads an aligned and a reference GGUF model for DeRa decoding.
+
+    flash_attn: "off" (default, as llama-cpp-python's Llama), "on" or "auto".
+    hook: "native" or "numpy" (default: native when compiled, else numpy; env DERA_HOOK).
+    overlap_decodes: run the two models' decodes in two threads (default: on when layers
+    are offloaded to a GPU, where the two decodes can overlap; off on CPU, where both
+    would compete for the same cores).
+    """
+    if flash_attn not in ("on", "off", "auto"):
+        raise BadParameterError(f"flash_attn must be 'on', 'off' or 'auto', got {flash_attn!r}")
+    options = PairOptions(n_ctx, n_batch, n_threads, n_gpu_layers, flash_attn, verbose)
+    mixer = LogitMixer(hook)
+    loaded = load_models(aligned, reference, options)
+    if overlap_decodes is None:
+        overlap_decodes = loaded.load_options.n_gpu_layers != 0 and backend.supports_gpu_offload()
+    return DeraPair(loaded, mixer, overlap_decodes)

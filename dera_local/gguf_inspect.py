@@ -1,0 +1,175 @@
+"""Checks GGUF files with the `gguf` reader before llama.cpp sees them, and compares the
+tokenizers of a pair.
+
+llama.cpp aborts or crashes on some malformed files; reading the header here first turns a
+missing, foreign, truncated or corrupt file into one clear line naming the file.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from gguf import GGUFReader, GGUFValueType, LlamaFileType
+
+from .errors import IncompatibleModelsError, ModelFileError
+
+GGUF_MAGIC = b"GGUF"
+# Special tokens whose ids must agree: they decide tokenization and where generation ends.
+SPECIAL_TOKEN_KEYS = ("bos", "eos", "eot", "eom")
+
+
+@dataclass
+class GGUFInfo:
+    """What dera-local needs to know about one GGUF file, read without loading weights."""
+
+    path: Path
+    file_type: str  # "model" or "adapter"
+    architecture: str
+    name: str
+    file_size: int
+    n_tensors: int
+    quantization: str
+    context_length: int | None
+    chat_template: str | None
+    tokens: list[str] = field(repr=False)
+    token_types: np.ndarray | None = field(repr=False)
+    special_ids: dict[str, int]
+    add_bos: bool | None
+    metadata: dict[str, Any] = field(repr=False)
+
+    @property
+    def n_vocab(self) -> int:
+        return len(self.tokens)
+
+
+def _scalar(reader: GGUFReader, key: str) -> Any:
+    field_ = reader.fields.get(key)
+    if field_ is None or not field_.types or field_.types[0] == GGUFValueType.ARRAY:
+        return None
+    return field_.contents()
+
+
+def _quantization_name(file_type: Any) -> str:
+    if file_type is None:
+        return "unknown"
+    try:
+        return LlamaFileType(int(file_type)).name.removeprefix("MOSTLY_")
+    except ValueError:
+        return f"file type {file_type}"
+
+
+def _check_tensor_extents(reader: GGUFReader, path: Path, size: int) -> None:
+    for tensor in reader.tensors:
+        end = int(tensor.data_offset) + int(tensor.n_bytes)
+        if end > size:
+            raise ModelFileError(
+                f"{path}: truncated GGUF file (tensor {tensor.name!r} ends at byte {end}, "
+                f"the file has {size}); download it again"
+            )
+
+
+def read_gguf(path: str | os.PathLike[str], *, expect: str = "model") -> GGUFInfo:
+    """Reads and validates one GGUF file's header; raises ModelFileError with one line."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise ModelFileError(f"{path}: no such file; check the path to the {expect}")
+    if not path.is_file():
+        raise ModelFileError(f"{path}: not a file; pass the path of a .gguf {expect}")
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise ModelFileError(f"{path}: cannot read ({exc.strerror})") from None
+    if magic != GGUF_MAGIC:
+        raise ModelFileError(
+            f"{path}: not a GGUF file (starts with {magic!r}); convert it with llama.cpp's "
+            "convert_hf_to_gguf.py or download a .gguf"
+        )
+    try:
+        reader = GGUFReader(path)
+    except Exception as exc:  # the reader raises many types on damaged files
+        raise ModelFileError(
+            f"{path}: corrupt or truncated GGUF file ({type(exc).__name__}: {exc}); "
+            "download it again"
+        ) from None
+    _check_tensor_extents(reader, path, size)
+
+    file_type = _scalar(reader, "general.type") or "model"
+    architecture = _scalar(reader, "general.architecture")
+    if not architecture:
+        raise ModelFileError(f"{path}: GGUF file without general.architecture; not a model")
+    if file_type != expect:
+        hint = "pass it with --lora" if file_type == "adapter" else f"pass a GGUF {expect}"
+        raise ModelFileError(f"{path}: this GGUF is a {file_type}, not a {expect}; {hint}")
+
+    tokens_field = reader.fields.get("tokenizer.ggml.tokens")
+    tokens = tokens_field.contents() if tokens_field is not None else []
+    types_field = reader.fields.get("tokenizer.ggml.token_type")
+    token_types = np.asarray(types_field.contents()) if types_field is not None else None
+    special_ids = {}
+    for key in SPECIAL_TOKEN_KEYS:
+        value = _scalar(reader, f"tokenizer.ggml.{key}_token_id")
+        if value is not None:
+            special_ids[key] = int(value)
+    add_bos = _scalar(reader, "tokenizer.ggml.add_bos_token")
+    context_length = _scalar(reader, f"{architecture}.context_length")
+    metadata = {
+        key: f.contents()
+        for key, f in reader.fields.items()
+        if f.types and f.types[0] != GGUFValueType.ARRAY and not key.startswith("GGUF.")
+    }
+    return GGUFInfo(
+        path=path,
+        file_type=file_type,
+        architecture=architecture,
+        name=_scalar(reader, "general.name") or path.stem,
+        file_size=size,
+        n_tensors=len(reader.tensors),
+        quantization=_quantization_name(_scalar(reader, "general.file_type")),
+        context_length=int(context_length) if context_length is not None else None,
+        chat_template=_scalar(reader, "tokenizer.chat_template"),
+        tokens=tokens,
+        token_types=token_types,
+        special_ids=special_ids,
+        add_bos=None if add_bos is None else bool(add_bos),
+        metadata=metadata,
+    )
+
+
+def check_same_tokenizer(aligned: GGUFInfo, reference: GGUFInfo) -> None:
+    """Raises IncompatibleModelsError unless both files share ids, texts, types and specials."""
+
+    def fail(detail: str) -> None:
+        raise IncompatibleModelsError(
+            f"{aligned.path.name} and {reference.path.name} do not share a tokenizer: {detail}; "
+            "DeRa needs a reference and an aligned model from the same family"
+        )
+
+    if aligned.n_vocab != reference.n_vocab:
+        fail(f"vocabulary sizes differ ({aligned.n_vocab} vs {reference.n_vocab})")
+    if aligned.tokens != reference.tokens:
+        first = next(i for i, (a, r) in enumerate(zip(aligned.tokens, reference.tokens)) if a != r)
+        fail(
+            f"token {first} is {aligned.tokens[first]!r} in the aligned model "
+            f"and {reference.tokens[first]!r} in the reference"
+        )
+    if aligned.token_types is not None and reference.token_types is not None:
+        differing = np.flatnonzero(aligned.token_types != reference.token_types)
+        if differing.size:
+            first = int(differing[0])
+            fail(
+                f"token {first} ({aligned.tokens[first]!r}) has type "
+                f"{int(aligned.token_types[first])} vs {int(reference.token_types[first])}"
+            )
+    for key in SPECIAL_TOKEN_KEYS:
+        a, r = aligned.special_ids.get(key), reference.special_ids.get(key)
+        if a != r:
+            fail(f"{key.upper()} token id differs ({a} vs {r})")
+    if (aligned.add_bos is not None and reference.add_bos is not None
+            and aligned.add_bos != reference.add_bos):
+        fail("one model adds a BOS token to prompts and the other does not")

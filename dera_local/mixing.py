@@ -1,0 +1,97 @@
+"""The DeRa logit hook: h = lam * aligned + (1 - lam) * reference, in place.
+
+Two interchangeable paths compute it: the compiled kernel in native/ (built by
+`pip install` as dera_local._native) and a numpy twin used when the kernel cannot be
+loaded. Both follow the same rules (see native/dera_mix.h) and round identically.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import warnings
+
+import numpy as np
+
+from .errors import BadParameterError
+
+try:  # the compiled hook is optional: a machine without a C compiler gets numpy
+    from . import _native
+except ImportError as exc:  # pragma: no cover - depends on the build
+    _native = None
+    _NATIVE_IMPORT_ERROR: str | None = str(exc)
+else:
+    _NATIVE_IMPORT_ERROR = None
+
+NATIVE = "native"
+NUMPY = "numpy"
+
+
+def validate_lam(lam: float) -> float:
+    """Returns lam as a float; rejects NaN and infinities, warns when it is negative."""
+    try:
+        value = float(lam)
+    except (TypeError, ValueError):
+        raise BadParameterError(f"lam must be a number, got {lam!r}") from None
+    if not math.isfinite(value):
+        raise BadParameterError(f"lam must be finite, got {lam!r}")
+    if value < 0:
+        warnings.warn(
+            f"lam={value} < 0 moves away from the aligned model (emulated disalignment)",
+            stacklevel=3,
+        )
+    return value
+
+
+def mix_numpy(out: np.ndarray, aligned: np.ndarray, reference: np.ndarray, lam: float) -> None:
+    """The numpy twin of dera_mix_logits; `out` may be `aligned`."""
+    wa = np.float32(lam)
+    wr = np.float32(1.0 - lam)
+    if wr == 0:
+        if out is not aligned:
+            out[:] = aligned
+        return
+    if wa == 0:
+        out[:] = reference
+        return
+    impossible = (aligned == -np.inf) | (reference == -np.inf)
+    mixed = wa * aligned
+    mixed += wr * reference
+    mixed[impossible] = -np.inf
+    out[:] = mixed
+
+
+def _float_view(address: int, n: int) -> np.ndarray:
+    return np.ctypeslib.as_array(ctypes.cast(address, ctypes.POINTER(ctypes.c_float)), (n,))
+
+
+class LogitMixer:
+    """Mixes two logits buffers (given by address) into the first, by the active path."""
+
+    def __init__(self, path: str | None = None) -> None:
+        wanted = path or os.environ.get("DERA_HOOK") or (NATIVE if _native else NUMPY)
+        if wanted not in (NATIVE, NUMPY):
+            raise BadParameterError(f"unknown hook path {wanted!r}: use 'native' or 'numpy'")
+        if wanted == NATIVE and _native is None:
+            raise BadParameterError(
+                f"the compiled hook is not available ({_NATIVE_IMPORT_ERROR}); "
+                "reinstall with a C compiler or use DERA_HOOK=numpy"
+            )
+        self.path = wanted
+
+    def mix_in_place(self, aligned_addr: int, reference_addr: int, n_vocab: int, lam: float) -> None:
+        """aligned[:] = lam * aligned + (1 - lam) * reference."""
+        if self.path == NATIVE:
+            _native.mix_logits(aligned_addr, aligned_addr, reference_addr, n_vocab, lam)
+        else:
+            aligned = _float_view(aligned_addr, n_vocab)
+            mix_numpy(aligned, aligned, _float_view(reference_addr, n_vocab), lam)
+
+    def describe(self) -> str:
+        """One line for `dera-local info`: which path mixes the logits, and why."""
+        if self.path == NATIVE:
+            return f"native (compiled C kernel in {_native.__file__})"
+        if _native is None:
+            return f"numpy fallback (compiled hook unavailable: {_NATIVE_IMPORT_ERROR})"
+        return "numpy (chosen with --hook/DERA_HOOK; the compiled hook is available)"

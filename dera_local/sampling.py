@@ -1,0 +1,118 @@
+"""Sampling parameters and the llama.cpp sampler chain that runs on the mixed logits."""
+
+from __future__ import annotations
+
+import math
+import random
+from dataclasses import dataclass, replace
+
+import llama_cpp
+
+from .errors import BadParameterError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """llama.cpp's sampling knobs, with its defaults. temperature 0 means greedy."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None  # None: a fresh random seed per call
+    grammar: str | None = None  # GBNF, root rule "root"
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.temperature >= 0, "temperature must be >= 0 (0 = greedy)"),
+            (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
+            (0 < self.top_p <= 1, "top_p must be in (0, 1]"),
+            (0 <= self.min_p <= 1, "min_p must be in [0, 1]"),
+            (self.repeat_penalty > 0, "repeat_penalty must be > 0 (1 = off)"),
+            (self.repeat_last_n >= -1, "repeat_last_n must be >= -1 (-1 = whole context)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise BadParameterError(message)
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty",
+                     "frequency_penalty", "presence_penalty"):
+            if not math.isfinite(getattr(self, name)):
+                raise BadParameterError(f"{name} must be finite")
+
+    def with_seed(self) -> SamplingParams:
+        """A copy with a concrete seed, so that a run can be reported and repeated."""
+        if self.seed is not None:
+            return self
+        return replace(self, seed=random.randrange(2**31))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0
+
+
+class SamplerChain:
+    """A llama.cpp sampler chain built from SamplingParams; free it with close()."""
+
+    def __init__(
+        self,
+        params: SamplingParams,
+        vocab: llama_cpp.llama_vocab_p,
+        n_ctx: int,
+        observer: llama_cpp.llama_sampler_p | None = None,
+    ) -> None:
+        """`observer`, if given, runs first and sees the logits exactly as the chain gets
+        them (tests use it); it stays owned by the caller."""
+        self.ptr = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        self._observer = observer
+        try:
+            if observer is not None:
+                llama_cpp.llama_sampler_chain_add(self.ptr, observer)
+            for sampler in self._samplers(params, vocab, n_ctx):
+                llama_cpp.llama_sampler_chain_add(self.ptr, sampler)
+        except BaseException:
+            self.close()
+            raise
+
+    @staticmethod
+    def _samplers(params: SamplingParams, vocab, n_ctx: int):
+        if params.grammar is not None:
+            grammar = llama_cpp.llama_sampler_init_grammar(
+                vocab, params.grammar.encode("utf-8"), b"root"
+            )
+            if not grammar:
+                raise BadParameterError("the GBNF grammar does not parse; check its rule 'root'")
+            yield grammar
+        penalize = (params.repeat_penalty != 1.0 or params.frequency_penalty != 0.0
+                    or params.presence_penalty != 0.0)
+        if penalize:
+            last_n = n_ctx if params.repeat_last_n == -1 else params.repeat_last_n
+            yield llama_cpp.llama_sampler_init_penalties(
+                last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
+            )
+        if params.greedy:
+            yield llama_cpp.llama_sampler_init_greedy()
+            return
+        if params.top_k > 0:
+            yield llama_cpp.llama_sampler_init_top_k(params.top_k)
+        if params.top_p < 1.0:
+            yield llama_cpp.llama_sampler_init_top_p(params.top_p, 1)
+        if params.min_p > 0.0:
+            yield llama_cpp.llama_sampler_init_min_p(params.min_p, 1)
+        yield llama_cpp.llama_sampler_init_temp(params.temperature)
+        seed = params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
+        yield llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF)
+
+    def sample(self, ctx: llama_cpp.llama_context_p) -> int:
+        """Samples from the last logits of ctx, and accepts the token into the chain."""
+        return int(llama_cpp.llama_sampler_sample(self.ptr, ctx, -1))
+
+    def close(self) -> None:
+        if self.ptr:
+            if self._observer is not None:  # not ours to free
+                llama_cpp.llama_sampler_chain_remove(self.ptr, 0)
+            llama_cpp.llama_sampler_free(self.ptr)
+            self.ptr = None

@@ -1,0 +1,40 @@
+/* CPython binding for dera_mix_logits: takes raw addresses (as llama_get_logits_ith gives
+ * them through ctypes) so that a step costs one C call and no copy. */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <math.h>
+
+#include "dera_mix.h"
+
+static PyObject *mix_logits(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long out, aligned, reference;
+    Py_ssize_t n_vocab;
+    double lam;
+    if (!PyArg_ParseTuple(args, "KKKnd", &out, &aligned, &reference, &n_vocab, &lam)) {
+        return NULL;
+    }
+    if (!out || !aligned || !reference || n_vocab < 0 || !isfinite(lam)) {
+        PyErr_SetString(PyExc_ValueError, "mix_logits: null buffer, negative size or non-finite lam");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    dera_mix_logits((float *)(uintptr_t)out, (const float *)(uintptr_t)aligned,
+                    (const float *)(uintptr_t)reference, (size_t)n_vocab, lam);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"mix_logits", mix_logits, METH_VARARGS,
+     "mix_logits(out, aligned, reference, n_vocab, lam): out = lam*aligned + (1-lam)*reference "
+     "over float32 buffers given by address; out may equal aligned."},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, "dera_local._native", "Compiled DeRa logit mixing.", -1, methods,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__native(void) { return PyModule_Create(&module); }

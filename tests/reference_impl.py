@@ -1,0 +1,65 @@
+"""Independent computations the tests compare against: each model run alone through
+llama-cpp-python's own `Llama` class, and the DeRa formula in numpy on its logits."""
+
+from __future__ import annotations
+
+import ctypes
+from functools import cache
+
+import llama_cpp
+import numpy as np
+from llama_cpp._internals import CustomSampler
+
+
+@cache
+def solo_model(path: str, n_ctx: int = 512) -> llama_cpp.Llama:
+    return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=2, logits_all=True,
+                           verbose=False)
+
+
+def solo_logits(path: str, tokens: list[int]) -> np.ndarray:
+    """float32 logits after each token of `tokens`, from one model alone."""
+    model = solo_model(str(path))
+    model.reset()
+    model.eval(tokens)
+    return np.array(model.scores[: len(tokens)], dtype=np.float32)
+
+
+def solo_greedy(path: str, prompt_tokens: list[int], n: int) -> list[int]:
+    """Greedy tokens from one model alone, through Llama.generate (its own sampler)."""
+    model = solo_model(str(path))
+    model.reset()
+    out: list[int] = []
+    for token in model.generate(prompt_tokens, temp=0.0, repeat_penalty=1.0, reset=True):
+        if llama_cpp.llama_vocab_is_eog(model._model.vocab, token) or len(out) == n:
+            break
+        out.append(token)
+    return out
+
+
+def numpy_mix(aligned: np.ndarray, reference: np.ndarray, lam: float) -> np.ndarray:
+    return (lam * aligned.astype(np.float64) + (1 - lam) * reference.astype(np.float64))
+
+
+class LogitsRecorder:
+    """A llama.cpp sampler that copies the logits it is handed (in token-id order, as the
+    chain's first sampler sees them) and changes nothing."""
+
+    def __init__(self) -> None:
+        self.steps: list[np.ndarray] = []
+        self._custom = CustomSampler(self._record)
+
+    def _record(self, cur_p) -> None:
+        array = cur_p.contents
+        n = array.size
+        raw = np.ctypeslib.as_array(
+            ctypes.cast(array.data, ctypes.POINTER(ctypes.c_float)), (n * 3,)
+        ).reshape(n, 3)
+        ids = raw[:, 0].view(np.int32)
+        logits = np.empty(n, dtype=np.float32)
+        logits[ids] = raw[:, 1]
+        self.steps.append(logits)
+
+    @property
+    def sampler(self):
+        return self._custom.get_sampler()

@@ -1,0 +1,120 @@
+"""Writes tiny llama-architecture GGUF models with the `gguf` package, so tests and
+benchmarks need no download. A 64-wide, 2-layer model is about half a megabyte.
+
+All models written here share one byte-level (GPT-2 style) tokenizer unless told
+otherwise, so any two of them form a valid DeRa pair.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gguf
+import numpy as np
+
+N_EMBD = 64
+N_LAYERS = 2
+N_HEAD = 4
+N_HEAD_KV = 2
+N_FF = 128
+N_CTX_TRAIN = 512
+
+CHATML = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def _byte_alphabet() -> list[str]:
+    """GPT-2's reversible byte-to-printable-character table, in byte order."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars = {b: chr(b) for b in printable}
+    extra = 0
+    for b in range(256):
+        if b not in chars:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n")]
+SPECIALS = ["<s>", "<|im_start|>", "<|im_end|>"]
+
+
+def tokenizer_vocab() -> tuple[list[str], list[int]]:
+    tokens = _byte_alphabet() + [a + b for a, b in MERGES] + SPECIALS
+    types = [gguf.TokenType.NORMAL] * (256 + len(MERGES)) + [gguf.TokenType.CONTROL] * len(SPECIALS)
+    return tokens, [int(t) for t in types]
+
+
+def token_id(text: str) -> int:
+    return tokenizer_vocab()[0].index(text)
+
+
+def write_tiny_model(
+    path: str | Path,
+    seed: int,
+    *,
+    tokens: list[str] | None = None,
+    chat_template: str | None = CHATML,
+    logit_scale: float = 0.6,
+) -> Path:
+    """Writes a random-weight llama model; `logit_scale` spreads the logits so that greedy
+    choices are rarely near-ties (which would make exactness tests fragile)."""
+    path = Path(path)
+    base_tokens, types = tokenizer_vocab()
+    tokens = tokens or base_tokens
+    n_vocab = len(tokens)
+    types = (types + [int(gguf.TokenType.NORMAL)] * n_vocab)[:n_vocab]
+    rng = np.random.default_rng(seed)
+
+    def weight(*shape: int, scale: float | None = None) -> np.ndarray:
+        std = scale if scale is not None else 1.0 / np.sqrt(shape[-1])
+        return (rng.standard_normal(shape) * std).astype(np.float32)
+
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_name(f"tiny-llama-{seed}")
+    writer.add_context_length(N_CTX_TRAIN)
+    writer.add_embedding_length(N_EMBD)
+    writer.add_block_count(N_LAYERS)
+    writer.add_feed_forward_length(N_FF)
+    writer.add_head_count(N_HEAD)
+    writer.add_head_count_kv(N_HEAD_KV)
+    writer.add_layer_norm_rms_eps(1e-5)
+    writer.add_rope_dimension_count(N_EMBD // N_HEAD)
+    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("gpt-2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges([f"{a} {b}" for a, b in MERGES])
+    writer.add_bos_token_id(tokens.index("<s>") if "<s>" in tokens else 0)
+    if "<|im_end|>" in tokens:
+        writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    writer.add_add_bos_token(True)
+    if chat_template:
+        writer.add_chat_template(chat_template)
+
+    writer.add_tensor("token_embd.weight", weight(n_vocab, N_EMBD, scale=1.0))
+    writer.add_tensor("output_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+    writer.add_tensor("output.weight", weight(n_vocab, N_EMBD, scale=logit_scale))
+    head_dim = N_EMBD // N_HEAD
+    for i in range(N_LAYERS):
+        block = f"blk.{i}"
+        writer.add_tensor(f"{block}.attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+        writer.add_tensor(f"{block}.attn_q.weight", weight(N_EMBD, N_EMBD))
+        writer.add_tensor(f"{block}.attn_k.weight", weight(N_HEAD_KV * head_dim, N_EMBD))
+        writer.add_tensor(f"{block}.attn_v.weight", weight(N_HEAD_KV * head_dim, N_EMBD))
+        writer.add_tensor(f"{block}.attn_output.weight", weight(N_EMBD, N_EMBD))
+        writer.add_tensor(f"{block}.ffn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
+        writer.add_tensor(f"{block}.ffn_gate.weight", weight(N_FF, N_EMBD))
+        writer.add_tensor(f"{block}.ffn_up.weight", weight(N_FF, N_EMBD))
+        writer.add_tensor(f"{block}.ffn_down.weight", weight(N_EMBD, N_FF))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
