@@ -9,6 +9,7 @@ from .chat import ChatSession, ChatTemplate
 from .engine import DeraPair, GenerationResult, GenerationStream, load_pair
 from .errors import BadParameterError, DeraError, IncompatibleModelsError, ModelFileError
 from .gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
+from . import mixing
 from .sampling import SamplingParams
 
 __all__ = [

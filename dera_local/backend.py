@@ -169,7 +169,7 @@ class Context:
         self.ptr = ctx
         self.model = model
         self.n_ctx = int(llama_cpp.llama_n_ctx(ctx))
-        self.n_batch = options.n_batch
+        self.n_batch = int(llama_cpp.llama_n_batch(ctx))  # llama.cpp caps it at n_ctx
         self.memory = llama_cpp.llama_get_memory(ctx)
 
     def close(self) -> None:

@@ -108,6 +108,8 @@ def read_gguf(path: str | os.PathLike[str], *, expect: str = "model") -> GGUFInf
         raise ModelFileError(f"{path}: this GGUF is a {file_type}, not a {expect}; {hint}")
 
     tokens_field = reader.fields.get("tokenizer.ggml.tokens")
+    if tokens_field is None and expect == "model":
+        raise ModelFileError(f"{path}: the GGUF has no tokenizer (tokenizer.ggml.tokens)")
     tokens = tokens_field.contents() if tokens_field is not None else []
     types_field = reader.fields.get("tokenizer.ggml.token_type")
     token_types = np.asarray(types_field.contents()) if types_field is not None else None

@@ -9,11 +9,11 @@ import sys
 
 import llama_cpp
 
-_GGML_LOG_LEVEL_WARN = 2
-_GGML_LOG_LEVEL_ERROR = 3
+_GGML_LOG_LEVEL_WARN = 3  # ggml.h: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5
+_GGML_LOG_LEVEL_ERROR = 4
 
 _verbose = False
-_recent: collections.deque[str] = collections.deque(maxlen=40)
+_recent: collections.deque[tuple[int, str]] = collections.deque(maxlen=40)
 
 
 @llama_cpp.llama_log_callback
@@ -23,7 +23,7 @@ def _on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         sys.stderr.write(message)
         sys.stderr.flush()
     if level in (_GGML_LOG_LEVEL_WARN, _GGML_LOG_LEVEL_ERROR) and message.strip():
-        _recent.append(message.strip())
+        _recent.append((level, message.strip()))
 
 
 def install(verbose: bool = False) -> None:
@@ -39,7 +39,12 @@ def is_verbose() -> bool:
 
 
 def recent_problem() -> str | None:
-    """The last warning or error llama.cpp logged, if any (then forgets the backlog)."""
-    last = _recent[-1] if _recent else None
+    """The first error llama.cpp logged since the last call (the cause; later lines are
+    consequences), else the last warning; then forgets them."""
+    errors = [text for level, text in _recent if level == _GGML_LOG_LEVEL_ERROR]
+    found = errors[0] if errors else (_recent[-1][1] if _recent else None)
     _recent.clear()
-    return last
+    if found is None:
+        return None
+    # "llama_model_load: error loading model: <cause>" -> "<cause>"
+    return found.rsplit("error loading model: ", 1)[-1]

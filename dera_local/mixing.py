@@ -56,8 +56,9 @@ def mix_numpy(out: np.ndarray, aligned: np.ndarray, reference: np.ndarray, lam: 
         out[:] = reference
         return
     impossible = (aligned == -np.inf) | (reference == -np.inf)
-    mixed = wa * aligned
-    mixed += wr * reference
+    with np.errstate(invalid="ignore"):  # -inf + inf = NaN here, replaced just below
+        mixed = wa * aligned
+        mixed += wr * reference
     mixed[impossible] = -np.inf
     out[:] = mixed
 

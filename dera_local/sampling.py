@@ -91,7 +91,7 @@ class SamplerChain:
         if penalize:
             last_n = n_ctx if params.repeat_last_n == -1 else params.repeat_last_n
             yield llama_cpp.llama_sampler_init_penalties(
-                last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
+                llama_cpp.llama_vocab_n_tokens(vocab), last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
             )
         if params.greedy:
             yield llama_cpp.llama_sampler_init_greedy()

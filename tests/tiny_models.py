@@ -61,6 +61,7 @@ def write_tiny_model(
     tokens: list[str] | None = None,
     chat_template: str | None = CHATML,
     logit_scale: float = 0.6,
+    architecture: str = "llama",
 ) -> Path:
     """Writes a random-weight llama model; `logit_scale` spreads the logits so that greedy
     choices are rarely near-ties (which would make exactness tests fragile)."""
@@ -75,7 +76,7 @@ def write_tiny_model(
         std = scale if scale is not None else 1.0 / np.sqrt(shape[-1])
         return (rng.standard_normal(shape) * std).astype(np.float32)
 
-    writer = gguf.GGUFWriter(str(path), "llama")
+    writer = gguf.GGUFWriter(str(path), architecture)
     writer.add_name(f"tiny-llama-{seed}")
     writer.add_context_length(N_CTX_TRAIN)
     writer.add_embedding_length(N_EMBD)

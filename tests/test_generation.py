@@ -1,0 +1,123 @@
+"""Lockstep generation on the tiny pair: stops, limits, context, seeds, UTF-8, grammar."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import GREEDY
+
+import dera_local
+from dera_local.errors import BadParameterError, DeraError
+
+
+def test_stop_string_ends_generation_and_is_cut(pair):
+    full = pair.generate("abc", lam=0.3, sampling=GREEDY, max_tokens=40)
+    stop = full.text[10:13]
+    assert len(stop) == 3
+    cut = pair.generate("abc", lam=0.3, sampling=GREEDY, max_tokens=40, stop=[stop])
+    assert cut.finish_reason == "stop"
+    assert cut.text == full.text[: full.text.index(stop)]
+    assert cut.tokens == full.tokens[: len(cut.tokens)]
+    streamed = list(pair.stream("abc", lam=0.3, sampling=GREEDY, max_tokens=40, stop=[stop]))
+    assert "".join(streamed) == cut.text
+
+
+def test_max_tokens(pair):
+    result = pair.generate("abc", sampling=GREEDY, max_tokens=7)
+    assert (len(result.tokens), result.finish_reason) == (7, "length")
+
+
+def test_full_context_finishes_with_length(aligned_path, reference_path):
+    # llama.cpp rounds the context up to a multiple of 256
+    with dera_local.load_pair(aligned_path, reference_path, n_ctx=256) as small:
+        prompt = small.tokenize("hello")
+        result = small.generate(prompt, sampling=GREEDY, max_tokens=-1, lam=0.5)
+        assert result.finish_reason == "length"
+        # the last sampled token needs no room: the context holds prompt + all but it
+        assert len(prompt) + len(result.tokens) == small.n_ctx + 1
+        with pytest.raises(DeraError, match="context holds 256"):
+            small.generate("x" * 300, sampling=GREEDY)
+        assert small.generate("x" * 255, sampling=GREEDY).finish_reason == "length"
+
+
+def test_end_of_generation_token_stops(pair):
+    im_end = pair.tokenize("<|im_end|>", add_special=False)
+    assert len(im_end) == 1
+    grammar = 'root ::= "hi"'  # then only an end-of-generation token is allowed
+    result = pair.generate("x", sampling=dera_local.SamplingParams(temperature=0, grammar=grammar))
+    assert result.text == "hi" and result.finish_reason == "stop"
+    assert im_end[0] not in result.tokens
+
+
+def test_character_split_across_tokens_streams_whole(pair):
+    target = "héllo wörld €"
+    grammar = 'root ::= "' + target + '"'
+    stream = pair.stream("x", sampling=dera_local.SamplingParams(temperature=0, grammar=grammar),
+                         max_tokens=40)
+    chunks = list(stream)
+    assert "".join(chunks) == target
+    assert "\ufffd" not in "".join(chunks)
+    pieces = [pair.loaded.aligned_model.token_bytes(t) for t in stream.result.tokens]
+    split = [p for p in pieces if not _is_utf8(p)]
+    assert split, "the byte-level tokenizer should have split a character across tokens"
+
+
+def _is_utf8(data: bytes) -> bool:
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def test_seeded_sampling_repeats_and_seeds_differ(pair):
+    def run(seed: int) -> list[int]:
+        params = dera_local.SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
+                                           seed=seed)
+        return pair.generate("seed test", lam=0.7, sampling=params, max_tokens=30).tokens
+
+    assert run(1) == run(1)
+    assert run(1) != run(2)
+
+
+def test_unseeded_run_reports_the_seed_that_repeats_it(pair):
+    params = dera_local.SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+    first = pair.generate("seed test", sampling=params, max_tokens=20)
+    again = pair.generate("seed test", max_tokens=20,
+                          sampling=dera_local.SamplingParams(temperature=1.0, top_k=0, top_p=1.0,
+                                                             min_p=0.0, seed=first.seed))
+    assert first.tokens == again.tokens
+
+
+def test_repeat_penalty_changes_greedy_output(pair):
+    plain = pair.generate("aaaa", sampling=GREEDY, max_tokens=30)
+    penalized = pair.generate("aaaa", max_tokens=30,
+                              sampling=dera_local.SamplingParams(temperature=0, repeat_penalty=1.5))
+    assert plain.tokens != penalized.tokens
+
+
+def test_same_prompt_again_reuses_the_cache_and_gives_the_same_tokens(pair):
+    pair.clear_cache()
+    first = pair.generate("cache me", lam=0.3, sampling=GREEDY, max_tokens=10)
+    second = pair.generate("cache me", lam=0.3, sampling=GREEDY, max_tokens=10)
+    assert first.reused_prompt_tokens == 0
+    assert second.reused_prompt_tokens == len(second.prompt_tokens) - 1
+    assert first.tokens == second.tokens
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_tokens": 0}, "max_tokens"),
+    ({"lam": float("nan")}, "finite"),
+    ({"sampling": None, "prompt": []}, "empty"),
+    ({"prompt": [10**6]}, "outside the vocabulary"),
+])
+def test_bad_arguments_raise_one_line_errors(pair, kwargs, message):
+    prompt = kwargs.pop("prompt", "hi")
+    with pytest.raises(BadParameterError, match=message):
+        pair.generate(prompt, **kwargs)
+
+
+def test_bad_sampling_values_and_grammar(pair):
+    with pytest.raises(BadParameterError, match="top_p"):
+        dera_local.SamplingParams(top_p=0)
+    with pytest.raises(BadParameterError, match="grammar"):
+        pair.generate("x", sampling=dera_local.SamplingParams(grammar="root ::= ("))

@@ -1,0 +1,72 @@
+"""The mixing hook on plain arrays: the formula, -inf rules, and native == numpy bit for bit."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from dera_local import mixing
+from dera_local.errors import BadParameterError
+
+LAMS = [0.0, 0.3, 1.0, 2.5, -0.5, 1e-9, 1 - 1e-9]
+
+
+def _arrays(n: int = 4099, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    a = (rng.standard_normal(n) * 8).astype(np.float32)
+    r = (rng.standard_normal(n) * 8).astype(np.float32)
+    a[[3, 10]] = -np.inf
+    r[[10, 20]] = -np.inf
+    return a, r
+
+
+def _mix(path: str, a: np.ndarray, r: np.ndarray, lam: float) -> np.ndarray:
+    out = a.copy()
+    mixer = mixing.LogitMixer(path)
+    mixer.mix_in_place(out.ctypes.data, r.ctypes.data, out.size, lam)
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:lam=")
+@pytest.mark.parametrize("lam", LAMS)
+@pytest.mark.parametrize("path", ["native", "numpy"])
+def test_mix_matches_formula_and_keeps_impossible_tokens(path, lam):
+    if path == "native" and mixing._native is None:
+        pytest.skip("compiled hook not built")
+    a, r = _arrays()
+    out = _mix(path, a, r, lam)
+    finite = np.isfinite(a) & np.isfinite(r)
+    expected = lam * a[finite].astype(np.float64) + (1 - lam) * r[finite].astype(np.float64)
+    np.testing.assert_allclose(out[finite], expected, rtol=1e-6, atol=1e-5)
+    assert not np.isnan(out).any()
+    if lam == 0.0:  # the aligned model has no say: its -inf at 3 does not count
+        assert out[3] == r[3] and out[20] == -np.inf
+    elif lam == 1.0:
+        assert out[20] == a[20] and out[3] == -np.inf
+    else:  # -inf in either weighted model stays -inf, never +inf or NaN
+        assert out[3] == out[10] == out[20] == -np.inf
+
+
+@pytest.mark.skipif(mixing._native is None, reason="compiled hook not built")
+@pytest.mark.parametrize("lam", LAMS)
+def test_native_and_numpy_are_bit_identical(lam):
+    a, r = _arrays(seed=7)
+    assert _mix("native", a, r, lam).tobytes() == _mix("numpy", a, r, lam).tobytes()
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, "x", None])
+def test_non_finite_or_non_numeric_lam_is_rejected(bad):
+    with pytest.raises(BadParameterError):
+        mixing.validate_lam(bad)
+
+
+def test_negative_lam_warns():
+    with pytest.warns(UserWarning, match="emulated disalignment"):
+        assert mixing.validate_lam(-0.5) == -0.5
+
+
+def test_unknown_hook_path_is_rejected():
+    with pytest.raises(BadParameterError, match="unknown hook path"):
+        mixing.LogitMixer("cuda")

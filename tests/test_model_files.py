@@ -1,0 +1,105 @@
+"""Bad model files and mismatched pairs give one clear line naming the file, never a crash."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+from tiny_models import write_tiny_model
+
+import dera_local
+from dera_local.errors import IncompatibleModelsError, ModelFileError
+
+
+def test_missing_file(tmp_path, reference_path):
+    with pytest.raises(ModelFileError, match="no such file") as info:
+        dera_local.load_pair(tmp_path / "nope.gguf", reference_path)
+    assert "nope.gguf" in str(info.value)
+
+
+def test_not_gguf(tmp_path, reference_path):
+    bogus = tmp_path / "model.bin"
+    bogus.write_bytes(b"PK\x03\x04 this is a zip, not a model" * 10)
+    with pytest.raises(ModelFileError, match="not a GGUF file"):
+        dera_local.load_pair(bogus, reference_path)
+
+
+def test_directory_instead_of_file(tmp_path, reference_path):
+    with pytest.raises(ModelFileError, match="not a file"):
+        dera_local.load_pair(tmp_path, reference_path)
+
+
+def test_truncated_file(tmp_path, aligned_path, reference_path):
+    data = aligned_path.read_bytes()
+    for keep in (len(data) // 2, len(data) - 100, 40):
+        cut = tmp_path / f"cut-{keep}.gguf"
+        cut.write_bytes(data[:keep])
+        with pytest.raises(ModelFileError, match="truncated|corrupt") as info:
+            dera_local.load_pair(aligned_path, cut)
+        assert str(cut) in str(info.value)
+
+
+def test_corrupt_header(tmp_path, aligned_path, reference_path):
+    data = bytearray(aligned_path.read_bytes())
+    data[8:24] = b"\xff" * 16  # tensor and metadata counts become absurd
+    bad = tmp_path / "corrupt.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(ModelFileError, match="corrupt"):
+        dera_local.load_pair(aligned_path, bad)
+
+
+def test_architecture_llama_cpp_lacks(tmp_path, reference_path):
+    path = write_tiny_model(tmp_path / "alien.gguf", seed=1, architecture="alienformer")
+    with pytest.raises(ModelFileError, match="alienformer") as info:
+        dera_local.load_pair(reference_path, path)
+    assert str(path) in str(info.value)
+
+
+def test_model_without_tokenizer(tmp_path, reference_path):
+    path = tmp_path / "bare.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelFileError, match="no tokenizer"):
+        dera_local.load_pair(path, reference_path)
+
+
+def test_adapter_passed_as_model(tmp_path, reference_path):
+    path = tmp_path / "adapter.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_type("adapter")
+    writer.add_string("adapter.type", "lora")
+    writer.add_tensor("blk.0.attn_q.weight.lora_a", np.zeros((2, 64), dtype=np.float32))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    with pytest.raises(ModelFileError, match="adapter"):
+        dera_local.load_pair(path, reference_path)
+
+
+def test_different_token_text_names_id_and_both_texts(aligned_path, other_vocab_path):
+    with pytest.raises(IncompatibleModelsError) as info:
+        dera_local.load_pair(aligned_path, other_vocab_path)
+    message = str(info.value)
+    assert "token 257" in message and "'he'" in message and "'hx'" in message
+
+
+def test_different_vocabulary_size(tmp_path, aligned_path):
+    from tiny_models import tokenizer_vocab
+
+    tokens = tokenizer_vocab()[0] + ["<extra>"]
+    bigger = write_tiny_model(tmp_path / "bigger.gguf", seed=4, tokens=tokens)
+    with pytest.raises(IncompatibleModelsError, match="263 vs 264"):
+        dera_local.load_pair(aligned_path, bigger)
+
+
+def test_read_gguf_reports_metadata(aligned_path):
+    info = dera_local.read_gguf(aligned_path)
+    assert info.architecture == "llama"
+    assert info.n_vocab == 263
+    assert info.special_ids["eos"] == info.tokens.index("<|im_end|>")
+    assert info.chat_template and "im_start" in info.chat_template
