@@ -1,15 +1,15 @@
 """dera-local: decoding-time realignment (DeRa) of GGUF models on llama.cpp.
 
-    import dera_local
-    with dera_local.load_pair("aligned.gguf", "reference.gguf") as pair:
-        print(pair.generate("Hello", lam=0.5).text)
+import dera_local
+with dera_local.load_pair("aligned.gguf", "reference.gguf") as pair:
+    print(pair.generate("Hello", lam=0.5).text)
 """
 
+from . import mixing
 from .chat import ChatSession, ChatTemplate
 from .engine import DeraPair, GenerationResult, GenerationStream, load_pair
 from .errors import BadParameterError, DeraError, IncompatibleModelsError, ModelFileError
 from .gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
-from . import mixing
 from .sampling import SamplingParams
 
 __all__ = [
@@ -26,5 +26,6 @@ __all__ = [
     "SamplingParams",
     "check_same_tokenizer",
     "load_pair",
+    "mixing",
     "read_gguf",
 ]

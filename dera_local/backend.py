@@ -192,7 +192,9 @@ class Context:
             chunk = tokens[start : start + self.n_batch]
             array = (llama_cpp.llama_token * len(chunk))(*chunk)
             # `array` stays referenced until llama_decode returns: the batch only points at it.
-            status = llama_cpp.llama_decode(self.ptr, llama_cpp.llama_batch_get_one(array, len(chunk)))
+            status = llama_cpp.llama_decode(
+                self.ptr, llama_cpp.llama_batch_get_one(array, len(chunk))
+            )
             if status != 0:
                 raise DeraError(f"{self.model.path.name}: llama_decode failed with status {status}")
 

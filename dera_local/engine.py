@@ -145,7 +145,9 @@ class DeraPair:
             raise BadParameterError("the prompt is empty")
         bad = [t for t in prompt_tokens if not 0 <= t < self.n_vocab]
         if bad:
-            raise BadParameterError(f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})")
+            raise BadParameterError(
+                f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})"
+            )
         if len(prompt_tokens) > self.n_ctx:
             raise DeraError(
                 f"the prompt has {len(prompt_tokens)} tokens but the context holds {self.n_ctx}; "
@@ -153,13 +155,21 @@ class DeraPair:
             )
         chain = SamplerChain(sampling, self.loaded.aligned_model.vocab, self.n_ctx, logits_observer)
         stream = GenerationStream(iter(()))
-        stream._chunks = self._lockstep(stream, prompt_tokens, lam, sampling, max_tokens,
-                                        stop, chain)
+        stream._chunks = self._lockstep(
+            stream, prompt_tokens, lam, sampling, max_tokens, stop, chain
+        )
         return stream
 
-    def _lockstep(self, stream: GenerationStream, prompt_tokens: list[int], lam: float,
-                  sampling: SamplingParams, max_tokens: int, stop: Sequence[str],
-                  chain: SamplerChain) -> Iterator[str]:
+    def _lockstep(
+        self,
+        stream: GenerationStream,
+        prompt_tokens: list[int],
+        lam: float,
+        sampling: SamplingParams,
+        max_tokens: int,
+        stop: Sequence[str],
+        chain: SamplerChain,
+    ) -> Iterator[str]:
         aligned_ctx = self.loaded.aligned_ctx
         text = TextStream(stop)
         pieces: list[str] = []
@@ -191,8 +201,13 @@ class DeraPair:
                 pieces.append(tail)
                 yield tail
             stream.result = GenerationResult(
-                text="".join(pieces), tokens=generated, prompt_tokens=prompt_tokens,
-                finish_reason=finish, lam=lam, seed=sampling.seed, reused_prompt_tokens=reused,
+                text="".join(pieces),
+                tokens=generated,
+                prompt_tokens=prompt_tokens,
+                finish_reason=finish,
+                lam=lam,
+                seed=sampling.seed,
+                reused_prompt_tokens=reused,
                 prompt_seconds=prefilled - started,
                 generation_seconds=time.perf_counter() - prefilled,
             )
@@ -220,7 +235,10 @@ class DeraPair:
         self._cached = self._cached[:keep]
         self.loaded.aligned_ctx.truncate(keep)
         self.loaded.reference_ctx.truncate(keep)
-        if self.loaded.aligned_ctx.n_cached() != keep or self.loaded.reference_ctx.n_cached() != keep:
+        if (
+            self.loaded.aligned_ctx.n_cached() != keep
+            or self.loaded.reference_ctx.n_cached() != keep
+        ):
             keep = 0  # a model that cannot drop a tail (recurrent) was cleared instead
             self._cached = []
         self._decode_both(tokens[keep:])

@@ -143,6 +143,17 @@ def read_gguf(path: str | os.PathLike[str], *, expect: str = "model") -> GGUFInf
     )
 
 
+def _first_difference(a: list[str], b: list[str]) -> int:
+    for i, (x, y) in enumerate(zip(a, b)):  # noqa: B905 - lengths may differ on purpose
+        if x != y:
+            return i
+    return min(len(a), len(b))
+
+
+def _token_at(tokens: list[str], i: int) -> str:
+    return repr(tokens[i]) if i < len(tokens) else "absent"
+
+
 def check_same_tokenizer(aligned: GGUFInfo, reference: GGUFInfo) -> None:
     """Raises IncompatibleModelsError unless both files share ids, texts, types and specials."""
 
@@ -152,13 +163,14 @@ def check_same_tokenizer(aligned: GGUFInfo, reference: GGUFInfo) -> None:
             "DeRa needs a reference and an aligned model from the same family"
         )
 
-    if aligned.n_vocab != reference.n_vocab:
-        fail(f"vocabulary sizes differ ({aligned.n_vocab} vs {reference.n_vocab})")
     if aligned.tokens != reference.tokens:
-        first = next(i for i, (a, r) in enumerate(zip(aligned.tokens, reference.tokens)) if a != r)
+        first = _first_difference(aligned.tokens, reference.tokens)
+        sizes = ""
+        if aligned.n_vocab != reference.n_vocab:
+            sizes = f"vocabulary sizes differ ({aligned.n_vocab} vs {reference.n_vocab} tokens); "
         fail(
-            f"token {first} is {aligned.tokens[first]!r} in the aligned model "
-            f"and {reference.tokens[first]!r} in the reference"
+            f"{sizes}token {first} is {_token_at(aligned.tokens, first)} in the aligned model "
+            f"and {_token_at(reference.tokens, first)} in the reference"
         )
     if aligned.token_types is not None and reference.token_types is not None:
         differing = np.flatnonzero(aligned.token_types != reference.token_types)
@@ -172,6 +184,9 @@ def check_same_tokenizer(aligned: GGUFInfo, reference: GGUFInfo) -> None:
         a, r = aligned.special_ids.get(key), reference.special_ids.get(key)
         if a != r:
             fail(f"{key.upper()} token id differs ({a} vs {r})")
-    if (aligned.add_bos is not None and reference.add_bos is not None
-            and aligned.add_bos != reference.add_bos):
+    if (
+        aligned.add_bos is not None
+        and reference.add_bos is not None
+        and aligned.add_bos != reference.add_bos
+    ):
         fail("one model adds a BOS token to prompts and the other does not")

@@ -40,8 +40,12 @@ class LoadedPair:
     notes: list[str] = field(default_factory=list)
 
     def close(self) -> None:
-        for resource in (self.aligned_ctx, self.reference_ctx,
-                         self.aligned_model, self.reference_model):
+        for resource in (
+            self.aligned_ctx,
+            self.reference_ctx,
+            self.aligned_model,
+            self.reference_model,
+        ):
             resource.close()
 
 
@@ -65,8 +69,9 @@ def _context_size(requested: int, aligned: LoadedModel, reference: LoadedModel) 
     return limit if requested <= 0 else min(requested, limit)
 
 
-def load_models(aligned: str | os.PathLike[str], reference: str | os.PathLike[str],
-                options: PairOptions) -> LoadedPair:
+def load_models(
+    aligned: str | os.PathLike[str], reference: str | os.PathLike[str], options: PairOptions
+) -> LoadedPair:
     """Validates, compares and loads both models; raises DeraError with one line on failure."""
     llama_log.install(options.verbose)
     aligned_info = read_gguf(aligned)
@@ -90,8 +95,9 @@ def load_models(aligned: str | os.PathLike[str], reference: str | os.PathLike[st
                 f"but {reference_model.n_vocab} in {reference_info.path.name}"
             )
         n_ctx = _context_size(options.n_ctx, aligned_model, reference_model)
-        context_options = ContextOptions(n_ctx, options.n_batch, options.n_threads,
-                                         options.flash_attn)
+        context_options = ContextOptions(
+            n_ctx, options.n_batch, options.n_threads, options.flash_attn
+        )
         aligned_ctx = Context(aligned_model, context_options)
         opened.append(aligned_ctx)
         reference_ctx = Context(reference_model, context_options)
@@ -99,5 +105,13 @@ def load_models(aligned: str | os.PathLike[str], reference: str | os.PathLike[st
         for resource in reversed(opened):
             resource.close()
         raise
-    return LoadedPair(aligned_info, reference_info, aligned_model, reference_model,
-                      aligned_ctx, reference_ctx, load_options, notes)
+    return LoadedPair(
+        aligned_info,
+        reference_info,
+        aligned_model,
+        reference_model,
+        aligned_ctx,
+        reference_ctx,
+        load_options,
+        notes,
+    )

@@ -81,7 +81,9 @@ class LogitMixer:
             )
         self.path = wanted
 
-    def mix_in_place(self, aligned_addr: int, reference_addr: int, n_vocab: int, lam: float) -> None:
+    def mix_in_place(
+        self, aligned_addr: int, reference_addr: int, n_vocab: int, lam: float
+    ) -> None:
         """aligned[:] = lam * aligned + (1 - lam) * reference."""
         if self.path == NATIVE:
             _native.mix_logits(aligned_addr, aligned_addr, reference_addr, n_vocab, lam)

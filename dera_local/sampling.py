@@ -38,8 +38,14 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise BadParameterError(message)
-        for name in ("temperature", "top_p", "min_p", "repeat_penalty",
-                     "frequency_penalty", "presence_penalty"):
+        for name in (
+            "temperature",
+            "top_p",
+            "min_p",
+            "repeat_penalty",
+            "frequency_penalty",
+            "presence_penalty",
+        ):
             if not math.isfinite(getattr(self, name)):
                 raise BadParameterError(f"{name} must be finite")
 
@@ -66,7 +72,9 @@ class SamplerChain:
     ) -> None:
         """`observer`, if given, runs first and sees the logits exactly as the chain gets
         them (tests use it); it stays owned by the caller."""
-        self.ptr = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        self.ptr = llama_cpp.llama_sampler_chain_init(
+            llama_cpp.llama_sampler_chain_default_params()
+        )
         self._observer = observer
         try:
             if observer is not None:
@@ -86,12 +94,19 @@ class SamplerChain:
             if not grammar:
                 raise BadParameterError("the GBNF grammar does not parse; check its rule 'root'")
             yield grammar
-        penalize = (params.repeat_penalty != 1.0 or params.frequency_penalty != 0.0
-                    or params.presence_penalty != 0.0)
+        penalize = (
+            params.repeat_penalty != 1.0
+            or params.frequency_penalty != 0.0
+            or params.presence_penalty != 0.0
+        )
         if penalize:
             last_n = n_ctx if params.repeat_last_n == -1 else params.repeat_last_n
             yield llama_cpp.llama_sampler_init_penalties(
-                llama_cpp.llama_vocab_n_tokens(vocab), last_n, params.repeat_penalty, params.frequency_penalty, params.presence_penalty
+                llama_cpp.llama_vocab_n_tokens(vocab),
+                last_n,
+                params.repeat_penalty,
+                params.frequency_penalty,
+                params.presence_penalty,
             )
         if params.greedy:
             yield llama_cpp.llama_sampler_init_greedy()

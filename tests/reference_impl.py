@@ -13,8 +13,9 @@ from llama_cpp._internals import CustomSampler
 
 @cache
 def solo_model(path: str, n_ctx: int = 512) -> llama_cpp.Llama:
-    return llama_cpp.Llama(model_path=path, n_ctx=n_ctx, n_threads=2, logits_all=True,
-                           verbose=False)
+    return llama_cpp.Llama(
+        model_path=path, n_ctx=n_ctx, n_threads=2, logits_all=True, verbose=False
+    )
 
 
 def solo_logits(path: str, tokens: list[int]) -> np.ndarray:
@@ -38,7 +39,7 @@ def solo_greedy(path: str, prompt_tokens: list[int], n: int) -> list[int]:
 
 
 def numpy_mix(aligned: np.ndarray, reference: np.ndarray, lam: float) -> np.ndarray:
-    return (lam * aligned.astype(np.float64) + (1 - lam) * reference.astype(np.float64))
+    return lam * aligned.astype(np.float64) + (1 - lam) * reference.astype(np.float64)
 
 
 class LogitsRecorder:

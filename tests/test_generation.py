@@ -51,8 +51,9 @@ def test_end_of_generation_token_stops(pair):
 def test_character_split_across_tokens_streams_whole(pair):
     target = "héllo wörld €"
     grammar = 'root ::= "' + target + '"'
-    stream = pair.stream("x", sampling=dera_local.SamplingParams(temperature=0, grammar=grammar),
-                         max_tokens=40)
+    stream = pair.stream(
+        "x", sampling=dera_local.SamplingParams(temperature=0, grammar=grammar), max_tokens=40
+    )
     chunks = list(stream)
     assert "".join(chunks) == target
     assert "\ufffd" not in "".join(chunks)
@@ -71,8 +72,9 @@ def _is_utf8(data: bytes) -> bool:
 
 def test_seeded_sampling_repeats_and_seeds_differ(pair):
     def run(seed: int) -> list[int]:
-        params = dera_local.SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0,
-                                           seed=seed)
+        params = dera_local.SamplingParams(
+            temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=seed
+        )
         return pair.generate("seed test", lam=0.7, sampling=params, max_tokens=30).tokens
 
     assert run(1) == run(1)
@@ -82,16 +84,21 @@ def test_seeded_sampling_repeats_and_seeds_differ(pair):
 def test_unseeded_run_reports_the_seed_that_repeats_it(pair):
     params = dera_local.SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
     first = pair.generate("seed test", sampling=params, max_tokens=20)
-    again = pair.generate("seed test", max_tokens=20,
-                          sampling=dera_local.SamplingParams(temperature=1.0, top_k=0, top_p=1.0,
-                                                             min_p=0.0, seed=first.seed))
+    again = pair.generate(
+        "seed test",
+        max_tokens=20,
+        sampling=dera_local.SamplingParams(
+            temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=first.seed
+        ),
+    )
     assert first.tokens == again.tokens
 
 
 def test_repeat_penalty_changes_greedy_output(pair):
     plain = pair.generate("aaaa", sampling=GREEDY, max_tokens=30)
-    penalized = pair.generate("aaaa", max_tokens=30,
-                              sampling=dera_local.SamplingParams(temperature=0, repeat_penalty=1.5))
+    penalized = pair.generate(
+        "aaaa", max_tokens=30, sampling=dera_local.SamplingParams(temperature=0, repeat_penalty=1.5)
+    )
     assert plain.tokens != penalized.tokens
 
 
@@ -104,12 +111,15 @@ def test_same_prompt_again_reuses_the_cache_and_gives_the_same_tokens(pair):
     assert first.tokens == second.tokens
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"lam": float("nan")}, "finite"),
-    ({"sampling": None, "prompt": []}, "empty"),
-    ({"prompt": [10**6]}, "outside the vocabulary"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"lam": float("nan")}, "finite"),
+        ({"sampling": None, "prompt": []}, "empty"),
+        ({"prompt": [10**6]}, "outside the vocabulary"),
+    ],
+)
 def test_bad_arguments_raise_one_line_errors(pair, kwargs, message):
     prompt = kwargs.pop("prompt", "hi")
     with pytest.raises(BadParameterError, match=message):

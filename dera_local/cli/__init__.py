@@ -15,16 +15,21 @@ from .generate import generate
 from .info import info
 
 
+def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+    click.echo(f"warning: {message}", err=True)
+
+
 class _OneLineErrors(click.Group):
+    """Bad input: one line on stderr, exit 1; warnings: one line each, no source lines."""
+
     def invoke(self, ctx: click.Context):
-        try:
-            return super().invoke(ctx)
-        except DeraError as exc:
-            raise click.ClickException(str(exc)) from None
-
-
-def _warning_line(message, category, filename, lineno, line=None) -> str:
-    return f"warning: {message}\n"
+        with warnings.catch_warnings():
+            warnings.simplefilter("default")
+            warnings.showwarning = _show_warning
+            try:
+                return super().invoke(ctx)
+            except DeraError as exc:
+                raise click.ClickException(str(exc)) from None
 
 
 @click.group(cls=_OneLineErrors)
@@ -36,7 +41,6 @@ def cli() -> None:
     h = lam * aligned + (1 - lam) * reference, to turn alignment up or down
     without retraining.
     """
-    warnings.formatwarning = _warning_line
 
 
 cli.add_command(generate)

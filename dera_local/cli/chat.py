@@ -11,8 +11,14 @@ import click
 from ..chat import ChatSession
 from ..errors import DeraError
 from ..mixing import validate_lam
-from .options import (model_options, open_pair, read_text_file, sampling_from,
-                      sampling_options, split_options)
+from .options import (
+    model_options,
+    open_pair,
+    read_text_file,
+    sampling_from,
+    sampling_options,
+    split_options,
+)
 
 HELP = """commands:
   /lambda X      set lam (1 = aligned, 0 = reference, >1 extrapolates)
@@ -76,13 +82,18 @@ def _reply(session: ChatSession, line: str) -> None:
 
 @click.command()
 @click.option("--system", "system", default=None, help="System prompt.")
-@click.option("--chat-template", "template", default=None,
-              help="Jinja chat template (text) instead of the aligned model's.")
+@click.option(
+    "--chat-template",
+    "template",
+    default=None,
+    help="Jinja chat template (text) instead of the aligned model's.",
+)
 @click.option("--chat-template-file", default=None, help="Read the chat template from a file.")
 @model_options
 @sampling_options
-def chat(system: str | None, template: str | None, chat_template_file: str | None,
-         **kwargs) -> None:
+def chat(
+    system: str | None, template: str | None, chat_template_file: str | None, **kwargs
+) -> None:
     """Chat with the DeRa pair; /lambda X changes lam as you go, /help lists commands."""
     model, sampling, rest = split_options(kwargs)
     if chat_template_file:
@@ -91,8 +102,14 @@ def chat(system: str | None, template: str | None, chat_template_file: str | Non
     lam = validate_lam(rest["lam"])
     interactive = sys.stdin is not None and sys.stdin.isatty()
     with open_pair(**model) as pair:
-        session = ChatSession(pair, system=system, template=template, lam=lam,
-                              sampling=params, max_tokens=rest["max_tokens"])
+        session = ChatSession(
+            pair,
+            system=system,
+            template=template,
+            lam=lam,
+            sampling=params,
+            max_tokens=rest["max_tokens"],
+        )
         if interactive:
             click.echo(f"lam = {lam:g}; /help for commands, /quit to leave", err=True)
         for line in _lines(interactive):

@@ -26,8 +26,9 @@ def _describe(role: str, info: GGUFInfo) -> list[str]:
 
 @click.command()
 @click.option("-m", "--aligned", envvar="DERA_ALIGNED", metavar="GGUF", help="Aligned model.")
-@click.option("-mr", "--reference", envvar="DERA_REFERENCE", metavar="GGUF",
-              help="Reference model.")
+@click.option(
+    "-mr", "--reference", envvar="DERA_REFERENCE", metavar="GGUF", help="Reference model."
+)
 @click.option("--hook", type=click.Choice(["native", "numpy"]), default=None, envvar="DERA_HOOK")
 def info(aligned: str | None, reference: str | None, hook: str | None) -> None:
     """Show both models, the compatibility verdict, the mixing path and llama.cpp's build."""
@@ -41,8 +42,10 @@ def info(aligned: str | None, reference: str | None, hook: str | None) -> None:
         f"GPU offload: {'yes' if backend.supports_gpu_offload() else 'no (CPU build)'}",
     ]
     if backend.built_with_amx():
-        lines.append("AMX: built in; weights load without extra buffer types "
-                     "(use_extra_bufts=False) to avoid the AMX crash")
+        lines.append(
+            "AMX: built in; weights load without extra buffer types "
+            "(use_extra_bufts=False) to avoid the AMX crash"
+        )
     else:
         lines.append("AMX: not built in; weights use llama.cpp's extra (repacked) buffer types")
     verdict_error: DeraError | None = None

@@ -21,66 +21,163 @@ def _stack(*decorators: Callable) -> Callable:
 
 
 model_options = _stack(
-    click.option("-m", "--aligned", envvar="DERA_ALIGNED", metavar="GGUF",
-                 help="Aligned model (e.g. the DPO model). Env: DERA_ALIGNED."),
-    click.option("-mr", "--reference", envvar="DERA_REFERENCE", metavar="GGUF",
-                 help="Reference model (e.g. the SFT model it was trained from). "
-                      "Env: DERA_REFERENCE."),
-    click.option("-c", "--ctx-size", "n_ctx", type=int, default=4096, show_default=True,
-                 envvar="DERA_CTX_SIZE", help="Context size in tokens (0 = the models')."),
-    click.option("-b", "--batch-size", "n_batch", type=click.IntRange(1), default=512,
-                 show_default=True, help="Prompt tokens per llama_decode call."),
-    click.option("-t", "--threads", "n_threads", type=click.IntRange(0), default=0,
-                 envvar="DERA_THREADS", help="CPU threads per model (0 = all cores)."),
-    click.option("-ngl", "--n-gpu-layers", "n_gpu_layers", type=int, default=None,
-                 envvar="DERA_N_GPU_LAYERS",
-                 help="Layers to offload to the GPU (-1 = all; default all when the build "
-                      "has a GPU backend)."),
-    click.option("-fa", "--flash-attn", type=click.Choice(["on", "off", "auto"]),
-                 default="off", show_default=True, envvar="DERA_FLASH_ATTN",
-                 help="Flash attention (off matches llama-cpp-python's Llama numerics)."),
-    click.option("--hook", type=click.Choice(["native", "numpy"]), default=None,
-                 envvar="DERA_HOOK", help="Force the mixing path (default: native if built)."),
+    click.option(
+        "-m",
+        "--aligned",
+        envvar="DERA_ALIGNED",
+        metavar="GGUF",
+        help="Aligned model (e.g. the DPO model). Env: DERA_ALIGNED.",
+    ),
+    click.option(
+        "-mr",
+        "--reference",
+        envvar="DERA_REFERENCE",
+        metavar="GGUF",
+        help="Reference model (e.g. the SFT model it was trained from). Env: DERA_REFERENCE.",
+    ),
+    click.option(
+        "-c",
+        "--ctx-size",
+        "n_ctx",
+        type=int,
+        default=4096,
+        show_default=True,
+        envvar="DERA_CTX_SIZE",
+        help="Context size in tokens (0 = the models').",
+    ),
+    click.option(
+        "-b",
+        "--batch-size",
+        "n_batch",
+        type=click.IntRange(1),
+        default=512,
+        show_default=True,
+        help="Prompt tokens per llama_decode call.",
+    ),
+    click.option(
+        "-t",
+        "--threads",
+        "n_threads",
+        type=click.IntRange(0),
+        default=0,
+        envvar="DERA_THREADS",
+        help="CPU threads per model (0 = all cores).",
+    ),
+    click.option(
+        "-ngl",
+        "--n-gpu-layers",
+        "n_gpu_layers",
+        type=int,
+        default=None,
+        envvar="DERA_N_GPU_LAYERS",
+        help="Layers to offload to the GPU (-1 = all; default all when the build "
+        "has a GPU backend).",
+    ),
+    click.option(
+        "-fa",
+        "--flash-attn",
+        type=click.Choice(["on", "off", "auto"]),
+        default="off",
+        show_default=True,
+        envvar="DERA_FLASH_ATTN",
+        help="Flash attention (off matches llama-cpp-python's Llama numerics).",
+    ),
+    click.option(
+        "--hook",
+        type=click.Choice(["native", "numpy"]),
+        default=None,
+        envvar="DERA_HOOK",
+        help="Force the mixing path (default: native if built).",
+    ),
     click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log on stderr."),
 )
 
 sampling_options = _stack(
-    click.option("--lam", "--lambda", "lam", type=float, default=1.0, show_default=True,
-                 envvar="DERA_LAMBDA",
-                 help="DeRa strength: 1 = aligned, 0 = reference, >1 extrapolates. "
-                      "Env: DERA_LAMBDA."),
-    click.option("-n", "--n-predict", "max_tokens", type=int, default=256, show_default=True,
-                 help="Maximum new tokens (-1 = until the context is full)."),
-    click.option("--temp", "temperature", type=float, default=0.8, show_default=True,
-                 help="Temperature (0 = greedy)."),
+    click.option(
+        "--lam",
+        "--lambda",
+        "lam",
+        type=float,
+        default=1.0,
+        show_default=True,
+        envvar="DERA_LAMBDA",
+        help="DeRa strength: 1 = aligned, 0 = reference, >1 extrapolates. Env: DERA_LAMBDA.",
+    ),
+    click.option(
+        "-n",
+        "--n-predict",
+        "max_tokens",
+        type=int,
+        default=256,
+        show_default=True,
+        help="Maximum new tokens (-1 = until the context is full).",
+    ),
+    click.option(
+        "--temp",
+        "temperature",
+        type=float,
+        default=0.8,
+        show_default=True,
+        help="Temperature (0 = greedy).",
+    ),
     click.option("--top-k", type=int, default=40, show_default=True, help="0 = off."),
     click.option("--top-p", type=float, default=0.95, show_default=True, help="1 = off."),
     click.option("--min-p", type=float, default=0.05, show_default=True, help="0 = off."),
-    click.option("--repeat-penalty", type=float, default=1.0, show_default=True,
-                 help="1 = off."),
-    click.option("--repeat-last-n", type=int, default=64, show_default=True,
-                 help="Tokens the penalties look back over (-1 = context)."),
+    click.option("--repeat-penalty", type=float, default=1.0, show_default=True, help="1 = off."),
+    click.option(
+        "--repeat-last-n",
+        type=int,
+        default=64,
+        show_default=True,
+        help="Tokens the penalties look back over (-1 = context).",
+    ),
     click.option("--frequency-penalty", type=float, default=0.0, show_default=True),
     click.option("--presence-penalty", type=float, default=0.0, show_default=True),
-    click.option("-s", "--seed", type=int, default=None, envvar="DERA_SEED",
-                 help="Sampling seed (default: random; reported with --json)."),
+    click.option(
+        "-s",
+        "--seed",
+        type=int,
+        default=None,
+        envvar="DERA_SEED",
+        help="Sampling seed (default: random; reported with --json).",
+    ),
     click.option("--grammar", default=None, help="GBNF grammar constraining the output."),
-    click.option("--grammar-file", type=click.Path(dir_okay=False), default=None,
-                 help="Read the GBNF grammar from a file."),
+    click.option(
+        "--grammar-file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Read the GBNF grammar from a file.",
+    ),
     click.option("--stop", multiple=True, help="Stop string (repeatable)."),
 )
 
 
-def open_pair(aligned: str | None, reference: str | None, n_ctx: int, n_batch: int,
-              n_threads: int, n_gpu_layers: int | None, flash_attn: str, hook: str | None,
-              verbose: bool) -> DeraPair:
+def open_pair(
+    aligned: str | None,
+    reference: str | None,
+    n_ctx: int,
+    n_batch: int,
+    n_threads: int,
+    n_gpu_layers: int | None,
+    flash_attn: str,
+    hook: str | None,
+    verbose: bool,
+) -> DeraPair:
     if not aligned:
         raise DeraError("no aligned model: pass -m/--aligned FILE.gguf or set DERA_ALIGNED")
     if not reference:
         raise DeraError("no reference model: pass -mr/--reference FILE.gguf or set DERA_REFERENCE")
-    return load_pair(aligned, reference, n_ctx=n_ctx, n_batch=n_batch, n_threads=n_threads,
-                     n_gpu_layers=n_gpu_layers, flash_attn=flash_attn, hook=hook,
-                     verbose=verbose)
+    return load_pair(
+        aligned,
+        reference,
+        n_ctx=n_ctx,
+        n_batch=n_batch,
+        n_threads=n_threads,
+        n_gpu_layers=n_gpu_layers,
+        flash_attn=flash_attn,
+        hook=hook,
+        verbose=verbose,
+    )
 
 
 def read_text_file(path: str, what: str) -> str:
@@ -93,31 +190,71 @@ def read_text_file(path: str, what: str) -> str:
         raise DeraError(f"{what} {path} is not UTF-8 text") from None
 
 
-def sampling_from(temperature: float, top_k: int, top_p: float, min_p: float,
-                  repeat_penalty: float, repeat_last_n: int, frequency_penalty: float,
-                  presence_penalty: float, seed: int | None, grammar: str | None,
-                  grammar_file: str | None) -> SamplingParams:
+def sampling_from(
+    temperature: float,
+    top_k: int,
+    top_p: float,
+    min_p: float,
+    repeat_penalty: float,
+    repeat_last_n: int,
+    frequency_penalty: float,
+    presence_penalty: float,
+    seed: int | None,
+    grammar: str | None,
+    grammar_file: str | None,
+) -> SamplingParams:
     if grammar_file:
         grammar = read_text_file(grammar_file, "grammar file")
     return SamplingParams(
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n,
-        frequency_penalty=frequency_penalty, presence_penalty=presence_penalty,
-        seed=seed, grammar=grammar,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repeat_penalty=repeat_penalty,
+        repeat_last_n=repeat_last_n,
+        frequency_penalty=frequency_penalty,
+        presence_penalty=presence_penalty,
+        seed=seed,
+        grammar=grammar,
     )
 
 
 def split_options(kwargs: dict) -> tuple[dict, dict, dict]:
     """Splits a command's keyword arguments into model, sampling and remaining options."""
-    model_keys = ("aligned", "reference", "n_ctx", "n_batch", "n_threads", "n_gpu_layers",
-                  "flash_attn", "hook", "verbose")
-    sampling_keys = ("temperature", "top_k", "top_p", "min_p", "repeat_penalty",
-                     "repeat_last_n", "frequency_penalty", "presence_penalty", "seed",
-                     "grammar", "grammar_file")
+    model_keys = (
+        "aligned",
+        "reference",
+        "n_ctx",
+        "n_batch",
+        "n_threads",
+        "n_gpu_layers",
+        "flash_attn",
+        "hook",
+        "verbose",
+    )
+    sampling_keys = (
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "repeat_penalty",
+        "repeat_last_n",
+        "frequency_penalty",
+        "presence_penalty",
+        "seed",
+        "grammar",
+        "grammar_file",
+    )
     model = {k: kwargs.pop(k) for k in model_keys}
     sampling = {k: kwargs.pop(k) for k in sampling_keys}
     return model, sampling, kwargs
 
 
-__all__ = ["model_options", "sampling_options", "open_pair", "read_text_file",
-           "sampling_from", "split_options"]
+__all__ = [
+    "model_options",
+    "sampling_options",
+    "open_pair",
+    "read_text_file",
+    "sampling_from",
+    "split_options",
+]

@@ -1,0 +1,78 @@
+"""Chat: the template renders the history, turns reuse the KV caches, and reuse changes
+nothing in the output compared with re-reading the whole history."""
+
+from __future__ import annotations
+
+from conftest import GREEDY
+
+from dera_local import ChatSession, ChatTemplate
+
+
+def test_template_renders_chatml_history(pair):
+    session = ChatSession(pair, system="be brief")
+    session.messages = [{"role": "user", "content": "hi"}]
+    text = session.template.render(session.conversation())
+    assert text == (
+        "<|im_start|>system\nbe brief<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    tokens = session.prompt_tokens()
+    assert tokens[0] == pair.loaded.aligned_model.special_token("bos")
+    assert pair.tokenize("<|im_start|>", add_special=False)[0] in tokens
+
+
+def test_template_override_is_used(pair):
+    session = ChatSession(pair, template="{% for m in messages %}[{{ m['content'] }}]{% endfor %}")
+    session.messages = [{"role": "user", "content": "x"}]
+    assert session.template.render(session.conversation()) == "[x]"
+
+
+def _three_turns(session: ChatSession) -> list:
+    results = []
+    for text, lam in (("hello", 1.0), ("tell me more", 0.5), ("and then?", 2.0)):
+        stream = session.send(text, lam=lam)
+        "".join(stream)
+        results.append(stream.result)
+    return results
+
+
+def test_turns_reuse_the_caches_and_match_rereading_history(pair):
+    pair.clear_cache()
+    cached = _three_turns(ChatSession(pair, sampling=GREEDY, max_tokens=12))
+    assert cached[1].reused_prompt_tokens >= len(cached[0].prompt_tokens)
+    assert cached[2].reused_prompt_tokens >= len(cached[1].prompt_tokens)
+
+    fresh_session = ChatSession(pair, sampling=GREEDY, max_tokens=12)
+    fresh = []
+    for text, lam in (("hello", 1.0), ("tell me more", 0.5), ("and then?", 2.0)):
+        pair.clear_cache()  # every turn re-reads the whole history
+        stream = fresh_session.send(text, lam=lam)
+        "".join(stream)
+        assert stream.result.reused_prompt_tokens == 0
+        fresh.append(stream.result)
+    assert [r.tokens for r in cached] == [r.tokens for r in fresh]
+    assert [r.prompt_tokens for r in cached] == [r.prompt_tokens for r in fresh]
+
+
+def test_stopped_reply_keeps_what_was_shown(pair):
+    session = ChatSession(pair, sampling=GREEDY, max_tokens=50)
+    stream = session.send("hi")
+    shown = ""
+    for chunk in stream:
+        shown += chunk
+        if len(shown) >= 3:
+            break
+    stream.close()  # what Ctrl-C does in the CLI
+    assert session.messages[-1] == {"role": "assistant", "content": shown}
+    follow_up = session.say("again")  # the session goes on
+    assert session.messages[-1]["content"] == follow_up
+
+
+def test_bos_written_by_the_template_is_not_doubled(pair):
+    template = ChatTemplate.for_pair(
+        pair, "{{ bos_token }}{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    )
+    session = ChatSession(pair, template=template.source)
+    session.messages = [{"role": "user", "content": "x"}]
+    bos = pair.loaded.aligned_model.special_token("bos")
+    assert session.prompt_tokens().count(bos) == 1

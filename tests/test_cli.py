@@ -1,0 +1,131 @@
+"""The CLI through click's CliRunner: output, JSON, chat commands, and bad input giving one
+line on stderr with a non-zero exit and no traceback."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from click.testing import CliRunner
+from conftest import GREEDY
+from reference_impl import solo_greedy
+
+from dera_local import ChatSession
+from dera_local.cli import cli
+
+
+@pytest.fixture
+def run(aligned_path, reference_path, monkeypatch):
+    monkeypatch.setenv("DERA_ALIGNED", str(aligned_path))
+    monkeypatch.setenv("DERA_REFERENCE", str(reference_path))
+
+    def invoke(*args: str, stdin: str | None = None):
+        return CliRunner().invoke(cli, list(args), input=stdin, catch_exceptions=False)
+
+    return invoke
+
+
+def _json(result) -> dict:
+    assert result.exit_code == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_generate_json_has_the_documented_fields(run, aligned_path):
+    data = _json(run("generate", "Hello", "--json", "--temp", "0", "-n", "12", "--lam", "1"))
+    for key in ("text", "tokens", "prompt_tokens", "finish_reason", "lam", "tokens_per_second"):
+        assert key in data
+    assert data["lam"] == 1.0 and data["finish_reason"] == "length" and len(data["tokens"]) == 12
+    assert data["tokens"] == solo_greedy(aligned_path, data["prompt_tokens"], 12)
+
+
+def test_lambda_alias_env_default_and_text_output(run, monkeypatch):
+    by_flag = _json(run("generate", "Hi", "--json", "--temp", "0", "-n", "8", "--lambda", "0.25"))
+    monkeypatch.setenv("DERA_LAMBDA", "0.25")
+    by_env = _json(run("generate", "Hi", "--json", "--temp", "0", "-n", "8"))
+    assert by_flag["lam"] == by_env["lam"] == 0.25 and by_flag["tokens"] == by_env["tokens"]
+    plain = run("generate", "Hi", "--temp", "0", "-n", "8", "--lam", "0.25")
+    assert plain.exit_code == 0 and plain.stdout == by_flag["text"] + "\n"
+
+
+def test_prompt_from_file_and_stdin_agree(run, tmp_path):
+    prompt_file = tmp_path / "prompt.txt"
+    prompt_file.write_text("From a file", encoding="utf-8")
+    from_file = _json(run("generate", "-f", str(prompt_file), "--json", "--temp", "0", "-n", "6"))
+    from_stdin = _json(run("generate", "--json", "--temp", "0", "-n", "6", stdin="From a file"))
+    assert from_file["tokens"] == from_stdin["tokens"]
+
+
+def test_chat_with_piped_commands(run, pair):
+    script = (
+        "/help\nhello\n/lambda 0.5\nagain\n/system be brief\n/reset\n/lambda nan\nbye\n"
+        "/quit\nnot read\n"
+    )
+    result = run("chat", "--temp", "0", "-n", "6", stdin=script)
+    assert result.exit_code == 0, result.stderr
+    assert "/lambda X" in result.stderr
+    assert "lam = 0.5" in result.stderr
+    assert "conversation cleared" in result.stderr
+    assert "error: lam must be finite" in result.stderr
+    # the same conversation through the Python API; the line after /quit is never read
+    session = ChatSession(pair, sampling=GREEDY, max_tokens=6)
+    replies = [session.say("hello")]
+    session.lam = 0.5
+    replies.append(session.say("again"))
+    session.system = "be brief"
+    session.reset()
+    replies.append(session.say("bye"))
+    assert result.stdout == "".join(reply + "\n" for reply in replies)
+
+
+def test_info_explains_the_active_path(run):
+    result = run("info")
+    assert result.exit_code == 0
+    assert "mixing hook: native" in result.stdout or "mixing hook: numpy" in result.stdout
+    assert "llama.cpp build:" in result.stdout and "AMX:" in result.stdout
+    assert "compatibility: OK" in result.stdout
+    forced = run("info", "--hook", "numpy")
+    assert "mixing hook: numpy" in forced.stdout
+
+
+@pytest.mark.parametrize(
+    "args, stdin, message",
+    [
+        (["generate", "hi", "-m", "/no/such.gguf"], None, "no such file"),
+        (["generate", "hi", "--lam", "nan"], None, "lam must be finite"),
+        (["generate", "hi", "--lam", "inf"], None, "lam must be finite"),
+        (["generate", "-f", "/no/such/prompt.txt"], None, "cannot read prompt file"),
+        (["generate", "--temp", "-1", "hi"], None, "temperature"),
+        (["generate"], "", None),  # empty stdin: an empty prompt
+        (["chat", "--lam", "nan"], "hi\n", "lam must be finite"),
+        (["info", "-mr", "/no/such.gguf"], None, "no such file"),
+    ],
+)
+def test_bad_input_is_one_line_without_traceback(run, args, stdin, message):
+    result = run(*args, stdin=stdin)
+    assert result.exit_code != 0
+    assert "Traceback" not in result.stderr and "Traceback" not in result.stdout
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    if message:
+        assert message in lines[0]
+
+
+def test_incompatible_pair(run, other_vocab_path):
+    result = run("generate", "hi", "-mr", str(other_vocab_path))
+    assert result.exit_code != 0
+    assert result.stderr.strip().count("\n") == 0 and "token 257" in result.stderr
+    info = run("info", "-mr", str(other_vocab_path))
+    assert info.exit_code != 0 and "compatibility: INCOMPATIBLE" in info.stdout
+
+
+def test_missing_models_say_how_to_pass_them(monkeypatch):
+    monkeypatch.delenv("DERA_ALIGNED", raising=False)
+    monkeypatch.delenv("DERA_REFERENCE", raising=False)
+    result = CliRunner().invoke(cli, ["generate", "hi"])
+    assert result.exit_code != 0 and "-m/--aligned" in result.stderr
+
+
+def test_negative_lam_warns_in_one_line(run):
+    result = run("generate", "hi", "--lam", "-0.5", "--temp", "0", "-n", "3")
+    assert result.exit_code == 0
+    assert result.stderr.strip().startswith("warning:") and "disalignment" in result.stderr
