@@ -75,7 +75,9 @@ def load_models(
     """Validates, compares and loads both models; raises DeraError with one line on failure."""
     llama_log.install(options.verbose)
     aligned_info = read_gguf(aligned)
-    reference_info = read_gguf(reference)
+    same_file = Path(reference).exists() and Path(aligned).exists() and \
+        os.path.samefile(aligned, reference)
+    reference_info = aligned_info if same_file else read_gguf(reference)
     check_same_tokenizer(aligned_info, reference_info)
     notes: list[str] = []
     load_options = _load_options(options, notes)

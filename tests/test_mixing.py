@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -70,3 +71,11 @@ def test_negative_lam_warns():
 def test_unknown_hook_path_is_rejected():
     with pytest.raises(BadParameterError, match="unknown hook path"):
         mixing.LogitMixer("cuda")
+
+
+def test_native_hook_is_built():
+    """A silent fallback would hide a broken build; opt out only on purpose."""
+    if os.environ.get("DERA_ALLOW_NO_NATIVE"):
+        pytest.skip("DERA_ALLOW_NO_NATIVE is set")
+    assert mixing._native is not None, mixing._NATIVE_IMPORT_ERROR
+    assert mixing.LogitMixer().path == "native"
