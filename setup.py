@@ -23,7 +23,7 @@ setup(
     ext_modules=[
         Extension(
             "dera_local._native",
-            sources=["native/dera_mix.c", "native/dera_mix_module.c"],
+            sources=["native/dera_mix.c", "native/dera_score.c", "native/dera_mix_module.c"],
             include_dirs=["native"],
             optional=True,
         )

@@ -135,6 +135,44 @@ FLASH_ATTN_TYPES = {
 }
 
 
+class TokenBatch:
+    """A reusable llama_batch: one (token, position, sequence, wants logits) per entry."""
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self.struct = llama_cpp.llama_batch_init(capacity, 0, 1)
+
+    def fill(self, entries: list[tuple[int, int, int, bool]]) -> None:
+        if len(entries) > self.capacity:
+            raise DeraError(f"batch of {len(entries)} tokens exceeds its capacity {self.capacity}")
+        batch = self.struct
+        for i, (token, position, sequence, wants_logits) in enumerate(entries):
+            batch.token[i] = token
+            batch.pos[i] = position
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = sequence
+            batch.logits[i] = wants_logits
+        batch.n_tokens = len(entries)
+
+    def close(self) -> None:
+        if self.struct is not None:
+            llama_cpp.llama_batch_free(self.struct)
+            self.struct = None
+
+
+class LoraAdapter:
+    """A LoRA adapter loaded for one model; llama.cpp frees it with the model."""
+
+    def __init__(self, model: LoadedModel, path: Path) -> None:
+        llama_log.recent_problem()
+        adapter = llama_cpp.llama_adapter_lora_init(model.ptr, str(path).encode("utf-8"))
+        if not adapter:
+            reason = llama_log.recent_problem() or "llama.cpp could not load it"
+            raise ModelFileError(f"{path}: {reason}")
+        self.path = path
+        self.ptr = adapter
+
+
 @dataclass(frozen=True)
 class ContextOptions:
     n_ctx: int = 4096
@@ -143,17 +181,22 @@ class ContextOptions:
     # Off by default, like llama-cpp-python's Llama: flash attention changes logits by
     # ~1e-3, enough to flip greedy near-ties against the single-model runs users compare to.
     flash_attn: str = "off"
+    # Parallel sequences (lam sweeps). They share one unified KV buffer, so a prompt
+    # copied to every sequence with copy_sequence() is stored once.
+    n_seq_max: int = 1
 
 
 class Context:
-    """One llama.cpp context (one KV cache, sequence 0) of a loaded model."""
+    """One llama.cpp context of a loaded model: its KV cache holds sequence 0 (and, for
+    n_seq_max > 1, further sequences decoded together with decode_batch)."""
 
     def __init__(self, model: LoadedModel, options: ContextOptions) -> None:
         params = llama_cpp.llama_context_default_params()
         params.n_ctx = options.n_ctx
         params.n_batch = options.n_batch
         params.n_ubatch = options.n_batch
-        params.n_seq_max = 1
+        params.n_seq_max = options.n_seq_max
+        params.kv_unified = True
         threads = options.n_threads or default_threads()
         params.n_threads = threads
         params.n_threads_batch = threads
@@ -171,11 +214,23 @@ class Context:
         self.n_ctx = int(llama_cpp.llama_n_ctx(ctx))
         self.n_batch = int(llama_cpp.llama_n_batch(ctx))  # llama.cpp caps it at n_ctx
         self.memory = llama_cpp.llama_get_memory(ctx)
+        self.n_threads = threads
+        self.flash_attn = options.flash_attn
+        self.adapter: LoraAdapter | None = None
 
     def close(self) -> None:
         if self.ptr:
             llama_cpp.llama_free(self.ptr)
             self.ptr = None
+
+    def attach_lora(self, adapter: LoraAdapter, scale: float) -> None:
+        """Applies the adapter in this context only (other contexts of the model keep the
+        plain weights)."""
+        adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter.ptr)
+        scales = (ctypes.c_float * 1)(scale)
+        if llama_cpp.llama_set_adapters_lora(self.ptr, adapters, 1, scales) != 0:
+            raise DeraError(f"{adapter.path}: llama.cpp could not attach the adapter")
+        self.adapter = adapter  # keep it referenced as long as the context uses it
 
     def n_cached(self) -> int:
         """How many positions of sequence 0 the KV cache really holds."""
@@ -197,6 +252,24 @@ class Context:
             )
             if status != 0:
                 raise DeraError(f"{self.model.path.name}: llama_decode failed with status {status}")
+
+    def decode_batch(self, batch: TokenBatch) -> None:
+        """Decodes a prepared multi-sequence batch (see TokenBatch)."""
+        status = llama_cpp.llama_decode(self.ptr, batch.struct)
+        if status != 0:
+            raise DeraError(f"{self.model.path.name}: llama_decode failed with status {status}")
+
+    def logits_address(self, index: int) -> int:
+        """Address of the float32[n_vocab] logits of output `index` of the last batch."""
+        pointer = llama_cpp.llama_get_logits_ith(self.ptr, index)
+        return ctypes.cast(pointer, ctypes.c_void_p).value
+
+    def copy_sequence(self, source: int, target: int) -> None:
+        """Makes `target` share all of `source`'s cached positions (no copy in a unified KV)."""
+        llama_cpp.llama_memory_seq_cp(self.memory, source, target, -1, -1)
+
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self.memory, True)
 
     def last_logits_address(self) -> int:
         """Address of the float32[n_vocab] logits of the last decoded token."""

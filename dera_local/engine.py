@@ -15,8 +15,10 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from . import backend
+from .backend import Context
 from .errors import BadParameterError, DeraError
 from .loading import LoadedPair, PairOptions, load_models
+from .logprobs import SequenceLogprobs, float_view
 from .mixing import LogitMixer, validate_lam
 from .sampling import SamplerChain, SamplingParams
 from .text_stream import TextStream
@@ -38,6 +40,7 @@ class GenerationResult:
     reused_prompt_tokens: int = 0
     prompt_seconds: float = 0.0
     generation_seconds: float = 0.0
+    logprobs: SequenceLogprobs | None = None  # with stream(..., logprobs=True)
 
     @property
     def tokens_per_second(self) -> float:
@@ -48,6 +51,8 @@ class GenerationResult:
     def to_dict(self) -> dict:
         data = asdict(self)
         data["tokens_per_second"] = self.tokens_per_second
+        if self.logprobs is not None:
+            data["logprob_sums"] = self.logprobs.sums()
         return data
 
 
@@ -75,6 +80,11 @@ class DeraPair:
         self.n_ctx = loaded.aligned_ctx.n_ctx
         self.n_vocab = loaded.aligned_model.n_vocab
         self._cached: list[int] = []  # tokens both KV caches hold, in order
+        # One model file and no adapter: the mixture equals that model for every lam, so
+        # the reference context is never decoded and nothing is mixed.
+        self.identical = loaded.aligned_model is loaded.reference_model and (
+            loaded.adapter_info is None
+        )
         self._overlap = ThreadPoolExecutor(1, "dera-reference") if overlap_decodes else None
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -104,11 +114,26 @@ class DeraPair:
         data = b"".join(model.token_bytes(t, special=special) for t in tokens)
         return data.decode("utf-8", errors="replace")
 
+    def check_prompt(self, tokens: Sequence[int]) -> None:
+        """Raises a one-line error unless the ids are a non-empty prompt that fits."""
+        if not tokens:
+            raise BadParameterError("the prompt is empty")
+        bad = [t for t in tokens if not 0 <= t < self.n_vocab]
+        if bad:
+            raise BadParameterError(
+                f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})"
+            )
+        if len(tokens) > self.n_ctx:
+            raise DeraError(
+                f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx}; "
+                "raise -c or shorten the prompt"
+            )
+
     def clear_cache(self) -> None:
         """Forgets the cached prefix: the next call re-reads its whole prompt."""
         self._cached = []
-        self.loaded.aligned_ctx.truncate(0)
-        self.loaded.reference_ctx.truncate(0)
+        for ctx in self._live_contexts():
+            ctx.truncate(0)
 
     # -- generation -----------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[int], **kwargs) -> GenerationResult:
@@ -127,6 +152,7 @@ class DeraPair:
         sampling: SamplingParams | None = None,
         max_tokens: int = 256,
         stop: Sequence[str] = (),
+        logprobs: bool = False,
         logits_observer=None,
     ) -> GenerationStream:
         """Starts a DeRa generation from a prompt (text, or token ids fed as they are).
@@ -134,6 +160,8 @@ class DeraPair:
         lam: 1 = aligned model, 0 = reference, between = weaker alignment, > 1 extrapolates.
         max_tokens: at most this many new tokens (-1: until the context is full).
         stop: strings that end generation; they are not part of the text.
+        logprobs: record each sampled token's log-probability under the aligned model,
+            the reference and the mixture (result.logprobs); costs a copy per step.
         logits_observer: a llama_sampler put first in the chain (for tests and debugging).
         """
         lam = validate_lam(lam)
@@ -141,22 +169,18 @@ class DeraPair:
         if max_tokens < -1 or max_tokens == 0:
             raise BadParameterError("max_tokens must be positive, or -1 for no limit")
         prompt_tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        if not prompt_tokens:
-            raise BadParameterError("the prompt is empty")
-        bad = [t for t in prompt_tokens if not 0 <= t < self.n_vocab]
-        if bad:
-            raise BadParameterError(
-                f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})"
-            )
-        if len(prompt_tokens) > self.n_ctx:
-            raise DeraError(
-                f"the prompt has {len(prompt_tokens)} tokens but the context holds {self.n_ctx}; "
-                "raise -c or shorten the prompt"
-            )
+        self.check_prompt(prompt_tokens)
         chain = SamplerChain(sampling, self.loaded.aligned_model.vocab, self.n_ctx, logits_observer)
         stream = GenerationStream(iter(()))
         stream._chunks = self._lockstep(
-            stream, prompt_tokens, lam, sampling, max_tokens, stop, chain
+            stream,
+            prompt_tokens,
+            lam,
+            sampling,
+            max_tokens,
+            stop,
+            chain,
+            SequenceLogprobs() if logprobs else None,
         )
         return stream
 
@@ -169,6 +193,7 @@ class DeraPair:
         max_tokens: int,
         stop: Sequence[str],
         chain: SamplerChain,
+        logprobs: SequenceLogprobs | None,
     ) -> Iterator[str]:
         aligned_ctx = self.loaded.aligned_ctx
         text = TextStream(stop)
@@ -180,8 +205,11 @@ class DeraPair:
             reused = self._prefill(prompt_tokens)
             prefilled = time.perf_counter()
             while True:
-                self._mix(lam)
-                token = chain.sample(aligned_ctx.ptr)
+                if logprobs is None:
+                    self._mix(lam)
+                    token = chain.sample(aligned_ctx.ptr)
+                else:
+                    token = self._mix_sample_and_score(lam, chain, logprobs)
                 if self.loaded.aligned_model.is_end_of_generation(token):
                     finish = FINISH_STOP
                     break
@@ -210,17 +238,41 @@ class DeraPair:
                 reused_prompt_tokens=reused,
                 prompt_seconds=prefilled - started,
                 generation_seconds=time.perf_counter() - prefilled,
+                logprobs=logprobs,
             )
         finally:
             chain.close()
 
     def _mix(self, lam: float) -> None:
+        if self.identical:
+            return
         self.mixer.mix_in_place(
             self.loaded.aligned_ctx.last_logits_address(),
             self.loaded.reference_ctx.last_logits_address(),
             self.n_vocab,
             lam,
         )
+
+    def _mix_sample_and_score(
+        self, lam: float, chain: SamplerChain, logprobs: SequenceLogprobs
+    ) -> int:
+        """_mix + sample, keeping a copy of the aligned logits (the mix overwrites them)."""
+        aligned_address = self.loaded.aligned_ctx.last_logits_address()
+        aligned = float_view(aligned_address, self.n_vocab).copy()
+        self._mix(lam)
+        token = chain.sample(self.loaded.aligned_ctx.ptr)
+        reference = (
+            aligned
+            if self.identical
+            else float_view(self.loaded.reference_ctx.last_logits_address(), self.n_vocab)
+        )
+        logprobs.add(token, aligned, reference, float_view(aligned_address, self.n_vocab))
+        return token
+
+    def _live_contexts(self) -> list[Context]:
+        if self.identical:
+            return [self.loaded.aligned_ctx]
+        return [self.loaded.aligned_ctx, self.loaded.reference_ctx]
 
     def _prefill(self, tokens: list[int]) -> int:
         """Brings both KV caches to `tokens`, reusing the common cached prefix; returns how
@@ -231,21 +283,23 @@ class DeraPair:
             keep += 1
         # What the caches really hold wins over our bookkeeping (an interrupt may have
         # landed between the two decodes of one step).
-        keep = min(keep, self.loaded.aligned_ctx.n_cached(), self.loaded.reference_ctx.n_cached())
+        contexts = self._live_contexts()
+        keep = min(keep, *(ctx.n_cached() for ctx in contexts))
         self._cached = self._cached[:keep]
-        self.loaded.aligned_ctx.truncate(keep)
-        self.loaded.reference_ctx.truncate(keep)
-        if (
-            self.loaded.aligned_ctx.n_cached() != keep
-            or self.loaded.reference_ctx.n_cached() != keep
-        ):
+        for ctx in contexts:
+            ctx.truncate(keep)
+        if any(ctx.n_cached() != keep for ctx in contexts):
             keep = 0  # a model that cannot drop a tail (recurrent) was cleared instead
             self._cached = []
+            for ctx in contexts:
+                ctx.truncate(0)
         self._decode_both(tokens[keep:])
         return keep
 
     def _decode_both(self, tokens: list[int]) -> None:
-        if self._overlap is not None:
+        if self.identical:
+            self.loaded.aligned_ctx.decode(tokens)
+        elif self._overlap is not None:
             pending = self._overlap.submit(self.loaded.reference_ctx.decode, tokens)
             self.loaded.aligned_ctx.decode(tokens)
             pending.result()
@@ -256,9 +310,11 @@ class DeraPair:
 
 
 def load_pair(
-    aligned: str | os.PathLike[str],
+    aligned: str | os.PathLike[str] | None,
     reference: str | os.PathLike[str],
     *,
+    lora: str | os.PathLike[str] | None = None,
+    lora_scale: float = 1.0,
     n_ctx: int = PairOptions.n_ctx,
     n_batch: int = PairOptions.n_batch,
     n_threads: int = PairOptions.n_threads,
@@ -270,6 +326,8 @@ def load_pair(
 ) -> DeraPair:
     """Loads an aligned and a reference GGUF model for DeRa decoding.
 
+    lora: instead of an aligned model file (pass aligned=None), the reference plus this
+    LoRA adapter GGUF; the base weights are loaded once and shared by both contexts.
     flash_attn: "off" (default, as llama-cpp-python's Llama), "on" or "auto".
     hook: "native" or "numpy" (default: native when compiled, else numpy; env DERA_HOOK).
     overlap_decodes: run the two models' decodes in two threads (default: on when layers
@@ -280,7 +338,7 @@ def load_pair(
         raise BadParameterError(f"flash_attn must be 'on', 'off' or 'auto', got {flash_attn!r}")
     options = PairOptions(n_ctx, n_batch, n_threads, n_gpu_layers, flash_attn, verbose)
     mixer = LogitMixer(hook)
-    loaded = load_models(aligned, reference, options)
+    loaded = load_models(aligned, reference, options, lora=lora, lora_scale=lora_scale)
     if overlap_decodes is None:
         overlap_decodes = loaded.load_options.n_gpu_layers != 0 and backend.supports_gpu_offload()
     return DeraPair(loaded, mixer, overlap_decodes)

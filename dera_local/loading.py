@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import backend, llama_log
-from .backend import Context, ContextOptions, LoadedModel, LoadOptions
-from .errors import IncompatibleModelsError
+from .backend import Context, ContextOptions, LoadedModel, LoadOptions, LoraAdapter
+from .errors import DeraError, IncompatibleModelsError, ModelFileError
 from .gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
 
 DEFAULT_N_CTX = 4096
@@ -38,8 +38,12 @@ class LoadedPair:
     reference_ctx: Context
     load_options: LoadOptions
     notes: list[str] = field(default_factory=list)
+    adapter_info: GGUFInfo | None = None  # set when the aligned side is reference + LoRA
+    lora_scale: float | None = None
 
     def close(self) -> None:
+        # Contexts first; a shared model is closed once (close() is idempotent). The
+        # adapter is freed with its model.
         for resource in (
             self.aligned_ctx,
             self.reference_ctx,
@@ -69,16 +73,52 @@ def _context_size(requested: int, aligned: LoadedModel, reference: LoadedModel) 
     return limit if requested <= 0 else min(requested, limit)
 
 
-def load_models(
-    aligned: str | os.PathLike[str], reference: str | os.PathLike[str], options: PairOptions
-) -> LoadedPair:
-    """Validates, compares and loads both models; raises DeraError with one line on failure."""
-    llama_log.install(options.verbose)
-    aligned_info = read_gguf(aligned)
-    same_file = Path(reference).exists() and Path(aligned).exists() and \
-        os.path.samefile(aligned, reference)
-    reference_info = aligned_info if same_file else read_gguf(reference)
+def _same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    return Path(a).is_file() and Path(b).is_file() and os.path.samefile(a, b)
+
+
+def _read_pair_headers(
+    aligned: str | os.PathLike[str] | None,
+    reference: str | os.PathLike[str],
+    lora: str | os.PathLike[str] | None,
+) -> tuple[GGUFInfo, GGUFInfo, GGUFInfo | None]:
+    if (aligned is None) == (lora is None):
+        raise DeraError(
+            "give the aligned side either as a model (-m/--aligned) or as a LoRA adapter of "
+            "the reference (--lora), not both and not neither"
+        )
+    reference_info = read_gguf(reference)
+    if lora is not None:
+        adapter_info = read_gguf(lora, expect="adapter")
+        adapter_type = adapter_info.metadata.get("adapter.type")
+        if adapter_type != "lora":
+            raise ModelFileError(f"{adapter_info.path}: adapter type {adapter_type!r}, not 'lora'")
+        if adapter_info.architecture != reference_info.architecture:
+            raise IncompatibleModelsError(
+                f"{adapter_info.path.name} is a LoRA for {adapter_info.architecture!r} models but "
+                f"{reference_info.path.name} is {reference_info.architecture!r}"
+            )
+        return reference_info, reference_info, adapter_info
+    aligned_info = reference_info if _same_file(aligned, reference) else read_gguf(aligned)
     check_same_tokenizer(aligned_info, reference_info)
+    return aligned_info, reference_info, None
+
+
+def load_models(
+    aligned: str | os.PathLike[str] | None,
+    reference: str | os.PathLike[str],
+    options: PairOptions,
+    *,
+    lora: str | os.PathLike[str] | None = None,
+    lora_scale: float = 1.0,
+) -> LoadedPair:
+    """Validates, compares and loads both models; raises DeraError with one line on failure.
+
+    With `lora`, the aligned model is the reference plus that adapter: the weights are
+    loaded once and the adapter is attached only to the aligned context.
+    """
+    llama_log.install(options.verbose)
+    aligned_info, reference_info, adapter_info = _read_pair_headers(aligned, reference, lora)
     notes: list[str] = []
     load_options = _load_options(options, notes)
     if llama_log.is_verbose():
@@ -87,10 +127,13 @@ def load_models(
 
     opened: list = []
     try:
-        aligned_model = LoadedModel(Path(aligned_info.path), load_options)
-        opened.append(aligned_model)
         reference_model = LoadedModel(Path(reference_info.path), load_options)
         opened.append(reference_model)
+        if aligned_info is reference_info:
+            aligned_model = reference_model  # one copy of the weights serves both contexts
+        else:
+            aligned_model = LoadedModel(Path(aligned_info.path), load_options)
+            opened.append(aligned_model)
         if aligned_model.n_vocab != reference_model.n_vocab:
             raise IncompatibleModelsError(
                 f"llama.cpp sees {aligned_model.n_vocab} tokens in {aligned_info.path.name} "
@@ -103,6 +146,11 @@ def load_models(
         aligned_ctx = Context(aligned_model, context_options)
         opened.append(aligned_ctx)
         reference_ctx = Context(reference_model, context_options)
+        opened.append(reference_ctx)
+        adapter = None
+        if adapter_info is not None:
+            adapter = LoraAdapter(reference_model, adapter_info.path)
+            aligned_ctx.attach_lora(adapter, lora_scale)
     except BaseException:
         for resource in reversed(opened):
             resource.close()
@@ -116,4 +164,6 @@ def load_models(
         reference_ctx,
         load_options,
         notes,
+        adapter_info,
+        lora_scale if adapter_info is not None else None,
     )

@@ -7,7 +7,6 @@ loaded. Both follow the same rules (see native/dera_mix.h) and round identically
 
 from __future__ import annotations
 
-import ctypes
 import math
 import os
 import warnings
@@ -15,6 +14,7 @@ import warnings
 import numpy as np
 
 from .errors import BadParameterError
+from .logprobs import float_view
 
 try:  # the compiled hook is optional: a machine without a C compiler gets numpy
     from . import _native
@@ -63,10 +63,6 @@ def mix_numpy(out: np.ndarray, aligned: np.ndarray, reference: np.ndarray, lam: 
     out[:] = mixed
 
 
-def _float_view(address: int, n: int) -> np.ndarray:
-    return np.ctypeslib.as_array(ctypes.cast(address, ctypes.POINTER(ctypes.c_float)), (n,))
-
-
 class LogitMixer:
     """Mixes two logits buffers (given by address) into the first, by the active path."""
 
@@ -88,8 +84,8 @@ class LogitMixer:
         if self.path == NATIVE:
             _native.mix_logits(aligned_addr, aligned_addr, reference_addr, n_vocab, lam)
         else:
-            aligned = _float_view(aligned_addr, n_vocab)
-            mix_numpy(aligned, aligned, _float_view(reference_addr, n_vocab), lam)
+            aligned = float_view(aligned_addr, n_vocab)
+            mix_numpy(aligned, aligned, float_view(reference_addr, n_vocab), lam)
 
     def describe(self) -> str:
         """One line for `dera-local info`: which path mixes the logits, and why."""

@@ -125,6 +125,10 @@ class SamplerChain:
         """Samples from the last logits of ctx, and accepts the token into the chain."""
         return int(llama_cpp.llama_sampler_sample(self.ptr, ctx, -1))
 
+    def sample_at(self, ctx: llama_cpp.llama_context_p, index: int) -> int:
+        """Samples from output `index` of ctx's last batch, and accepts the token."""
+        return int(llama_cpp.llama_sampler_sample(self.ptr, ctx, index))
+
     def close(self) -> None:
         if self.ptr:
             if self._observer is not None:  # not ours to free

@@ -5,6 +5,7 @@
 #include <math.h>
 
 #include "dera_mix.h"
+#include "dera_score.h"
 
 static PyObject *mix_logits(PyObject *self, PyObject *args) {
     (void)self;
@@ -25,10 +26,34 @@ static PyObject *mix_logits(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *score_rows(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long aligned, reference, targets, lams, out;
+    Py_ssize_t n_rows, n_vocab, n_lams;
+    if (!PyArg_ParseTuple(args, "KKnnKKnK", &aligned, &reference, &n_rows, &n_vocab, &targets,
+                          &lams, &n_lams, &out)) {
+        return NULL;
+    }
+    if (!aligned || !reference || !targets || !lams || !out || n_rows < 0 || n_vocab <= 0 ||
+        n_lams < 0) {
+        PyErr_SetString(PyExc_ValueError, "score_rows: null buffer or bad size");
+        return NULL;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    dera_score_rows((const float *)(uintptr_t)aligned, (const float *)(uintptr_t)reference,
+                    (size_t)n_rows, (size_t)n_vocab, (const int32_t *)(uintptr_t)targets,
+                    (const double *)(uintptr_t)lams, (size_t)n_lams, (double *)(uintptr_t)out);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef methods[] = {
     {"mix_logits", mix_logits, METH_VARARGS,
      "mix_logits(out, aligned, reference, n_vocab, lam): out = lam*aligned + (1-lam)*reference "
      "over float32 buffers given by address; out may equal aligned."},
+    {"score_rows", score_rows, METH_VARARGS,
+     "score_rows(aligned, reference, n_rows, n_vocab, targets, lams, n_lams, out): per lam "
+     "and row, log p_lam(target), KL(p_lam||p_ref), KL(p_lam||p_aligned) into float64 out."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -9,7 +9,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import tokenizer_vocab, write_tiny_model  # noqa: E402
+from tiny_models import tokenizer_vocab, write_tiny_lora, write_tiny_model  # noqa: E402
 
 import dera_local  # noqa: E402
 
@@ -36,6 +36,11 @@ def other_vocab_path(model_dir) -> Path:
     tokens = list(tokens)
     tokens[257] = "hx"
     return write_tiny_model(model_dir / "other_vocab.gguf", seed=3, tokens=tokens)
+
+
+@pytest.fixture(scope="session")
+def lora_path(model_dir) -> Path:
+    return write_tiny_lora(model_dir / "adapter.gguf", seed=9)
 
 
 @pytest.fixture(scope="session")

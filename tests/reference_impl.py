@@ -12,9 +12,9 @@ from llama_cpp._internals import CustomSampler
 
 
 @cache
-def solo_model(path: str, n_ctx: int = 512) -> llama_cpp.Llama:
+def solo_model(path: str, n_ctx: int = 512, lora: str | None = None) -> llama_cpp.Llama:
     return llama_cpp.Llama(
-        model_path=path, n_ctx=n_ctx, n_threads=2, logits_all=True, verbose=False
+        model_path=path, n_ctx=n_ctx, n_threads=2, logits_all=True, lora_path=lora, verbose=False
     )
 
 
@@ -26,9 +26,10 @@ def solo_logits(path: str, tokens: list[int]) -> np.ndarray:
     return np.array(model.scores[: len(tokens)], dtype=np.float32)
 
 
-def solo_greedy(path: str, prompt_tokens: list[int], n: int) -> list[int]:
-    """Greedy tokens from one model alone, through Llama.generate (its own sampler)."""
-    model = solo_model(str(path))
+def solo_greedy(path: str, prompt_tokens: list[int], n: int, lora: str | None = None) -> list[int]:
+    """Greedy tokens from one model alone (optionally with a LoRA adapter), through
+    Llama.generate (its own sampler)."""
+    model = solo_model(str(path), lora=str(lora) if lora else None)
     model.reset()
     out: list[int] = []
     for token in model.generate(prompt_tokens, temp=0.0, repeat_penalty=1.0, reset=True):

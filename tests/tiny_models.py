@@ -122,3 +122,27 @@ def write_tiny_model(
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_tiny_lora(path: str | Path, seed: int, *, rank: int = 4, alpha: float = 8.0) -> Path:
+    """Writes a LoRA adapter GGUF (llama.cpp's format) for the tiny llama models, on the
+    attention query/value and FFN-up projections of every block."""
+    path = Path(path)
+    rng = np.random.default_rng(seed)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    head_dim = N_EMBD // N_HEAD
+    targets = {"attn_q": N_EMBD, "attn_v": N_HEAD_KV * head_dim, "ffn_up": N_FF}
+    for i in range(N_LAYERS):
+        for name, n_out in targets.items():
+            a = (rng.standard_normal((rank, N_EMBD)) / np.sqrt(N_EMBD)).astype(np.float32)
+            b = (rng.standard_normal((n_out, rank)) * 0.5).astype(np.float32)
+            writer.add_tensor(f"blk.{i}.{name}.weight.lora_a", a)
+            writer.add_tensor(f"blk.{i}.{name}.weight.lora_b", b)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

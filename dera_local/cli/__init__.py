@@ -13,6 +13,8 @@ from ..errors import DeraError
 from .chat import chat
 from .generate import generate
 from .info import info
+from .score import score_command
+from .sweep import sweep_command
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -46,6 +48,8 @@ def cli() -> None:
 cli.add_command(generate)
 cli.add_command(chat)
 cli.add_command(info)
+cli.add_command(sweep_command)
+cli.add_command(score_command)
 
 
 def main() -> None:

@@ -6,6 +6,7 @@ from collections.abc import Callable
 
 import click
 
+from ..default_pair import demo_pair
 from ..engine import DeraPair, load_pair
 from ..errors import DeraError
 from ..sampling import SamplingParams
@@ -35,6 +36,14 @@ model_options = _stack(
         metavar="GGUF",
         help="Reference model (e.g. the SFT model it was trained from). Env: DERA_REFERENCE.",
     ),
+    click.option(
+        "--lora",
+        envvar="DERA_LORA",
+        metavar="GGUF",
+        help="LoRA adapter: the aligned model is the reference plus this adapter "
+        "(instead of -m). Env: DERA_LORA.",
+    ),
+    click.option("--lora-scale", type=float, default=1.0, show_default=True, help="Adapter scale."),
     click.option(
         "-c",
         "--ctx-size",
@@ -155,29 +164,21 @@ sampling_options = _stack(
 def open_pair(
     aligned: str | None,
     reference: str | None,
-    n_ctx: int,
-    n_batch: int,
-    n_threads: int,
-    n_gpu_layers: int | None,
-    flash_attn: str,
-    hook: str | None,
-    verbose: bool,
+    lora: str | None,
+    lora_scale: float,
+    **settings,
 ) -> DeraPair:
-    if not aligned:
-        raise DeraError("no aligned model: pass -m/--aligned FILE.gguf or set DERA_ALIGNED")
+    """Loads the pair the flags name; with no model flags at all, the built-in demo pair."""
+    if not (aligned or reference or lora):
+        reference, lora = (str(p) for p in demo_pair())
     if not reference:
         raise DeraError("no reference model: pass -mr/--reference FILE.gguf or set DERA_REFERENCE")
-    return load_pair(
-        aligned,
-        reference,
-        n_ctx=n_ctx,
-        n_batch=n_batch,
-        n_threads=n_threads,
-        n_gpu_layers=n_gpu_layers,
-        flash_attn=flash_attn,
-        hook=hook,
-        verbose=verbose,
-    )
+    if not (aligned or lora):
+        raise DeraError(
+            "no aligned model: pass -m/--aligned FILE.gguf (or --lora ADAPTER.gguf) "
+            "or set DERA_ALIGNED"
+        )
+    return load_pair(aligned or None, reference, lora=lora, lora_scale=lora_scale, **settings)
 
 
 def read_text_file(path: str, what: str) -> str:
@@ -224,6 +225,8 @@ def split_options(kwargs: dict) -> tuple[dict, dict, dict]:
     model_keys = (
         "aligned",
         "reference",
+        "lora",
+        "lora_scale",
         "n_ctx",
         "n_batch",
         "n_threads",

@@ -1,0 +1,99 @@
+"""Peak resident memory (RSS) of one model alone, a LoRA pair and a separate pair.
+
+Each case runs in its own process (peak RSS is per process), loads, prefills a prompt
+and generates a few tokens, then reports ru_maxrss. Default models: the built-in demo
+pair (SmolLM2-135M-Instruct Q4_1 + the shipped conciseness adapter); the separate pair
+is the base model and a byte-identical copy under another name, loaded twice.
+
+    python bench/memory.py [--base BASE.gguf --lora ADAPTER.gguf] [--n-ctx 2048]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+PROMPT = "Explain how a bicycle stays upright."
+
+
+def _child(case: str, base: str, lora: str, copy: str, n_ctx: int) -> None:
+    import dera_local
+    from dera_local import backend
+
+    if case == "single":
+        model = backend.LoadedModel(Path(base), backend.LoadOptions())
+        ctx = backend.Context(model, backend.ContextOptions(n_ctx=n_ctx))
+        ctx.decode(model.tokenize(PROMPT, add_special=True, parse_special=True))
+        for token in range(100, 116):
+            ctx.decode([token])
+    else:
+        aligned, adapter = (None, lora) if case == "lora pair" else (copy, None)
+        with dera_local.load_pair(aligned, base, lora=adapter, n_ctx=n_ctx) as pair:
+            pair.generate(PROMPT, max_tokens=16, sampling=dera_local.SamplingParams(temperature=0))
+    print(
+        json.dumps(
+            {"case": case, "max_rss_kib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+        )
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--base")
+    parser.add_argument("--lora")
+    parser.add_argument("--n-ctx", type=int, default=2048)
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    parser.add_argument("--copy", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        _child(args.child, args.base, args.lora, args.copy, args.n_ctx)
+        return
+    if not args.base:
+        from dera_local.default_pair import demo_pair
+
+        base, lora = (str(p) for p in demo_pair())
+    else:
+        base, lora = args.base, args.lora
+    with tempfile.TemporaryDirectory() as tmp:
+        copy = str(Path(tmp) / "copy-of-base.gguf")
+        shutil.copyfile(base, copy)
+        results = {}
+        for case in ("single", "lora pair", "separate pair"):
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    case,
+                    "--base",
+                    base,
+                    "--lora",
+                    lora or "",
+                    "--copy",
+                    copy,
+                    "--n-ctx",
+                    str(args.n_ctx),
+                ],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
+            results[case] = json.loads(out.stdout.strip().splitlines()[-1])["max_rss_kib"] / 1024
+    single = results["single"]
+    print(
+        f"Peak RSS, n_ctx={args.n_ctx}, base={Path(base).name}, lora={Path(lora).name if lora else '-'}\n"
+    )
+    print("| case | peak RSS (MiB) | vs single model |")
+    print("|---|---|---|")
+    for case, mib in results.items():
+        print(f"| {case} | {mib:.0f} | {mib / single:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()

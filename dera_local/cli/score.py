@@ -1,0 +1,71 @@
+"""`dera-local score`: teacher-forced log-likelihood and KL of given responses under a
+lam grid, from one forward pass of each model per response."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+import click
+
+from ..datafiles import read_pairs
+from ..score import score
+from ..sweep import parse_lambdas
+from .options import model_options, open_pair, split_options
+from .sweep import _open_output
+
+
+@click.command("score")
+@click.option(
+    "--lambdas", default="0,0.5,1,1.5,2", show_default=True, help="Comma-separated lam grid."
+)
+@click.option(
+    "--data", "data_file", required=True, help='JSONL of {"prompt": ..., "response": ...} objects.'
+)
+@click.option("--out", default=None, help="Write JSONL rows here (default: stdout).")
+@click.option("--per-token", is_flag=True, help="Include per-token values in each row.")
+@model_options
+def score_command(lambdas: str, data_file: str, out: str | None, per_token: bool, **kwargs) -> None:
+    """Score each response under every lam: log-likelihood, KL to reference and aligned."""
+    model, _, _ = split_options({**kwargs, **_NO_SAMPLING})
+    grid = parse_lambdas(lambdas)
+    pairs = read_pairs(data_file)
+    with (
+        open_pair(**model) as pair,
+        _open_output(out) as sink,
+        click.progressbar(pairs, label="score", file=sys.stderr) as bar,
+    ):
+        for pair_id, prompt, response in bar:
+            for row in score(pair, prompt, response, grid):
+                record = {
+                    "id": pair_id,
+                    "lam": row.lam,
+                    "n_tokens": len(row.token_logprobs),
+                    "logprob": row.logprob,
+                    "kl_reference": row.kl_reference_total,
+                    "kl_aligned": row.kl_aligned_total,
+                }
+                if per_token:
+                    record.update(
+                        token_logprobs=row.token_logprobs,
+                        token_kl_reference=row.kl_reference,
+                        token_kl_aligned=row.kl_aligned,
+                    )
+                sink.write(json.dumps(record) + "\n")
+
+
+_NO_SAMPLING = dict.fromkeys(
+    (
+        "temperature",
+        "top_k",
+        "top_p",
+        "min_p",
+        "repeat_penalty",
+        "repeat_last_n",
+        "frequency_penalty",
+        "presence_penalty",
+        "seed",
+        "grammar",
+        "grammar_file",
+    )
+)

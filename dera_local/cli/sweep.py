@@ -1,0 +1,97 @@
+"""`dera-local sweep`: every lam of a grid on every prompt of a file, batched."""
+
+from __future__ import annotations
+
+import json
+import sys
+from dataclasses import asdict
+
+import click
+
+from ..datafiles import load_reward, read_prompts
+from ..errors import DeraError
+from ..report import plot, summarize, write_csv
+from ..sweep import parse_lambdas, sweep
+from .options import model_options, open_pair, sampling_from, sampling_options, split_options
+
+
+def _open_output(path: str | None):
+    if path is None:
+        return sys.stdout
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as exc:
+        raise DeraError(f"cannot write {path}: {exc.strerror}") from None
+
+
+@click.command("sweep")
+@click.option(
+    "--lambdas", default="0,0.5,1,1.5,2", show_default=True, help="Comma-separated lam grid."
+)
+@click.option(
+    "--prompts",
+    "prompts_file",
+    required=True,
+    help='Prompts: .jsonl with a "prompt" field, or one prompt per line.',
+)
+@click.option("--out", default=None, help="Write JSONL rows here (default: stdout).")
+@click.option("--reward", default=None, help="module:function scoring a text (adds mean reward).")
+@click.option("--summary-csv", default=None, help="Write the per-lam summary as CSV.")
+@click.option(
+    "--plot",
+    "plot_path",
+    default=None,
+    help="Draw mean reward against KL(pi_lam||pi_ref) to this PNG (needs --reward).",
+)
+@model_options
+@sampling_options
+def sweep_command(
+    lambdas: str,
+    prompts_file: str,
+    out: str | None,
+    reward: str | None,
+    summary_csv: str | None,
+    plot_path: str | None,
+    **kwargs,
+) -> None:
+    """Decode each prompt at every lam in one batch; one JSONL row per (prompt, lam)."""
+    model, sampling, rest = split_options(kwargs)
+    grid = parse_lambdas(lambdas)
+    prompts = read_prompts(prompts_file)
+    reward_fn = load_reward(reward) if reward else None
+    if plot_path and reward_fn is None:
+        raise DeraError("--plot needs --reward: the picture is reward against KL")
+    params = sampling_from(**sampling)
+    rows = []
+    with open_pair(**model) as pair, _open_output(out) as sink:
+        generator = sweep(
+            pair,
+            prompts,
+            grid,
+            sampling=params,
+            max_tokens=rest["max_tokens"],
+            stop=rest["stop"],
+            reward=reward_fn,
+        )
+        with click.progressbar(
+            length=len(prompts) * len(grid), label="sweep", file=sys.stderr
+        ) as bar:
+            for row in generator:
+                rows.append(row)
+                record = asdict(row)
+                record["kl_to_reference"] = row.kl_to_reference
+                sink.write(json.dumps(record, ensure_ascii=False) + "\n")
+                sink.flush()
+                bar.update(1)
+    summary = summarize(rows)
+    for entry in summary:
+        reward_text = "" if entry["mean_reward"] is None else f"  reward {entry['mean_reward']:.3f}"
+        click.echo(
+            f"lam {entry['lam']:g}: KL {entry['mean_kl_to_reference']:.3f}  "
+            f"tokens {entry['mean_tokens']:.1f}{reward_text}",
+            err=True,
+        )
+    if summary_csv:
+        write_csv(summary, summary_csv)
+    if plot_path:
+        plot(summary, plot_path)

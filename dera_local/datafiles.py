@@ -1,0 +1,84 @@
+"""Reading prompt and prompt/response files for sweeps and scoring, with errors that name
+the file and line; loading a user's reward function from "module:function"."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from .errors import DeraError
+
+
+def _lines(path: str | Path) -> list[str]:
+    try:
+        return Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as exc:
+        raise DeraError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise DeraError(f"{path} is not UTF-8 text") from None
+
+
+def _json_object(path: str | Path, number: int, line: str) -> dict:
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DeraError(f"{path}, line {number}: not valid JSON ({exc.msg})") from None
+    if not isinstance(record, dict):
+        raise DeraError(f"{path}, line {number}: expected a JSON object")
+    return record
+
+
+def read_prompts(path: str | Path) -> list[tuple[str, str]]:
+    """(id, prompt) pairs from a .jsonl file ({"prompt": ..., "id": optional}) or from a
+    text file with one prompt per line (id = line number). Blank lines are skipped."""
+    jsonl = str(path).endswith(".jsonl")
+    prompts = []
+    for number, line in enumerate(_lines(path), start=1):
+        if not line.strip():
+            continue
+        if not jsonl:
+            prompts.append((str(number), line))
+            continue
+        record = _json_object(path, number, line)
+        prompt = record.get("prompt")
+        if not isinstance(prompt, str) or not prompt:
+            raise DeraError(f'{path}, line {number}: needs a non-empty string field "prompt"')
+        prompts.append((str(record.get("id", number)), prompt))
+    if not prompts:
+        raise DeraError(f"{path} holds no prompts")
+    return prompts
+
+
+def read_pairs(path: str | Path) -> list[tuple[str, str, str]]:
+    """(id, prompt, response) triples from a .jsonl file of {"prompt", "response"} objects."""
+    pairs = []
+    for number, line in enumerate(_lines(path), start=1):
+        if not line.strip():
+            continue
+        record = _json_object(path, number, line)
+        prompt, response = record.get("prompt"), record.get("response")
+        if not isinstance(prompt, str) or not isinstance(response, str) or not response:
+            raise DeraError(
+                f'{path}, line {number}: needs string fields "prompt" and "response" (non-empty)'
+            )
+        pairs.append((str(record.get("id", number)), prompt, response))
+    if not pairs:
+        raise DeraError(f"{path} holds no prompt/response pairs")
+    return pairs
+
+
+def load_reward(spec: str) -> Callable[[str], float]:
+    """'package.module:function' -> the function (text -> float)."""
+    module_name, _, function_name = spec.partition(":")
+    if not module_name or not function_name:
+        raise DeraError(f"--reward must look like module:function, got {spec!r}")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as exc:
+        raise DeraError(f"cannot import reward module {module_name!r}: {exc}") from None
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise DeraError(f"{module_name!r} has no function {function_name!r}")
+    return function

@@ -1,0 +1,158 @@
+"""Teacher-forced scoring of a response under a whole lam grid, from ONE forward pass of
+each model: the log-likelihood of the response under every pi_lam, and the per-token
+KL(pi_lam || pi_ref) and KL(pi_lam || pi_aligned) along it.
+
+The per-lam arithmetic runs in the compiled kernel (native/dera_score.c) over the logits
+rows llama.cpp returns, or in vectorised numpy when the kernel is not built.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import llama_cpp
+import numpy as np
+
+from .backend import Context, TokenBatch
+from .engine import DeraPair
+from .errors import BadParameterError, DeraError
+from .mixing import NATIVE, _native, mix_numpy
+from .sweep import parse_lambdas
+
+
+@dataclass
+class ScoreRow:
+    """One lam's view of one response: per-token values and their sums."""
+
+    lam: float
+    token_logprobs: list[float]
+    kl_reference: list[float]  # KL(pi_lam || pi_ref) at each response position
+    kl_aligned: list[float]  # KL(pi_lam || pi_aligned) at each response position
+
+    @property
+    def logprob(self) -> float:
+        return float(sum(self.token_logprobs))
+
+    @property
+    def kl_reference_total(self) -> float:
+        return float(sum(self.kl_reference))
+
+    @property
+    def kl_aligned_total(self) -> float:
+        return float(sum(self.kl_aligned))
+
+
+def score_rows_numpy(
+    aligned: np.ndarray, reference: np.ndarray, targets: np.ndarray, lambdas: Sequence[float]
+) -> np.ndarray:
+    """The numpy twin of dera_score_rows: float64 [n_lams, n_rows, 3]."""
+
+    def log_softmax(x: np.ndarray) -> np.ndarray:
+        x = x.astype(np.float64)
+        peak = x.max(axis=-1, keepdims=True)
+        return x - peak - np.log(np.exp(x - peak).sum(axis=-1, keepdims=True))
+
+    log_pa, log_pr = log_softmax(aligned), log_softmax(reference)
+    out = np.empty((len(lambdas), len(targets), 3))
+    rows = np.arange(len(targets))
+    for index, lam in enumerate(lambdas):
+        mixed = np.empty_like(aligned)
+        mix_numpy(mixed, aligned, reference, lam)
+        log_p = log_softmax(mixed)
+        p = np.exp(log_p)
+        with np.errstate(invalid="ignore"):  # p = 0 where log p = -inf: no contribution
+            kl_r = np.where(p > 0, p * (log_p - log_pr), 0.0).sum(-1)
+            kl_a = np.where(p > 0, p * (log_p - log_pa), 0.0).sum(-1)
+        out[index, :, 0] = log_p[rows, targets]
+        out[index, :, 1] = kl_r
+        out[index, :, 2] = kl_a
+    return out
+
+
+def _score_chunk(
+    path: str, aligned: np.ndarray, reference: np.ndarray, targets: np.ndarray, lambdas: np.ndarray
+) -> np.ndarray:
+    if path == NATIVE:
+        out = np.empty((len(lambdas), len(targets), 3))
+        _native.score_rows(
+            aligned.ctypes.data,
+            reference.ctypes.data,
+            len(targets),
+            aligned.shape[1],
+            targets.ctypes.data,
+            lambdas.ctypes.data,
+            len(lambdas),
+            out.ctypes.data,
+        )
+        return out
+    return score_rows_numpy(aligned, reference, targets, lambdas)
+
+
+def _output_rows(ctx: Context, n_rows: int, n_vocab: int) -> np.ndarray:
+    """The logits of the last batch's outputs, in batch order (no copy)."""
+    pointer = llama_cpp.llama_get_logits(ctx.ptr)
+    address = ctypes.cast(pointer, ctypes.c_void_p).value
+    buffer = (ctypes.c_float * (n_rows * n_vocab)).from_address(address)
+    return np.frombuffer(buffer, dtype=np.float32).reshape(n_rows, n_vocab)
+
+
+def score(
+    pair: DeraPair,
+    prompt: str | Sequence[int],
+    response: str | Sequence[int],
+    lambdas: Sequence[float],
+) -> list[ScoreRow]:
+    """Scores `response` after `prompt` under every lam; rows in grid order.
+
+    Text is tokenized with the pair's tokenizer (the prompt with BOS, the response
+    without); token ids are used as they are.
+    """
+    grid = np.asarray(parse_lambdas(lambdas), dtype=np.float64)
+    prompt_tokens = pair.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+    response_tokens = (
+        pair.tokenize(response, add_special=False) if isinstance(response, str) else list(response)
+    )
+    if not response_tokens:
+        raise BadParameterError("the response is empty: nothing to score")
+    tokens = prompt_tokens + response_tokens
+    pair.check_prompt(prompt_tokens)
+    if len(tokens) > pair.n_ctx:
+        raise DeraError(
+            f"prompt and response have {len(tokens)} tokens but the context holds "
+            f"{pair.n_ctx}; raise -c"
+        )
+    contexts = (pair.loaded.aligned_ctx, pair.loaded.reference_ctx)
+    pair.clear_cache()  # this pass fills both caches with other tokens
+    first_output = len(prompt_tokens) - 1  # position whose logits predict response[0]
+    n_batch = contexts[0].n_batch
+    batch = TokenBatch(n_batch)
+    results = []
+    try:
+        for start in range(0, len(tokens), n_batch):
+            chunk = tokens[start : start + n_batch]
+            entries = [
+                (t, start + i, 0, start + i >= first_output and start + i < len(tokens) - 1)
+                for i, t in enumerate(chunk)
+            ]
+            batch.fill(entries)
+            n_rows = sum(e[3] for e in entries)
+            rows = []
+            for ctx in contexts:
+                ctx.decode_batch(batch)
+                rows.append(_output_rows(ctx, n_rows, pair.n_vocab) if n_rows else None)
+            if n_rows:
+                first = max(start, first_output)
+                targets = np.asarray(tokens[first + 1 : first + 1 + n_rows], dtype=np.int32)
+                results.append(_score_chunk(pair.mixer.path, rows[0], rows[1], targets, grid))
+    finally:
+        batch.close()
+        pair.clear_cache()
+    table = np.concatenate(results, axis=1)  # [n_lams, n_response, 3]
+    return [
+        ScoreRow(
+            float(lam), table[i, :, 0].tolist(), table[i, :, 1].tolist(), table[i, :, 2].tolist()
+        )
+        for i, lam in enumerate(grid)
+    ]

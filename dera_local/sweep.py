@@ -1,0 +1,242 @@
+"""Lambda sweeps: every lam of a grid decodes one prompt as parallel sequences of ONE pair
+of batched contexts. The prompt is read once and shared (unified KV cache); each step is
+one llama_decode per model for all live sequences, then per sequence an in-place mix of
+its logits row with its own lam and a sample from its own sampler chain.
+
+With the same sampling seed, each sequence's output is what `generate` gives at its lam.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+
+from .backend import Context, ContextOptions, TokenBatch
+from .engine import FINISH_LENGTH, FINISH_STOP, DeraPair
+from .errors import BadParameterError, DeraError
+from .logprobs import SequenceLogprobs, float_view
+from .mixing import validate_lam
+from .sampling import SamplerChain, SamplingParams
+from .text_stream import TextStream
+
+
+def parse_lambdas(values: str | Iterable[float]) -> list[float]:
+    """'0,0.5,1' or numbers -> a checked list: non-empty, finite, no duplicates."""
+    if isinstance(values, str):
+        parts = [v.strip() for v in values.split(",") if v.strip()]
+        try:
+            values = [float(v) for v in parts]
+        except ValueError:
+            raise BadParameterError(
+                f"--lambdas must be numbers separated by commas, got {values!r}"
+            ) from None
+    lambdas = [validate_lam(v) for v in values]
+    if not lambdas:
+        raise BadParameterError("the lambda list is empty; give e.g. --lambdas 0,0.5,1")
+    duplicates = sorted({v for v in lambdas if lambdas.count(v) > 1})
+    if duplicates:
+        repeated = ", ".join(f"{v:g}" for v in duplicates)
+        raise BadParameterError(f"the lambda list repeats {repeated}")
+    return lambdas
+
+
+@dataclass
+class SweepRow:
+    """One lam's answer to one prompt, with summed log-probabilities of its tokens
+    (including a final end-of-generation token) under each model and the mixture."""
+
+    prompt_id: str
+    lam: float
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    logprob_aligned: float
+    logprob_reference: float
+    logprob_mixture: float
+    reward: float | None = None
+
+    @property
+    def kl_to_reference(self) -> float:
+        """One-sample estimate of KL(pi_lam || pi_ref) for this answer."""
+        return self.logprob_mixture - self.logprob_reference
+
+
+@dataclass
+class _Sequence:
+    seq_id: int
+    lam: float
+    chain: SamplerChain
+    text: TextStream
+    next_token: int
+    position: int
+    tokens: list[int] = field(default_factory=list)
+    pieces: list[str] = field(default_factory=list)
+    logprobs: SequenceLogprobs = field(default_factory=SequenceLogprobs)
+    finish: str | None = None
+
+
+class LambdaSweep:
+    """Batched contexts for one lam grid over a loaded pair (the weights are shared)."""
+
+    def __init__(self, pair: DeraPair, lambdas: Sequence[float], *, max_tokens: int = 256):
+        self.pair = pair
+        self.lambdas = parse_lambdas(lambdas)
+        if max_tokens <= 0:
+            raise BadParameterError("max_tokens must be positive for a sweep")
+        self.max_tokens = max_tokens
+        loaded = pair.loaded
+        n = len(self.lambdas)
+        # Room for one shared prompt plus every sequence's own tokens.
+        options = ContextOptions(
+            n_ctx=pair.n_ctx + n * (max_tokens + 1),
+            n_batch=max(loaded.aligned_ctx.n_batch, n),
+            n_threads=loaded.aligned_ctx.n_threads,
+            flash_attn=loaded.aligned_ctx.flash_attn,
+            n_seq_max=n,
+        )
+        self._contexts: list[Context] = []
+        try:
+            self.aligned_ctx = self._context(loaded.aligned_model, options)
+            if loaded.adapter_info is not None:
+                self.aligned_ctx.attach_lora(loaded.aligned_ctx.adapter, loaded.lora_scale)
+            self.reference_ctx = self._context(loaded.reference_model, options)
+            self.batch = TokenBatch(options.n_batch)
+        except BaseException:
+            self.close()
+            raise
+
+    def _context(self, model, options: ContextOptions) -> Context:
+        ctx = Context(model, options)
+        self._contexts.append(ctx)
+        return ctx
+
+    def close(self) -> None:
+        if getattr(self, "batch", None) is not None:
+            self.batch.close()
+        for ctx in self._contexts:
+            ctx.close()
+
+    def __enter__(self) -> LambdaSweep:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def run(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        sampling: SamplingParams | None = None,
+        stop: Sequence[str] = (),
+        prompt_id: str = "0",
+    ) -> list[SweepRow]:
+        """Decodes the prompt at every lam of the grid; rows in grid order."""
+        pair = self.pair
+        sampling = (sampling or SamplingParams()).with_seed()
+        tokens = pair.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        pair.check_prompt(tokens)
+        vocab = pair.loaded.aligned_model.vocab
+        sequences = [
+            _Sequence(
+                i,
+                lam,
+                SamplerChain(sampling, vocab, pair.n_ctx),
+                TextStream(stop),
+                next_token=tokens[-1],
+                position=len(tokens) - 1,
+            )
+            for i, lam in enumerate(self.lambdas)
+        ]
+        try:
+            self._prefill_shared(tokens[:-1])
+            live = sequences
+            while live:
+                self._step(live, len(tokens))
+                live = [s for s in live if s.finish is None]
+        finally:
+            for seq in sequences:
+                seq.chain.close()
+        return [self._row(seq, prompt_id) for seq in sequences]
+
+    def _prefill_shared(self, tokens: list[int]) -> None:
+        """Reads all but the last prompt token once, into sequence 0, then shares it."""
+        for ctx in (self.aligned_ctx, self.reference_ctx):
+            ctx.clear()
+            ctx.decode(tokens)  # sequence 0, positions 0..len-1, no logits kept
+            for seq_id in range(1, len(self.lambdas)):
+                ctx.copy_sequence(0, seq_id)
+
+    def _step(self, live: list[_Sequence], prompt_length: int) -> None:
+        self.batch.fill([(s.next_token, s.position, s.seq_id, True) for s in live])
+        self.aligned_ctx.decode_batch(self.batch)
+        self.reference_ctx.decode_batch(self.batch)
+        model = self.pair.loaded.aligned_model
+        n_vocab = self.pair.n_vocab
+        for index, seq in enumerate(live):
+            aligned_address = self.aligned_ctx.logits_address(index)
+            reference = float_view(self.reference_ctx.logits_address(index), n_vocab)
+            aligned = float_view(aligned_address, n_vocab).copy()
+            self.pair.mixer.mix_in_place(aligned_address, reference.ctypes.data, n_vocab, seq.lam)
+            token = seq.chain.sample_at(self.aligned_ctx.ptr, index)
+            seq.logprobs.add(token, aligned, reference, float_view(aligned_address, n_vocab))
+            if model.is_end_of_generation(token):
+                seq.finish = FINISH_STOP
+                continue
+            seq.tokens.append(token)
+            piece = seq.text.push(model.token_bytes(token))
+            if piece:
+                seq.pieces.append(piece)
+            if seq.text.stopped:
+                seq.finish = FINISH_STOP
+            elif (
+                len(seq.tokens) == self.max_tokens
+                or prompt_length + len(seq.tokens) - 1 >= self.pair.n_ctx
+            ):
+                seq.finish = FINISH_LENGTH
+            seq.next_token = token
+            seq.position += 1
+
+    @staticmethod
+    def _row(seq: _Sequence, prompt_id: str) -> SweepRow:
+        sums = seq.logprobs.sums()
+        return SweepRow(
+            prompt_id=prompt_id,
+            lam=seq.lam,
+            text="".join(seq.pieces) + seq.text.finish(),
+            tokens=seq.tokens,
+            finish_reason=seq.finish or FINISH_LENGTH,
+            logprob_aligned=sums["aligned"],
+            logprob_reference=sums["reference"],
+            logprob_mixture=sums["mixture"],
+        )
+
+
+def sweep(
+    pair: DeraPair,
+    prompts: Iterable[tuple[str, str | Sequence[int]]],
+    lambdas: Sequence[float],
+    *,
+    sampling: SamplingParams | None = None,
+    max_tokens: int = 256,
+    stop: Sequence[str] = (),
+    reward: Callable[[str], float] | None = None,
+) -> Iterator[SweepRow]:
+    """Yields rows for (prompt_id, prompt) pairs, every lam per prompt, in one batched
+    pair of contexts; `reward` (text -> float) fills each row's reward."""
+    with LambdaSweep(pair, lambdas, max_tokens=max_tokens) as runner:
+        for prompt_id, prompt in prompts:
+            for row in runner.run(prompt, sampling=sampling, stop=stop, prompt_id=prompt_id):
+                if reward is not None:
+                    row.reward = _checked_reward(reward, row.text)
+                yield row
+
+
+def _checked_reward(reward: Callable[[str], float], text: str) -> float:
+    try:
+        value = float(reward(text))
+    except Exception as exc:  # a user's function: report it in one line
+        raise DeraError(f"the reward function failed: {type(exc).__name__}: {exc}") from None
+    if math.isnan(value):
+        raise BadParameterError("the reward function returned NaN")
+    return value

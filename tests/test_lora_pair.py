@@ -1,0 +1,45 @@
+"""A LoRA pair: the reference loaded once, the adapter attached to the aligned context only."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import GREEDY
+from reference_impl import solo_greedy
+
+import dera_local
+from dera_local.errors import DeraError, ModelFileError
+
+
+@pytest.fixture(scope="module")
+def lora_pair(reference_path, lora_path):
+    with dera_local.load_pair(None, reference_path, lora=lora_path, n_ctx=512) as pair:
+        yield pair
+
+
+def test_one_model_serves_both_contexts(lora_pair):
+    loaded = lora_pair.loaded
+    assert loaded.aligned_model is loaded.reference_model
+    assert loaded.aligned_ctx.ptr != loaded.reference_ctx.ptr
+    assert loaded.adapter_info is not None and loaded.adapter_info.file_type == "adapter"
+
+
+@pytest.mark.parametrize("lam", [1.0, 0.0])
+def test_endpoints_equal_base_with_and_without_adapter(lora_pair, reference_path, lora_path, lam):
+    prompt = lora_pair.tokenize("Once upon a time")
+    result = lora_pair.generate(prompt, lam=lam, sampling=GREEDY, max_tokens=32)
+    with_adapter = solo_greedy(reference_path, prompt, 32, lora=lora_path)
+    base_alone = solo_greedy(reference_path, prompt, 32)
+    assert with_adapter != base_alone, "the fixture adapter must change the output"
+    assert result.tokens == (with_adapter if lam == 1.0 else base_alone)
+
+
+def test_adapter_given_as_model_or_both_sides_given(reference_path, lora_path, aligned_path):
+    with pytest.raises(ModelFileError, match="pass it with --lora"):
+        dera_local.load_pair(lora_path, reference_path)
+    with pytest.raises(DeraError, match="not both"):
+        dera_local.load_pair(aligned_path, reference_path, lora=lora_path)
+
+
+def test_model_given_as_adapter(reference_path, aligned_path):
+    with pytest.raises(ModelFileError, match="is a model, not a adapter|not a adapter|adapter"):
+        dera_local.load_pair(None, reference_path, lora=aligned_path)

@@ -1,0 +1,225 @@
+"""Lam sweeps (batched sequences) and teacher-forced grid scoring."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from conftest import GREEDY
+from reference_impl import solo_logits
+
+import dera_local
+from dera_local.cli import cli
+from dera_local.errors import BadParameterError, DeraError
+from dera_local.score import score
+from dera_local.sweep import LambdaSweep, parse_lambdas, sweep
+
+GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
+
+
+@pytest.mark.parametrize("prompt", ["Hello there", "x", "The quick brown fox jumps"])
+def test_greedy_sweep_equals_generate_at_each_lam(pair, prompt):
+    with LambdaSweep(pair, GRID, max_tokens=24) as runner:
+        rows = runner.run(prompt, sampling=GREEDY)
+    assert [r.lam for r in rows] == GRID
+    for row in rows:
+        single = pair.generate(prompt, lam=row.lam, sampling=GREEDY, max_tokens=24, logprobs=True)
+        assert row.tokens == single.tokens, f"lam {row.lam}"
+        assert row.text == single.text and row.finish_reason == single.finish_reason
+        sums = single.logprobs.sums()
+        assert row.logprob_mixture == pytest.approx(sums["mixture"], rel=1e-5, abs=1e-3)
+        assert row.logprob_reference == pytest.approx(sums["reference"], rel=1e-5, abs=1e-3)
+        assert row.logprob_aligned == pytest.approx(sums["aligned"], rel=1e-5, abs=1e-3)
+
+
+def test_seeded_sampled_sweep_equals_generate(pair):
+    sampling = dera_local.SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=3)
+    with LambdaSweep(pair, [0.5, 2.0], max_tokens=20) as runner:
+        rows = runner.run("seeded", sampling=sampling)
+    for row in rows:
+        assert (
+            row.tokens
+            == pair.generate("seeded", lam=row.lam, sampling=sampling, max_tokens=20).tokens
+        )
+
+
+def test_sweep_on_a_lora_pair_equals_generate(reference_path, lora_path):
+    with dera_local.load_pair(None, reference_path, lora=lora_path, n_ctx=256) as lora_pair:
+        rows = list(
+            sweep(lora_pair, [("a", "Once upon")], [0.0, 1.0], sampling=GREEDY, max_tokens=16)
+        )
+        for row in rows:
+            single = lora_pair.generate("Once upon", lam=row.lam, sampling=GREEDY, max_tokens=16)
+            assert row.tokens == single.tokens
+        assert rows[0].tokens != rows[1].tokens
+
+
+def test_sweep_logprobs_match_numpy_on_each_model_alone(pair, aligned_path, reference_path):
+    with LambdaSweep(pair, [0.7], max_tokens=12) as runner:
+        (row,) = runner.run("abc", sampling=GREEDY)
+    prompt = pair.tokenize("abc")
+    sequence = prompt + row.tokens
+    a = solo_logits(aligned_path, sequence)[len(prompt) - 1 : -1].astype(np.float64)
+    r = solo_logits(reference_path, sequence)[len(prompt) - 1 : -1].astype(np.float64)
+    h = 0.7 * a + 0.3 * r
+    picked = np.arange(len(row.tokens)), np.array(row.tokens)
+
+    def total(x):
+        return (
+            x
+            - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+            - x.max(-1, keepdims=True)
+        )[picked].sum()
+
+    assert row.logprob_mixture == pytest.approx(total(h), abs=1e-3)
+    assert row.logprob_reference == pytest.approx(total(r), abs=1e-3)
+    assert row.logprob_aligned == pytest.approx(total(a), abs=1e-3)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
+
+
+@pytest.mark.filterwarnings("ignore:lam=")
+@pytest.mark.parametrize("hook", ["native", "numpy"])
+def test_score_equals_numpy_log_softmax_and_kl(aligned_path, reference_path, hook):
+    lambdas = [0.0, 0.3, 1.0, 2.5, -0.5]
+    with dera_local.load_pair(aligned_path, reference_path, n_ctx=512, hook=hook) as p:
+        prompt = p.tokenize("Hello there")
+        response = p.tokenize(" General Kenobi, you are a bold one", add_special=False)
+        rows = score(p, prompt, response, lambdas)
+    sequence = prompt + response
+    a = solo_logits(aligned_path, sequence)[len(prompt) - 1 : -1]
+    r = solo_logits(reference_path, sequence)[len(prompt) - 1 : -1]
+    log_pa, log_pr = _log_softmax(a), _log_softmax(r)
+    picked = np.arange(len(response)), np.array(response)
+    for row, lam in zip(rows, lambdas, strict=True):
+        log_p = _log_softmax(lam * a.astype(np.float64) + (1 - lam) * r.astype(np.float64))
+        p_lam = np.exp(log_p)
+        np.testing.assert_allclose(row.token_logprobs, log_p[picked], rtol=1e-5, atol=1e-4)
+        assert row.logprob == pytest.approx(log_p[picked].sum(), abs=1e-3)
+        np.testing.assert_allclose(
+            row.kl_reference, (p_lam * (log_p - log_pr)).sum(-1), rtol=1e-4, atol=1e-5
+        )
+        np.testing.assert_allclose(
+            row.kl_aligned, (p_lam * (log_p - log_pa)).sum(-1), rtol=1e-4, atol=1e-5
+        )
+    assert rows[0].kl_reference_total == pytest.approx(0.0, abs=1e-5)  # lam 0 is the reference
+    assert rows[2].kl_aligned_total == pytest.approx(0.0, abs=1e-5)  # lam 1 is the aligned model
+
+
+def test_score_long_response_spans_several_batches(aligned_path, reference_path):
+    with dera_local.load_pair(aligned_path, reference_path, n_ctx=512, n_batch=16) as p:
+        response = list(range(100, 160))
+        chunked = score(p, "abc", response, [0.5])[0]
+    with dera_local.load_pair(aligned_path, reference_path, n_ctx=512) as p:
+        whole = score(p, "abc", response, [0.5])[0]
+    np.testing.assert_allclose(chunked.token_logprobs, whole.token_logprobs, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        ("", "empty"),
+        ("0,1,0", "repeats 0"),
+        ("0,abc", "numbers"),
+        ("0,nan", "finite"),
+    ],
+)
+def test_bad_lambda_lists(grid, message):
+    with pytest.raises(BadParameterError, match=message):
+        parse_lambdas(grid)
+
+
+def test_response_longer_than_the_context(aligned_path, reference_path):
+    with (
+        dera_local.load_pair(aligned_path, reference_path, n_ctx=256) as p,
+        pytest.raises(DeraError, match="context holds 256"),
+    ):
+        score(p, "abc", list(range(100, 400)), [0.5])
+
+
+@pytest.fixture
+def run(aligned_path, reference_path, monkeypatch):
+    monkeypatch.setenv("DERA_ALIGNED", str(aligned_path))
+    monkeypatch.setenv("DERA_REFERENCE", str(reference_path))
+    return lambda *args: CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def test_cli_sweep_rows_reward_and_summary(run, tmp_path, pair, monkeypatch):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text('{"id": "p1", "prompt": "Hello"}\n\n{"prompt": "World"}\n')
+    (tmp_path / "my_reward.py").write_text("def length(text):\n    return float(len(text))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    out, csv = tmp_path / "rows.jsonl", tmp_path / "summary.csv"
+    result = run(
+        "sweep",
+        "--prompts",
+        str(prompts),
+        "--lambdas",
+        "0,1",
+        "-n",
+        "6",
+        "--temp",
+        "0",
+        "--out",
+        str(out),
+        "--reward",
+        "my_reward:length",
+        "--summary-csv",
+        str(csv),
+    )
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [(r["prompt_id"], r["lam"]) for r in rows] == [
+        ("p1", 0.0),
+        ("p1", 1.0),
+        ("3", 0.0),
+        ("3", 1.0),
+    ]
+    for row in rows:
+        expected = pair.generate(
+            "Hello" if row["prompt_id"] == "p1" else "World",
+            lam=row["lam"],
+            sampling=GREEDY,
+            max_tokens=6,
+        )
+        assert row["tokens"] == expected.tokens
+        assert row["reward"] == float(len(row["text"]))
+    assert csv.read_text().startswith("lam,n,mean_kl_to_reference")
+
+
+@pytest.mark.parametrize(
+    "content, args, message",
+    [
+        ('{"prompt": "ok"}\n{"prompt": \n', ["--lambdas", "0,1"], "line 2: not valid JSON"),
+        ('{"prompt": "ok"}\n', ["--lambdas", "1,1"], "repeats 1"),
+        ('{"prompt": "ok"}\n', ["--lambdas", ""], "empty"),
+        ('{"text": "ok"}\n', ["--lambdas", "0"], "line 1: needs"),
+        ('{"prompt": "ok"}\n', ["--reward", "nowhere_module:f"], "cannot import reward module"),
+    ],
+)
+def test_cli_sweep_bad_input(run, tmp_path, content, args, message):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(content)
+    result = run("sweep", "--prompts", str(prompts), "-n", "2", *args)
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.stderr
+
+
+def test_cli_score(run, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"prompt": "Hi", "response": " there"}\n{"prompt": "x", "response": "y"}\n')
+    result = run("score", "--data", str(data), "--lambdas", "0,1,2")
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 6 and rows[0]["kl_reference"] == pytest.approx(0.0, abs=1e-5)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "Hi", "response": " there"}\n{"prompt": "x"}\n')
+    failed = run("score", "--data", str(bad))
+    assert failed.exit_code == 1 and "line 2" in failed.stderr
