@@ -86,9 +86,8 @@ def main() -> None:
             )
             results[case] = json.loads(out.stdout.strip().splitlines()[-1])["max_rss_kib"] / 1024
     single = results["single"]
-    print(
-        f"Peak RSS, n_ctx={args.n_ctx}, base={Path(base).name}, lora={Path(lora).name if lora else '-'}\n"
-    )
+    adapter_name = Path(lora).name if lora else "-"
+    print(f"Peak RSS, n_ctx={args.n_ctx}, base={Path(base).name}, lora={adapter_name}\n")
     print("| case | peak RSS (MiB) | vs single model |")
     print("|---|---|---|")
     for case, mib in results.items():
