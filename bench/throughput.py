@@ -1,0 +1,218 @@
+"""Decode throughput, prefill/time to first token and a per-token cost breakdown of
+dera-local against what users would run instead, on each available pair.
+
+    python bench/throughput.py [--runs 5] [--tokens 64] [--threads N] [--pairs tiny,smollm2,qwen]
+
+Rows (tokens per second, median of --runs after one warm-up, greedy, fixed prompt):
+  (a) the aligned model alone through llama-cpp-python's Llama (the floor)
+  (b) the serial bound 1 / (1/t_aligned + 1/t_reference), both measured like (a)
+  (c) dera-local (lam = 0.5)
+  (d) two Llama objects, the reference evaluated in a Python logits_processor
+Ratios are computed within this run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import llama_cpp
+import numpy as np
+from common import PairSpec, machine, median_of, qwen_pair, smollm2_pair, table, tiny_pair
+
+import dera_local
+from dera_local.sampling import SamplerChain
+
+LAM = 0.5
+GREEDY = dera_local.SamplingParams(temperature=0)
+PROMPT = (
+    "Write a long, detailed story about a lighthouse keeper who finds a message in a "
+    "bottle, describing the sea, the weather, the keeper's daily routine, the letters he "
+    "writes back and the people of the small harbour town nearby. Begin:"
+)
+
+
+def _llama(model: str, lora: str | None, threads: int) -> llama_cpp.Llama:
+    return llama_cpp.Llama(model_path=model, lora_path=lora, n_ctx=1024, n_threads=threads,
+                           n_threads_batch=threads, verbose=False)
+
+
+def _time_generation(generator, n: int) -> tuple[float, float]:
+    """(seconds to the first token, seconds per later token) of a token generator."""
+    start = time.perf_counter()
+    next(generator)
+    first = time.perf_counter()
+    for _ in range(n - 1):
+        next(generator)
+    return first - start, (time.perf_counter() - first) / (n - 1)
+
+
+def llama_alone(model: str, lora: str | None, prompt: list[int], n: int, threads: int,
+                runs: int) -> dict:
+    llm = _llama(model, lora, threads)
+
+    def per_token() -> float:
+        llm.reset()
+        return _time_generation(llm.generate(prompt, temp=0.0, repeat_penalty=1.0), n)[1]
+
+    def prefill() -> float:
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prompt)
+        return time.perf_counter() - start
+
+    result = {"per_token": median_of(runs, per_token), "prefill": median_of(runs, prefill)}
+    llm.close()
+    return result
+
+
+def two_llamas_with_processor(spec: PairSpec, prompt: list[int], n: int, threads: int,
+                              runs: int) -> float:
+    """What a user writes today: the reference evaluated inside a logits_processor."""
+    aligned = _llama(*spec.aligned_alone, threads)
+    reference = _llama(spec.reference, None, threads)
+    n_vocab = aligned.n_vocab()
+
+    def per_token() -> float:
+        aligned.reset()
+        reference.reset()
+        reference.eval(prompt)
+        seen = [len(prompt)]
+
+        def mix(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+            new = input_ids[seen[0]:].tolist()
+            if new:
+                reference.eval(new)
+                seen[0] = len(input_ids)
+            pointer = llama_cpp.llama_get_logits_ith(reference.ctx, -1)
+            ref = np.ctypeslib.as_array(pointer, shape=(n_vocab,))
+            return LAM * scores + (1 - LAM) * ref
+
+        processors = llama_cpp.LogitsProcessorList([mix])
+        generator = aligned.generate(prompt, temp=0.0, repeat_penalty=1.0,
+                                     logits_processor=processors)
+        return _time_generation(generator, n)[1]
+
+    result = median_of(runs, per_token)
+    aligned.close()
+    reference.close()
+    return result
+
+
+def dera_local_rates(spec: PairSpec, prompt: list[int], n: int, threads: int,
+                     runs: int) -> dict:
+    with dera_local.load_pair(spec.aligned, spec.reference, lora=spec.lora, n_ctx=1024,
+                              n_threads=threads) as pair:
+        def per_token() -> float:
+            pair.clear_cache()
+            result = pair.generate(prompt, lam=LAM, sampling=GREEDY, max_tokens=n)
+            return result.generation_seconds / len(result.tokens)
+
+        def first_token() -> float:
+            pair.clear_cache()
+            return _timed_stream(pair, prompt)
+
+        return {"per_token": median_of(runs, per_token), "ttft": median_of(runs, first_token),
+                "breakdown": breakdown(pair, prompt, n, runs)}
+
+
+def _timed_stream(pair, prompt: list[int]) -> float:
+    start = time.perf_counter()
+    pair.generate(prompt, lam=LAM, sampling=GREEDY, max_tokens=1)
+    return time.perf_counter() - start
+
+
+def breakdown(pair, prompt: list[int], n: int, runs: int) -> dict:
+    """Milliseconds per token of each part of one lockstep step, timed separately."""
+    loaded = pair.loaded
+    parts = {"aligned decode": [], "reference decode": [], "mixing": [], "sampling": [],
+             "detokenize": []}
+    for _ in range(runs):
+        pair.clear_cache()
+        pair._prefill(prompt)
+        chain = SamplerChain(GREEDY, loaded.aligned_model.vocab, pair.n_ctx)
+        sums = dict.fromkeys(parts, 0.0)
+        for _ in range(n):
+            t0 = time.perf_counter()
+            pair._mix(LAM)
+            t1 = time.perf_counter()
+            token = chain.sample(loaded.aligned_ctx.ptr)
+            t2 = time.perf_counter()
+            loaded.aligned_model.token_bytes(token)
+            loaded.aligned_model.is_end_of_generation(token)
+            t3 = time.perf_counter()
+            loaded.aligned_ctx.decode([token])
+            t4 = time.perf_counter()
+            if not pair.identical:
+                loaded.reference_ctx.decode([token])
+            t5 = time.perf_counter()
+            for key, value in (("mixing", t1 - t0), ("sampling", t2 - t1),
+                               ("detokenize", t3 - t2), ("aligned decode", t4 - t3),
+                               ("reference decode", t5 - t4)):
+                sums[key] += value
+        chain.close()
+        for key in parts:
+            parts[key].append(sums[key] / n * 1000)
+    pair.clear_cache()
+    return {key: statistics.median(values) for key, values in parts.items()}
+
+
+def bench_pair(spec: PairSpec, n: int, threads: int, runs: int) -> str:
+    with dera_local.load_pair(spec.aligned, spec.reference, lora=spec.lora, n_ctx=1024) as pair:
+        prompt = pair.tokenize(PROMPT)
+    a = llama_alone(*spec.aligned_alone, prompt, n, threads, runs)
+    r = llama_alone(spec.reference, None, prompt, n, threads, runs)
+    d = two_llamas_with_processor(spec, prompt, n, threads, runs)
+    c = dera_local_rates(spec, prompt, n, threads, runs)
+    rate = {"a": 1 / a["per_token"], "b": 1 / (a["per_token"] + r["per_token"]),
+            "c": 1 / c["per_token"], "d": 1 / d}
+    out = [f"### {spec.name}\n", f"{len(prompt)}-token prompt, {n} new tokens, {threads} "
+           f"threads, median of {runs} runs\n"]
+    out.append(table(["", "tokens/s", "vs (b)"], [
+        ["(a) aligned alone, llama-cpp-python Llama", f"{rate['a']:.1f}",
+         f"{rate['a'] / rate['b']:.2f}x"],
+        ["(b) serial bound 1/(1/t_a + 1/t_r)", f"{rate['b']:.1f}", "1.00x"],
+        ["(c) dera-local", f"{rate['c']:.1f}", f"**{rate['c'] / rate['b']:.3f}x**"],
+        ["(d) two Llama + Python logits_processor", f"{rate['d']:.1f}",
+         f"{rate['d'] / rate['b']:.2f}x"],
+    ]))
+    bound_ttft = max(a["prefill"], r["prefill"]) + max(a["per_token"], r["per_token"])
+    serial_ttft = a["prefill"] + r["prefill"] + a["per_token"] + r["per_token"]
+    out.append("\n" + table(["prefill / first token", "ms"], [
+        ["prefill, aligned alone", f"{a['prefill'] * 1000:.1f}"],
+        ["prefill, reference alone", f"{r['prefill'] * 1000:.1f}"],
+        ["slower prefill + one decode (target basis)", f"{bound_ttft * 1000:.1f}"],
+        ["both prefills + one decode each (serial work)", f"{serial_ttft * 1000:.1f}"],
+        ["dera-local time to first token", f"{c['ttft'] * 1000:.1f} "
+         f"({c['ttft'] / bound_ttft:.2f}x target basis)"],
+    ]))
+    parts = c["breakdown"]
+    engine_ms = c["per_token"] * 1000
+    overhead = engine_ms - sum(parts.values())
+    rows = [[name, f"{ms:.3f}", f"{ms / engine_ms * 100:.1f}%"] for name, ms in parts.items()]
+    rows.append(["Python loop, bookkeeping (rest)", f"{overhead:.3f}",
+                 f"{overhead / engine_ms * 100:.1f}%"])
+    rows.append(["dera-local per token (engine)", f"{engine_ms:.3f}", "100%"])
+    out.append("\n" + table(["per-token part", "ms", "share"], rows))
+    return "\n".join(out)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=64)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--pairs", default="tiny,smollm2,qwen")
+    args = parser.parse_args()
+    makers = {"tiny": tiny_pair, "smollm2": smollm2_pair, "qwen": qwen_pair}
+    print(f"## Decode throughput\n\nMachine: {machine()}\n")
+    for name in args.pairs.split(","):
+        spec = makers[name]()
+        if spec is not None:
+            print(bench_pair(spec, args.tokens, args.threads, args.runs) + "\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()

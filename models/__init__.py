@@ -1,0 +1,1 @@
+"""Model assets shipped with dera-local (installed as dera_local.bundled_models)."""
