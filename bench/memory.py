@@ -47,12 +47,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--base")
     parser.add_argument("--lora")
-    parser.add_argument("--n-ctx", type=int, default=2048)
+    parser.add_argument("--n-ctx", default="512,2048,4096", help="context sizes to try")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--copy", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        _child(args.child, args.base, args.lora, args.copy, args.n_ctx)
+        _child(args.child, args.base, args.lora, args.copy, int(args.n_ctx))
         return
     if not args.base:
         from dera_local.default_pair import demo_pair
@@ -60,38 +60,28 @@ def main() -> None:
         base, lora = (str(p) for p in demo_pair())
     else:
         base, lora = args.base, args.lora
+    adapter_name = Path(lora).name if lora else "-"
+    print(f"Peak RSS (MiB), base={Path(base).name}, lora={adapter_name}\n")
+    print("| n_ctx | single model, one context | LoRA pair | vs single | separate pair "
+          "| vs single |")
+    print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         copy = str(Path(tmp) / "copy-of-base.gguf")
         shutil.copyfile(base, copy)
-        results = {}
-        for case in ("single", "lora pair", "separate pair"):
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    __file__,
-                    "--child",
-                    case,
-                    "--base",
-                    base,
-                    "--lora",
-                    lora or "",
-                    "--copy",
-                    copy,
-                    "--n-ctx",
-                    str(args.n_ctx),
-                ],
-                check=True,
-                capture_output=True,
-                text=True,
-            )
-            results[case] = json.loads(out.stdout.strip().splitlines()[-1])["max_rss_kib"] / 1024
-    single = results["single"]
-    adapter_name = Path(lora).name if lora else "-"
-    print(f"Peak RSS, n_ctx={args.n_ctx}, base={Path(base).name}, lora={adapter_name}\n")
-    print("| case | peak RSS (MiB) | vs single model |")
-    print("|---|---|---|")
-    for case, mib in results.items():
-        print(f"| {case} | {mib:.0f} | {mib / single:.2f}x |")
+        for n_ctx in args.n_ctx.split(","):
+            results = {}
+            for case in ("single", "lora pair", "separate pair"):
+                out = subprocess.run(
+                    [sys.executable, __file__, "--child", case, "--base", base,
+                     "--lora", lora or "", "--copy", copy, "--n-ctx", n_ctx],
+                    check=True, capture_output=True, text=True,
+                )
+                last = out.stdout.strip().splitlines()[-1]
+                results[case] = json.loads(last)["max_rss_kib"] / 1024
+            single = results["single"]
+            print(f"| {n_ctx} | {single:.0f} | {results['lora pair']:.0f} | "
+                  f"{results['lora pair'] / single:.2f}x | {results['separate pair']:.0f} | "
+                  f"{results['separate pair'] / single:.2f}x |", flush=True)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,9 @@ class LoadedModel:
         self.vocab = llama_cpp.llama_model_get_vocab(model)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self._piece_buffer = ctypes.create_string_buffer(256)
+        # Per-token answers memoized: the hot loop asks them once per generated token.
+        self._pieces: dict[int, bytes] = {}
+        self._end_of_generation: dict[int, bool] = {}
 
     def close(self) -> None:
         if self.ptr:
@@ -106,6 +109,14 @@ class LoadedModel:
 
     def token_bytes(self, token: int, *, special: bool = False) -> bytes:
         """The bytes a token stands for; control tokens are empty unless `special`."""
+        if not special:
+            piece = self._pieces.get(token)
+            if piece is None:
+                piece = self._pieces[token] = self._token_to_piece(token, False)
+            return piece
+        return self._token_to_piece(token, True)
+
+    def _token_to_piece(self, token: int, special: bool) -> bytes:
         n = llama_cpp.llama_token_to_piece(
             self.vocab, token, self._piece_buffer, len(self._piece_buffer), 0, special
         )
@@ -117,7 +128,12 @@ class LoadedModel:
         return self._piece_buffer.raw[:n]
 
     def is_end_of_generation(self, token: int) -> bool:
-        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+        known = self._end_of_generation.get(token)
+        if known is None:
+            known = self._end_of_generation[token] = bool(
+                llama_cpp.llama_vocab_is_eog(self.vocab, token)
+            )
+        return known
 
     def special_token(self, name: str) -> int | None:
         """bos, eos or eot id, or None when the vocabulary has none."""
@@ -184,6 +200,9 @@ class ContextOptions:
     # Parallel sequences (lam sweeps). They share one unified KV buffer, so a prompt
     # copied to every sequence with copy_sequence() is stored once.
     n_seq_max: int = 1
+    # Logits rows one decode may return (0 = n_batch). Generation needs 1 per sequence;
+    # llama.cpp sizes its compute buffer by it (99 -> 46 MiB for SmolLM2 at n_batch 512).
+    n_outputs_max: int = 0
 
 
 class Context:
@@ -196,6 +215,7 @@ class Context:
         params.n_batch = options.n_batch
         params.n_ubatch = options.n_batch
         params.n_seq_max = options.n_seq_max
+        params.n_outputs_max = options.n_outputs_max
         params.kv_unified = True
         threads = options.n_threads or default_threads()
         params.n_threads = threads

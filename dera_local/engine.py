@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 
 from . import backend
-from .backend import Context
+from .backend import Context, ContextOptions
 from .errors import BadParameterError, DeraError
 from .loading import LoadedPair, PairOptions, load_models
 from .logprobs import SequenceLogprobs, float_view
@@ -86,11 +86,14 @@ class DeraPair:
             loaded.adapter_info is None
         )
         self._overlap = ThreadPoolExecutor(1, "dera-reference") if overlap_decodes else None
+        self._scoring: tuple[Context, Context] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:
         if self._overlap is not None:
             self._overlap.shutdown()
+        for ctx in self._scoring or ():
+            ctx.close()
         self.loaded.close()
 
     def __enter__(self) -> DeraPair:
@@ -113,6 +116,34 @@ class DeraPair:
         model = self.loaded.aligned_model
         data = b"".join(model.token_bytes(t, special=special) for t in tokens)
         return data.decode("utf-8", errors="replace")
+
+    def open_contexts(self, n_ctx: int, n_seq_max: int, n_outputs_max: int,
+                      n_batch: int | None = None) -> tuple[Context, Context]:
+        """A further (aligned, reference) pair of contexts over the same loaded weights,
+        with the adapter attached to the aligned one, e.g. for batched sweeps or scoring.
+        The caller closes them."""
+        loaded = self.loaded
+        base = loaded.aligned_ctx
+        options = ContextOptions(n_ctx=n_ctx, n_batch=n_batch or base.n_batch,
+                                 n_threads=base.n_threads, flash_attn=base.flash_attn,
+                                 n_seq_max=n_seq_max, n_outputs_max=n_outputs_max)
+        aligned = Context(loaded.aligned_model, options)
+        try:
+            if base.adapter is not None:
+                aligned.attach_lora(base.adapter, loaded.lora_scale)
+            reference = Context(loaded.reference_model, options)
+        except BaseException:
+            aligned.close()
+            raise
+        return aligned, reference
+
+    def scoring_contexts(self) -> tuple[Context, Context]:
+        """Contexts that return logits for every position of a batch (teacher forcing),
+        opened on first use and kept; the generation contexts return one row per step."""
+        if self._scoring is None:
+            n_batch = self.loaded.aligned_ctx.n_batch
+            self._scoring = self.open_contexts(self.n_ctx, n_seq_max=1, n_outputs_max=n_batch)
+        return self._scoring
 
     def check_prompt(self, tokens: Sequence[int]) -> None:
         """Raises a one-line error unless the ids are a non-empty prompt that fits."""

@@ -35,15 +35,12 @@ class GGUFInfo:
     quantization: str
     context_length: int | None
     chat_template: str | None
-    tokens: list[str] = field(repr=False)
+    n_vocab: int
+    tokens: list[str] = field(repr=False)  # emptied by load_pair once compared
     token_types: np.ndarray | None = field(repr=False)
     special_ids: dict[str, int]
     add_bos: bool | None
     metadata: dict[str, Any] = field(repr=False)
-
-    @property
-    def n_vocab(self) -> int:
-        return len(self.tokens)
 
 
 class _PlainArrayReader(GGUFReader):
@@ -148,6 +145,7 @@ def read_gguf(path: str | os.PathLike[str], *, expect: str = "model") -> GGUFInf
         quantization=_quantization_name(_scalar(reader, "general.file_type")),
         context_length=int(context_length) if context_length is not None else None,
         chat_template=_scalar(reader, "tokenizer.chat_template"),
+        n_vocab=len(tokens),
         tokens=tokens,
         token_types=token_types,
         special_ids=special_ids,

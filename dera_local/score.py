@@ -123,8 +123,9 @@ def score(
             f"prompt and response have {len(tokens)} tokens but the context holds "
             f"{pair.n_ctx}; raise -c"
         )
-    contexts = (pair.loaded.aligned_ctx, pair.loaded.reference_ctx)
-    pair.clear_cache()  # this pass fills both caches with other tokens
+    contexts = pair.scoring_contexts()
+    for ctx in contexts:
+        ctx.clear()
     first_output = len(prompt_tokens) - 1  # position whose logits predict response[0]
     n_batch = contexts[0].n_batch
     batch = TokenBatch(n_batch)
@@ -148,7 +149,6 @@ def score(
                 results.append(_score_chunk(pair.mixer.path, rows[0], rows[1], targets, grid))
     finally:
         batch.close()
-        pair.clear_cache()
     table = np.concatenate(results, axis=1)  # [n_lams, n_response, 3]
     return [
         ScoreRow(

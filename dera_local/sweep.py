@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-from .backend import Context, ContextOptions, TokenBatch
+from .backend import TokenBatch
 from .engine import FINISH_LENGTH, FINISH_STOP, DeraPair
 from .errors import BadParameterError, DeraError
 from .logprobs import SequenceLogprobs, float_view
@@ -85,37 +85,20 @@ class LambdaSweep:
         if max_tokens <= 0:
             raise BadParameterError("max_tokens must be positive for a sweep")
         self.max_tokens = max_tokens
-        loaded = pair.loaded
         n = len(self.lambdas)
         # Room for one shared prompt plus every sequence's own tokens.
-        options = ContextOptions(
+        self.aligned_ctx, self.reference_ctx = pair.open_contexts(
             n_ctx=pair.n_ctx + n * (max_tokens + 1),
-            n_batch=max(loaded.aligned_ctx.n_batch, n),
-            n_threads=loaded.aligned_ctx.n_threads,
-            flash_attn=loaded.aligned_ctx.flash_attn,
             n_seq_max=n,
+            n_outputs_max=n,
+            n_batch=max(pair.loaded.aligned_ctx.n_batch, n),
         )
-        self._contexts: list[Context] = []
-        try:
-            self.aligned_ctx = self._context(loaded.aligned_model, options)
-            if loaded.adapter_info is not None:
-                self.aligned_ctx.attach_lora(loaded.aligned_ctx.adapter, loaded.lora_scale)
-            self.reference_ctx = self._context(loaded.reference_model, options)
-            self.batch = TokenBatch(options.n_batch)
-        except BaseException:
-            self.close()
-            raise
-
-    def _context(self, model, options: ContextOptions) -> Context:
-        ctx = Context(model, options)
-        self._contexts.append(ctx)
-        return ctx
+        self.batch = TokenBatch(max(pair.loaded.aligned_ctx.n_batch, n))
 
     def close(self) -> None:
-        if getattr(self, "batch", None) is not None:
-            self.batch.close()
-        for ctx in self._contexts:
-            ctx.close()
+        self.batch.close()
+        self.aligned_ctx.close()
+        self.reference_ctx.close()
 
     def __enter__(self) -> LambdaSweep:
         return self

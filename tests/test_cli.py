@@ -118,11 +118,13 @@ def test_incompatible_pair(run, other_vocab_path):
     assert info.exit_code != 0 and "compatibility: INCOMPATIBLE" in info.stdout
 
 
-def test_missing_models_say_how_to_pass_them(monkeypatch):
-    monkeypatch.delenv("DERA_ALIGNED", raising=False)
-    monkeypatch.delenv("DERA_REFERENCE", raising=False)
-    result = CliRunner().invoke(cli, ["generate", "hi"])
-    assert result.exit_code != 0 and "-m/--aligned" in result.stderr
+def test_half_a_pair_says_what_is_missing(monkeypatch, aligned_path):
+    for name in ("DERA_ALIGNED", "DERA_REFERENCE", "DERA_LORA"):
+        monkeypatch.delenv(name, raising=False)
+    no_reference = CliRunner().invoke(cli, ["generate", "hi", "-m", str(aligned_path)])
+    assert no_reference.exit_code == 1 and "-mr/--reference" in no_reference.stderr
+    no_aligned = CliRunner().invoke(cli, ["generate", "hi", "-mr", str(aligned_path)])
+    assert no_aligned.exit_code == 1 and "-m/--aligned" in no_aligned.stderr
 
 
 def test_negative_lam_warns_in_one_line(run):

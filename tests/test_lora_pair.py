@@ -43,3 +43,22 @@ def test_adapter_given_as_model_or_both_sides_given(reference_path, lora_path, a
 def test_model_given_as_adapter(reference_path, aligned_path):
     with pytest.raises(ModelFileError, match="is a model, not a adapter|not a adapter|adapter"):
         dera_local.load_pair(None, reference_path, lora=aligned_path)
+
+
+def test_cli_lora_flag_and_info(reference_path, lora_path, lora_pair):
+    import json
+
+    from click.testing import CliRunner
+
+    from dera_local.cli import cli
+
+    runner = CliRunner()
+    args = ["-mr", str(reference_path), "--lora", str(lora_path)]
+    result = runner.invoke(cli, ["generate", "Once upon", "--json", "--temp", "0", "-n", "10",
+                                 "--lam", "0.5", *args])
+    assert result.exit_code == 0, result.stderr
+    expected = lora_pair.generate("Once upon", lam=0.5, sampling=GREEDY, max_tokens=10)
+    assert json.loads(result.stdout)["tokens"] == expected.tokens
+    info = runner.invoke(cli, ["info", *args])
+    assert info.exit_code == 0 and "LoRA adapter on the reference" in info.stdout
+    assert "compatibility: OK, one base model and its adapter" in info.stdout

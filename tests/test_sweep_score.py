@@ -29,9 +29,9 @@ def test_greedy_sweep_equals_generate_at_each_lam(pair, prompt):
         assert row.tokens == single.tokens, f"lam {row.lam}"
         assert row.text == single.text and row.finish_reason == single.finish_reason
         sums = single.logprobs.sums()
-        assert row.logprob_mixture == pytest.approx(sums["mixture"], rel=1e-5, abs=1e-3)
-        assert row.logprob_reference == pytest.approx(sums["reference"], rel=1e-5, abs=1e-3)
-        assert row.logprob_aligned == pytest.approx(sums["aligned"], rel=1e-5, abs=1e-3)
+        assert row.logprob_mixture == pytest.approx(sums["mixture"], rel=1e-4, abs=1e-3)
+        assert row.logprob_reference == pytest.approx(sums["reference"], rel=1e-4, abs=1e-3)
+        assert row.logprob_aligned == pytest.approx(sums["aligned"], rel=1e-4, abs=1e-3)
 
 
 def test_seeded_sampled_sweep_equals_generate(pair):

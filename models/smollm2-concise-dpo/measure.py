@@ -1,10 +1,10 @@
 """Stage 4: the adapter's measured effect as a function of lam, on held-out prompts.
 
-For each lam and each held-out prompt, sample one answer from the DeRa mixture pi_lam
-(temperature 1, no top-k/top-p/min-p, so that answers are draws from pi_lam itself; the
-seed is fixed per prompt), and record its word count (the reward, negated) and
-log pi_lam(y) - log pi_ref(y), summed over its tokens: a one-sample estimate of
-KL(pi_lam || pi_ref). Prints a Markdown table of means and standard errors.
+For each held-out prompt, one batched sweep (dera_local.sweep) samples one answer per lam
+from the DeRa mixture pi_lam (temperature 1, no top-k/top-p/min-p, so that answers are
+draws from pi_lam itself; the seed is fixed per prompt) and records its word count (the
+reward, negated) and log pi_lam(y) - log pi_ref(y) summed over its tokens: a one-sample
+estimate of KL(pi_lam || pi_ref). Prints a Markdown table of means and standard errors.
 
     python models/smollm2-concise-dpo/measure.py [--lambdas 0,0.5,1,1.5,2,3]
 
@@ -28,6 +28,7 @@ from reward import word_count  # noqa: E402
 
 import dera_local  # noqa: E402
 from dera_local.default_pair import demo_adapter_path, demo_reference_path  # noqa: E402
+from dera_local.sweep import LambdaSweep  # noqa: E402
 
 PURE_SAMPLING = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
 
@@ -56,39 +57,30 @@ def main() -> None:
     started = time.time()
     with (
         dera_local.load_pair(None, demo_reference_path(), lora=adapter, n_ctx=1024) as pair,
+        LambdaSweep(pair, lambdas, max_tokens=args.max_tokens) as runner,
         args.out.open("a") as out,
     ):
-        for lam in lambdas:
-            for index, prompt in enumerate(heldout):
-                if (lam, prompt) in done:
-                    continue
-                session = dera_local.ChatSession(pair)
-                session.messages = [{"role": "user", "content": prompt}]
-                sampling = dera_local.SamplingParams(**PURE_SAMPLING, seed=args.seed + index)
-                result = pair.generate(
-                    session.prompt_tokens(),
-                    lam=lam,
-                    sampling=sampling,
-                    max_tokens=args.max_tokens,
-                    logprobs=True,
-                )
+        for index, prompt in enumerate(heldout):
+            if all((lam, prompt) in done for lam in lambdas):
+                continue
+            session = dera_local.ChatSession(pair)
+            session.messages = [{"role": "user", "content": prompt}]
+            sampling = dera_local.SamplingParams(**PURE_SAMPLING, seed=args.seed + index)
+            for result in runner.run(session.prompt_tokens(), sampling=sampling):
                 row = {
-                    "lam": lam,
+                    "lam": result.lam,
                     "prompt": prompt,
                     "text": result.text,
                     "words": word_count(result.text),
                     "finish_reason": result.finish_reason,
                     "n_tokens": len(result.tokens),
-                    "kl_to_reference": result.logprobs.kl_to_reference(),
+                    "kl_to_reference": result.kl_to_reference,
                 }
                 rows.append(row)
                 out.write(json.dumps(row) + "\n")
-                out.flush()
-                print(
-                    f"lam {lam} [{index + 1}/{len(heldout)}] {time.time() - started:.0f}s",
-                    file=sys.stderr,
-                    flush=True,
-                )
+            out.flush()
+            print(f"[{index + 1}/{len(heldout)}] {time.time() - started:.0f}s", file=sys.stderr,
+                  flush=True)
 
     print(
         "| lam | words per answer (reward = -words) | KL(pi_lam ‖ pi_ref) per answer, nats "
