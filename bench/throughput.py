@@ -20,7 +20,7 @@ import time
 
 import llama_cpp
 import numpy as np
-from common import PairSpec, machine, median_of, qwen_pair, smollm2_pair, table, tiny_pair
+from common import PairSpec, machine, qwen_pair, smollm2_pair, table, tiny_pair
 
 import dera_local
 from dera_local.sampling import SamplerChain
@@ -49,79 +49,82 @@ def _time_generation(generator, n: int) -> tuple[float, float]:
     return first - start, (time.perf_counter() - first) / (n - 1)
 
 
-def llama_alone(model: str, lora: str | None, prompt: list[int], n: int, threads: int,
-                runs: int) -> dict:
-    llm = _llama(model, lora, threads)
-
-    def per_token() -> float:
-        llm.reset()
-        return _time_generation(llm.generate(prompt, temp=0.0, repeat_penalty=1.0), n)[1]
-
-    def prefill() -> float:
-        llm.reset()
-        start = time.perf_counter()
-        llm.eval(prompt)
-        return time.perf_counter() - start
-
-    result = {"per_token": median_of(runs, per_token), "prefill": median_of(runs, prefill)}
-    llm.close()
-    return result
+def _llama_per_token(llm: llama_cpp.Llama, prompt: list[int], n: int) -> float:
+    llm.reset()
+    return _time_generation(llm.generate(prompt, temp=0.0, repeat_penalty=1.0), n)[1]
 
 
-def two_llamas_with_processor(spec: PairSpec, prompt: list[int], n: int, threads: int,
-                              runs: int) -> float:
+def _llama_prefill(llm: llama_cpp.Llama, prompt: list[int]) -> float:
+    llm.reset()
+    start = time.perf_counter()
+    llm.eval(prompt)
+    return time.perf_counter() - start
+
+
+def _processor_per_token(aligned: llama_cpp.Llama, reference: llama_cpp.Llama,
+                         prompt: list[int], n: int) -> float:
     """What a user writes today: the reference evaluated inside a logits_processor."""
-    aligned = _llama(*spec.aligned_alone, threads)
-    reference = _llama(spec.reference, None, threads)
     n_vocab = aligned.n_vocab()
+    aligned.reset()
+    reference.reset()
+    reference.eval(prompt)
+    seen = [len(prompt)]
 
-    def per_token() -> float:
-        aligned.reset()
-        reference.reset()
-        reference.eval(prompt)
-        seen = [len(prompt)]
+    def mix(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
+        new = input_ids[seen[0]:].tolist()
+        if new:
+            reference.eval(new)
+            seen[0] = len(input_ids)
+        pointer = llama_cpp.llama_get_logits_ith(reference.ctx, -1)
+        ref = np.ctypeslib.as_array(pointer, shape=(n_vocab,))
+        return LAM * scores + (1 - LAM) * ref
 
-        def mix(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-            new = input_ids[seen[0]:].tolist()
-            if new:
-                reference.eval(new)
-                seen[0] = len(input_ids)
-            pointer = llama_cpp.llama_get_logits_ith(reference.ctx, -1)
-            ref = np.ctypeslib.as_array(pointer, shape=(n_vocab,))
-            return LAM * scores + (1 - LAM) * ref
-
-        processors = llama_cpp.LogitsProcessorList([mix])
-        generator = aligned.generate(prompt, temp=0.0, repeat_penalty=1.0,
-                                     logits_processor=processors)
-        return _time_generation(generator, n)[1]
-
-    result = median_of(runs, per_token)
-    aligned.close()
-    reference.close()
-    return result
+    generator = aligned.generate(prompt, temp=0.0, repeat_penalty=1.0,
+                                 logits_processor=llama_cpp.LogitsProcessorList([mix]))
+    return _time_generation(generator, n)[1]
 
 
-def dera_local_rates(spec: PairSpec, prompt: list[int], n: int, threads: int,
-                     runs: int) -> dict:
-    with dera_local.load_pair(spec.aligned, spec.reference, lora=spec.lora, n_ctx=1024,
-                              n_threads=threads) as pair:
-        def per_token() -> float:
-            pair.clear_cache()
-            result = pair.generate(prompt, lam=LAM, sampling=GREEDY, max_tokens=n)
-            return result.generation_seconds / len(result.tokens)
-
-        def first_token() -> float:
-            pair.clear_cache()
-            return _timed_stream(pair, prompt)
-
-        return {"per_token": median_of(runs, per_token), "ttft": median_of(runs, first_token),
-                "breakdown": breakdown(pair, prompt, n, runs)}
+def _dera_per_token(pair, prompt: list[int], n: int) -> float:
+    pair.clear_cache()
+    result = pair.generate(prompt, lam=LAM, sampling=GREEDY, max_tokens=n)
+    return result.generation_seconds / len(result.tokens)
 
 
-def _timed_stream(pair, prompt: list[int]) -> float:
+def _dera_first_token(pair, prompt: list[int]) -> float:
+    pair.clear_cache()
     start = time.perf_counter()
     pair.generate(prompt, lam=LAM, sampling=GREEDY, max_tokens=1)
     return time.perf_counter() - start
+
+
+def measure_interleaved(spec: PairSpec, prompt: list[int], n: int, threads: int,
+                        runs: int) -> dict[str, float]:
+    """Medians of every measurement, taken in rotation (a, r, c, d, prefills, ...) so that
+    drift in machine speed hits all of them alike; the first round is a warm-up."""
+    aligned = _llama(*spec.aligned_alone, threads)
+    reference = _llama(spec.reference, None, threads)
+    with dera_local.load_pair(spec.aligned, spec.reference, lora=spec.lora, n_ctx=1024,
+                              n_threads=threads) as pair:
+        measures = {
+            "a": lambda: _llama_per_token(aligned, prompt, n),
+            "r": lambda: _llama_per_token(reference, prompt, n),
+            "c": lambda: _dera_per_token(pair, prompt, n),
+            "d": lambda: _processor_per_token(aligned, reference, prompt, n),
+            "prefill a": lambda: _llama_prefill(aligned, prompt),
+            "prefill r": lambda: _llama_prefill(reference, prompt),
+            "ttft": lambda: _dera_first_token(pair, prompt),
+        }
+        samples: dict[str, list[float]] = {key: [] for key in measures}
+        for round_ in range(runs + 1):
+            for key, measure in measures.items():
+                value = measure()
+                if round_:
+                    samples[key].append(value)
+        result = {key: statistics.median(values) for key, values in samples.items()}
+        result["breakdown"] = breakdown(pair, prompt, n, runs)
+    aligned.close()
+    reference.close()
+    return result
 
 
 def breakdown(pair, prompt: list[int], n: int, runs: int) -> dict:
@@ -162,10 +165,11 @@ def breakdown(pair, prompt: list[int], n: int, runs: int) -> dict:
 def bench_pair(spec: PairSpec, n: int, threads: int, runs: int) -> str:
     with dera_local.load_pair(spec.aligned, spec.reference, lora=spec.lora, n_ctx=1024) as pair:
         prompt = pair.tokenize(PROMPT)
-    a = llama_alone(*spec.aligned_alone, prompt, n, threads, runs)
-    r = llama_alone(spec.reference, None, prompt, n, threads, runs)
-    d = two_llamas_with_processor(spec, prompt, n, threads, runs)
-    c = dera_local_rates(spec, prompt, n, threads, runs)
+    m = measure_interleaved(spec, prompt, n, threads, runs)
+    a = {"per_token": m["a"], "prefill": m["prefill a"]}
+    r = {"per_token": m["r"], "prefill": m["prefill r"]}
+    c = {"per_token": m["c"], "ttft": m["ttft"], "breakdown": m["breakdown"]}
+    d = m["d"]
     rate = {"a": 1 / a["per_token"], "b": 1 / (a["per_token"] + r["per_token"]),
             "c": 1 / c["per_token"], "d": 1 / d}
     out = [f"### {spec.name}\n", f"{len(prompt)}-token prompt, {n} new tokens, {threads} "

@@ -53,6 +53,13 @@ class ChatTemplate:
         except TemplateError as exc:
             raise DeraError(f"the chat template failed: {exc}") from None
 
+    def tokens(self, pair: DeraPair, messages: Sequence[dict]) -> list[int]:
+        """The token ids that ask the model for the next assistant turn."""
+        text = self.render(messages)
+        # Templates that write the BOS text themselves must not get a second BOS.
+        add_special = not (self.bos_token and text.startswith(self.bos_token))
+        return pair.tokenize(text, add_special=add_special)
+
     @classmethod
     def for_pair(cls, pair: DeraPair, override: str | None = None) -> ChatTemplate:
         """The override, else the aligned model's template, else ChatML."""
@@ -95,11 +102,7 @@ class ChatSession:
         return head + self.messages
 
     def prompt_tokens(self) -> list[int]:
-        text = self.template.render(self.conversation())
-        bos = self.template.bos_token
-        # Templates that write the BOS text themselves must not get a second BOS.
-        add_special = not (bos and text.startswith(bos))
-        return self.pair.tokenize(text, add_special=add_special)
+        return self.template.tokens(self.pair, self.conversation())
 
     def send(self, text: str, **overrides) -> GenerationStream:
         """Adds a user turn and streams the reply; the reply joins the history when the

@@ -14,6 +14,7 @@ from .chat import chat
 from .generate import generate
 from .info import info
 from .score import score_command
+from .serve import serve
 from .sweep import sweep_command
 
 
@@ -50,6 +51,7 @@ cli.add_command(chat)
 cli.add_command(info)
 cli.add_command(sweep_command)
 cli.add_command(score_command)
+cli.add_command(serve)
 
 
 def main() -> None:

@@ -1,0 +1,5 @@
+"""python -m dera_local.cli"""
+
+from . import main
+
+main()

@@ -1,0 +1,253 @@
+"""The Starlette app: /v1/chat/completions, /v1/completions, /v1/models, /health.
+
+Per-request lam comes in the extra body field `dera_lambda` (what the openai client's
+`extra_body` sends). Errors are OpenAI-style JSON objects; nothing answers with a
+traceback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import secrets
+import sys
+import time
+import traceback
+import uuid
+from collections.abc import AsyncIterator
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..chat import ChatTemplate
+from ..engine import DeraPair, GenerationResult
+from ..errors import DeraError
+from .requests import ParsedRequest, RequestError, chat_messages, completion_prompt, parse_common
+from .worker import GenerationWorker, Job, QueueFull
+
+MODEL_ID = "dera-local"
+
+
+def error_response(status: int, message: str, kind: str = "invalid_request_error",
+                   param: str | None = None, headers: dict | None = None) -> JSONResponse:
+    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+class _Guard:
+    """ASGI middleware: bearer-token auth, a request body size limit, and a JSON 500
+    (never a traceback) for anything unexpected."""
+
+    def __init__(self, app, api_key: str | None, max_body_bytes: int) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        headers = dict(scope.get("headers") or [])
+        if self.api_key and scope["path"].startswith("/v1/"):
+            given = headers.get(b"authorization", b"").decode("latin-1")
+            expected = f"Bearer {self.api_key}"
+            if not secrets.compare_digest(given.encode(), expected.encode()):
+                await error_response(401, "missing or wrong API key (Authorization: Bearer ...)",
+                                     "authentication_error")(scope, receive, send)
+                return
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
+            await error_response(413, f"request body over {self.max_body_bytes} bytes")(
+                scope, receive, send)
+            return
+        try:
+            await self.app(scope, receive, send)
+        except Exception:
+            traceback.print_exc(file=sys.stderr)
+            await error_response(500, "internal server error", "server_error")(
+                scope, receive, send)
+
+
+def create_app(pair: DeraPair, *, default_lam: float = 1.0, api_key: str | None = None,
+               max_queue: int = 64, max_body_bytes: int = 1 << 20,
+               chat_template: str | None = None) -> Starlette:
+    """The ASGI app serving `pair`; run it with uvicorn (see cli/serve.py)."""
+    worker = GenerationWorker(pair, max_queue)
+    template = ChatTemplate.for_pair(pair, chat_template)
+
+    async def read_json(request: Request):
+        body = await request.body()
+        if len(body) > max_body_bytes:
+            raise RequestError(f"request body over {max_body_bytes} bytes")
+        try:
+            return json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise RequestError(f"malformed JSON: {exc}") from None
+
+    async def respond(request: Request, chat: bool) -> Response:
+        try:
+            body = await read_json(request)
+            parsed = parse_common(body, default_lam)
+            if chat:
+                prompt = template.tokens(pair, chat_messages(body))
+            else:
+                prompt = completion_prompt(body)
+                prompt = pair.tokenize(prompt) if isinstance(prompt, str) else prompt
+            pair.check_prompt(prompt)
+        except RequestError as exc:
+            return error_response(400, str(exc), param=exc.param)
+        except DeraError as exc:
+            return error_response(400, str(exc))
+        job = Job(prompt, parsed.settings)
+        shape = _ChatShape(parsed) if chat else _CompletionShape(parsed)
+        chunks = worker.run(job)
+        try:
+            first = await chunks.__anext__()
+        except QueueFull:
+            return error_response(503, "the server is busy; retry shortly", "server_busy",
+                                  headers={"Retry-After": "1"})
+        except StopAsyncIteration:
+            return error_response(500, "generation ended without a result", "server_error")
+        except DeraError as exc:
+            return error_response(400, str(exc))
+        if parsed.stream:
+            return StreamingResponse(_sse(shape, first, chunks, len(prompt)),
+                                     media_type="text/event-stream")
+        result = first
+        async for item in chunks:
+            result = item  # text chunks, then the GenerationResult
+        return JSONResponse(shape.whole(result, len(prompt)))
+
+    async def chat_completions(request: Request) -> Response:
+        return await respond(request, chat=True)
+
+    async def completions(request: Request) -> Response:
+        return await respond(request, chat=False)
+
+    async def models(request: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [
+            {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "dera-local"}]})
+
+    async def health(request: Request) -> Response:
+        counters = worker.counters
+        return JSONResponse({"status": "ok", "in_flight": worker.in_flight,
+                             "completed": counters.completed, "cancelled": counters.cancelled,
+                             "rejected": counters.rejected})
+
+    async def not_found(request: Request, exc) -> Response:
+        return error_response(404, f"no route {request.url.path}", "not_found_error")
+
+    async def wrong_method(request: Request, exc) -> Response:
+        return error_response(405, f"{request.method} is not allowed here")
+
+    app = Starlette(
+        routes=[
+            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/completions", completions, methods=["POST"]),
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/health", health, methods=["GET"]),
+        ],
+        middleware=[Middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)],
+        exception_handlers={404: not_found, 405: wrong_method},
+        lifespan=_closing(worker),
+    )
+    app.state.worker = worker
+    return app
+
+
+def _closing(worker: GenerationWorker):
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        yield
+        worker.close()
+
+    return lifespan
+
+
+async def _sse(shape, first, chunks: AsyncIterator, n_prompt: int) -> AsyncIterator[str]:
+    """Server-sent events in OpenAI's chunk format; closing it (client gone) cancels."""
+    try:
+        yield _event(shape.opening())
+        item = first
+        while True:
+            if isinstance(item, GenerationResult):
+                yield _event(shape.closing(item))
+                if shape.parsed.include_usage:
+                    yield _event(shape.usage_chunk(item, n_prompt))
+                break
+            yield _event(shape.delta(item))
+            item = await chunks.__anext__()
+        yield "data: [DONE]\n\n"
+    finally:
+        await chunks.aclose()
+
+
+def _event(payload: dict | None) -> str:
+    return "" if payload is None else f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
+
+
+def _usage(result: GenerationResult, n_prompt: int) -> dict:
+    return {"prompt_tokens": n_prompt, "completion_tokens": len(result.tokens),
+            "total_tokens": n_prompt + len(result.tokens)}
+
+
+class _Shape:
+    def __init__(self, parsed: ParsedRequest) -> None:
+        self.parsed = parsed
+        self.id = f"{self.prefix}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+
+    def _envelope(self, choices: list[dict], **extra) -> dict:
+        return {"id": self.id, "object": self.object, "created": self.created,
+                "model": self.parsed.model, "choices": choices, **extra}
+
+    def usage_chunk(self, result: GenerationResult, n_prompt: int) -> dict:
+        return {**self._envelope([]), "usage": _usage(result, n_prompt)}
+
+
+class _ChatShape(_Shape):
+    prefix, object = "chatcmpl", "chat.completion.chunk"
+
+    def opening(self) -> dict:
+        return self._envelope([{"index": 0, "delta": {"role": "assistant", "content": ""},
+                                "finish_reason": None}])
+
+    def delta(self, text: str) -> dict:
+        return self._envelope([{"index": 0, "delta": {"content": text}, "finish_reason": None}])
+
+    def closing(self, result: GenerationResult) -> dict:
+        return self._envelope([{"index": 0, "delta": {}, "finish_reason": result.finish_reason}])
+
+    def whole(self, result: GenerationResult, n_prompt: int) -> dict:
+        message = {"role": "assistant", "content": result.text}
+        body = self._envelope([{"index": 0, "message": message,
+                                "finish_reason": result.finish_reason, "logprobs": None}],
+                              usage=_usage(result, n_prompt))
+        body["object"] = "chat.completion"
+        body["dera_lambda"] = result.lam
+        return body
+
+
+class _CompletionShape(_Shape):
+    prefix, object = "cmpl", "text_completion"
+
+    def opening(self) -> None:
+        return None
+
+    def delta(self, text: str) -> dict:
+        return self._envelope([{"index": 0, "text": text, "finish_reason": None,
+                                "logprobs": None}])
+
+    def closing(self, result: GenerationResult) -> dict:
+        return self._envelope([{"index": 0, "text": "", "finish_reason": result.finish_reason,
+                                "logprobs": None}])
+
+    def whole(self, result: GenerationResult, n_prompt: int) -> dict:
+        body = self._envelope([{"index": 0, "text": result.text,
+                                "finish_reason": result.finish_reason, "logprobs": None}],
+                              usage=_usage(result, n_prompt))
+        body["dera_lambda"] = result.lam
+        return body

@@ -1,0 +1,105 @@
+"""Runs generations for the server one at a time on a dedicated thread (a llama.cpp
+context must not be used from two threads), with a bounded queue in front of it and
+cancellation between tokens. Consecutive requests that share a prefix (a conversation)
+reuse the pair's KV caches."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from ..engine import DeraPair, GenerationResult
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the server accepts; the client should retry."""
+
+
+@dataclass
+class Job:
+    prompt_tokens: list[int]
+    settings: dict
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+
+@dataclass
+class Counters:
+    completed: int = 0
+    cancelled: int = 0
+    rejected: int = 0
+
+
+class GenerationWorker:
+    def __init__(self, pair: DeraPair, max_queue: int) -> None:
+        self.pair = pair
+        self.max_queue = max_queue
+        self.counters = Counters()
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="dera-generate")
+        self._lock = threading.Lock()
+        self._in_flight = 0  # queued + running
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+    def _admit(self) -> None:
+        with self._lock:
+            if self._in_flight >= self.max_queue:
+                self.counters.rejected += 1
+                raise QueueFull()
+            self._in_flight += 1
+
+    def _release(self, job: Job) -> None:
+        with self._lock:
+            self._in_flight -= 1
+            if job.cancelled.is_set():
+                self.counters.cancelled += 1
+            else:
+                self.counters.completed += 1
+
+    async def run(self, job: Job) -> AsyncIterator[str | GenerationResult]:
+        """Yields text chunks, then the GenerationResult. Raises QueueFull when full,
+        or the generation's own error (e.g. a prompt longer than the context). Closing
+        the iterator early (a client that went away) cancels the generation."""
+        self._admit()
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue = asyncio.Queue()
+
+        def produce() -> None:
+            try:
+                if job.cancelled.is_set():  # cancelled while it waited in the queue
+                    return
+                stream = self.pair.stream(job.prompt_tokens, **job.settings)
+                try:
+                    for chunk in stream:
+                        loop.call_soon_threadsafe(inbox.put_nowait, chunk)
+                        if job.cancelled.is_set():
+                            break
+                finally:
+                    stream.close()
+                if stream.result is not None:
+                    loop.call_soon_threadsafe(inbox.put_nowait, stream.result)
+            except BaseException as exc:  # handed to the request that asked
+                loop.call_soon_threadsafe(inbox.put_nowait, exc)
+            finally:
+                self._release(job)
+                loop.call_soon_threadsafe(inbox.put_nowait, None)
+
+        try:
+            self._executor.submit(produce)
+        except BaseException:
+            self._release(job)
+            raise
+        try:
+            while (item := await inbox.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+        finally:
+            job.cancelled.set()  # no-op after a normal end; stops a running generation

@@ -1,0 +1,221 @@
+"""The OpenAI-compatible server, as a real process on 127.0.0.1 driven by the official
+openai client: chat, streaming, per-request lam, concurrency, disconnects, auth, errors."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+
+import pytest
+from conftest import GREEDY
+
+pytest.importorskip("starlette")
+pytest.importorskip("uvicorn")
+openai = pytest.importorskip("openai")
+
+API_KEY = "test-key"
+CHAT = [{"role": "user", "content": "hello"}]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _start(args: list[str]) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dera_local.cli", "serve", "--port", str(port), *args],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 30
+    while time.time() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(process.stderr.read())
+        try:
+            urllib.request.urlopen(f"{base}/health", timeout=1)
+            return process, base
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("server did not start")
+
+
+@pytest.fixture(scope="module")
+def server(aligned_path, reference_path):
+    process, base = _start(["-m", str(aligned_path), "-mr", str(reference_path), "-c", "512",
+                            "--api-key", API_KEY, "--lam", "1", "--max-queue", "64"])
+    yield base
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+
+
+def _health(base: str) -> dict:
+    return json.load(urllib.request.urlopen(f"{base}/health"))
+
+
+def _chat(client, lam=None, **kwargs):
+    extra = {} if lam is None else {"dera_lambda": lam}
+    return client.chat.completions.create(model="dera-local", messages=CHAT, temperature=0,
+                                          max_tokens=kwargs.pop("max_tokens", 12),
+                                          extra_body=extra, **kwargs)
+
+
+def test_chat_matches_the_python_api(client, pair):
+    from dera_local import ChatTemplate
+
+    reply = _chat(client, lam=0.5)
+    template = ChatTemplate.for_pair(pair)
+    expected = pair.generate(template.tokens(pair, CHAT), lam=0.5, sampling=GREEDY,
+                             max_tokens=12)
+    assert reply.choices[0].message.content == expected.text
+    assert reply.usage.completion_tokens == len(expected.tokens)
+    assert reply.usage.prompt_tokens == len(expected.prompt_tokens)
+    assert reply.choices[0].finish_reason == expected.finish_reason
+
+
+def test_lam_zero_is_the_reference_alone(client, pair, reference_path):
+    from reference_impl import solo_greedy
+
+    from dera_local import ChatTemplate
+
+    prompt = ChatTemplate.for_pair(pair).tokens(pair, CHAT)
+    reply = client.completions.create(model="dera-local", prompt=prompt, temperature=0,
+                                      max_tokens=10, extra_body={"dera_lambda": 0.0})
+    assert reply.choices[0].text == pair.detokenize(solo_greedy(reference_path, prompt, 10))
+    assert _chat(client, lam=0.0).choices[0].message.content != \
+        _chat(client, lam=1.0).choices[0].message.content
+
+
+def test_streaming_chunks_join_to_the_whole_answer(client):
+    whole = _chat(client, lam=1.5, max_tokens=20).choices[0].message.content
+    stream = _chat(client, lam=1.5, max_tokens=20, stream=True,
+                   stream_options={"include_usage": True})
+    parts, finish, usage = [], None, None
+    for chunk in stream:
+        if chunk.usage is not None:
+            usage = chunk.usage
+        for choice in chunk.choices:
+            parts.append(choice.delta.content or "")
+            finish = choice.finish_reason or finish
+    assert "".join(parts) == whole
+    assert finish == "length" and usage.completion_tokens == 20
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == ["dera-local"]
+    assert _health(server)["status"] == "ok"
+
+
+def test_concurrent_requests_equal_their_sequential_twins(client):
+    lams = [round(0.1 * (i % 25), 1) for i in range(50)]
+    sequential = {lam: _chat(client, lam=lam).choices[0].message.content for lam in set(lams)}
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        replies = list(pool.map(lambda lam: _chat(client, lam=lam), lams))
+    assert len(replies) == 50
+    for lam, reply in zip(lams, replies, strict=True):
+        assert reply.choices[0].message.content == sequential[lam]
+
+
+def test_client_disconnect_cancels_the_generation(client, server):
+    before = _health(server)["cancelled"]
+    stream = _chat(client, lam=1.0, max_tokens=400, stream=True)
+    for i, _ in enumerate(stream):
+        if i == 3:
+            break
+    stream.close()
+    deadline = time.time() + 10
+    while _health(server)["cancelled"] == before and time.time() < deadline:
+        time.sleep(0.05)
+    assert _health(server)["cancelled"] == before + 1
+    assert _chat(client).choices[0].message.content  # the server goes on
+
+
+def test_wrong_or_missing_api_key(server):
+    for key in ("wrong", None):
+        headers = {"Content-Type": "application/json"}
+        if key:
+            headers["Authorization"] = f"Bearer {key}"
+        request = urllib.request.Request(f"{server}/v1/models", headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request)
+        assert info.value.code == 401
+        assert json.load(info.value)["error"]["type"] == "authentication_error"
+
+
+def _post(server: str, path: str, data: bytes) -> tuple[int, dict]:
+    request = urllib.request.Request(f"{server}{path}", data=data, headers={
+        "Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    try:
+        response = urllib.request.urlopen(request)
+        return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        return error.code, json.load(error)
+
+
+@pytest.mark.parametrize("body, param", [
+    (b"{not json", None),
+    (b"[1, 2]", None),
+    (json.dumps({"messages": []}).encode(), "messages"),
+    (json.dumps({"messages": CHAT, "temperature": "hot"}).encode(), "temperature"),
+    (json.dumps({"messages": CHAT, "dera_lambda": "NaN"}).encode(), "dera_lambda"),
+    (json.dumps({"messages": CHAT, "max_tokens": -3}).encode(), "max_tokens"),
+    (json.dumps({"messages": CHAT, "n": 2}).encode(), "n"),
+    (json.dumps({"messages": [{"role": "user", "content": "x" * 4000}]}).encode(), None),
+])
+def test_malformed_requests_get_a_400_error_object(server, body, param):
+    status, payload = _post(server, "/v1/chat/completions", body)
+    assert status == 400
+    assert payload["error"]["type"] == "invalid_request_error" and payload["error"]["message"]
+    assert payload["error"]["param"] == param
+
+
+def test_oversized_body_and_unknown_route(server):
+    status, payload = _post(server, "/v1/chat/completions", b"x" * (2 << 20))
+    assert status == 413 and "error" in payload
+    status, payload = _post(server, "/v1/nothing", b"{}")
+    assert status == 404 and "error" in payload
+
+
+def test_full_queue_answers_503_with_retry_after(aligned_path, reference_path):
+    process, base = _start(["-m", str(aligned_path), "-mr", str(reference_path), "-c", "512",
+                            "--max-queue", "1"])
+    try:
+        slow = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+        stream = slow.chat.completions.create(model="m", messages=CHAT, max_tokens=400,
+                                              temperature=0, stream=True)
+        next(iter(stream))  # the one allowed request is now running
+        request = urllib.request.Request(f"{base}/v1/chat/completions", data=json.dumps(
+            {"messages": CHAT, "max_tokens": 2}).encode())
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request)
+        assert info.value.code == 503 and info.value.headers["Retry-After"] == "1"
+        stream.close()
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+
+
+def test_serve_checks_its_host_and_lam():
+    from click.testing import CliRunner
+
+    from dera_local.cli import cli
+    from dera_local.cli.serve import _is_loopback
+
+    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
+    assert not _is_loopback("0.0.0.0")
+    result = CliRunner().invoke(cli, ["serve", "--lam", "nan", "-m", "x", "-mr", "y"])
+    assert result.exit_code == 1 and "lam must be finite" in result.stderr
