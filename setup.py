@@ -15,7 +15,12 @@ class BuildNativeHook(build_ext):
                 ext.extra_compile_args = ["/O2", "/fp:precise"]
             else:
                 # No FMA contraction: the numpy fallback must round identically.
-                ext.extra_compile_args = ["-O3", "-ffp-contract=off", "-std=c11"]
+                ext.extra_compile_args = [
+                    "-O3",
+                    "-std=c11",
+                    "-ffp-contract=off",  # no FMA: numpy must round identically
+                    "-fno-trapping-math",  # lets branch-free selects vectorize
+                ]
         super().build_extensions()
 
 

@@ -25,7 +25,8 @@ import dera_local
 from dera_local.score import score
 from dera_local.sweep import LambdaSweep
 
-SWEEP_GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 4.0]
+# lam < 1 keeps every sequence going for the demo pair (its adapter ends answers early)
+SWEEP_GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
 SCORE_GRID = [round(0.3 * i, 1) for i in range(11)]
 PROMPT = "Write a long, detailed story about a lighthouse keeper. Begin:"
 RESPONSE = (

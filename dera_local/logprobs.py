@@ -20,10 +20,10 @@ def float_view(address: int, n: int) -> np.ndarray:
 
 
 def log_softmax_at(logits: np.ndarray, token: int) -> float:
-    """log softmax(logits)[token], in float64."""
-    peak = float(logits.max())
-    total = np.exp(logits.astype(np.float64) - peak).sum()
-    return float(logits[token]) - peak - float(np.log(total))
+    """log softmax(logits)[token]; exp in float32 (numpy's SIMD path), the sum in float64."""
+    peak = logits.max()
+    total = np.exp(logits - peak).sum(dtype=np.float64)
+    return float(logits[token]) - float(peak) - float(np.log(total))
 
 
 @dataclass

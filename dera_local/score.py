@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import llama_cpp
@@ -71,23 +72,29 @@ def score_rows_numpy(
     return out
 
 
-def _score_chunk(
-    path: str, aligned: np.ndarray, reference: np.ndarray, targets: np.ndarray, lambdas: np.ndarray
-) -> np.ndarray:
-    if path == NATIVE:
-        out = np.empty((len(lambdas), len(targets), 3))
-        _native.score_rows(
-            aligned.ctypes.data,
-            reference.ctypes.data,
-            len(targets),
-            aligned.shape[1],
-            targets.ctypes.data,
-            lambdas.ctypes.data,
-            len(lambdas),
-            out.ctypes.data,
-        )
-        return out
-    return score_rows_numpy(aligned, reference, targets, lambdas)
+def _score_chunk(path: str, aligned: np.ndarray, reference: np.ndarray, targets: np.ndarray,
+                 lambdas: np.ndarray, n_threads: int) -> np.ndarray:
+    if path != NATIVE:
+        return score_rows_numpy(aligned, reference, targets, lambdas)
+    out = np.empty((len(lambdas), len(targets), 3))
+
+    def run(part: slice) -> None:
+        grid = np.ascontiguousarray(lambdas[part])
+        block = out[part]  # contiguous: lams are the outer axis
+        _native.score_rows(aligned.ctypes.data, reference.ctypes.data, len(targets),
+                           aligned.shape[1], targets.ctypes.data, grid.ctypes.data,
+                           len(grid), block.ctypes.data)
+
+    # The kernel releases the GIL and llama.cpp's threads are idle meanwhile, so the grid
+    # is split across as many threads as the contexts use.
+    step = -(-len(lambdas) // max(1, min(n_threads, len(lambdas))))
+    parts = [slice(i, i + step) for i in range(0, len(lambdas), step)]
+    if len(parts) == 1:
+        run(parts[0])
+    else:
+        with ThreadPoolExecutor(len(parts)) as pool:
+            list(pool.map(run, parts))
+    return out
 
 
 def _output_rows(ctx: Context, n_rows: int, n_vocab: int) -> np.ndarray:
@@ -146,7 +153,8 @@ def score(
             if n_rows:
                 first = max(start, first_output)
                 targets = np.asarray(tokens[first + 1 : first + 1 + n_rows], dtype=np.int32)
-                results.append(_score_chunk(pair.mixer.path, rows[0], rows[1], targets, grid))
+                results.append(_score_chunk(pair.mixer.path, rows[0], rows[1], targets, grid,
+                                            contexts[0].n_threads))
     finally:
         batch.close()
     table = np.concatenate(results, axis=1)  # [n_lams, n_response, 3]

@@ -223,3 +223,42 @@ def test_cli_score(run, tmp_path):
     bad.write_text('{"prompt": "Hi", "response": " there"}\n{"prompt": "x"}\n')
     failed = run("score", "--data", str(bad))
     assert failed.exit_code == 1 and "line 2" in failed.stderr
+
+
+def test_cli_sweep_plot(run, tmp_path, monkeypatch):
+    pytest.importorskip("matplotlib")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("Hello\nWorld\n")
+    (tmp_path / "reward_len.py").write_text("def words(text):\n    return len(text.split())\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    png, csv = tmp_path / "tradeoff.png", tmp_path / "summary.csv"
+    result = run("sweep", "--prompts", str(prompts), "--lambdas", "0,1,2", "-n", "5",
+                 "--temp", "0", "--out", str(tmp_path / "rows.jsonl"),
+                 "--reward", "reward_len:words", "--plot", str(png), "--summary-csv", str(csv))
+    assert result.exit_code == 0, result.stderr
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert len(csv.read_text().splitlines()) == 4  # header + one row per lam
+    no_reward = run("sweep", "--prompts", str(prompts), "--plot", str(png))
+    assert no_reward.exit_code == 1 and "--plot needs --reward" in no_reward.stderr
+
+
+@pytest.mark.skipif(dera_local.mixing._native is None, reason="compiled hook not built")
+@pytest.mark.filterwarnings("ignore:lam=")
+def test_score_kernel_with_impossible_tokens_matches_numpy():
+    from dera_local import _native
+    from dera_local.score import score_rows_numpy
+
+    rng = np.random.default_rng(4)
+    a = (rng.standard_normal((3, 5000)) * 4).astype(np.float32)
+    r = (rng.standard_normal((3, 5000)) * 4).astype(np.float32)
+    a[0, :10] = -np.inf  # rows with -inf take the kernel's careful path
+    r[1, 5:20] = -np.inf
+    targets = np.array([100, 200, 300], dtype=np.int32)
+    lambdas = np.array([0.0, 0.4, 1.0, 2.0, -0.5])
+    out = np.empty((5, 3, 3))
+    _native.score_rows(a.ctypes.data, r.ctypes.data, 3, 5000, targets.ctypes.data,
+                       lambdas.ctypes.data, 5, out.ctypes.data)
+    expected = score_rows_numpy(a, r, targets, lambdas)
+    finite = np.isfinite(expected)
+    assert (np.isfinite(out) == finite).all()
+    np.testing.assert_allclose(out[finite], expected[finite], rtol=1e-5, atol=1e-5)
