@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 
 from common import (
@@ -22,6 +23,7 @@ from common import (
 )
 
 import dera_local
+from dera_local.backend import TokenBatch
 from dera_local.score import score
 from dera_local.sweep import LambdaSweep
 
@@ -34,6 +36,35 @@ RESPONSE = (
     "climbed its hundred and twelve steps to light the lamp. He had done this for thirty "
     "years, through storms and calm, and he knew every sound the old tower made."
 )
+
+
+def batch_scaling(pair, prompt: list[int], runs: int) -> list[list[str]]:
+    """Milliseconds of one aligned-model decode step carrying 1, 2, 4 or 8 sequences: the
+    ceiling on what batching lam values can gain on this machine."""
+    rows, single = [], None
+    for n_seq in (1, 2, 4, 8):
+        aligned, reference = pair.open_contexts(n_ctx=1024 + 64 * n_seq, n_seq_max=n_seq,
+                                                n_outputs_max=n_seq)
+        batch = TokenBatch(64)
+        try:
+            aligned.decode(prompt)
+            for seq in range(1, n_seq):
+                aligned.copy_sequence(0, seq)
+            steps = []
+            for step in range(runs * 4):
+                batch.fill([(100 + step, len(prompt) + step, seq, True) for seq in range(n_seq)])
+                start = time.perf_counter()
+                aligned.decode_batch(batch)
+                steps.append(time.perf_counter() - start)
+        finally:
+            batch.close()
+            aligned.close()
+            reference.close()
+        ms = statistics.median(steps) * 1000
+        single = single or ms
+        rows.append([f"{n_seq} sequences", f"{ms:.2f}", f"{ms / single:.2f}x",
+                     f"{n_seq * single / ms:.2f}x"])
+    return rows
 
 
 def bench_pair(spec: PairSpec, n: int, threads: int, runs: int) -> str:
@@ -65,6 +96,7 @@ def bench_pair(spec: PairSpec, n: int, threads: int, runs: int) -> str:
         score_grid = median_of(runs, lambda: timed(lambda: score(pair, prompt, RESPONSE,
                                                                   SCORE_GRID)))
         n_response = len(pair.tokenize(RESPONSE, add_special=False))
+        scaling = batch_scaling(pair, prompt, runs)
     return "\n".join([
         f"### {spec.name}\n",
         f"{len(prompt)}-token prompt; sweep: {len(SWEEP_GRID)} lam values x up to {n} tokens "
@@ -77,7 +109,9 @@ def bench_pair(spec: PairSpec, n: int, threads: int, runs: int) -> str:
             ["score, 11-lam grid, ms", f"{score_grid * 1000:.1f}",
              f"**{score_grid / score_one:.2f}x**"],
         ]),
-        f"\n(tokens generated: batched {counted['batched']}, sequential {counted['sequential']})",
+        f"\n(tokens generated: batched {counted['batched']}, sequential {counted['sequential']})\n",
+        table(["one decode step of the aligned model", "ms", "cost vs 1", "tokens/s vs 1"],
+              scaling),
     ])
 
 

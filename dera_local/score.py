@@ -87,7 +87,9 @@ def _score_chunk(path: str, aligned: np.ndarray, reference: np.ndarray, targets:
 
     # The kernel releases the GIL and llama.cpp's threads are idle meanwhile, so the grid
     # is split across as many threads as the contexts use.
-    step = -(-len(lambdas) // max(1, min(n_threads, len(lambdas))))
+    work = len(lambdas) * aligned.size
+    threads = n_threads if work >= 4_000_000 else 1  # small grids: a pool costs more
+    step = -(-len(lambdas) // max(1, min(threads, len(lambdas))))
     parts = [slice(i, i + step) for i in range(0, len(lambdas), step)]
     if len(parts) == 1:
         run(parts[0])
