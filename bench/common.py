@@ -62,8 +62,9 @@ def qwen_pair() -> PairSpec | None:
         for name in QWEN_PARTS:
             spec = importlib.util.find_spec(name)
             if spec is None:
-                print(f"skipping the Qwen pair: pip install {' '.join(QWEN_PARTS)}",
-                      file=sys.stderr)
+                print(
+                    f"skipping the Qwen pair: pip install {' '.join(QWEN_PARTS)}", file=sys.stderr
+                )
                 return None
             folder = Path(next(iter(spec.submodule_search_locations))) / "data"
             parts += sorted(folder.glob("part*.bin"))
@@ -108,5 +109,7 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
-            f"Python {platform.python_version()}, llama-cpp-python {llama_cpp.__version__}")
+    return (
+        f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
+        f"Python {platform.python_version()}, llama-cpp-python {llama_cpp.__version__}"
+    )

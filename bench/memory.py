@@ -62,8 +62,9 @@ def main() -> None:
         base, lora = args.base, args.lora
     adapter_name = Path(lora).name if lora else "-"
     print(f"Peak RSS (MiB), base={Path(base).name}, lora={adapter_name}\n")
-    print("| n_ctx | single model, one context | LoRA pair | vs single | separate pair "
-          "| vs single |")
+    print(
+        "| n_ctx | single model, one context | LoRA pair | vs single | separate pair | vs single |"
+    )
     print("|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory() as tmp:
         copy = str(Path(tmp) / "copy-of-base.gguf")
@@ -72,16 +73,33 @@ def main() -> None:
             results = {}
             for case in ("single", "lora pair", "separate pair"):
                 out = subprocess.run(
-                    [sys.executable, __file__, "--child", case, "--base", base,
-                     "--lora", lora or "", "--copy", copy, "--n-ctx", n_ctx],
-                    check=True, capture_output=True, text=True,
+                    [
+                        sys.executable,
+                        __file__,
+                        "--child",
+                        case,
+                        "--base",
+                        base,
+                        "--lora",
+                        lora or "",
+                        "--copy",
+                        copy,
+                        "--n-ctx",
+                        n_ctx,
+                    ],
+                    check=True,
+                    capture_output=True,
+                    text=True,
                 )
                 last = out.stdout.strip().splitlines()[-1]
                 results[case] = json.loads(last)["max_rss_kib"] / 1024
             single = results["single"]
-            print(f"| {n_ctx} | {single:.0f} | {results['lora pair']:.0f} | "
-                  f"{results['lora pair'] / single:.2f}x | {results['separate pair']:.0f} | "
-                  f"{results['separate pair'] / single:.2f}x |", flush=True)
+            print(
+                f"| {n_ctx} | {single:.0f} | {results['lora pair']:.0f} | "
+                f"{results['lora pair'] / single:.2f}x | {results['separate pair']:.0f} | "
+                f"{results['separate pair'] / single:.2f}x |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -43,8 +43,9 @@ def batch_scaling(pair, prompt: list[int], runs: int) -> list[list[str]]:
     ceiling on what batching lam values can gain on this machine."""
     rows, single = [], None
     for n_seq in (1, 2, 4, 8):
-        aligned, reference = pair.open_contexts(n_ctx=1024 + 64 * n_seq, n_seq_max=n_seq,
-                                                n_outputs_max=n_seq)
+        aligned, reference = pair.open_contexts(
+            n_ctx=1024 + 64 * n_seq, n_seq_max=n_seq, n_outputs_max=n_seq
+        )
         batch = TokenBatch(64)
         try:
             aligned.decode(prompt)
@@ -62,15 +63,22 @@ def batch_scaling(pair, prompt: list[int], runs: int) -> list[list[str]]:
             reference.close()
         ms = statistics.median(steps) * 1000
         single = single or ms
-        rows.append([f"{n_seq} sequences", f"{ms:.2f}", f"{ms / single:.2f}x",
-                     f"{n_seq * single / ms:.2f}x"])
+        rows.append(
+            [
+                f"{n_seq} sequences",
+                f"{ms:.2f}",
+                f"{ms / single:.2f}x",
+                f"{n_seq * single / ms:.2f}x",
+            ]
+        )
     return rows
 
 
 def bench_pair(spec: PairSpec, n: int, threads: int, runs: int) -> str:
     greedy = dera_local.SamplingParams(temperature=0)
-    with dera_local.load_pair(spec.aligned, spec.reference, lora=spec.lora, n_ctx=1024,
-                              n_threads=threads) as pair:
+    with dera_local.load_pair(
+        spec.aligned, spec.reference, lora=spec.lora, n_ctx=1024, n_threads=threads
+    ) as pair:
         prompt = pair.tokenize(PROMPT)
         counted = {}
 
@@ -78,12 +86,12 @@ def bench_pair(spec: PairSpec, n: int, threads: int, runs: int) -> str:
             start, tokens = time.perf_counter(), 0
             for lam in SWEEP_GRID:
                 pair.clear_cache()
-                tokens += len(pair.generate(prompt, lam=lam, sampling=greedy,
-                                            max_tokens=n).tokens)
+                tokens += len(pair.generate(prompt, lam=lam, sampling=greedy, max_tokens=n).tokens)
             counted["sequential"] = tokens
             return tokens / (time.perf_counter() - start)
 
         with LambdaSweep(pair, SWEEP_GRID, max_tokens=n) as runner:
+
             def batched() -> float:
                 start = time.perf_counter()
                 rows = runner.run(prompt, sampling=greedy)
@@ -93,26 +101,41 @@ def bench_pair(spec: PairSpec, n: int, threads: int, runs: int) -> str:
             batched_rate = median_of(runs, batched)
         sequential_rate = median_of(runs, sequential)
         score_one = median_of(runs, lambda: timed(lambda: score(pair, prompt, RESPONSE, [1.0])))
-        score_grid = median_of(runs, lambda: timed(lambda: score(pair, prompt, RESPONSE,
-                                                                  SCORE_GRID)))
+        score_grid = median_of(
+            runs, lambda: timed(lambda: score(pair, prompt, RESPONSE, SCORE_GRID))
+        )
         n_response = len(pair.tokenize(RESPONSE, add_special=False))
         scaling = batch_scaling(pair, prompt, runs)
-    return "\n".join([
-        f"### {spec.name}\n",
-        f"{len(prompt)}-token prompt; sweep: {len(SWEEP_GRID)} lam values x up to {n} tokens "
-        f"(greedy); score: {n_response}-token response; {threads} threads, median of {runs}\n",
-        table(["", "value", "ratio"], [
-            ["8 sequential single-lam runs, tokens/s", f"{sequential_rate:.1f}", "1.00x"],
-            ["one batched sweep of 8 lam values, tokens/s", f"{batched_rate:.1f}",
-             f"**{batched_rate / sequential_rate:.2f}x**"],
-            ["score, 1 lam, ms", f"{score_one * 1000:.1f}", "1.00x"],
-            ["score, 11-lam grid, ms", f"{score_grid * 1000:.1f}",
-             f"**{score_grid / score_one:.2f}x**"],
-        ]),
-        f"\n(tokens generated: batched {counted['batched']}, sequential {counted['sequential']})\n",
-        table(["one decode step of the aligned model", "ms", "cost vs 1", "tokens/s vs 1"],
-              scaling),
-    ])
+    return "\n".join(
+        [
+            f"### {spec.name}\n",
+            f"{len(prompt)}-token prompt; sweep: {len(SWEEP_GRID)} lam values x up to {n} tokens "
+            f"(greedy); score: {n_response}-token response; {threads} threads, median of {runs}\n",
+            table(
+                ["", "value", "ratio"],
+                [
+                    ["8 sequential single-lam runs, tokens/s", f"{sequential_rate:.1f}", "1.00x"],
+                    [
+                        "one batched sweep of 8 lam values, tokens/s",
+                        f"{batched_rate:.1f}",
+                        f"**{batched_rate / sequential_rate:.2f}x**",
+                    ],
+                    ["score, 1 lam, ms", f"{score_one * 1000:.1f}", "1.00x"],
+                    [
+                        "score, 11-lam grid, ms",
+                        f"{score_grid * 1000:.1f}",
+                        f"**{score_grid / score_one:.2f}x**",
+                    ],
+                ],
+            ),
+            f"\n(tokens generated: batched {counted['batched']}, "
+            f"sequential {counted['sequential']})\n",
+            table(
+                ["one decode step of the aligned model", "ms", "cost vs 1", "tokens/s vs 1"],
+                scaling,
+            ),
+        ]
+    )
 
 
 def main() -> None:

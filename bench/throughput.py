@@ -35,8 +35,14 @@ PROMPT = (
 
 
 def _llama(model: str, lora: str | None, threads: int) -> llama_cpp.Llama:
-    return llama_cpp.Llama(model_path=model, lora_path=lora, n_ctx=1024, n_threads=threads,
-                           n_threads_batch=threads, verbose=False)
+    return llama_cpp.Llama(
+        model_path=model,
+        lora_path=lora,
+        n_ctx=1024,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
 
 
 def _time_generation(generator, n: int) -> tuple[float, float]:
@@ -61,8 +67,9 @@ def _llama_prefill(llm: llama_cpp.Llama, prompt: list[int]) -> float:
     return time.perf_counter() - start
 
 
-def _processor_per_token(aligned: llama_cpp.Llama, reference: llama_cpp.Llama,
-                         prompt: list[int], n: int) -> float:
+def _processor_per_token(
+    aligned: llama_cpp.Llama, reference: llama_cpp.Llama, prompt: list[int], n: int
+) -> float:
     """What a user writes today: the reference evaluated inside a logits_processor."""
     n_vocab = aligned.n_vocab()
     aligned.reset()
@@ -71,7 +78,7 @@ def _processor_per_token(aligned: llama_cpp.Llama, reference: llama_cpp.Llama,
     seen = [len(prompt)]
 
     def mix(input_ids: np.ndarray, scores: np.ndarray) -> np.ndarray:
-        new = input_ids[seen[0]:].tolist()
+        new = input_ids[seen[0] :].tolist()
         if new:
             reference.eval(new)
             seen[0] = len(input_ids)
@@ -79,8 +86,9 @@ def _processor_per_token(aligned: llama_cpp.Llama, reference: llama_cpp.Llama,
         ref = np.ctypeslib.as_array(pointer, shape=(n_vocab,))
         return LAM * scores + (1 - LAM) * ref
 
-    generator = aligned.generate(prompt, temp=0.0, repeat_penalty=1.0,
-                                 logits_processor=llama_cpp.LogitsProcessorList([mix]))
+    generator = aligned.generate(
+        prompt, temp=0.0, repeat_penalty=1.0, logits_processor=llama_cpp.LogitsProcessorList([mix])
+    )
     return _time_generation(generator, n)[1]
 
 
@@ -97,14 +105,16 @@ def _dera_first_token(pair, prompt: list[int]) -> float:
     return time.perf_counter() - start
 
 
-def measure_interleaved(spec: PairSpec, prompt: list[int], n: int, threads: int,
-                        runs: int) -> dict[str, float]:
+def measure_interleaved(
+    spec: PairSpec, prompt: list[int], n: int, threads: int, runs: int
+) -> dict[str, float]:
     """Medians of every measurement, taken in rotation (a, r, c, d, prefills, ...) so that
     drift in machine speed hits all of them alike; the first round is a warm-up."""
     aligned = _llama(*spec.aligned_alone, threads)
     reference = _llama(spec.reference, None, threads)
-    with dera_local.load_pair(spec.aligned, spec.reference, lora=spec.lora, n_ctx=1024,
-                              n_threads=threads) as pair:
+    with dera_local.load_pair(
+        spec.aligned, spec.reference, lora=spec.lora, n_ctx=1024, n_threads=threads
+    ) as pair:
         measures = {
             "a": lambda: _llama_per_token(aligned, prompt, n),
             "r": lambda: _llama_per_token(reference, prompt, n),
@@ -130,8 +140,13 @@ def measure_interleaved(spec: PairSpec, prompt: list[int], n: int, threads: int,
 def breakdown(pair, prompt: list[int], n: int, runs: int) -> dict:
     """Milliseconds per token of each part of one lockstep step, timed separately."""
     loaded = pair.loaded
-    parts = {"aligned decode": [], "reference decode": [], "mixing": [], "sampling": [],
-             "detokenize": []}
+    parts = {
+        "aligned decode": [],
+        "reference decode": [],
+        "mixing": [],
+        "sampling": [],
+        "detokenize": [],
+    }
     for _ in range(runs):
         pair.clear_cache()
         pair._prefill(prompt)
@@ -151,9 +166,13 @@ def breakdown(pair, prompt: list[int], n: int, runs: int) -> dict:
             if not pair.identical:
                 loaded.reference_ctx.decode([token])
             t5 = time.perf_counter()
-            for key, value in (("mixing", t1 - t0), ("sampling", t2 - t1),
-                               ("detokenize", t3 - t2), ("aligned decode", t4 - t3),
-                               ("reference decode", t5 - t4)):
+            for key, value in (
+                ("mixing", t1 - t0),
+                ("sampling", t2 - t1),
+                ("detokenize", t3 - t2),
+                ("aligned decode", t4 - t3),
+                ("reference decode", t5 - t4),
+            ):
                 sums[key] += value
         chain.close()
         for key in parts:
@@ -170,34 +189,60 @@ def bench_pair(spec: PairSpec, n: int, threads: int, runs: int) -> str:
     r = {"per_token": m["r"], "prefill": m["prefill r"]}
     c = {"per_token": m["c"], "ttft": m["ttft"], "breakdown": m["breakdown"]}
     d = m["d"]
-    rate = {"a": 1 / a["per_token"], "b": 1 / (a["per_token"] + r["per_token"]),
-            "c": 1 / c["per_token"], "d": 1 / d}
-    out = [f"### {spec.name}\n", f"{len(prompt)}-token prompt, {n} new tokens, {threads} "
-           f"threads, median of {runs} runs\n"]
-    out.append(table(["", "tokens/s", "vs (b)"], [
-        ["(a) aligned alone, llama-cpp-python Llama", f"{rate['a']:.1f}",
-         f"{rate['a'] / rate['b']:.2f}x"],
-        ["(b) serial bound 1/(1/t_a + 1/t_r)", f"{rate['b']:.1f}", "1.00x"],
-        ["(c) dera-local", f"{rate['c']:.1f}", f"**{rate['c'] / rate['b']:.3f}x**"],
-        ["(d) two Llama + Python logits_processor", f"{rate['d']:.1f}",
-         f"{rate['d'] / rate['b']:.2f}x"],
-    ]))
+    rate = {
+        "a": 1 / a["per_token"],
+        "b": 1 / (a["per_token"] + r["per_token"]),
+        "c": 1 / c["per_token"],
+        "d": 1 / d,
+    }
+    out = [
+        f"### {spec.name}\n",
+        f"{len(prompt)}-token prompt, {n} new tokens, {threads} threads, median of {runs} runs\n",
+    ]
+    out.append(
+        table(
+            ["", "tokens/s", "vs (b)"],
+            [
+                [
+                    "(a) aligned alone, llama-cpp-python Llama",
+                    f"{rate['a']:.1f}",
+                    f"{rate['a'] / rate['b']:.2f}x",
+                ],
+                ["(b) serial bound 1/(1/t_a + 1/t_r)", f"{rate['b']:.1f}", "1.00x"],
+                ["(c) dera-local", f"{rate['c']:.1f}", f"**{rate['c'] / rate['b']:.3f}x**"],
+                [
+                    "(d) two Llama + Python logits_processor",
+                    f"{rate['d']:.1f}",
+                    f"{rate['d'] / rate['b']:.2f}x",
+                ],
+            ],
+        )
+    )
     bound_ttft = max(a["prefill"], r["prefill"]) + max(a["per_token"], r["per_token"])
     serial_ttft = a["prefill"] + r["prefill"] + a["per_token"] + r["per_token"]
-    out.append("\n" + table(["prefill / first token", "ms"], [
-        ["prefill, aligned alone", f"{a['prefill'] * 1000:.1f}"],
-        ["prefill, reference alone", f"{r['prefill'] * 1000:.1f}"],
-        ["slower prefill + one decode (target basis)", f"{bound_ttft * 1000:.1f}"],
-        ["both prefills + one decode each (serial work)", f"{serial_ttft * 1000:.1f}"],
-        ["dera-local time to first token", f"{c['ttft'] * 1000:.1f} "
-         f"({c['ttft'] / bound_ttft:.2f}x target basis)"],
-    ]))
+    out.append(
+        "\n"
+        + table(
+            ["prefill / first token", "ms"],
+            [
+                ["prefill, aligned alone", f"{a['prefill'] * 1000:.1f}"],
+                ["prefill, reference alone", f"{r['prefill'] * 1000:.1f}"],
+                ["slower prefill + one decode (target basis)", f"{bound_ttft * 1000:.1f}"],
+                ["both prefills + one decode each (serial work)", f"{serial_ttft * 1000:.1f}"],
+                [
+                    "dera-local time to first token",
+                    f"{c['ttft'] * 1000:.1f} ({c['ttft'] / bound_ttft:.2f}x target basis)",
+                ],
+            ],
+        )
+    )
     parts = c["breakdown"]
     engine_ms = c["per_token"] * 1000
     overhead = engine_ms - sum(parts.values())
     rows = [[name, f"{ms:.3f}", f"{ms / engine_ms * 100:.1f}%"] for name, ms in parts.items()]
-    rows.append(["Python loop, bookkeeping (rest)", f"{overhead:.3f}",
-                 f"{overhead / engine_ms * 100:.1f}%"])
+    rows.append(
+        ["Python loop, bookkeeping (rest)", f"{overhead:.3f}", f"{overhead / engine_ms * 100:.1f}%"]
+    )
     rows.append(["dera-local per token (engine)", f"{engine_ms:.3f}", "100%"])
     out.append("\n" + table(["per-token part", "ms", "share"], rows))
     return "\n".join(out)

@@ -33,12 +33,14 @@ def transformers_per_token(spec: PairSpec, n: int, runs: int, threads: int) -> f
 
     def load(path: str):
         folder, name = str(Path(path).parent), Path(path).name
-        return AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
-                                                    dtype=torch.float32).eval()
+        return AutoModelForCausalLM.from_pretrained(
+            folder, gguf_file=name, dtype=torch.float32
+        ).eval()
 
     aligned, reference = load(spec.aligned), load(spec.reference)
-    tokenizer = AutoTokenizer.from_pretrained(str(Path(spec.aligned).parent),
-                                              gguf_file=Path(spec.aligned).name)
+    tokenizer = AutoTokenizer.from_pretrained(
+        str(Path(spec.aligned).parent), gguf_file=Path(spec.aligned).name
+    )
 
     class ReferenceMix(LogitsProcessor):
         """Feeds the reference the tokens it has not seen and mixes its next-token logits."""
@@ -48,8 +50,9 @@ def transformers_per_token(spec: PairSpec, n: int, runs: int, threads: int) -> f
 
         def __call__(self, input_ids, scores):
             with torch.no_grad():
-                out = reference(input_ids[:, self.seen:], past_key_values=self.past,
-                                use_cache=True)
+                out = reference(
+                    input_ids[:, self.seen :], past_key_values=self.past, use_cache=True
+                )
             self.past, self.seen = out.past_key_values, input_ids.shape[1]
             return LAM * scores + (1 - LAM) * out.logits[:, -1, :].float()
 
@@ -58,8 +61,14 @@ def transformers_per_token(spec: PairSpec, n: int, runs: int, threads: int) -> f
     def generate(count: int) -> float:
         start = time.perf_counter()
         with torch.no_grad():
-            aligned.generate(ids, max_new_tokens=count, min_new_tokens=count, do_sample=False,
-                             logits_processor=[ReferenceMix()], pad_token_id=0)
+            aligned.generate(
+                ids,
+                max_new_tokens=count,
+                min_new_tokens=count,
+                do_sample=False,
+                logits_processor=[ReferenceMix()],
+                pad_token_id=0,
+            )
         return time.perf_counter() - start
 
     generate(2)  # warm-up
@@ -71,8 +80,7 @@ def transformers_per_token(spec: PairSpec, n: int, runs: int, threads: int) -> f
 
 def dera_per_token(spec: PairSpec, n: int, runs: int, threads: int) -> float:
     greedy = dera_local.SamplingParams(temperature=0)
-    with dera_local.load_pair(spec.aligned, spec.reference, n_ctx=1024,
-                              n_threads=threads) as pair:
+    with dera_local.load_pair(spec.aligned, spec.reference, n_ctx=1024, n_threads=threads) as pair:
         samples = []
         for _ in range(runs + 1):
             pair.clear_cache()
@@ -96,13 +104,25 @@ def main() -> None:
             continue
         t_hf = transformers_per_token(spec, args.tokens, args.runs, args.threads)
         t_dera = dera_per_token(spec, args.tokens, args.runs, args.threads)
-        print(f"### {spec.name}\n\n{args.tokens} new tokens, greedy, lam {LAM}, "
-              f"{args.threads} threads, median of {args.runs}\n")
-        print(table(["", "tokens/s", "ratio"], [
-            ["(e) transformers + LogitsProcessor (dequantized f32)", f"{1 / t_hf:.1f}",
-             "1.00x"],
-            ["(c) dera-local", f"{1 / t_dera:.1f}", f"**{t_hf / t_dera:.2f}x**"],
-        ]) + "\n", flush=True)
+        print(
+            f"### {spec.name}\n\n{args.tokens} new tokens, greedy, lam {LAM}, "
+            f"{args.threads} threads, median of {args.runs}\n"
+        )
+        print(
+            table(
+                ["", "tokens/s", "ratio"],
+                [
+                    [
+                        "(e) transformers + LogitsProcessor (dequantized f32)",
+                        f"{1 / t_hf:.1f}",
+                        "1.00x",
+                    ],
+                    ["(c) dera-local", f"{1 / t_dera:.1f}", f"**{t_hf / t_dera:.2f}x**"],
+                ],
+            )
+            + "\n",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

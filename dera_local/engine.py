@@ -117,16 +117,22 @@ class DeraPair:
         data = b"".join(model.token_bytes(t, special=special) for t in tokens)
         return data.decode("utf-8", errors="replace")
 
-    def open_contexts(self, n_ctx: int, n_seq_max: int, n_outputs_max: int,
-                      n_batch: int | None = None) -> tuple[Context, Context]:
+    def open_contexts(
+        self, n_ctx: int, n_seq_max: int, n_outputs_max: int, n_batch: int | None = None
+    ) -> tuple[Context, Context]:
         """A further (aligned, reference) pair of contexts over the same loaded weights,
         with the adapter attached to the aligned one, e.g. for batched sweeps or scoring.
         The caller closes them."""
         loaded = self.loaded
         base = loaded.aligned_ctx
-        options = ContextOptions(n_ctx=n_ctx, n_batch=n_batch or base.n_batch,
-                                 n_threads=base.n_threads, flash_attn=base.flash_attn,
-                                 n_seq_max=n_seq_max, n_outputs_max=n_outputs_max)
+        options = ContextOptions(
+            n_ctx=n_ctx,
+            n_batch=n_batch or base.n_batch,
+            n_threads=base.n_threads,
+            flash_attn=base.flash_attn,
+            n_seq_max=n_seq_max,
+            n_outputs_max=n_outputs_max,
+        )
         aligned = Context(loaded.aligned_model, options)
         try:
             if base.adapter is not None:

@@ -72,8 +72,14 @@ def score_rows_numpy(
     return out
 
 
-def _score_chunk(path: str, aligned: np.ndarray, reference: np.ndarray, targets: np.ndarray,
-                 lambdas: np.ndarray, n_threads: int) -> np.ndarray:
+def _score_chunk(
+    path: str,
+    aligned: np.ndarray,
+    reference: np.ndarray,
+    targets: np.ndarray,
+    lambdas: np.ndarray,
+    n_threads: int,
+) -> np.ndarray:
     if path != NATIVE:
         return score_rows_numpy(aligned, reference, targets, lambdas)
     out = np.empty((len(lambdas), len(targets), 3))
@@ -81,9 +87,16 @@ def _score_chunk(path: str, aligned: np.ndarray, reference: np.ndarray, targets:
     def run(part: slice) -> None:
         grid = np.ascontiguousarray(lambdas[part])
         block = out[part]  # contiguous: lams are the outer axis
-        _native.score_rows(aligned.ctypes.data, reference.ctypes.data, len(targets),
-                           aligned.shape[1], targets.ctypes.data, grid.ctypes.data,
-                           len(grid), block.ctypes.data)
+        _native.score_rows(
+            aligned.ctypes.data,
+            reference.ctypes.data,
+            len(targets),
+            aligned.shape[1],
+            targets.ctypes.data,
+            grid.ctypes.data,
+            len(grid),
+            block.ctypes.data,
+        )
 
     # The kernel releases the GIL and llama.cpp's threads are idle meanwhile, so the grid
     # is split across as many threads as the contexts use.
@@ -155,8 +168,11 @@ def score(
             if n_rows:
                 first = max(start, first_output)
                 targets = np.asarray(tokens[first + 1 : first + 1 + n_rows], dtype=np.int32)
-                results.append(_score_chunk(pair.mixer.path, rows[0], rows[1], targets, grid,
-                                            contexts[0].n_threads))
+                results.append(
+                    _score_chunk(
+                        pair.mixer.path, rows[0], rows[1], targets, grid, contexts[0].n_threads
+                    )
+                )
     finally:
         batch.close()
     table = np.concatenate(results, axis=1)  # [n_lams, n_response, 3]

@@ -54,8 +54,9 @@ def test_cli_lora_flag_and_info(reference_path, lora_path, lora_pair):
 
     runner = CliRunner()
     args = ["-mr", str(reference_path), "--lora", str(lora_path)]
-    result = runner.invoke(cli, ["generate", "Once upon", "--json", "--temp", "0", "-n", "10",
-                                 "--lam", "0.5", *args])
+    result = runner.invoke(
+        cli, ["generate", "Once upon", "--json", "--temp", "0", "-n", "10", "--lam", "0.5", *args]
+    )
     assert result.exit_code == 0, result.stderr
     expected = lora_pair.generate("Once upon", lam=0.5, sampling=GREEDY, max_tokens=10)
     assert json.loads(result.stdout)["tokens"] == expected.tokens

@@ -33,7 +33,9 @@ def _start(args: list[str]) -> tuple[subprocess.Popen, str]:
     port = _free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "dera_local.cli", "serve", "--port", str(port), *args],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
@@ -51,8 +53,22 @@ def _start(args: list[str]) -> tuple[subprocess.Popen, str]:
 
 @pytest.fixture(scope="module")
 def server(aligned_path, reference_path):
-    process, base = _start(["-m", str(aligned_path), "-mr", str(reference_path), "-c", "512",
-                            "--api-key", API_KEY, "--lam", "1", "--max-queue", "64"])
+    process, base = _start(
+        [
+            "-m",
+            str(aligned_path),
+            "-mr",
+            str(reference_path),
+            "-c",
+            "512",
+            "--api-key",
+            API_KEY,
+            "--lam",
+            "1",
+            "--max-queue",
+            "64",
+        ]
+    )
     yield base
     process.terminate()
     process.wait(timeout=10)
@@ -69,9 +85,14 @@ def _health(base: str) -> dict:
 
 def _chat(client, lam=None, **kwargs):
     extra = {} if lam is None else {"dera_lambda": lam}
-    return client.chat.completions.create(model="dera-local", messages=CHAT, temperature=0,
-                                          max_tokens=kwargs.pop("max_tokens", 12),
-                                          extra_body=extra, **kwargs)
+    return client.chat.completions.create(
+        model="dera-local",
+        messages=CHAT,
+        temperature=0,
+        max_tokens=kwargs.pop("max_tokens", 12),
+        extra_body=extra,
+        **kwargs,
+    )
 
 
 def test_chat_matches_the_python_api(client, pair):
@@ -79,8 +100,7 @@ def test_chat_matches_the_python_api(client, pair):
 
     reply = _chat(client, lam=0.5)
     template = ChatTemplate.for_pair(pair)
-    expected = pair.generate(template.tokens(pair, CHAT), lam=0.5, sampling=GREEDY,
-                             max_tokens=12)
+    expected = pair.generate(template.tokens(pair, CHAT), lam=0.5, sampling=GREEDY, max_tokens=12)
     assert reply.choices[0].message.content == expected.text
     assert reply.usage.completion_tokens == len(expected.tokens)
     assert reply.usage.prompt_tokens == len(expected.prompt_tokens)
@@ -93,17 +113,25 @@ def test_lam_zero_is_the_reference_alone(client, pair, reference_path):
     from dera_local import ChatTemplate
 
     prompt = ChatTemplate.for_pair(pair).tokens(pair, CHAT)
-    reply = client.completions.create(model="dera-local", prompt=prompt, temperature=0,
-                                      max_tokens=10, extra_body={"dera_lambda": 0.0})
+    reply = client.completions.create(
+        model="dera-local",
+        prompt=prompt,
+        temperature=0,
+        max_tokens=10,
+        extra_body={"dera_lambda": 0.0},
+    )
     assert reply.choices[0].text == pair.detokenize(solo_greedy(reference_path, prompt, 10))
-    assert _chat(client, lam=0.0).choices[0].message.content != \
-        _chat(client, lam=1.0).choices[0].message.content
+    assert (
+        _chat(client, lam=0.0).choices[0].message.content
+        != _chat(client, lam=1.0).choices[0].message.content
+    )
 
 
 def test_streaming_chunks_join_to_the_whole_answer(client):
     whole = _chat(client, lam=1.5, max_tokens=20).choices[0].message.content
-    stream = _chat(client, lam=1.5, max_tokens=20, stream=True,
-                   stream_options={"include_usage": True})
+    stream = _chat(
+        client, lam=1.5, max_tokens=20, stream=True, stream_options={"include_usage": True}
+    )
     parts, finish, usage = [], None, None
     for chunk in stream:
         if chunk.usage is not None:
@@ -157,8 +185,11 @@ def test_wrong_or_missing_api_key(server):
 
 
 def _post(server: str, path: str, data: bytes) -> tuple[int, dict]:
-    request = urllib.request.Request(f"{server}{path}", data=data, headers={
-        "Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    request = urllib.request.Request(
+        f"{server}{path}",
+        data=data,
+        headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"},
+    )
     try:
         response = urllib.request.urlopen(request)
         return response.status, json.load(response)
@@ -166,16 +197,19 @@ def _post(server: str, path: str, data: bytes) -> tuple[int, dict]:
         return error.code, json.load(error)
 
 
-@pytest.mark.parametrize("body, param", [
-    (b"{not json", None),
-    (b"[1, 2]", None),
-    (json.dumps({"messages": []}).encode(), "messages"),
-    (json.dumps({"messages": CHAT, "temperature": "hot"}).encode(), "temperature"),
-    (json.dumps({"messages": CHAT, "dera_lambda": "NaN"}).encode(), "dera_lambda"),
-    (json.dumps({"messages": CHAT, "max_tokens": -3}).encode(), "max_tokens"),
-    (json.dumps({"messages": CHAT, "n": 2}).encode(), "n"),
-    (json.dumps({"messages": [{"role": "user", "content": "x" * 4000}]}).encode(), None),
-])
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        (json.dumps({"messages": []}).encode(), "messages"),
+        (json.dumps({"messages": CHAT, "temperature": "hot"}).encode(), "temperature"),
+        (json.dumps({"messages": CHAT, "dera_lambda": "NaN"}).encode(), "dera_lambda"),
+        (json.dumps({"messages": CHAT, "max_tokens": -3}).encode(), "max_tokens"),
+        (json.dumps({"messages": CHAT, "n": 2}).encode(), "n"),
+        (json.dumps({"messages": [{"role": "user", "content": "x" * 4000}]}).encode(), None),
+    ],
+)
 def test_malformed_requests_get_a_400_error_object(server, body, param):
     status, payload = _post(server, "/v1/chat/completions", body)
     assert status == 400
@@ -191,15 +225,19 @@ def test_oversized_body_and_unknown_route(server):
 
 
 def test_full_queue_answers_503_with_retry_after(aligned_path, reference_path):
-    process, base = _start(["-m", str(aligned_path), "-mr", str(reference_path), "-c", "512",
-                            "--max-queue", "1"])
+    process, base = _start(
+        ["-m", str(aligned_path), "-mr", str(reference_path), "-c", "512", "--max-queue", "1"]
+    )
     try:
         slow = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
-        stream = slow.chat.completions.create(model="m", messages=CHAT, max_tokens=400,
-                                              temperature=0, stream=True)
+        stream = slow.chat.completions.create(
+            model="m", messages=CHAT, max_tokens=400, temperature=0, stream=True
+        )
         next(iter(stream))  # the one allowed request is now running
-        request = urllib.request.Request(f"{base}/v1/chat/completions", data=json.dumps(
-            {"messages": CHAT, "max_tokens": 2}).encode())
+        request = urllib.request.Request(
+            f"{base}/v1/chat/completions",
+            data=json.dumps({"messages": CHAT, "max_tokens": 2}).encode(),
+        )
         with pytest.raises(urllib.error.HTTPError) as info:
             urllib.request.urlopen(request)
         assert info.value.code == 503 and info.value.headers["Retry-After"] == "1"

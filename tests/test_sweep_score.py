@@ -232,9 +232,25 @@ def test_cli_sweep_plot(run, tmp_path, monkeypatch):
     (tmp_path / "reward_len.py").write_text("def words(text):\n    return len(text.split())\n")
     monkeypatch.syspath_prepend(str(tmp_path))
     png, csv = tmp_path / "tradeoff.png", tmp_path / "summary.csv"
-    result = run("sweep", "--prompts", str(prompts), "--lambdas", "0,1,2", "-n", "5",
-                 "--temp", "0", "--out", str(tmp_path / "rows.jsonl"),
-                 "--reward", "reward_len:words", "--plot", str(png), "--summary-csv", str(csv))
+    result = run(
+        "sweep",
+        "--prompts",
+        str(prompts),
+        "--lambdas",
+        "0,1,2",
+        "-n",
+        "5",
+        "--temp",
+        "0",
+        "--out",
+        str(tmp_path / "rows.jsonl"),
+        "--reward",
+        "reward_len:words",
+        "--plot",
+        str(png),
+        "--summary-csv",
+        str(csv),
+    )
     assert result.exit_code == 0, result.stderr
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert len(csv.read_text().splitlines()) == 4  # header + one row per lam
@@ -256,8 +272,16 @@ def test_score_kernel_with_impossible_tokens_matches_numpy():
     targets = np.array([100, 200, 300], dtype=np.int32)
     lambdas = np.array([0.0, 0.4, 1.0, 2.0, -0.5])
     out = np.empty((5, 3, 3))
-    _native.score_rows(a.ctypes.data, r.ctypes.data, 3, 5000, targets.ctypes.data,
-                       lambdas.ctypes.data, 5, out.ctypes.data)
+    _native.score_rows(
+        a.ctypes.data,
+        r.ctypes.data,
+        3,
+        5000,
+        targets.ctypes.data,
+        lambdas.ctypes.data,
+        5,
+        out.ctypes.data,
+    )
     expected = score_rows_numpy(a, r, targets, lambdas)
     finite = np.isfinite(expected)
     assert (np.isfinite(out) == finite).all()

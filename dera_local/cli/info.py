@@ -72,8 +72,11 @@ def info(aligned: str | None, reference: str | None, lora: str | None, hook: str
             f"  alpha: {adapter.metadata.get('adapter.lora.alpha')}, "
             f"{adapter.n_tensors} tensors, {adapter.file_size / 2**20:.1f} MiB",
         ]
-        lines += [f"  {key}: {value}" for key, value in adapter.metadata.items()
-                  if key.startswith("dera.")]
+        lines += [
+            f"  {key}: {value}"
+            for key, value in adapter.metadata.items()
+            if key.startswith("dera.")
+        ]
         if "reference" in infos and adapter.architecture != infos["reference"].architecture:
             verdict_error = DeraError("the adapter's architecture differs from the reference's")
             lines.append("compatibility: INCOMPATIBLE")

@@ -220,36 +220,39 @@ def sampling_from(
     )
 
 
+MODEL_KEYS = (
+    "aligned",
+    "reference",
+    "lora",
+    "lora_scale",
+    "n_ctx",
+    "n_batch",
+    "n_threads",
+    "n_gpu_layers",
+    "flash_attn",
+    "hook",
+    "verbose",
+)
+SAMPLING_KEYS = (
+    "temperature",
+    "top_k",
+    "top_p",
+    "min_p",
+    "repeat_penalty",
+    "repeat_last_n",
+    "frequency_penalty",
+    "presence_penalty",
+    "seed",
+    "grammar",
+    "grammar_file",
+)
+
+
 def split_options(kwargs: dict) -> tuple[dict, dict, dict]:
-    """Splits a command's keyword arguments into model, sampling and remaining options."""
-    model_keys = (
-        "aligned",
-        "reference",
-        "lora",
-        "lora_scale",
-        "n_ctx",
-        "n_batch",
-        "n_threads",
-        "n_gpu_layers",
-        "flash_attn",
-        "hook",
-        "verbose",
-    )
-    sampling_keys = (
-        "temperature",
-        "top_k",
-        "top_p",
-        "min_p",
-        "repeat_penalty",
-        "repeat_last_n",
-        "frequency_penalty",
-        "presence_penalty",
-        "seed",
-        "grammar",
-        "grammar_file",
-    )
-    model = {k: kwargs.pop(k) for k in model_keys}
-    sampling = {k: kwargs.pop(k) for k in sampling_keys}
+    """Splits a command's keyword arguments into model, sampling and remaining options
+    (commands without sampling flags get an empty sampling dict)."""
+    model = {k: kwargs.pop(k) for k in MODEL_KEYS}
+    sampling = {k: kwargs.pop(k) for k in SAMPLING_KEYS if k in kwargs}
     return model, sampling, kwargs
 
 

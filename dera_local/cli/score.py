@@ -27,7 +27,7 @@ from .sweep import _open_output
 @model_options
 def score_command(lambdas: str, data_file: str, out: str | None, per_token: bool, **kwargs) -> None:
     """Score each response under every lam: log-likelihood, KL to reference and aligned."""
-    model, _, _ = split_options({**kwargs, **_NO_SAMPLING})
+    model, _, _ = split_options(kwargs)
     grid = parse_lambdas(lambdas)
     pairs = read_pairs(data_file)
     with (
@@ -52,20 +52,3 @@ def score_command(lambdas: str, data_file: str, out: str | None, per_token: bool
                         token_kl_aligned=row.kl_aligned,
                     )
                 sink.write(json.dumps(record) + "\n")
-
-
-_NO_SAMPLING = dict.fromkeys(
-    (
-        "temperature",
-        "top_k",
-        "top_p",
-        "min_p",
-        "repeat_penalty",
-        "repeat_last_n",
-        "frequency_penalty",
-        "presence_penalty",
-        "seed",
-        "grammar",
-        "grammar_file",
-    )
-)

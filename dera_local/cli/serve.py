@@ -22,20 +22,45 @@ def _is_loopback(host: str) -> bool:
 
 @click.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, envvar="DERA_HOST")
-@click.option("--port", type=click.IntRange(0, 65535), default=8080, show_default=True,
-              envvar="DERA_PORT")
-@click.option("--api-key", default=None, envvar="DERA_API_KEY",
-              help="Require 'Authorization: Bearer KEY' on /v1/*.")
-@click.option("--lam", "--lambda", "lam", type=float, default=1.0, show_default=True,
-              envvar="DERA_LAMBDA", help="lam for requests without dera_lambda.")
-@click.option("--max-queue", type=click.IntRange(1), default=64, show_default=True,
-              help="Requests waiting or running before new ones get 503.")
-@click.option("--max-body-bytes", type=click.IntRange(1024), default=1 << 20,
-              show_default=True)
+@click.option(
+    "--port", type=click.IntRange(0, 65535), default=8080, show_default=True, envvar="DERA_PORT"
+)
+@click.option(
+    "--api-key",
+    default=None,
+    envvar="DERA_API_KEY",
+    help="Require 'Authorization: Bearer KEY' on /v1/*.",
+)
+@click.option(
+    "--lam",
+    "--lambda",
+    "lam",
+    type=float,
+    default=1.0,
+    show_default=True,
+    envvar="DERA_LAMBDA",
+    help="lam for requests without dera_lambda.",
+)
+@click.option(
+    "--max-queue",
+    type=click.IntRange(1),
+    default=64,
+    show_default=True,
+    help="Requests waiting or running before new ones get 503.",
+)
+@click.option("--max-body-bytes", type=click.IntRange(1024), default=1 << 20, show_default=True)
 @click.option("--chat-template", default=None, help="Jinja chat template text to use.")
 @model_options
-def serve(host: str, port: int, api_key: str | None, lam: float, max_queue: int,
-          max_body_bytes: int, chat_template: str | None, **kwargs) -> None:
+def serve(
+    host: str,
+    port: int,
+    api_key: str | None,
+    lam: float,
+    max_queue: int,
+    max_body_bytes: int,
+    chat_template: str | None,
+    **kwargs,
+) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models and /health."""
     try:
         import uvicorn
@@ -45,16 +70,20 @@ def serve(host: str, port: int, api_key: str | None, lam: float, max_queue: int,
         raise DeraError("serve needs the server extra: pip install 'dera-local[server]'") from None
     lam = validate_lam(lam)
     if not _is_loopback(host) and not api_key:
-        click.echo(f"warning: serving on {host} without --api-key: anyone who can reach "
-                   "this port can use the models", err=True)
-    model, _, _ = split_options({**kwargs, **_NO_SAMPLING})
+        click.echo(
+            f"warning: serving on {host} without --api-key: anyone who can reach "
+            "this port can use the models",
+            err=True,
+        )
+    model, _, _ = split_options(kwargs)
     with open_pair(**model) as pair:
-        app = create_app(pair, default_lam=lam, api_key=api_key, max_queue=max_queue,
-                         max_body_bytes=max_body_bytes, chat_template=chat_template)
+        app = create_app(
+            pair,
+            default_lam=lam,
+            api_key=api_key,
+            max_queue=max_queue,
+            max_body_bytes=max_body_bytes,
+            chat_template=chat_template,
+        )
         click.echo(f"dera-local: serving on http://{host}:{port}/v1 (lam {lam:g})", err=True)
         uvicorn.run(app, host=host, port=port, log_level="warning")
-
-
-_NO_SAMPLING = dict.fromkeys(
-    ("temperature", "top_k", "top_p", "min_p", "repeat_penalty", "repeat_last_n",
-     "frequency_penalty", "presence_penalty", "seed", "grammar", "grammar_file"))

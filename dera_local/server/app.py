@@ -31,8 +31,13 @@ from .worker import GenerationWorker, Job, QueueFull
 MODEL_ID = "dera-local"
 
 
-def error_response(status: int, message: str, kind: str = "invalid_request_error",
-                   param: str | None = None, headers: dict | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    kind: str = "invalid_request_error",
+    param: str | None = None,
+    headers: dict | None = None,
+) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
     return JSONResponse(body, status_code=status, headers=headers)
 
@@ -55,25 +60,34 @@ class _Guard:
             given = headers.get(b"authorization", b"").decode("latin-1")
             expected = f"Bearer {self.api_key}"
             if not secrets.compare_digest(given.encode(), expected.encode()):
-                await error_response(401, "missing or wrong API key (Authorization: Bearer ...)",
-                                     "authentication_error")(scope, receive, send)
+                await error_response(
+                    401,
+                    "missing or wrong API key (Authorization: Bearer ...)",
+                    "authentication_error",
+                )(scope, receive, send)
                 return
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
             await error_response(413, f"request body over {self.max_body_bytes} bytes")(
-                scope, receive, send)
+                scope, receive, send
+            )
             return
         try:
             await self.app(scope, receive, send)
         except Exception:
             traceback.print_exc(file=sys.stderr)
-            await error_response(500, "internal server error", "server_error")(
-                scope, receive, send)
+            await error_response(500, "internal server error", "server_error")(scope, receive, send)
 
 
-def create_app(pair: DeraPair, *, default_lam: float = 1.0, api_key: str | None = None,
-               max_queue: int = 64, max_body_bytes: int = 1 << 20,
-               chat_template: str | None = None) -> Starlette:
+def create_app(
+    pair: DeraPair,
+    *,
+    default_lam: float = 1.0,
+    api_key: str | None = None,
+    max_queue: int = 64,
+    max_body_bytes: int = 1 << 20,
+    chat_template: str | None = None,
+) -> Starlette:
     """The ASGI app serving `pair`; run it with uvicorn (see cli/serve.py)."""
     worker = GenerationWorker(pair, max_queue)
     template = ChatTemplate.for_pair(pair, chat_template)
@@ -107,15 +121,20 @@ def create_app(pair: DeraPair, *, default_lam: float = 1.0, api_key: str | None 
         try:
             first = await chunks.__anext__()
         except QueueFull:
-            return error_response(503, "the server is busy; retry shortly", "server_busy",
-                                  headers={"Retry-After": "1"})
+            return error_response(
+                503,
+                "the server is busy; retry shortly",
+                "server_busy",
+                headers={"Retry-After": "1"},
+            )
         except StopAsyncIteration:
             return error_response(500, "generation ended without a result", "server_error")
         except DeraError as exc:
             return error_response(400, str(exc))
         if parsed.stream:
-            return StreamingResponse(_sse(shape, first, chunks, len(prompt)),
-                                     media_type="text/event-stream")
+            return StreamingResponse(
+                _sse(shape, first, chunks, len(prompt)), media_type="text/event-stream"
+            )
         result = first
         async for item in chunks:
             result = item  # text chunks, then the GenerationResult
@@ -128,14 +147,26 @@ def create_app(pair: DeraPair, *, default_lam: float = 1.0, api_key: str | None 
         return await respond(request, chat=False)
 
     async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [
-            {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "dera-local"}]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "dera-local"}
+                ],
+            }
+        )
 
     async def health(request: Request) -> Response:
         counters = worker.counters
-        return JSONResponse({"status": "ok", "in_flight": worker.in_flight,
-                             "completed": counters.completed, "cancelled": counters.cancelled,
-                             "rejected": counters.rejected})
+        return JSONResponse(
+            {
+                "status": "ok",
+                "in_flight": worker.in_flight,
+                "completed": counters.completed,
+                "cancelled": counters.cancelled,
+                "rejected": counters.rejected,
+            }
+        )
 
     async def not_found(request: Request, exc) -> Response:
         return error_response(404, f"no route {request.url.path}", "not_found_error")
@@ -190,8 +221,11 @@ def _event(payload: dict | None) -> str:
 
 
 def _usage(result: GenerationResult, n_prompt: int) -> dict:
-    return {"prompt_tokens": n_prompt, "completion_tokens": len(result.tokens),
-            "total_tokens": n_prompt + len(result.tokens)}
+    return {
+        "prompt_tokens": n_prompt,
+        "completion_tokens": len(result.tokens),
+        "total_tokens": n_prompt + len(result.tokens),
+    }
 
 
 class _Shape:
@@ -201,8 +235,14 @@ class _Shape:
         self.created = int(time.time())
 
     def _envelope(self, choices: list[dict], **extra) -> dict:
-        return {"id": self.id, "object": self.object, "created": self.created,
-                "model": self.parsed.model, "choices": choices, **extra}
+        return {
+            "id": self.id,
+            "object": self.object,
+            "created": self.created,
+            "model": self.parsed.model,
+            "choices": choices,
+            **extra,
+        }
 
     def usage_chunk(self, result: GenerationResult, n_prompt: int) -> dict:
         return {**self._envelope([]), "usage": _usage(result, n_prompt)}
@@ -212,8 +252,9 @@ class _ChatShape(_Shape):
     prefix, object = "chatcmpl", "chat.completion.chunk"
 
     def opening(self) -> dict:
-        return self._envelope([{"index": 0, "delta": {"role": "assistant", "content": ""},
-                                "finish_reason": None}])
+        return self._envelope(
+            [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
+        )
 
     def delta(self, text: str) -> dict:
         return self._envelope([{"index": 0, "delta": {"content": text}, "finish_reason": None}])
@@ -223,9 +264,17 @@ class _ChatShape(_Shape):
 
     def whole(self, result: GenerationResult, n_prompt: int) -> dict:
         message = {"role": "assistant", "content": result.text}
-        body = self._envelope([{"index": 0, "message": message,
-                                "finish_reason": result.finish_reason, "logprobs": None}],
-                              usage=_usage(result, n_prompt))
+        body = self._envelope(
+            [
+                {
+                    "index": 0,
+                    "message": message,
+                    "finish_reason": result.finish_reason,
+                    "logprobs": None,
+                }
+            ],
+            usage=_usage(result, n_prompt),
+        )
         body["object"] = "chat.completion"
         body["dera_lambda"] = result.lam
         return body
@@ -238,16 +287,24 @@ class _CompletionShape(_Shape):
         return None
 
     def delta(self, text: str) -> dict:
-        return self._envelope([{"index": 0, "text": text, "finish_reason": None,
-                                "logprobs": None}])
+        return self._envelope([{"index": 0, "text": text, "finish_reason": None, "logprobs": None}])
 
     def closing(self, result: GenerationResult) -> dict:
-        return self._envelope([{"index": 0, "text": "", "finish_reason": result.finish_reason,
-                                "logprobs": None}])
+        return self._envelope(
+            [{"index": 0, "text": "", "finish_reason": result.finish_reason, "logprobs": None}]
+        )
 
     def whole(self, result: GenerationResult, n_prompt: int) -> dict:
-        body = self._envelope([{"index": 0, "text": result.text,
-                                "finish_reason": result.finish_reason, "logprobs": None}],
-                              usage=_usage(result, n_prompt))
+        body = self._envelope(
+            [
+                {
+                    "index": 0,
+                    "text": result.text,
+                    "finish_reason": result.finish_reason,
+                    "logprobs": None,
+                }
+            ],
+            usage=_usage(result, n_prompt),
+        )
         body["dera_lambda"] = result.lam
         return body

@@ -28,8 +28,13 @@ class ParsedRequest:
     settings: dict  # keyword arguments for DeraPair.stream()
 
 
-def _number(body: dict, name: str, default: float | None, low: float, high: float,
-            ) -> float | None:
+def _number(
+    body: dict,
+    name: str,
+    default: float | None,
+    low: float,
+    high: float,
+) -> float | None:
     value = body.get(name)
     if value is None:
         return default
@@ -101,8 +106,7 @@ def parse_common(body: Any, default_lam: float) -> ParsedRequest:
         stream=stream,
         include_usage=bool(options.get("include_usage", False)),
         model=model,
-        settings={"lam": lam, "sampling": sampling, "max_tokens": max_tokens,
-                  "stop": _stop(body)},
+        settings={"lam": lam, "sampling": sampling, "max_tokens": max_tokens, "stop": _stop(body)},
     )
 
 
@@ -118,8 +122,7 @@ def chat_messages(body: dict) -> list[dict]:
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             parts = [p.get("text") for p in content if isinstance(p, dict)]
             if not all(isinstance(p, str) for p in parts) or len(parts) != len(content):
-                raise RequestError(f"messages[{index}]: only text content is supported",
-                                   "messages")
+                raise RequestError(f"messages[{index}]: only text content is supported", "messages")
             content = "".join(parts)
         if not isinstance(content, str):
             raise RequestError(f"messages[{index}] needs string 'content'", "messages")
@@ -133,7 +136,10 @@ def completion_prompt(body: dict) -> str | list[int]:
         prompt = prompt[0]
     if isinstance(prompt, str) and prompt:
         return prompt
-    if (isinstance(prompt, list) and prompt
-            and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)):
+    if (
+        isinstance(prompt, list)
+        and prompt
+        and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
+    ):
         return prompt
     raise RequestError("'prompt' must be a non-empty string or a list of token ids", "prompt")

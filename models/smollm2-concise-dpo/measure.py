@@ -79,8 +79,11 @@ def main() -> None:
                 rows.append(row)
                 out.write(json.dumps(row) + "\n")
             out.flush()
-            print(f"[{index + 1}/{len(heldout)}] {time.time() - started:.0f}s", file=sys.stderr,
-                  flush=True)
+            print(
+                f"[{index + 1}/{len(heldout)}] {time.time() - started:.0f}s",
+                file=sys.stderr,
+                flush=True,
+            )
 
     print(
         "| lam | words per answer (reward = -words) | KL(pi_lam ‖ pi_ref) per answer, nats "
