@@ -69,6 +69,8 @@ def server(aligned_path, reference_path):
             "1",
             "--max-queue",
             "64",
+            "--max-body-bytes",
+            "32768",
         ]
     )
     yield base
@@ -252,7 +254,7 @@ def test_malformed_requests_get_a_400_error_object(server, body, param):
 
 
 def test_oversized_body_and_unknown_route(server):
-    status, payload = _post(server, "/v1/chat/completions", b"x" * (2 << 20))
+    status, payload = _post(server, "/v1/chat/completions", b"x" * 40000)
     assert status == 413 and "error" in payload
     status, payload = _post(server, "/v1/nothing", b"{}")
     assert status == 404 and "error" in payload
