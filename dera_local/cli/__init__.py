@@ -10,6 +10,7 @@ import warnings
 import click
 
 from ..errors import DeraError
+from .catalog_commands import list_command, pull_command
 from .chat import chat
 from .generate import generate
 from .info import info
@@ -52,6 +53,8 @@ cli.add_command(info)
 cli.add_command(sweep_command)
 cli.add_command(score_command)
 cli.add_command(serve)
+cli.add_command(list_command)
+cli.add_command(pull_command)
 
 
 def main() -> None:

@@ -8,10 +8,12 @@ import contextlib
 import click
 
 from .. import backend
+from ..catalog import DEFAULT_QUANT
 from ..default_pair import demo_pair
 from ..errors import DeraError
 from ..gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
 from ..mixing import LogitMixer
+from ..resolve import pulled_pair
 
 
 def _describe(role: str, info: GGUFInfo) -> list[str]:
@@ -33,14 +35,25 @@ def _describe(role: str, info: GGUFInfo) -> list[str]:
     "-mr", "--reference", envvar="DERA_REFERENCE", metavar="GGUF", help="Reference model."
 )
 @click.option("--lora", envvar="DERA_LORA", metavar="GGUF", help="LoRA adapter (aligned side).")
+@click.option("--pair", envvar="DERA_PAIR", metavar="NAME", help="A pulled catalog pair.")
+@click.option("--quant", default=DEFAULT_QUANT, show_default=True, help="Quantization of --pair.")
 @click.option("--hook", type=click.Choice(["native", "numpy"]), default=None, envvar="DERA_HOOK")
-def info(aligned: str | None, reference: str | None, lora: str | None, hook: str | None) -> None:
+def info(
+    aligned: str | None,
+    reference: str | None,
+    lora: str | None,
+    pair: str | None,
+    quant: str,
+    hook: str | None,
+) -> None:
     """Show both models, the compatibility verdict, the mixing path and llama.cpp's build.
 
     With no model flags, shows the built-in demo pair when it is installed."""
     import llama_cpp
 
-    if not (aligned or reference or lora):
+    if pair:
+        aligned, reference = pulled_pair(pair, quant)
+    elif not (aligned or reference or lora):
         with contextlib.suppress(DeraError):  # nothing installed: show the build facts only
             reference, lora = (str(p) for p in demo_pair())
 

@@ -6,9 +6,10 @@ from collections.abc import Callable
 
 import click
 
-from ..default_pair import demo_pair
+from ..catalog import DEFAULT_QUANT
 from ..engine import DeraPair, load_pair
 from ..errors import DeraError
+from ..resolve import resolve_models
 from ..sampling import SamplingParams
 
 
@@ -27,14 +28,25 @@ model_options = _stack(
         "--aligned",
         envvar="DERA_ALIGNED",
         metavar="GGUF",
-        help="Aligned model (e.g. the DPO model). Env: DERA_ALIGNED.",
+        help="Aligned model: a path or owner/repo:file.gguf (e.g. the DPO model). "
+        "Env: DERA_ALIGNED.",
     ),
     click.option(
         "-mr",
         "--reference",
         envvar="DERA_REFERENCE",
         metavar="GGUF",
-        help="Reference model (e.g. the SFT model it was trained from). Env: DERA_REFERENCE.",
+        help="Reference model: a path or owner/repo:file.gguf (e.g. the SFT model the "
+        "aligned one was trained from). Env: DERA_REFERENCE.",
+    ),
+    click.option(
+        "--pair",
+        envvar="DERA_PAIR",
+        metavar="NAME",
+        help="A catalog pair already pulled (dera-local list). Env: DERA_PAIR.",
+    ),
+    click.option(
+        "--quant", default=DEFAULT_QUANT, show_default=True, help="Quantization of --pair."
     ),
     click.option(
         "--lora",
@@ -166,19 +178,13 @@ def open_pair(
     reference: str | None,
     lora: str | None,
     lora_scale: float,
+    pair: str | None,
+    quant: str,
     **settings,
 ) -> DeraPair:
-    """Loads the pair the flags name; with no model flags at all, the built-in demo pair."""
-    if not (aligned or reference or lora):
-        reference, lora = (str(p) for p in demo_pair())
-    if not reference:
-        raise DeraError("no reference model: pass -mr/--reference FILE.gguf or set DERA_REFERENCE")
-    if not (aligned or lora):
-        raise DeraError(
-            "no aligned model: pass -m/--aligned FILE.gguf (or --lora ADAPTER.gguf) "
-            "or set DERA_ALIGNED"
-        )
-    return load_pair(aligned or None, reference, lora=lora, lora_scale=lora_scale, **settings)
+    """Loads the pair the flags name (see resolve_models; no flags: the demo pair)."""
+    aligned, reference, lora = resolve_models(aligned, reference, lora, pair, quant)
+    return load_pair(aligned, reference, lora=lora, lora_scale=lora_scale, **settings)
 
 
 def read_text_file(path: str, what: str) -> str:
@@ -225,6 +231,8 @@ MODEL_KEYS = (
     "reference",
     "lora",
     "lora_scale",
+    "pair",
+    "quant",
     "n_ctx",
     "n_batch",
     "n_threads",

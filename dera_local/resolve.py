@@ -1,0 +1,71 @@
+"""Turns what a user names into local model files: a path, a hub 'owner/repo:file.gguf'
+(downloaded into the hub cache if missing), a catalog pair (from the cache, offline once
+pulled), or nothing at all (the built-in demo pair)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import hub
+from .catalog import DEFAULT_QUANT, find_pair, parse_remote
+from .default_pair import demo_pair
+from .errors import DeraError
+
+
+def model_path(spec: str) -> str:
+    """A local path as it is; 'owner/repo:file.gguf' from the hub cache or the hub."""
+    if Path(spec).expanduser().exists():
+        return spec
+    remote = parse_remote(spec)
+    return str(hub.download(remote)) if remote else spec
+
+
+def pulled_pair(name: str, quant: str = DEFAULT_QUANT) -> tuple[str, str]:
+    """(aligned, reference) paths of a catalog pair already in the cache."""
+    entry = find_pair(name)
+    paths = []
+    for remote in entry.files(quant):
+        path = hub.cached_path(remote)
+        if path is None:
+            raise DeraError(
+                f"pair {name!r} ({quant}) is not downloaded: "
+                f"run dera-local pull {name} --quant {quant}"
+            )
+        paths.append(str(path))
+    return paths[0], paths[1]
+
+
+def pull(name: str, quant: str = DEFAULT_QUANT) -> tuple[Path, Path]:
+    """Downloads both files of a catalog pair (resuming, checked); returns their paths."""
+    aligned, reference = find_pair(name).files(quant)
+    return hub.download(aligned), hub.download(reference)
+
+
+def resolve_models(
+    aligned: str | None,
+    reference: str | None,
+    lora: str | None,
+    pair: str | None = None,
+    quant: str = DEFAULT_QUANT,
+) -> tuple[str | None, str, str | None]:
+    """(aligned, reference, lora) local paths from command-line style arguments."""
+    if pair:
+        if aligned or reference or lora:
+            raise DeraError("give either --pair or model files (-m/-mr/--lora), not both")
+        aligned_path, reference_path = pulled_pair(pair, quant)
+        return aligned_path, reference_path, None
+    if not (aligned or reference or lora):
+        reference_path, adapter = demo_pair()
+        return None, str(reference_path), str(adapter)
+    if not reference:
+        raise DeraError("no reference model: pass -mr/--reference FILE.gguf or set DERA_REFERENCE")
+    if not (aligned or lora):
+        raise DeraError(
+            "no aligned model: pass -m/--aligned FILE.gguf (or --lora ADAPTER.gguf) "
+            "or set DERA_ALIGNED"
+        )
+    return (
+        model_path(aligned) if aligned else None,
+        model_path(reference),
+        model_path(lora) if lora else None,
+    )
