@@ -113,3 +113,23 @@ def machine() -> str:
         f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
         f"Python {platform.python_version()}, llama-cpp-python {llama_cpp.__version__}"
     )
+
+
+def run_pairs(
+    title: str, bench_pair: Callable[[PairSpec, int, int, int], str], doc: str, tokens: int
+) -> None:
+    """The command line every pair benchmark shares: --runs, --tokens, --threads, --pairs."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--tokens", type=int, default=tokens)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--pairs", default="tiny,smollm2,qwen")
+    args = parser.parse_args()
+    makers = {"tiny": tiny_pair, "smollm2": smollm2_pair, "qwen": qwen_pair}
+    print(f"## {title}\n\nMachine: {machine()}\n")
+    for name in args.pairs.split(","):
+        spec = makers[name]()
+        if spec is not None:
+            print(bench_pair(spec, args.tokens, args.threads, args.runs) + "\n", flush=True)

@@ -6,21 +6,10 @@ runs, and scoring an 11-value grid against scoring one lam.
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import time
 
-from common import (
-    PairSpec,
-    machine,
-    median_of,
-    qwen_pair,
-    smollm2_pair,
-    table,
-    timed,
-    tiny_pair,
-)
+from common import PairSpec, median_of, run_pairs, table, timed
 
 import dera_local
 from dera_local.backend import TokenBatch
@@ -139,18 +128,7 @@ def bench_pair(spec: PairSpec, n: int, threads: int, runs: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--tokens", type=int, default=48)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--pairs", default="tiny,smollm2,qwen")
-    args = parser.parse_args()
-    makers = {"tiny": tiny_pair, "smollm2": smollm2_pair, "qwen": qwen_pair}
-    print(f"## Lambda sweeps and grid scoring\n\nMachine: {machine()}\n")
-    for name in args.pairs.split(","):
-        spec = makers[name]()
-        if spec is not None:
-            print(bench_pair(spec, args.tokens, args.threads, args.runs) + "\n", flush=True)
+    run_pairs("Lambda sweeps and grid scoring", bench_pair, __doc__, tokens=48)
 
 
 if __name__ == "__main__":

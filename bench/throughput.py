@@ -13,14 +13,12 @@ Ratios are computed within this run.
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import time
 
 import llama_cpp
 import numpy as np
-from common import PairSpec, machine, qwen_pair, smollm2_pair, table, tiny_pair
+from common import PairSpec, run_pairs, table
 
 import dera_local
 from dera_local.sampling import SamplerChain
@@ -249,18 +247,7 @@ def bench_pair(spec: PairSpec, n: int, threads: int, runs: int) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--pairs", default="tiny,smollm2,qwen")
-    args = parser.parse_args()
-    makers = {"tiny": tiny_pair, "smollm2": smollm2_pair, "qwen": qwen_pair}
-    print(f"## Decode throughput\n\nMachine: {machine()}\n")
-    for name in args.pairs.split(","):
-        spec = makers[name]()
-        if spec is not None:
-            print(bench_pair(spec, args.tokens, args.threads, args.runs) + "\n", flush=True)
+    run_pairs("Decode throughput", bench_pair, __doc__, tokens=64)
 
 
 if __name__ == "__main__":

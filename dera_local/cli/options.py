@@ -113,8 +113,10 @@ model_options = _stack(
     click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log on stderr."),
 )
 
-sampling_options = _stack(
-    click.option(
+
+def lam_option(help_text: str) -> Callable:
+    """--lam/--lambda (env DERA_LAMBDA), as llama.cpp-style flags go: a float, default 1."""
+    return click.option(
         "--lam",
         "--lambda",
         "lam",
@@ -122,8 +124,12 @@ sampling_options = _stack(
         default=1.0,
         show_default=True,
         envvar="DERA_LAMBDA",
-        help="DeRa strength: 1 = aligned, 0 = reference, >1 extrapolates. Env: DERA_LAMBDA.",
-    ),
+        help=help_text,
+    )
+
+
+sampling_options = _stack(
+    lam_option("DeRa strength: 1 = aligned, 0 = reference, >1 extrapolates. Env: DERA_LAMBDA."),
     click.option(
         "-n",
         "--n-predict",

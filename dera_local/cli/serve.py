@@ -8,7 +8,7 @@ import click
 
 from ..errors import DeraError
 from ..mixing import validate_lam
-from .options import model_options, open_pair, split_options
+from .options import lam_option, model_options, open_pair, split_options
 
 
 def _is_loopback(host: str) -> bool:
@@ -31,16 +31,7 @@ def _is_loopback(host: str) -> bool:
     envvar="DERA_API_KEY",
     help="Require 'Authorization: Bearer KEY' on /v1/*.",
 )
-@click.option(
-    "--lam",
-    "--lambda",
-    "lam",
-    type=float,
-    default=1.0,
-    show_default=True,
-    envvar="DERA_LAMBDA",
-    help="lam for requests without dera_lambda.",
-)
+@lam_option("lam for requests without dera_lambda. Env: DERA_LAMBDA.")
 @click.option(
     "--max-queue",
     type=click.IntRange(1),
