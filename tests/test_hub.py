@@ -170,3 +170,18 @@ def test_bundled_catalog_has_the_required_pairs():
     for entry in catalog.values():
         aligned, reference = entry.files()
         assert aligned.filename.endswith(".gguf") and "/" in reference.repo
+
+
+def test_disk_full_is_one_line(fake_hub, monkeypatch):
+    import errno
+
+    import huggingface_hub
+
+    def no_space(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", no_space)
+    result = run("pull", "tiny-pair")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "the disk is full" in lines[0]
