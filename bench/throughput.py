@@ -152,9 +152,14 @@ def breakdown(pair, prompt: list[int], n: int, runs: int) -> dict:
         sums = dict.fromkeys(parts, 0.0)
         for _ in range(n):
             t0 = time.perf_counter()
-            pair._mix(LAM)
+            pair.mixer.mix_in_place(
+                loaded.aligned_ctx.logits_address(-1),
+                loaded.reference_ctx.logits_address(-1),
+                pair.n_vocab,
+                LAM,
+            )
             t1 = time.perf_counter()
-            token = chain.sample(loaded.aligned_ctx.ptr)
+            token = chain.sample_at(loaded.aligned_ctx.ptr, -1)
             t2 = time.perf_counter()
             loaded.aligned_model.token_bytes(token)
             loaded.aligned_model.is_end_of_generation(token)

@@ -80,14 +80,6 @@ class LoadedModel:
             llama_cpp.llama_model_free(self.ptr)
             self.ptr = None
 
-    def describe(self) -> str:
-        buffer = ctypes.create_string_buffer(256)
-        llama_cpp.llama_model_desc(self.ptr, buffer, len(buffer))
-        return buffer.value.decode("utf-8", errors="replace")
-
-    def n_params(self) -> int:
-        return int(llama_cpp.llama_model_n_params(self.ptr))
-
     def train_context_length(self) -> int:
         return int(llama_cpp.llama_model_n_ctx_train(self.ptr))
 
@@ -290,8 +282,3 @@ class Context:
 
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self.memory, True)
-
-    def last_logits_address(self) -> int:
-        """Address of the float32[n_vocab] logits of the last decoded token."""
-        pointer = llama_cpp.llama_get_logits_ith(self.ptr, -1)
-        return ctypes.cast(pointer, ctypes.c_void_p).value

@@ -102,10 +102,6 @@ class DeraPair:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    @property
-    def overlaps_decodes(self) -> bool:
-        return self._overlap is not None
-
     # -- tokens and text ------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         """Prompt text to ids, with the aligned model's tokenizer (both share it).
@@ -242,11 +238,16 @@ class DeraPair:
             reused = self._prefill(prompt_tokens)
             prefilled = time.perf_counter()
             while True:
-                if logprobs is None:
-                    self._mix(lam)
-                    token = chain.sample(aligned_ctx.ptr)
-                else:
-                    token = self._mix_sample_and_score(lam, chain, logprobs)
+                token = sample_mixture(
+                    self.mixer,
+                    aligned_ctx,
+                    self._mixing_partner,
+                    -1,
+                    self.n_vocab,
+                    self._mixing_lam(lam),
+                    chain,
+                    logprobs,
+                )
                 if self.loaded.aligned_model.is_end_of_generation(token):
                     finish = FINISH_STOP
                     break
@@ -280,31 +281,13 @@ class DeraPair:
         finally:
             chain.close()
 
-    def _mix(self, lam: float) -> None:
-        if self.identical:
-            return
-        self.mixer.mix_in_place(
-            self.loaded.aligned_ctx.last_logits_address(),
-            self.loaded.reference_ctx.last_logits_address(),
-            self.n_vocab,
-            lam,
-        )
+    @property
+    def _mixing_partner(self) -> Context:
+        # An identical pair mixes the aligned logits with themselves at lam 1: a no-op.
+        return self.loaded.aligned_ctx if self.identical else self.loaded.reference_ctx
 
-    def _mix_sample_and_score(
-        self, lam: float, chain: SamplerChain, logprobs: SequenceLogprobs
-    ) -> int:
-        """_mix + sample, keeping a copy of the aligned logits (the mix overwrites them)."""
-        aligned_address = self.loaded.aligned_ctx.last_logits_address()
-        aligned = float_view(aligned_address, self.n_vocab).copy()
-        self._mix(lam)
-        token = chain.sample(self.loaded.aligned_ctx.ptr)
-        reference = (
-            aligned
-            if self.identical
-            else float_view(self.loaded.reference_ctx.last_logits_address(), self.n_vocab)
-        )
-        logprobs.add(token, aligned, reference, float_view(aligned_address, self.n_vocab))
-        return token
+    def _mixing_lam(self, lam: float) -> float:
+        return 1.0 if self.identical else lam
 
     def _live_contexts(self) -> list[Context]:
         if self.identical:
@@ -344,6 +327,34 @@ class DeraPair:
             self.loaded.aligned_ctx.decode(tokens)
             self.loaded.reference_ctx.decode(tokens)
         self._cached.extend(tokens)
+
+
+def sample_mixture(
+    mixer: LogitMixer,
+    aligned_ctx: Context,
+    reference_ctx: Context,
+    index: int,
+    n_vocab: int,
+    lam: float,
+    chain: SamplerChain,
+    logprobs: SequenceLogprobs | None = None,
+) -> int:
+    """One DeRa step on output `index` of the last batch: mixes the reference logits into
+    the aligned ones in place, samples with the chain, and (if asked) records the token's
+    log-probabilities, from a copy of the aligned logits taken before the mix."""
+    aligned_address = aligned_ctx.logits_address(index)
+    reference_address = reference_ctx.logits_address(index)
+    before = float_view(aligned_address, n_vocab).copy() if logprobs is not None else None
+    mixer.mix_in_place(aligned_address, reference_address, n_vocab, lam)
+    token = chain.sample_at(aligned_ctx.ptr, index)
+    if logprobs is not None:
+        logprobs.add(
+            token,
+            before,
+            float_view(reference_address, n_vocab),
+            float_view(aligned_address, n_vocab),
+        )
+    return token
 
 
 def load_pair(

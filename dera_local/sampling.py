@@ -121,12 +121,9 @@ class SamplerChain:
         seed = params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
         yield llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF)
 
-    def sample(self, ctx: llama_cpp.llama_context_p) -> int:
-        """Samples from the last logits of ctx, and accepts the token into the chain."""
-        return int(llama_cpp.llama_sampler_sample(self.ptr, ctx, -1))
-
     def sample_at(self, ctx: llama_cpp.llama_context_p, index: int) -> int:
-        """Samples from output `index` of ctx's last batch, and accepts the token."""
+        """Samples from output `index` of ctx's last batch (-1: the last output), and
+        accepts the token into the chain."""
         return int(llama_cpp.llama_sampler_sample(self.ptr, ctx, index))
 
     def close(self) -> None:

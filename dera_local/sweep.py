@@ -13,9 +13,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .backend import TokenBatch
-from .engine import FINISH_LENGTH, FINISH_STOP, DeraPair
+from .engine import FINISH_LENGTH, FINISH_STOP, DeraPair, sample_mixture
 from .errors import BadParameterError, DeraError
-from .logprobs import SequenceLogprobs, float_view
+from .logprobs import SequenceLogprobs
 from .mixing import validate_lam
 from .sampling import SamplerChain, SamplingParams
 from .text_stream import TextStream
@@ -155,14 +155,17 @@ class LambdaSweep:
         self.aligned_ctx.decode_batch(self.batch)
         self.reference_ctx.decode_batch(self.batch)
         model = self.pair.loaded.aligned_model
-        n_vocab = self.pair.n_vocab
         for index, seq in enumerate(live):
-            aligned_address = self.aligned_ctx.logits_address(index)
-            reference = float_view(self.reference_ctx.logits_address(index), n_vocab)
-            aligned = float_view(aligned_address, n_vocab).copy()
-            self.pair.mixer.mix_in_place(aligned_address, reference.ctypes.data, n_vocab, seq.lam)
-            token = seq.chain.sample_at(self.aligned_ctx.ptr, index)
-            seq.logprobs.add(token, aligned, reference, float_view(aligned_address, n_vocab))
+            token = sample_mixture(
+                self.pair.mixer,
+                self.aligned_ctx,
+                self.reference_ctx,
+                index,
+                self.pair.n_vocab,
+                seq.lam,
+                seq.chain,
+                seq.logprobs,
+            )
             if model.is_end_of_generation(token):
                 seq.finish = FINISH_STOP
                 continue

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import sys
 from collections.abc import Callable
 
 import click
@@ -191,6 +193,16 @@ def open_pair(
     """Loads the pair the flags name (see resolve_models; no flags: the demo pair)."""
     aligned, reference, lora = resolve_models(aligned, reference, lora, pair, quant)
     return load_pair(aligned, reference, lora=lora, lora_scale=lora_scale, **settings)
+
+
+def open_output(path: str | None):
+    """The file to write rows to (stdout when no path is given)."""
+    if path is None:
+        return contextlib.nullcontext(sys.stdout)
+    try:
+        return open(path, "w", encoding="utf-8")
+    except OSError as exc:
+        raise DeraError(f"cannot write {path}: {exc.strerror}") from None
 
 
 def read_text_file(path: str, what: str) -> str:

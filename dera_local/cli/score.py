@@ -11,8 +11,7 @@ import click
 from ..datafiles import read_pairs
 from ..score import score
 from ..sweep import parse_lambdas
-from .options import model_options, open_pair, split_options
-from .sweep import _open_output
+from .options import model_options, open_output, open_pair, split_options
 
 
 @click.command("score")
@@ -32,7 +31,7 @@ def score_command(lambdas: str, data_file: str, out: str | None, per_token: bool
     pairs = read_pairs(data_file)
     with (
         open_pair(**model) as pair,
-        _open_output(out) as sink,
+        open_output(out) as sink,
         click.progressbar(pairs, label="score", file=sys.stderr) as bar,
     ):
         for pair_id, prompt, response in bar:

@@ -12,16 +12,14 @@ from ..datafiles import load_reward, read_prompts
 from ..errors import DeraError
 from ..report import plot, summarize, write_csv
 from ..sweep import parse_lambdas, sweep
-from .options import model_options, open_pair, sampling_from, sampling_options, split_options
-
-
-def _open_output(path: str | None):
-    if path is None:
-        return sys.stdout
-    try:
-        return open(path, "w", encoding="utf-8")
-    except OSError as exc:
-        raise DeraError(f"cannot write {path}: {exc.strerror}") from None
+from .options import (
+    model_options,
+    open_output,
+    open_pair,
+    sampling_from,
+    sampling_options,
+    split_options,
+)
 
 
 @click.command("sweep")
@@ -63,7 +61,7 @@ def sweep_command(
         raise DeraError("--plot needs --reward: the picture is reward against KL")
     params = sampling_from(**sampling)
     rows = []
-    with open_pair(**model) as pair, _open_output(out) as sink:
+    with open_pair(**model) as pair, open_output(out) as sink:
         generator = sweep(
             pair,
             prompts,
