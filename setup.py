@@ -14,7 +14,6 @@ class BuildNativeHook(build_ext):
             if self.compiler.compiler_type == "msvc":
                 ext.extra_compile_args = ["/O2", "/fp:precise"]
             else:
-                # No FMA contraction: the numpy fallback must round identically.
                 ext.extra_compile_args = [
                     "-O3",
                     "-std=c11",

@@ -16,7 +16,7 @@ from pathlib import Path
 import llama_cpp
 
 from . import llama_log
-from .errors import DeraError, ModelFileError
+from .errors import ContextFullError, ModelFileError, RuntimeFailure
 
 
 @cache
@@ -152,7 +152,9 @@ class TokenBatch:
 
     def fill(self, entries: list[tuple[int, int, int, bool]]) -> None:
         if len(entries) > self.capacity:
-            raise DeraError(f"batch of {len(entries)} tokens exceeds its capacity {self.capacity}")
+            raise RuntimeFailure(
+                f"batch of {len(entries)} tokens exceeds its capacity {self.capacity}"
+            )
         batch = self.struct
         for i, (token, position, sequence, wants_logits) in enumerate(entries):
             batch.token[i] = token
@@ -217,9 +219,9 @@ class Context:
         ctx = llama_cpp.llama_init_from_model(model.ptr, params)
         if not ctx:
             reason = llama_log.recent_problem() or "out of memory?"
-            raise DeraError(
-                f"{model.path}: could not create a context of {options.n_ctx} tokens ({reason}); "
-                "try a smaller -c"
+            raise RuntimeFailure(
+                f"{model.path}: could not create a context of {options.n_ctx} tokens ({reason})",
+                cli_hint="try a smaller -c",
             )
         self.ptr = ctx
         self.model = model
@@ -241,7 +243,7 @@ class Context:
         adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter.ptr)
         scales = (ctypes.c_float * 1)(scale)
         if llama_cpp.llama_set_adapters_lora(self.ptr, adapters, 1, scales) != 0:
-            raise DeraError(f"{adapter.path}: llama.cpp could not attach the adapter")
+            raise ModelFileError(f"{adapter.path}: llama.cpp could not attach the adapter")
         self.adapter = adapter  # keep it referenced as long as the context uses it
 
     def n_cached(self) -> int:
@@ -262,14 +264,22 @@ class Context:
             status = llama_cpp.llama_decode(
                 self.ptr, llama_cpp.llama_batch_get_one(array, len(chunk))
             )
-            if status != 0:
-                raise DeraError(f"{self.model.path.name}: llama_decode failed with status {status}")
+            self._check_decode(status)
 
     def decode_batch(self, batch: TokenBatch) -> None:
         """Decodes a prepared multi-sequence batch (see TokenBatch)."""
-        status = llama_cpp.llama_decode(self.ptr, batch.struct)
+        self._check_decode(llama_cpp.llama_decode(self.ptr, batch.struct))
+
+    def _check_decode(self, status: int) -> None:
+        # llama_decode: 0 = done, 1 = no KV slot for the batch, 2 = aborted, < 0 = error.
+        if status == 1:
+            raise ContextFullError(
+                f"{self.model.path.name}: the context's KV cache is full", cli_hint="raise -c"
+            )
         if status != 0:
-            raise DeraError(f"{self.model.path.name}: llama_decode failed with status {status}")
+            raise RuntimeFailure(
+                f"{self.model.path.name}: llama_decode failed with status {status}"
+            )
 
     def logits_address(self, index: int) -> int:
         """Address of the float32[n_vocab] logits of output `index` of the last batch."""

@@ -73,6 +73,15 @@ class ChatTemplate:
         return cls(source, bos_token=text_of("bos"), eos_token=text_of("eos"))
 
 
+def as_messages(prompt: str | Sequence[dict], system: str | None = None) -> list[dict]:
+    """A prompt as chat turns: text becomes one user turn, and the system prompt goes
+    first unless the messages bring their own."""
+    messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+    if system and not any(m.get("role") == "system" for m in messages):
+        messages.insert(0, {"role": "system", "content": system})
+    return messages
+
+
 class ChatSession:
     """A conversation with a DeRa pair; lam and sampling may change between turns."""
 
@@ -132,9 +141,9 @@ class _RecordingStream(GenerationStream):
 
     def __init__(self, session: ChatSession, inner: GenerationStream) -> None:
         super().__init__(self._chunks_of(session, inner))
-        self._inner = inner
 
-    def _chunks_of(self, session: ChatSession, inner: GenerationStream):
+    @staticmethod
+    def _chunks_of(session: ChatSession, inner: GenerationStream):
         shown: list[str] = []
         try:
             for chunk in inner:
@@ -142,5 +151,5 @@ class _RecordingStream(GenerationStream):
                 yield chunk
         finally:
             inner.close()
-            self.result = inner.result
             session.record_reply("".join(shown))
+        return inner.result

@@ -8,7 +8,7 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
-from .errors import DeraError
+from .errors import BadParameterError, DeraError
 
 
 def _lines(path: str | Path) -> list[str]:
@@ -30,9 +30,44 @@ def _json_object(path: str | Path, number: int, line: str) -> dict:
     return record
 
 
-def read_prompts(path: str | Path) -> list[tuple[str, str]]:
-    """(id, prompt) pairs from a .jsonl file ({"prompt": ..., "id": optional}) or from a
-    text file with one prompt per line (id = line number). Blank lines are skipped."""
+Prompt = str | list[dict]  # raw text, or chat messages [{"role": ..., "content": ...}]
+
+
+def _messages(path: str | Path, number: int, value: object) -> list[dict]:
+    ok = (
+        isinstance(value, list)
+        and value
+        and all(
+            isinstance(m, dict)
+            and isinstance(m.get("role"), str)
+            and isinstance(m.get("content"), str)
+            for m in value
+        )
+    )
+    if not ok:
+        raise DeraError(
+            f'{path}, line {number}: "messages" must be a non-empty list of '
+            '{"role": ..., "content": ...} objects with string values'
+        )
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def _prompt_of(path: str | Path, number: int, record: dict, *, needed: str) -> Prompt:
+    """A record's "messages" (chat turns) or "prompt" (text), whichever it has."""
+    if "messages" in record:
+        if "prompt" in record:
+            raise DeraError(f'{path}, line {number}: give "prompt" or "messages", not both')
+        return _messages(path, number, record["messages"])
+    prompt = record.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        raise DeraError(f"{path}, line {number}: {needed}")
+    return prompt
+
+
+def read_prompts(path: str | Path) -> list[tuple[str, Prompt]]:
+    """(id, prompt) pairs from a .jsonl file ({"prompt": text} or {"messages": [...]}, and
+    an optional "id") or from a text file with one prompt per line (id = line number).
+    Blank lines are skipped."""
     jsonl = str(path).endswith(".jsonl")
     prompts = []
     for number, line in enumerate(_lines(path), start=1):
@@ -42,27 +77,27 @@ def read_prompts(path: str | Path) -> list[tuple[str, str]]:
             prompts.append((str(number), line))
             continue
         record = _json_object(path, number, line)
-        prompt = record.get("prompt")
-        if not isinstance(prompt, str) or not prompt:
-            raise DeraError(f'{path}, line {number}: needs a non-empty string field "prompt"')
+        needed = 'needs a non-empty string field "prompt" or a "messages" list'
+        prompt = _prompt_of(path, number, record, needed=needed)
         prompts.append((str(record.get("id", number)), prompt))
     if not prompts:
         raise DeraError(f"{path} holds no prompts")
     return prompts
 
 
-def read_pairs(path: str | Path) -> list[tuple[str, str, str]]:
-    """(id, prompt, response) triples from a .jsonl file of {"prompt", "response"} objects."""
+def read_pairs(path: str | Path) -> list[tuple[str, Prompt, str]]:
+    """(id, prompt, response) triples from a .jsonl file of {"prompt" or "messages",
+    "response"} objects."""
     pairs = []
+    needed = 'needs string fields "prompt" (or a "messages" list) and "response" (non-empty)'
     for number, line in enumerate(_lines(path), start=1):
         if not line.strip():
             continue
         record = _json_object(path, number, line)
-        prompt, response = record.get("prompt"), record.get("response")
-        if not isinstance(prompt, str) or not isinstance(response, str) or not response:
-            raise DeraError(
-                f'{path}, line {number}: needs string fields "prompt" and "response" (non-empty)'
-            )
+        response = record.get("response")
+        if not isinstance(response, str) or not response:
+            raise DeraError(f"{path}, line {number}: {needed}")
+        prompt = _prompt_of(path, number, record, needed=needed)
         pairs.append((str(record.get("id", number)), prompt, response))
     if not pairs:
         raise DeraError(f"{path} holds no prompt/response pairs")
@@ -73,7 +108,7 @@ def load_reward(spec: str) -> Callable[[str], float]:
     """'package.module:function' -> the function (text -> float)."""
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
-        raise DeraError(f"--reward must look like module:function, got {spec!r}")
+        raise BadParameterError(f"a reward is named as module:function, got {spec!r}")
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:

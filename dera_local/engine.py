@@ -10,21 +10,18 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 
 from . import backend
 from .backend import Context, ContextOptions
-from .errors import BadParameterError, DeraError
+from .errors import BadParameterError
 from .loading import LoadedPair, PairOptions, load_models
 from .logprobs import SequenceLogprobs, float_view
 from .mixing import LogitMixer, validate_lam
 from .sampling import SamplerChain, SamplingParams
-from .text_stream import TextStream
-
-FINISH_STOP = "stop"  # an end-of-generation token or a stop string
-FINISH_LENGTH = "length"  # max_tokens reached or the context is full
+from .sequence import SequenceOutput
 
 
 @dataclass
@@ -56,19 +53,31 @@ class GenerationResult:
         return data
 
 
-@dataclass
 class GenerationStream:
     """Iterate for text chunks (always whole UTF-8 characters); `result` is set at the end.
-    Closing it early (or breaking out of the loop) stops generation cleanly."""
+    Closing it early (or breaking out of the loop) stops generation cleanly.
 
-    _chunks: Iterator[str]
-    result: GenerationResult | None = field(default=None)
+    The llama.cpp resources of a generation (its sampler chain) are created when the
+    first chunk is asked for and freed when it ends or is closed, so a stream that is
+    never iterated holds nothing."""
+
+    def __init__(self, steps: Generator[str, None, GenerationResult]) -> None:
+        self._steps = steps
+        self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
-        return self._chunks
+        return self
+
+    def __next__(self) -> str:
+        try:
+            return next(self._steps)
+        except StopIteration as end:
+            if end.value is not None:
+                self.result = end.value
+            raise
 
     def close(self) -> None:
-        self._chunks.close()  # type: ignore[attr-defined]
+        self._steps.close()
 
 
 class DeraPair:
@@ -157,9 +166,10 @@ class DeraPair:
                 f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})"
             )
         if len(tokens) > self.n_ctx:
-            raise DeraError(
+            raise BadParameterError(
                 f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx}; "
-                "raise -c or shorten the prompt"
+                "shorten the prompt",
+                cli_hint="or raise -c",
             )
 
     def clear_cache(self) -> None:
@@ -203,44 +213,40 @@ class DeraPair:
             raise BadParameterError("max_tokens must be positive, or -1 for no limit")
         prompt_tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_prompt(prompt_tokens)
-        chain = SamplerChain(sampling, self.loaded.aligned_model.vocab, self.n_ctx, logits_observer)
-        stream = GenerationStream(iter(()))
-        stream._chunks = self._lockstep(
-            stream,
-            prompt_tokens,
-            lam,
-            sampling,
-            max_tokens,
-            stop,
-            chain,
-            SequenceLogprobs() if logprobs else None,
+        return GenerationStream(
+            self._lockstep(
+                prompt_tokens,
+                lam,
+                sampling,
+                max_tokens,
+                stop,
+                logits_observer,
+                SequenceLogprobs() if logprobs else None,
+            )
         )
-        return stream
 
     def _lockstep(
         self,
-        stream: GenerationStream,
         prompt_tokens: list[int],
         lam: float,
         sampling: SamplingParams,
         max_tokens: int,
         stop: Sequence[str],
-        chain: SamplerChain,
+        logits_observer,
         logprobs: SequenceLogprobs | None,
-    ) -> Iterator[str]:
-        aligned_ctx = self.loaded.aligned_ctx
-        text = TextStream(stop)
-        pieces: list[str] = []
-        generated: list[int] = []
-        finish = FINISH_LENGTH
-        try:
+    ) -> Generator[str, None, GenerationResult]:
+        model = self.loaded.aligned_model
+        output = SequenceOutput(
+            model, n_prompt=len(prompt_tokens), n_ctx=self.n_ctx, max_tokens=max_tokens, stop=stop
+        )
+        with SamplerChain(sampling, model.vocab, self.n_ctx, logits_observer) as chain:
             started = time.perf_counter()
             reused = self._prefill(prompt_tokens)
             prefilled = time.perf_counter()
             while True:
                 token = sample_mixture(
                     self.mixer,
-                    aligned_ctx,
+                    self.loaded.aligned_ctx,
                     self._mixing_partner,
                     -1,
                     self.n_vocab,
@@ -248,38 +254,27 @@ class DeraPair:
                     chain,
                     logprobs,
                 )
-                if self.loaded.aligned_model.is_end_of_generation(token):
-                    finish = FINISH_STOP
-                    break
-                generated.append(token)
-                piece = text.push(self.loaded.aligned_model.token_bytes(token))
-                if piece:
-                    pieces.append(piece)
-                    yield piece
-                if text.stopped:
-                    finish = FINISH_STOP
-                    break
-                if len(generated) == max_tokens or len(self._cached) >= self.n_ctx:
+                finish = output.advance(token)
+                if output.new_text:
+                    yield output.new_text
+                if finish is not None:
                     break
                 self._decode_both([token])
-            tail = text.finish()
+            tail = output.flush()
             if tail:
-                pieces.append(tail)
                 yield tail
-            stream.result = GenerationResult(
-                text="".join(pieces),
-                tokens=generated,
-                prompt_tokens=prompt_tokens,
-                finish_reason=finish,
-                lam=lam,
-                seed=sampling.seed,
-                reused_prompt_tokens=reused,
-                prompt_seconds=prefilled - started,
-                generation_seconds=time.perf_counter() - prefilled,
-                logprobs=logprobs,
-            )
-        finally:
-            chain.close()
+        return GenerationResult(
+            text=output.text,
+            tokens=output.tokens,
+            prompt_tokens=prompt_tokens,
+            finish_reason=finish,
+            lam=lam,
+            seed=sampling.seed,
+            reused_prompt_tokens=reused,
+            prompt_seconds=prefilled - started,
+            generation_seconds=time.perf_counter() - prefilled,
+            logprobs=logprobs,
+        )
 
     @property
     def _mixing_partner(self) -> Context:

@@ -1,8 +1,21 @@
-"""The errors dera-local raises for bad input: each carries one line a user can act on."""
+"""The errors dera-local raises. Each carries one line a user can act on; which class it
+is says whose fault it was, so that the server can answer 400, 500 or 503.
+
+Library messages never name command-line flags (HTTP and API users have none); a
+`cli_hint` says what to change on the command line, and only the CLI prints it.
+"""
 
 
 class DeraError(Exception):
     """Base class: the message is one line saying what was wrong and what to do."""
+
+    def __init__(self, message: str, *, cli_hint: str | None = None) -> None:
+        super().__init__(message)
+        self.cli_hint = cli_hint
+
+    def for_cli(self) -> str:
+        """The message with the command-line hint, for the CLI's one error line."""
+        return f"{self} ({self.cli_hint})" if self.cli_hint else str(self)
 
 
 class ModelFileError(DeraError):
@@ -14,4 +27,14 @@ class IncompatibleModelsError(DeraError):
 
 
 class BadParameterError(DeraError, ValueError):
-    """A generation or mixing parameter is out of range (e.g. a non-finite lam)."""
+    """A request, generation or mixing parameter is unusable (e.g. a non-finite lam, a
+    prompt that does not fit the context): the caller's input, fixable by the caller."""
+
+
+class RuntimeFailure(DeraError):
+    """llama.cpp failed while running valid input (a failed llama_decode): not the
+    caller's fault."""
+
+
+class ContextFullError(RuntimeFailure):
+    """The KV cache had no room for the batch; retrying later (or with less) can work."""

@@ -114,8 +114,16 @@ def read_gguf(path: str | os.PathLike[str], *, expect: str = "model") -> GGUFInf
     if not architecture:
         raise ModelFileError(f"{path}: GGUF file without general.architecture; not a model")
     if file_type != expect:
-        hint = "pass it with --lora" if file_type == "adapter" else f"pass a GGUF {expect}"
-        raise ModelFileError(f"{path}: this GGUF is a {file_type}, not a {expect}; {hint}")
+        if file_type == "adapter":
+            raise ModelFileError(
+                f"{path}: this GGUF is an adapter, not a {expect}; load it as the LoRA adapter "
+                "of the reference",
+                cli_hint="pass it with --lora",
+            )
+        article = "an" if expect[0] in "aeiou" else "a"
+        raise ModelFileError(
+            f"{path}: this GGUF is a {file_type}, not {article} {expect}; pass a GGUF {expect}"
+        )
 
     tokens_field = reader.fields.get("tokenizer.ggml.tokens")
     if tokens_field is None and expect == "model":

@@ -6,12 +6,12 @@ from __future__ import annotations
 import gc
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from . import backend, llama_log
 from .backend import Context, ContextOptions, LoadedModel, LoadOptions, LoraAdapter
-from .errors import DeraError, IncompatibleModelsError, ModelFileError
+from .errors import BadParameterError, IncompatibleModelsError, ModelFileError
 from .gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
 
 DEFAULT_N_CTX = 4096
@@ -38,7 +38,6 @@ class LoadedPair:
     aligned_ctx: Context
     reference_ctx: Context
     load_options: LoadOptions
-    notes: list[str] = field(default_factory=list)
     adapter_info: GGUFInfo | None = None  # set when the aligned side is reference + LoRA
     lora_scale: float | None = None
 
@@ -84,9 +83,10 @@ def _read_pair_headers(
     lora: str | os.PathLike[str] | None,
 ) -> tuple[GGUFInfo, GGUFInfo, GGUFInfo | None]:
     if (aligned is None) == (lora is None):
-        raise DeraError(
-            "give the aligned side either as a model (-m/--aligned) or as a LoRA adapter of "
-            "the reference (--lora), not both and not neither"
+        raise BadParameterError(
+            "give the aligned side either as a model file or as a LoRA adapter of the "
+            "reference, not both and not neither",
+            cli_hint="-m/--aligned or --lora",
         )
     reference_info = read_gguf(reference)
     if lora is not None:
@@ -169,7 +169,6 @@ def load_models(
         aligned_ctx,
         reference_ctx,
         load_options,
-        notes,
         adapter_info,
         lora_scale if adapter_info is not None else None,
     )

@@ -47,7 +47,3 @@ class SequenceLogprobs:
             "reference": float(sum(self.reference)),
             "mixture": float(sum(self.mixture)),
         }
-
-    def kl_to_reference(self) -> float:
-        """Single-sample estimate of KL(pi_lam || pi_ref) for this sequence."""
-        return float(sum(self.mixture) - sum(self.reference))

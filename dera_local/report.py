@@ -4,29 +4,41 @@ and the reward-vs-KL picture of the DeRa paper (matplotlib, from the `plot` extr
 from __future__ import annotations
 
 import csv
+import math
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import DeraError
+from .errors import BadParameterError, DeraError
 from .sweep import SweepRow
 
 
+def standard_error(values: Sequence[float]) -> float | None:
+    """Standard error of the mean (sample standard deviation / sqrt(n)); None for n < 2."""
+    if len(values) < 2:
+        return None
+    return statistics.stdev(values) / math.sqrt(len(values))
+
+
 def summarize(rows: Sequence[SweepRow]) -> list[dict]:
-    """One dict per lam (in first-seen order): n, mean words, mean KL, mean reward."""
+    """One dict per lam (in first-seen order): n, mean tokens, mean KL and mean reward,
+    each mean with its standard error."""
     by_lam: dict[float, list[SweepRow]] = {}
     for row in rows:
         by_lam.setdefault(row.lam, []).append(row)
     summary = []
     for lam, mine in by_lam.items():
+        kls = [r.kl_to_reference for r in mine]
         rewards = [r.reward for r in mine if r.reward is not None]
         summary.append(
             {
                 "lam": lam,
                 "n": len(mine),
-                "mean_kl_to_reference": statistics.fmean(r.kl_to_reference for r in mine),
+                "mean_kl_to_reference": statistics.fmean(kls),
+                "se_kl_to_reference": standard_error(kls),
                 "mean_tokens": statistics.fmean(len(r.tokens) for r in mine),
                 "mean_reward": statistics.fmean(rewards) if rewards else None,
+                "se_reward": standard_error(rewards),
             }
         )
     return summary
@@ -43,29 +55,61 @@ def write_csv(summary: list[dict], path: str | Path) -> None:
 
 
 def plot(summary: list[dict], path: str | Path) -> None:
-    """Mean reward against mean KL(pi_lam || pi_ref), one labelled point per lam."""
+    """Mean reward against mean KL(pi_lam || pi_ref), one labelled point per lam, with
+    standard-error bars on both axes; labels are placed so they do not overlap."""
     if any(s["mean_reward"] is None for s in summary):
-        raise DeraError("--plot needs --reward: the picture is reward against KL")
+        raise BadParameterError(
+            "the plot is reward against KL: the rows need rewards (a reward function)",
+            cli_hint="give --reward",
+        )
     try:
         import matplotlib
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise DeraError("--plot needs matplotlib: pip install 'dera-local[plot]'") from None
-    figure, axes = plt.subplots(figsize=(5, 4))
+        raise DeraError("plotting needs matplotlib: pip install 'dera-local[plot]'") from None
+    figure, axes = plt.subplots(figsize=(5.5, 4.5))
     xs = [s["mean_kl_to_reference"] for s in summary]
     ys = [s["mean_reward"] for s in summary]
-    axes.plot(xs, ys, "o-")
-    for s, x, y in zip(summary, xs, ys, strict=True):
-        axes.annotate(f"λ={s['lam']:g}", (x, y), textcoords="offset points", xytext=(5, 5))
-    axes.set_xlabel("KL(π_λ ‖ π_ref) per answer (nats)")
-    axes.set_ylabel("mean reward")
+    axes.errorbar(
+        xs,
+        ys,
+        xerr=[s["se_kl_to_reference"] or 0.0 for s in summary],
+        yerr=[s["se_reward"] or 0.0 for s in summary],
+        fmt="o-",
+        capsize=3,
+    )
+    axes.set_xlabel("KL(π_λ ‖ π_ref) per answer (nats), mean ± s.e.")
+    axes.set_ylabel("mean reward ± s.e.")
     axes.set_title("DeRa: reward vs KL across λ")
     figure.tight_layout()
+    place_labels(axes, [f"λ={s['lam']:g}" for s in summary], xs, ys)
     try:
         figure.savefig(path, dpi=120)
     except OSError as exc:
         raise DeraError(f"cannot write {path}: {exc.strerror}") from None
     finally:
         plt.close(figure)
+
+
+# Where a label may sit relative to its point, in points, tried in this order.
+_LABEL_OFFSETS = [(6, 6), (6, -14), (-40, 6), (-40, -14), (6, 18), (-40, 18), (6, -26)]
+
+
+def place_labels(axes, labels: Sequence[str], xs: Sequence[float], ys: Sequence[float]) -> list:
+    """Annotates each point, trying offsets until its label's box overlaps no label
+    placed before it (the last offset is kept if none is free). Returns the texts."""
+    renderer = axes.figure.canvas.get_renderer()
+    placed: list = []
+    texts = []
+    for label, x, y in zip(labels, xs, ys, strict=True):
+        for offset in _LABEL_OFFSETS:
+            text = axes.annotate(label, (x, y), textcoords="offset points", xytext=offset)
+            box = text.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed) or offset == _LABEL_OFFSETS[-1]:
+                break
+            text.remove()
+        placed.append(box)
+        texts.append(text)
+    return texts

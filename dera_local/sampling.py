@@ -61,7 +61,10 @@ class SamplingParams:
 
 
 class SamplerChain:
-    """A llama.cpp sampler chain built from SamplingParams; free it with close()."""
+    """A llama.cpp sampler chain built from SamplingParams; free it with close() (or use
+    it as a context manager). `SamplerChain.live` counts chains not yet freed."""
+
+    live = 0
 
     def __init__(
         self,
@@ -75,6 +78,7 @@ class SamplerChain:
         self.ptr = llama_cpp.llama_sampler_chain_init(
             llama_cpp.llama_sampler_chain_default_params()
         )
+        SamplerChain.live += 1
         self._observer = observer
         try:
             if observer is not None:
@@ -132,3 +136,10 @@ class SamplerChain:
                 llama_cpp.llama_sampler_chain_remove(self.ptr, 0)
             llama_cpp.llama_sampler_free(self.ptr)
             self.ptr = None
+            SamplerChain.live -= 1
+
+    def __enter__(self) -> SamplerChain:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

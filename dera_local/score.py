@@ -18,7 +18,7 @@ import numpy as np
 
 from .backend import Context, TokenBatch
 from .engine import DeraPair
-from .errors import BadParameterError, DeraError
+from .errors import BadParameterError
 from .mixing import NATIVE, _native, mix_numpy
 from .sweep import parse_lambdas
 
@@ -141,9 +141,9 @@ def score(
     tokens = prompt_tokens + response_tokens
     pair.check_prompt(prompt_tokens)
     if len(tokens) > pair.n_ctx:
-        raise DeraError(
-            f"prompt and response have {len(tokens)} tokens but the context holds "
-            f"{pair.n_ctx}; raise -c"
+        raise BadParameterError(
+            f"prompt and response have {len(tokens)} tokens but the context holds {pair.n_ctx}",
+            cli_hint="raise -c",
         )
     contexts = pair.scoring_contexts()
     for ctx in contexts:

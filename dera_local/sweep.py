@@ -13,12 +13,12 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .backend import TokenBatch
-from .engine import FINISH_LENGTH, FINISH_STOP, DeraPair, sample_mixture
+from .engine import DeraPair, sample_mixture
 from .errors import BadParameterError, DeraError
 from .logprobs import SequenceLogprobs
 from .mixing import validate_lam
 from .sampling import SamplerChain, SamplingParams
-from .text_stream import TextStream
+from .sequence import SequenceOutput
 
 
 def parse_lambdas(values: str | Iterable[float]) -> list[float]:
@@ -29,11 +29,11 @@ def parse_lambdas(values: str | Iterable[float]) -> list[float]:
             values = [float(v) for v in parts]
         except ValueError:
             raise BadParameterError(
-                f"--lambdas must be numbers separated by commas, got {values!r}"
+                f"the lambda list must be numbers separated by commas, got {values!r}"
             ) from None
     lambdas = [validate_lam(v) for v in values]
     if not lambdas:
-        raise BadParameterError("the lambda list is empty; give e.g. --lambdas 0,0.5,1")
+        raise BadParameterError("the lambda list is empty; give e.g. 0,0.5,1")
     duplicates = sorted({v for v in lambdas if lambdas.count(v) > 1})
     if duplicates:
         repeated = ", ".join(f"{v:g}" for v in duplicates)
@@ -67,13 +67,10 @@ class _Sequence:
     seq_id: int
     lam: float
     chain: SamplerChain
-    text: TextStream
+    output: SequenceOutput
     next_token: int
     position: int
-    tokens: list[int] = field(default_factory=list)
-    pieces: list[str] = field(default_factory=list)
     logprobs: SequenceLogprobs = field(default_factory=SequenceLogprobs)
-    finish: str | None = None
 
 
 class LambdaSweep:
@@ -119,24 +116,24 @@ class LambdaSweep:
         sampling = (sampling or SamplingParams()).with_seed()
         tokens = pair.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         pair.check_prompt(tokens)
-        vocab = pair.loaded.aligned_model.vocab
-        sequences = [
-            _Sequence(
-                i,
-                lam,
-                SamplerChain(sampling, vocab, pair.n_ctx),
-                TextStream(stop),
-                next_token=tokens[-1],
-                position=len(tokens) - 1,
-            )
-            for i, lam in enumerate(self.lambdas)
-        ]
+        model = pair.loaded.aligned_model
+        sequences: list[_Sequence] = []
         try:
+            for i, lam in enumerate(self.lambdas):
+                output = SequenceOutput(
+                    model,
+                    n_prompt=len(tokens),
+                    n_ctx=pair.n_ctx,
+                    max_tokens=self.max_tokens,
+                    stop=stop,
+                )
+                chain = SamplerChain(sampling, model.vocab, pair.n_ctx)
+                sequences.append(_Sequence(i, lam, chain, output, tokens[-1], len(tokens) - 1))
             self._prefill_shared(tokens[:-1])
             live = sequences
             while live:
-                self._step(live, len(tokens))
-                live = [s for s in live if s.finish is None]
+                self._step(live)
+                live = [s for s in live if s.output.finish_reason is None]
         finally:
             for seq in sequences:
                 seq.chain.close()
@@ -150,11 +147,10 @@ class LambdaSweep:
             for seq_id in range(1, len(self.lambdas)):
                 ctx.copy_sequence(0, seq_id)
 
-    def _step(self, live: list[_Sequence], prompt_length: int) -> None:
+    def _step(self, live: list[_Sequence]) -> None:
         self.batch.fill([(s.next_token, s.position, s.seq_id, True) for s in live])
         self.aligned_ctx.decode_batch(self.batch)
         self.reference_ctx.decode_batch(self.batch)
-        model = self.pair.loaded.aligned_model
         for index, seq in enumerate(live):
             token = sample_mixture(
                 self.pair.mixer,
@@ -166,32 +162,20 @@ class LambdaSweep:
                 seq.chain,
                 seq.logprobs,
             )
-            if model.is_end_of_generation(token):
-                seq.finish = FINISH_STOP
-                continue
-            seq.tokens.append(token)
-            piece = seq.text.push(model.token_bytes(token))
-            if piece:
-                seq.pieces.append(piece)
-            if seq.text.stopped:
-                seq.finish = FINISH_STOP
-            elif (
-                len(seq.tokens) == self.max_tokens
-                or prompt_length + len(seq.tokens) - 1 >= self.pair.n_ctx
-            ):
-                seq.finish = FINISH_LENGTH
+            seq.output.advance(token)
             seq.next_token = token
             seq.position += 1
 
     @staticmethod
     def _row(seq: _Sequence, prompt_id: str) -> SweepRow:
         sums = seq.logprobs.sums()
+        seq.output.flush()
         return SweepRow(
             prompt_id=prompt_id,
             lam=seq.lam,
-            text="".join(seq.pieces) + seq.text.finish(),
-            tokens=seq.tokens,
-            finish_reason=seq.finish or FINISH_LENGTH,
+            text=seq.output.text,
+            tokens=seq.output.tokens,
+            finish_reason=seq.output.finish_reason,
             logprob_aligned=sums["aligned"],
             logprob_reference=sums["reference"],
             logprob_mixture=sums["mixture"],

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+from tiny_models import tokenizer_vocab, write_tiny_lora, write_tiny_model
 
-sys.path.insert(0, str(Path(__file__).parent))
-
-from tiny_models import tokenizer_vocab, write_tiny_lora, write_tiny_model  # noqa: E402
-
-import dera_local  # noqa: E402
+import dera_local
+from dera_local.cli import cli
 
 
 @pytest.fixture(scope="session")
@@ -44,9 +42,32 @@ def lora_path(model_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def pair(aligned_path, reference_path):
+def _shared_pair(aligned_path, reference_path):
     with dera_local.load_pair(aligned_path, reference_path, n_ctx=512, n_threads=2) as loaded:
         yield loaded
 
 
-GREEDY = dera_local.SamplingParams(temperature=0)
+@pytest.fixture
+def pair(_shared_pair):
+    """The tiny pair, loaded once per session, with an empty prefix cache for each test
+    (so no test's result depends on what the test before it generated)."""
+    _shared_pair.clear_cache()
+    return _shared_pair
+
+
+@pytest.fixture
+def greedy() -> dera_local.SamplingParams:
+    return dera_local.SamplingParams(temperature=0)
+
+
+@pytest.fixture
+def run(aligned_path, reference_path, monkeypatch):
+    """Runs the CLI on the tiny pair (through DERA_ALIGNED/DERA_REFERENCE) with optional
+    stdin; exceptions other than click's own propagate, so a traceback fails the test."""
+    monkeypatch.setenv("DERA_ALIGNED", str(aligned_path))
+    monkeypatch.setenv("DERA_REFERENCE", str(reference_path))
+
+    def invoke(*args: str, stdin: str | None = None):
+        return CliRunner().invoke(cli, list(args), input=stdin, catch_exceptions=False)
+
+    return invoke

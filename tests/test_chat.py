@@ -3,8 +3,6 @@ nothing in the output compared with re-reading the whole history."""
 
 from __future__ import annotations
 
-from conftest import GREEDY
-
 from dera_local import ChatSession, ChatTemplate
 
 
@@ -36,13 +34,13 @@ def _three_turns(session: ChatSession) -> list:
     return results
 
 
-def test_turns_reuse_the_caches_and_match_rereading_history(pair):
+def test_turns_reuse_the_caches_and_match_rereading_history(pair, greedy):
     pair.clear_cache()
-    cached = _three_turns(ChatSession(pair, sampling=GREEDY, max_tokens=12))
+    cached = _three_turns(ChatSession(pair, sampling=greedy, max_tokens=12))
     assert cached[1].reused_prompt_tokens >= len(cached[0].prompt_tokens)
     assert cached[2].reused_prompt_tokens >= len(cached[1].prompt_tokens)
 
-    fresh_session = ChatSession(pair, sampling=GREEDY, max_tokens=12)
+    fresh_session = ChatSession(pair, sampling=greedy, max_tokens=12)
     fresh = []
     for text, lam in (("hello", 1.0), ("tell me more", 0.5), ("and then?", 2.0)):
         pair.clear_cache()  # every turn re-reads the whole history
@@ -54,8 +52,8 @@ def test_turns_reuse_the_caches_and_match_rereading_history(pair):
     assert [r.prompt_tokens for r in cached] == [r.prompt_tokens for r in fresh]
 
 
-def test_stopped_reply_keeps_what_was_shown(pair):
-    session = ChatSession(pair, sampling=GREEDY, max_tokens=50)
+def test_stopped_reply_keeps_what_was_shown(pair, greedy):
+    session = ChatSession(pair, sampling=greedy, max_tokens=50)
     stream = session.send("hi")
     shown = ""
     for chunk in stream:

@@ -7,22 +7,10 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import GREEDY
 from reference_impl import solo_greedy
 
 from dera_local import ChatSession
 from dera_local.cli import cli
-
-
-@pytest.fixture
-def run(aligned_path, reference_path, monkeypatch):
-    monkeypatch.setenv("DERA_ALIGNED", str(aligned_path))
-    monkeypatch.setenv("DERA_REFERENCE", str(reference_path))
-
-    def invoke(*args: str, stdin: str | None = None):
-        return CliRunner().invoke(cli, list(args), input=stdin, catch_exceptions=False)
-
-    return invoke
 
 
 def _json(result) -> dict:
@@ -55,7 +43,7 @@ def test_prompt_from_file_and_stdin_agree(run, tmp_path):
     assert from_file["tokens"] == from_stdin["tokens"]
 
 
-def test_chat_with_piped_commands(run, pair):
+def test_chat_with_piped_commands(run, pair, greedy):
     script = (
         "/help\nhello\n/lambda 0.5\nagain\n/system be brief\n/reset\n/lambda nan\nbye\n"
         "/quit\nnot read\n"
@@ -67,7 +55,7 @@ def test_chat_with_piped_commands(run, pair):
     assert "conversation cleared" in result.stderr
     assert "error: lam must be finite" in result.stderr
     # the same conversation through the Python API; the line after /quit is never read
-    session = ChatSession(pair, sampling=GREEDY, max_tokens=6)
+    session = ChatSession(pair, sampling=greedy, max_tokens=6)
     replies = [session.say("hello")]
     session.lam = 0.5
     replies.append(session.say("again"))

@@ -11,7 +11,6 @@ import re
 
 import pytest
 from click.testing import CliRunner
-from conftest import GREEDY
 from reference_impl import solo_greedy
 
 import dera_local
@@ -51,13 +50,13 @@ def demo():
 
 
 @needs_demo
-def test_real_pair_endpoints_equal_each_model_alone(demo):
+def test_real_pair_endpoints_equal_each_model_alone(demo, greedy):
     pair, reference, adapter = demo
     session = dera_local.ChatSession(pair)
     session.messages = [{"role": "user", "content": "What is gravity?"}]
     prompt = session.prompt_tokens()
-    lam0 = pair.generate(prompt, lam=0.0, sampling=GREEDY, max_tokens=24).tokens
-    lam1 = pair.generate(prompt, lam=1.0, sampling=GREEDY, max_tokens=24).tokens
+    lam0 = pair.generate(prompt, lam=0.0, sampling=greedy, max_tokens=24).tokens
+    lam1 = pair.generate(prompt, lam=1.0, sampling=greedy, max_tokens=24).tokens
     assert lam0 != lam1, "the adapter must change the output"
     assert lam0 == solo_greedy(reference, prompt, 24)
     assert lam1 == solo_greedy(reference, prompt, 24, lora=adapter)

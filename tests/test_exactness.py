@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import GREEDY
 from reference_impl import LogitsRecorder, numpy_mix, solo_greedy, solo_logits
 
 import dera_local
@@ -47,10 +46,10 @@ def test_sampler_sees_the_mixture_of_each_model_alone(
 
 @pytest.mark.parametrize("lam, which", [(1.0, "aligned"), (0.0, "reference")])
 def test_endpoints_equal_one_model_alone_in_llama_class(
-    pair, aligned_path, reference_path, lam, which
+    pair, aligned_path, reference_path, lam, which, greedy
 ):
     prompt = pair.tokenize("Once upon a time")
-    result = pair.generate(prompt, lam=lam, sampling=GREEDY, max_tokens=32)
+    result = pair.generate(prompt, lam=lam, sampling=greedy, max_tokens=32)
     path = aligned_path if which == "aligned" else reference_path
     assert result.tokens == solo_greedy(path, prompt, 32)
     other = reference_path if which == "aligned" else aligned_path

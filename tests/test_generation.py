@@ -3,40 +3,39 @@
 from __future__ import annotations
 
 import pytest
-from conftest import GREEDY
 
 import dera_local
 from dera_local.errors import BadParameterError, DeraError
 
 
-def test_stop_string_ends_generation_and_is_cut(pair):
-    full = pair.generate("abc", lam=0.3, sampling=GREEDY, max_tokens=40)
+def test_stop_string_ends_generation_and_is_cut(pair, greedy):
+    full = pair.generate("abc", lam=0.3, sampling=greedy, max_tokens=40)
     stop = full.text[10:13]
     assert len(stop) == 3
-    cut = pair.generate("abc", lam=0.3, sampling=GREEDY, max_tokens=40, stop=[stop])
+    cut = pair.generate("abc", lam=0.3, sampling=greedy, max_tokens=40, stop=[stop])
     assert cut.finish_reason == "stop"
     assert cut.text == full.text[: full.text.index(stop)]
     assert cut.tokens == full.tokens[: len(cut.tokens)]
-    streamed = list(pair.stream("abc", lam=0.3, sampling=GREEDY, max_tokens=40, stop=[stop]))
+    streamed = list(pair.stream("abc", lam=0.3, sampling=greedy, max_tokens=40, stop=[stop]))
     assert "".join(streamed) == cut.text
 
 
-def test_max_tokens(pair):
-    result = pair.generate("abc", sampling=GREEDY, max_tokens=7)
+def test_max_tokens(pair, greedy):
+    result = pair.generate("abc", sampling=greedy, max_tokens=7)
     assert (len(result.tokens), result.finish_reason) == (7, "length")
 
 
-def test_full_context_finishes_with_length(aligned_path, reference_path):
+def test_full_context_finishes_with_length(aligned_path, reference_path, greedy):
     # llama.cpp rounds the context up to a multiple of 256
     with dera_local.load_pair(aligned_path, reference_path, n_ctx=256) as small:
         prompt = small.tokenize("hello")
-        result = small.generate(prompt, sampling=GREEDY, max_tokens=-1, lam=0.5)
+        result = small.generate(prompt, sampling=greedy, max_tokens=-1, lam=0.5)
         assert result.finish_reason == "length"
         # the last sampled token needs no room: the context holds prompt + all but it
         assert len(prompt) + len(result.tokens) == small.n_ctx + 1
         with pytest.raises(DeraError, match="context holds 256"):
-            small.generate("x" * 300, sampling=GREEDY)
-        assert small.generate("x" * 255, sampling=GREEDY).finish_reason == "length"
+            small.generate("x" * 300, sampling=greedy)
+        assert small.generate("x" * 255, sampling=greedy).finish_reason == "length"
 
 
 def test_end_of_generation_token_stops(pair):
@@ -94,18 +93,18 @@ def test_unseeded_run_reports_the_seed_that_repeats_it(pair):
     assert first.tokens == again.tokens
 
 
-def test_repeat_penalty_changes_greedy_output(pair):
-    plain = pair.generate("aaaa", sampling=GREEDY, max_tokens=30)
+def test_repeat_penalty_changes_greedy_output(pair, greedy):
+    plain = pair.generate("aaaa", sampling=greedy, max_tokens=30)
     penalized = pair.generate(
         "aaaa", max_tokens=30, sampling=dera_local.SamplingParams(temperature=0, repeat_penalty=1.5)
     )
     assert plain.tokens != penalized.tokens
 
 
-def test_same_prompt_again_reuses_the_cache_and_gives_the_same_tokens(pair):
+def test_same_prompt_again_reuses_the_cache_and_gives_the_same_tokens(pair, greedy):
     pair.clear_cache()
-    first = pair.generate("cache me", lam=0.3, sampling=GREEDY, max_tokens=10)
-    second = pair.generate("cache me", lam=0.3, sampling=GREEDY, max_tokens=10)
+    first = pair.generate("cache me", lam=0.3, sampling=greedy, max_tokens=10)
+    second = pair.generate("cache me", lam=0.3, sampling=greedy, max_tokens=10)
     assert first.reused_prompt_tokens == 0
     assert second.reused_prompt_tokens == len(second.prompt_tokens) - 1
     assert first.tokens == second.tokens

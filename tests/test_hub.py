@@ -8,7 +8,6 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from conftest import GREEDY
 from fake_hub import FakeHub
 
 from dera_local import hub
@@ -58,7 +57,7 @@ def run(*args: str):
     return CliRunner().invoke(cli, list(args))
 
 
-def test_pull_then_use_the_pair_from_the_cache_offline(fake_hub, pair, monkeypatch):
+def test_pull_then_use_the_pair_from_the_cache_offline(fake_hub, pair, monkeypatch, greedy):
     assert "not downloaded" in run("list").stdout
     pulled = run("pull", "tiny-pair")
     assert pulled.exit_code == 0, pulled.stderr
@@ -81,7 +80,7 @@ def test_pull_then_use_the_pair_from_the_cache_offline(fake_hub, pair, monkeypat
         "0.5",
     )
     assert result.exit_code == 0, result.stderr
-    expected = pair.generate("Hello", lam=0.5, sampling=GREEDY, max_tokens=8)
+    expected = pair.generate("Hello", lam=0.5, sampling=greedy, max_tokens=8)
     assert json.loads(result.stdout)["tokens"] == expected.tokens
     info = run("info", "--pair", "tiny-pair")
     assert info.exit_code == 0 and "compatibility: OK" in info.stdout
@@ -130,7 +129,7 @@ def test_unknown_pair_and_quant(fake_hub):
         find_pair("tiny-pair").files("Q2_K")
 
 
-def test_repo_colon_file_names_for_models(fake_hub, pair):
+def test_repo_colon_file_names_for_models(fake_hub, pair, greedy):
     result = run(
         "generate",
         "Hello",
@@ -147,7 +146,7 @@ def test_repo_colon_file_names_for_models(fake_hub, pair):
         "0.5",
     )
     assert result.exit_code == 0, result.stderr
-    expected = pair.generate("Hello", lam=0.5, sampling=GREEDY, max_tokens=6)
+    expected = pair.generate("Hello", lam=0.5, sampling=greedy, max_tokens=6)
     assert json.loads(result.stdout)["tokens"] == expected.tokens
     missing = run(
         "generate",

@@ -77,8 +77,9 @@ def test_adapter_passed_as_model(tmp_path, reference_path):
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
-    with pytest.raises(ModelFileError, match="adapter"):
+    with pytest.raises(ModelFileError, match="this GGUF is an adapter, not a model") as info:
         dera_local.load_pair(path, reference_path)
+    assert info.value.cli_hint == "pass it with --lora"
 
 
 def test_different_token_text_names_id_and_both_texts(aligned_path, other_vocab_path):

@@ -15,7 +15,6 @@ import urllib.error
 import urllib.request
 
 import pytest
-from conftest import GREEDY
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -124,12 +123,12 @@ def _chat(client, lam=None, **kwargs):
     )
 
 
-def test_chat_matches_the_python_api(client, pair):
+def test_chat_matches_the_python_api(client, pair, greedy):
     from dera_local import ChatTemplate
 
     reply = _chat(client, lam=0.5)
     template = ChatTemplate.for_pair(pair)
-    expected = pair.generate(template.tokens(pair, CHAT), lam=0.5, sampling=GREEDY, max_tokens=12)
+    expected = pair.generate(template.tokens(pair, CHAT), lam=0.5, sampling=greedy, max_tokens=12)
     assert reply.choices[0].message.content == expected.text
     assert reply.usage.completion_tokens == len(expected.tokens)
     assert reply.usage.prompt_tokens == len(expected.prompt_tokens)

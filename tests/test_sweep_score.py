@@ -6,12 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
-from conftest import GREEDY
 from reference_impl import solo_logits
 
 import dera_local
-from dera_local.cli import cli
 from dera_local.errors import BadParameterError, DeraError
 from dera_local.score import score
 from dera_local.sweep import LambdaSweep, parse_lambdas, sweep
@@ -20,12 +17,12 @@ GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
 
 
 @pytest.mark.parametrize("prompt", ["Hello there", "x", "The quick brown fox jumps"])
-def test_greedy_sweep_equals_generate_at_each_lam(pair, prompt):
+def test_greedy_sweep_equals_generate_at_each_lam(pair, prompt, greedy):
     with LambdaSweep(pair, GRID, max_tokens=24) as runner:
-        rows = runner.run(prompt, sampling=GREEDY)
+        rows = runner.run(prompt, sampling=greedy)
     assert [r.lam for r in rows] == GRID
     for row in rows:
-        single = pair.generate(prompt, lam=row.lam, sampling=GREEDY, max_tokens=24, logprobs=True)
+        single = pair.generate(prompt, lam=row.lam, sampling=greedy, max_tokens=24, logprobs=True)
         assert row.tokens == single.tokens, f"lam {row.lam}"
         assert row.text == single.text and row.finish_reason == single.finish_reason
         sums = single.logprobs.sums()
@@ -45,20 +42,20 @@ def test_seeded_sampled_sweep_equals_generate(pair):
         )
 
 
-def test_sweep_on_a_lora_pair_equals_generate(reference_path, lora_path):
+def test_sweep_on_a_lora_pair_equals_generate(reference_path, lora_path, greedy):
     with dera_local.load_pair(None, reference_path, lora=lora_path, n_ctx=256) as lora_pair:
         rows = list(
-            sweep(lora_pair, [("a", "Once upon")], [0.0, 1.0], sampling=GREEDY, max_tokens=16)
+            sweep(lora_pair, [("a", "Once upon")], [0.0, 1.0], sampling=greedy, max_tokens=16)
         )
         for row in rows:
-            single = lora_pair.generate("Once upon", lam=row.lam, sampling=GREEDY, max_tokens=16)
+            single = lora_pair.generate("Once upon", lam=row.lam, sampling=greedy, max_tokens=16)
             assert row.tokens == single.tokens
         assert rows[0].tokens != rows[1].tokens
 
 
-def test_sweep_logprobs_match_numpy_on_each_model_alone(pair, aligned_path, reference_path):
+def test_sweep_logprobs_match_numpy_on_each_model_alone(pair, aligned_path, reference_path, greedy):
     with LambdaSweep(pair, [0.7], max_tokens=12) as runner:
-        (row,) = runner.run("abc", sampling=GREEDY)
+        (row,) = runner.run("abc", sampling=greedy)
     prompt = pair.tokenize("abc")
     sequence = prompt + row.tokens
     a = solo_logits(aligned_path, sequence)[len(prompt) - 1 : -1].astype(np.float64)
@@ -143,14 +140,7 @@ def test_response_longer_than_the_context(aligned_path, reference_path):
         score(p, "abc", list(range(100, 400)), [0.5])
 
 
-@pytest.fixture
-def run(aligned_path, reference_path, monkeypatch):
-    monkeypatch.setenv("DERA_ALIGNED", str(aligned_path))
-    monkeypatch.setenv("DERA_REFERENCE", str(reference_path))
-    return lambda *args: CliRunner().invoke(cli, list(args), catch_exceptions=False)
-
-
-def test_cli_sweep_rows_reward_and_summary(run, tmp_path, pair, monkeypatch):
+def test_cli_sweep_rows_reward_and_summary(run, tmp_path, pair, monkeypatch, greedy):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text('{"id": "p1", "prompt": "Hello"}\n\n{"prompt": "World"}\n')
     (tmp_path / "my_reward.py").write_text("def length(text):\n    return float(len(text))\n")
@@ -185,7 +175,7 @@ def test_cli_sweep_rows_reward_and_summary(run, tmp_path, pair, monkeypatch):
         expected = pair.generate(
             "Hello" if row["prompt_id"] == "p1" else "World",
             lam=row["lam"],
-            sampling=GREEDY,
+            sampling=greedy,
             max_tokens=6,
         )
         assert row["tokens"] == expected.tokens

@@ -33,7 +33,7 @@ class _OneLineErrors(click.Group):
             try:
                 return super().invoke(ctx)
             except DeraError as exc:
-                raise click.ClickException(str(exc)) from None
+                raise click.ClickException(exc.for_cli()) from None
 
 
 @click.group(cls=_OneLineErrors)

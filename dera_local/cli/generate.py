@@ -16,6 +16,7 @@ from .options import (
     sampling_options,
     split_options,
 )
+from .prompts import chat_options, hint_if_raw_prompts_ended_at_once, prompt_encoder
 
 
 def _read_prompt(prompt: str | None, file: str | None) -> str:
@@ -40,24 +41,39 @@ def _read_prompt(prompt: str | None, file: str | None) -> str:
     help="Print one JSON object: text, tokens, prompt_tokens, finish_reason, lam, "
     "tokens_per_second, ...",
 )
+@chat_options
 @model_options
 @sampling_options
-def generate(prompt: str | None, file: str | None, as_json: bool, **kwargs) -> None:
-    """Continue PROMPT with the DeRa mixture of the aligned and reference models."""
+def generate(
+    prompt: str | None,
+    file: str | None,
+    as_json: bool,
+    chat: bool | None,
+    system: str | None,
+    **kwargs,
+) -> None:
+    """Continue PROMPT with the DeRa mixture of the aligned and reference models
+    (with --chat: answer it as a user turn)."""
     model, sampling, rest = split_options(kwargs)
     text = _read_prompt(prompt, file)
     if not text.strip():
         raise DeraError("the prompt is empty: give text as an argument, with -f FILE, or on stdin")
     params = sampling_from(**sampling)
     with open_pair(**model) as pair:
+        encoded = prompt_encoder(pair, chat, system, [text])(text)
         stream = pair.stream(
-            text, lam=rest["lam"], sampling=params, max_tokens=rest["max_tokens"], stop=rest["stop"]
+            encoded,
+            lam=rest["lam"],
+            sampling=params,
+            max_tokens=rest["max_tokens"],
+            stop=rest["stop"],
         )
         if as_json:
             for _ in stream:
                 pass
             click.echo(json.dumps(stream.result.to_dict(), ensure_ascii=False))
-            return
-        for chunk in stream:
-            click.echo(chunk, nl=False)
-        click.echo()
+        else:
+            for chunk in stream:
+                click.echo(chunk, nl=False)
+            click.echo()
+        hint_if_raw_prompts_ended_at_once(pair, chat, int(not stream.result.tokens))

@@ -3,17 +3,14 @@ run them (mixing path, llama.cpp build features)."""
 
 from __future__ import annotations
 
-import contextlib
-
 import click
 
 from .. import backend
-from ..catalog import DEFAULT_QUANT
-from ..default_pair import demo_pair
 from ..errors import DeraError
 from ..gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
 from ..mixing import LogitMixer
-from ..resolve import pulled_pair
+from ..resolve import model_path, resolve_models
+from .options import hook_option, model_source_options
 
 
 def _describe(role: str, info: GGUFInfo) -> list[str]:
@@ -29,15 +26,24 @@ def _describe(role: str, info: GGUFInfo) -> list[str]:
     ]
 
 
+def _info_sources(
+    aligned: str | None, reference: str | None, lora: str | None, pair: str | None, quant: str
+) -> tuple[str | None, str | None, str | None]:
+    """Like the other commands (paths, owner/repo:file specs, --pair, the demo pair), but
+    half a pair is fine: info describes whatever it is given."""
+    if pair:
+        return resolve_models(None, None, None, pair, quant)
+    if not (aligned or reference or lora):
+        try:
+            return resolve_models(None, None, None)
+        except DeraError:  # no demo pair installed: show the build facts only
+            return None, None, None
+    return tuple(model_path(spec) if spec else None for spec in (aligned, reference, lora))
+
+
 @click.command()
-@click.option("-m", "--aligned", envvar="DERA_ALIGNED", metavar="GGUF", help="Aligned model.")
-@click.option(
-    "-mr", "--reference", envvar="DERA_REFERENCE", metavar="GGUF", help="Reference model."
-)
-@click.option("--lora", envvar="DERA_LORA", metavar="GGUF", help="LoRA adapter (aligned side).")
-@click.option("--pair", envvar="DERA_PAIR", metavar="NAME", help="A pulled catalog pair.")
-@click.option("--quant", default=DEFAULT_QUANT, show_default=True, help="Quantization of --pair.")
-@click.option("--hook", type=click.Choice(["native", "numpy"]), default=None, envvar="DERA_HOOK")
+@model_source_options
+@hook_option
 def info(
     aligned: str | None,
     reference: str | None,
@@ -51,12 +57,7 @@ def info(
     With no model flags, shows the built-in demo pair when it is installed."""
     import llama_cpp
 
-    if pair:
-        aligned, reference = pulled_pair(pair, quant)
-    elif not (aligned or reference or lora):
-        with contextlib.suppress(DeraError):  # nothing installed: show the build facts only
-            reference, lora = (str(p) for p in demo_pair())
-
+    aligned, reference, lora = _info_sources(aligned, reference, lora, pair, quant)
     mixer = LogitMixer(hook)
     lines = [
         f"mixing hook: {mixer.describe()}",

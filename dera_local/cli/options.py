@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sys
+import typing
 from collections.abc import Callable
 
 import click
@@ -24,7 +26,7 @@ def _stack(*decorators: Callable) -> Callable:
     return apply
 
 
-model_options = _stack(
+model_source_options = _stack(
     click.option(
         "-m",
         "--aligned",
@@ -57,6 +59,18 @@ model_options = _stack(
         help="LoRA adapter: the aligned model is the reference plus this adapter "
         "(instead of -m). Env: DERA_LORA.",
     ),
+)
+
+hook_option = click.option(
+    "--hook",
+    type=click.Choice(["native", "numpy"]),
+    default=None,
+    envvar="DERA_HOOK",
+    help="Force the mixing path (default: native if built).",
+)
+
+model_options = _stack(
+    model_source_options,
     click.option("--lora-scale", type=float, default=1.0, show_default=True, help="Adapter scale."),
     click.option(
         "-c",
@@ -105,13 +119,7 @@ model_options = _stack(
         envvar="DERA_FLASH_ATTN",
         help="Flash attention (off matches llama-cpp-python's Llama numerics).",
     ),
-    click.option(
-        "--hook",
-        type=click.Choice(["native", "numpy"]),
-        default=None,
-        envvar="DERA_HOOK",
-        help="Force the mixing path (default: native if built).",
-    ),
+    hook_option,
     click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log on stderr."),
 )
 
@@ -130,6 +138,41 @@ def lam_option(help_text: str) -> Callable:
     )
 
 
+# Flag names and help for each SamplingParams field; types and defaults come from the
+# dataclass itself, so a new sampling setting is one field there and one line here.
+_SAMPLING_FLAGS: dict[str, tuple[tuple[str, ...], str | None]] = {
+    "temperature": (("--temp",), "Temperature (0 = greedy)."),
+    "top_k": (("--top-k",), "0 = off."),
+    "top_p": (("--top-p",), "1 = off."),
+    "min_p": (("--min-p",), "0 = off."),
+    "repeat_penalty": (("--repeat-penalty",), "1 = off."),
+    "repeat_last_n": (("--repeat-last-n",), "Tokens the penalties look back over (-1 = context)."),
+    "frequency_penalty": (("--frequency-penalty",), None),
+    "presence_penalty": (("--presence-penalty",), None),
+    "seed": (("-s", "--seed"), "Sampling seed (default: random; reported with --json)."),
+    "grammar": (("--grammar",), "GBNF grammar constraining the output."),
+}
+_SAMPLING_ENV = {"seed": "DERA_SEED"}
+
+
+def _sampling_field_option(field: dataclasses.Field) -> Callable:
+    flags, help_text = _SAMPLING_FLAGS[field.name]
+    hint = typing.get_type_hints(SamplingParams)[field.name]
+    kind = next(t for t in typing.get_args(hint) or (hint,) if t is not type(None))
+    return click.option(
+        *flags,
+        field.name,
+        type=kind,
+        default=field.default,
+        show_default=field.default is not None,
+        envvar=_SAMPLING_ENV.get(field.name),
+        help=help_text,
+    )
+
+
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+SAMPLING_KEYS = (*SAMPLING_FIELDS, "grammar_file")
+
 sampling_options = _stack(
     lam_option("DeRa strength: 1 = aligned, 0 = reference, >1 extrapolates. Env: DERA_LAMBDA."),
     click.option(
@@ -141,36 +184,7 @@ sampling_options = _stack(
         show_default=True,
         help="Maximum new tokens (-1 = until the context is full).",
     ),
-    click.option(
-        "--temp",
-        "temperature",
-        type=float,
-        default=0.8,
-        show_default=True,
-        help="Temperature (0 = greedy).",
-    ),
-    click.option("--top-k", type=int, default=40, show_default=True, help="0 = off."),
-    click.option("--top-p", type=float, default=0.95, show_default=True, help="1 = off."),
-    click.option("--min-p", type=float, default=0.05, show_default=True, help="0 = off."),
-    click.option("--repeat-penalty", type=float, default=1.0, show_default=True, help="1 = off."),
-    click.option(
-        "--repeat-last-n",
-        type=int,
-        default=64,
-        show_default=True,
-        help="Tokens the penalties look back over (-1 = context).",
-    ),
-    click.option("--frequency-penalty", type=float, default=0.0, show_default=True),
-    click.option("--presence-penalty", type=float, default=0.0, show_default=True),
-    click.option(
-        "-s",
-        "--seed",
-        type=int,
-        default=None,
-        envvar="DERA_SEED",
-        help="Sampling seed (default: random; reported with --json).",
-    ),
-    click.option("--grammar", default=None, help="GBNF grammar constraining the output."),
+    *(_sampling_field_option(f) for f in dataclasses.fields(SamplingParams)),
     click.option(
         "--grammar-file",
         type=click.Path(dir_okay=False),
@@ -215,63 +229,23 @@ def read_text_file(path: str, what: str) -> str:
         raise DeraError(f"{what} {path} is not UTF-8 text") from None
 
 
-def sampling_from(
-    temperature: float,
-    top_k: int,
-    top_p: float,
-    min_p: float,
-    repeat_penalty: float,
-    repeat_last_n: int,
-    frequency_penalty: float,
-    presence_penalty: float,
-    seed: int | None,
-    grammar: str | None,
-    grammar_file: str | None,
-) -> SamplingParams:
+def sampling_from(grammar_file: str | None = None, **fields) -> SamplingParams:
+    """SamplingParams from the sampling flags (--grammar-file read into grammar)."""
     if grammar_file:
-        grammar = read_text_file(grammar_file, "grammar file")
-    return SamplingParams(
-        temperature=temperature,
-        top_k=top_k,
-        top_p=top_p,
-        min_p=min_p,
-        repeat_penalty=repeat_penalty,
-        repeat_last_n=repeat_last_n,
-        frequency_penalty=frequency_penalty,
-        presence_penalty=presence_penalty,
-        seed=seed,
-        grammar=grammar,
-    )
+        fields["grammar"] = read_text_file(grammar_file, "grammar file")
+    return SamplingParams(**fields)
 
 
-MODEL_KEYS = (
-    "aligned",
-    "reference",
-    "lora",
-    "lora_scale",
-    "pair",
-    "quant",
-    "n_ctx",
-    "n_batch",
-    "n_threads",
-    "n_gpu_layers",
-    "flash_attn",
-    "hook",
-    "verbose",
-)
-SAMPLING_KEYS = (
-    "temperature",
-    "top_k",
-    "top_p",
-    "min_p",
-    "repeat_penalty",
-    "repeat_last_n",
-    "frequency_penalty",
-    "presence_penalty",
-    "seed",
-    "grammar",
-    "grammar_file",
-)
+def _option_names(decorator: Callable) -> tuple[str, ...]:
+    """The parameter names a stack of click options declares, read from click itself."""
+
+    def probe() -> None: ...
+
+    decorator(probe)
+    return tuple(param.name for param in probe.__click_params__)
+
+
+MODEL_KEYS = _option_names(model_options)
 
 
 def split_options(kwargs: dict) -> tuple[dict, dict, dict]:
@@ -283,7 +257,9 @@ def split_options(kwargs: dict) -> tuple[dict, dict, dict]:
 
 
 __all__ = [
+    "hook_option",
     "model_options",
+    "model_source_options",
     "sampling_options",
     "open_pair",
     "read_text_file",

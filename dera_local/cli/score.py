@@ -12,6 +12,7 @@ from ..datafiles import read_pairs
 from ..score import score
 from ..sweep import parse_lambdas
 from .options import model_options, open_output, open_pair, split_options
+from .prompts import chat_options, prompt_encoder
 
 
 @click.command("score")
@@ -23,9 +24,19 @@ from .options import model_options, open_output, open_pair, split_options
 )
 @click.option("--out", default=None, help="Write JSONL rows here (default: stdout).")
 @click.option("--per-token", is_flag=True, help="Include per-token values in each row.")
+@chat_options
 @model_options
-def score_command(lambdas: str, data_file: str, out: str | None, per_token: bool, **kwargs) -> None:
-    """Score each response under every lam: log-likelihood, KL to reference and aligned."""
+def score_command(
+    lambdas: str,
+    data_file: str,
+    out: str | None,
+    per_token: bool,
+    chat: bool | None,
+    system: str | None,
+    **kwargs,
+) -> None:
+    """Score each response under every lam: log-likelihood, KL to reference and aligned
+    (with --chat: each prompt as a user turn, the response as the assistant's)."""
     model, _, _ = split_options(kwargs)
     grid = parse_lambdas(lambdas)
     pairs = read_pairs(data_file)
@@ -34,8 +45,9 @@ def score_command(lambdas: str, data_file: str, out: str | None, per_token: bool
         open_output(out) as sink,
         click.progressbar(pairs, label="score", file=sys.stderr) as bar,
     ):
+        encode = prompt_encoder(pair, chat, system, [p for _, p, _ in pairs])
         for pair_id, prompt, response in bar:
-            for row in score(pair, prompt, response, grid):
+            for row in score(pair, encode(prompt), response, grid):
                 record = {
                     "id": pair_id,
                     "lam": row.lam,

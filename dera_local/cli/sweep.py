@@ -20,6 +20,7 @@ from .options import (
     sampling_options,
     split_options,
 )
+from .prompts import chat_options, hint_if_raw_prompts_ended_at_once, prompt_encoder
 
 
 @click.command("sweep")
@@ -41,6 +42,7 @@ from .options import (
     default=None,
     help="Draw mean reward against KL(pi_lam||pi_ref) to this PNG (needs --reward).",
 )
+@chat_options
 @model_options
 @sampling_options
 def sweep_command(
@@ -50,6 +52,8 @@ def sweep_command(
     reward: str | None,
     summary_csv: str | None,
     plot_path: str | None,
+    chat: bool | None,
+    system: str | None,
     **kwargs,
 ) -> None:
     """Decode each prompt at every lam in one batch; one JSONL row per (prompt, lam)."""
@@ -62,9 +66,10 @@ def sweep_command(
     params = sampling_from(**sampling)
     rows = []
     with open_pair(**model) as pair, open_output(out) as sink:
+        encode = prompt_encoder(pair, chat, system, [p for _, p in prompts])
         generator = sweep(
             pair,
-            prompts,
+            ((prompt_id, encode(prompt)) for prompt_id, prompt in prompts),
             grid,
             sampling=params,
             max_tokens=rest["max_tokens"],
@@ -81,6 +86,7 @@ def sweep_command(
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")
                 sink.flush()
                 bar.update(1)
+        hint_if_raw_prompts_ended_at_once(pair, chat, sum(not row.tokens for row in rows))
     summary = summarize(rows)
     for entry in summary:
         reward_text = "" if entry["mean_reward"] is None else f"  reward {entry['mean_reward']:.3f}"

@@ -24,7 +24,7 @@ from starlette.routing import Route
 
 from ..chat import ChatTemplate
 from ..engine import DeraPair, GenerationResult
-from ..errors import DeraError
+from ..errors import ContextFullError, DeraError, RuntimeFailure
 from .requests import ParsedRequest, RequestError, chat_messages, completion_prompt, parse_common
 from .worker import GenerationWorker, Job, QueueFull
 
@@ -40,6 +40,16 @@ def error_response(
 ) -> JSONResponse:
     body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
     return JSONResponse(body, status_code=status, headers=headers)
+
+
+def dera_error_response(exc: DeraError) -> JSONResponse:
+    """The caller's fault is 400; a full KV cache 503 (retry later); any other runtime
+    failure 500."""
+    if isinstance(exc, ContextFullError):
+        return error_response(503, str(exc), "server_busy", headers={"Retry-After": "1"})
+    if isinstance(exc, RuntimeFailure):
+        return error_response(500, str(exc), "server_error")
+    return error_response(400, str(exc), param=getattr(exc, "param", None))
 
 
 class _Guard:
@@ -106,15 +116,19 @@ def create_app(
             body = await read_json(request)
             parsed = parse_common(body, default_lam)
             if chat:
-                prompt = template.tokens(pair, chat_messages(body))
+                messages = chat_messages(body)
+
+                def prompt() -> list[int]:
+                    return template.tokens(pair, messages)
             else:
-                prompt = completion_prompt(body)
-                prompt = pair.tokenize(prompt) if isinstance(prompt, str) else prompt
-            pair.check_prompt(prompt)
-        except RequestError as exc:
-            return error_response(400, str(exc), param=exc.param)
+                text_or_ids = completion_prompt(body)
+
+                def prompt() -> list[int]:
+                    if isinstance(text_or_ids, str):
+                        return pair.tokenize(text_or_ids)
+                    return text_or_ids
         except DeraError as exc:
-            return error_response(400, str(exc))
+            return dera_error_response(exc)
         job = Job(prompt, parsed.settings)
         shape = _ChatShape(parsed) if chat else _CompletionShape(parsed)
         chunks = worker.run(job)
@@ -130,15 +144,13 @@ def create_app(
         except StopAsyncIteration:
             return error_response(500, "generation ended without a result", "server_error")
         except DeraError as exc:
-            return error_response(400, str(exc))
+            return dera_error_response(exc)
         if parsed.stream:
-            return StreamingResponse(
-                _sse(shape, first, chunks, len(prompt)), media_type="text/event-stream"
-            )
+            return StreamingResponse(_sse(shape, first, chunks), media_type="text/event-stream")
         result = first
         async for item in chunks:
             result = item  # text chunks, then the GenerationResult
-        return JSONResponse(shape.whole(result, len(prompt)))
+        return JSONResponse(shape.whole(result))
 
     async def chat_completions(request: Request) -> Response:
         return await respond(request, chat=True)
@@ -198,7 +210,7 @@ def _closing(worker: GenerationWorker):
     return lifespan
 
 
-async def _sse(shape, first, chunks: AsyncIterator, n_prompt: int) -> AsyncIterator[str]:
+async def _sse(shape, first, chunks: AsyncIterator) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format; closing it (client gone) cancels."""
     try:
         yield _event(shape.opening())
@@ -207,7 +219,7 @@ async def _sse(shape, first, chunks: AsyncIterator, n_prompt: int) -> AsyncItera
             if isinstance(item, GenerationResult):
                 yield _event(shape.closing(item))
                 if shape.parsed.include_usage:
-                    yield _event(shape.usage_chunk(item, n_prompt))
+                    yield _event(shape.usage_chunk(item))
                 break
             yield _event(shape.delta(item))
             item = await chunks.__anext__()
@@ -220,7 +232,8 @@ def _event(payload: dict | None) -> str:
     return "" if payload is None else f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
 
 
-def _usage(result: GenerationResult, n_prompt: int) -> dict:
+def _usage(result: GenerationResult) -> dict:
+    n_prompt = len(result.prompt_tokens)
     return {
         "prompt_tokens": n_prompt,
         "completion_tokens": len(result.tokens),
@@ -244,8 +257,8 @@ class _Shape:
             **extra,
         }
 
-    def usage_chunk(self, result: GenerationResult, n_prompt: int) -> dict:
-        return {**self._envelope([]), "usage": _usage(result, n_prompt)}
+    def usage_chunk(self, result: GenerationResult) -> dict:
+        return {**self._envelope([]), "usage": _usage(result)}
 
 
 class _ChatShape(_Shape):
@@ -262,7 +275,7 @@ class _ChatShape(_Shape):
     def closing(self, result: GenerationResult) -> dict:
         return self._envelope([{"index": 0, "delta": {}, "finish_reason": result.finish_reason}])
 
-    def whole(self, result: GenerationResult, n_prompt: int) -> dict:
+    def whole(self, result: GenerationResult) -> dict:
         message = {"role": "assistant", "content": result.text}
         body = self._envelope(
             [
@@ -273,7 +286,7 @@ class _ChatShape(_Shape):
                     "logprobs": None,
                 }
             ],
-            usage=_usage(result, n_prompt),
+            usage=_usage(result),
         )
         body["object"] = "chat.completion"
         body["dera_lambda"] = result.lam
@@ -294,7 +307,7 @@ class _CompletionShape(_Shape):
             [{"index": 0, "text": "", "finish_reason": result.finish_reason, "logprobs": None}]
         )
 
-    def whole(self, result: GenerationResult, n_prompt: int) -> dict:
+    def whole(self, result: GenerationResult) -> dict:
         body = self._envelope(
             [
                 {
@@ -304,7 +317,7 @@ class _CompletionShape(_Shape):
                     "logprobs": None,
                 }
             ],
-            usage=_usage(result, n_prompt),
+            usage=_usage(result),
         )
         body["dera_lambda"] = result.lam
         return body

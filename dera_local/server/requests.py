@@ -7,14 +7,16 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-from ..errors import DeraError
+from ..errors import BadParameterError, DeraError
 from ..mixing import validate_lam
 from ..sampling import SamplingParams
 
 DEFAULT_MAX_TOKENS = 256
 
 
-class RequestError(Exception):
+class RequestError(BadParameterError):
+    """A bad request body; `param` names the field, as OpenAI's error objects do."""
+
     def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.param = param
@@ -87,18 +89,17 @@ def parse_common(body: Any, default_lam: float) -> ParsedRequest:
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", 1, 1_000_000) or DEFAULT_MAX_TOKENS
     seed = _integer(body, "seed", -(2**63), 2**63 - 1)
-    try:
-        sampling = SamplingParams(
-            temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
-            top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
-            top_k=0,
-            min_p=0.0,
-            presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
-            frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-            seed=None if seed is None else seed & 0x7FFFFFFF,
-        )
-    except DeraError as exc:
-        raise RequestError(str(exc)) from None
+    # Each field is range-checked above SamplingParams' own checks, so that the error
+    # names the field (RequestError.param).
+    sampling = SamplingParams(
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
+        top_k=0,
+        min_p=0.0,
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        seed=None if seed is None else seed & 0x7FFFFFFF,
+    )
     model = body.get("model", "dera-local")
     if not isinstance(model, str):
         raise RequestError("'model' must be a string", "model")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -20,7 +20,10 @@ class QueueFull(Exception):
 
 @dataclass
 class Job:
-    prompt_tokens: list[int]
+    """One request: `prompt` makes its token ids (tokenizing and template rendering run
+    on the worker thread, so a long prompt never blocks the event loop)."""
+
+    prompt: Callable[[], list[int]]
     settings: dict
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -75,7 +78,7 @@ class GenerationWorker:
             try:
                 if job.cancelled.is_set():  # cancelled while it waited in the queue
                     return
-                stream = self.pair.stream(job.prompt_tokens, **job.settings)
+                stream = self.pair.stream(job.prompt(), **job.settings)
                 try:
                     for chunk in stream:
                         loop.call_soon_threadsafe(inbox.put_nowait, chunk)
