@@ -100,6 +100,7 @@ _LABEL_OFFSETS = [(6, 6), (6, -14), (-40, 6), (-40, -14), (6, 18), (-40, 18), (6
 def place_labels(axes, labels: Sequence[str], xs: Sequence[float], ys: Sequence[float]) -> list:
     """Annotates each point, trying offsets until its label's box overlaps no label
     placed before it (the last offset is kept if none is free). Returns the texts."""
+    axes.figure.canvas.draw()  # fixes the axes limits; text extents are only known after
     renderer = axes.figure.canvas.get_renderer()
     placed: list = []
     texts = []

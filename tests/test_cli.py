@@ -66,13 +66,17 @@ def test_chat_with_piped_commands(run, pair, greedy):
 
 
 def test_info_explains_the_active_path(run):
+    from dera_local import mixing
+
     result = run("info")
     assert result.exit_code == 0
-    assert "mixing hook: native" in result.stdout or "mixing hook: numpy" in result.stdout
+    expected = "mixing hook: native" if mixing._native is not None else "mixing hook: numpy"
+    assert expected in result.stdout
     assert "llama.cpp build:" in result.stdout and "AMX:" in result.stdout
     assert "compatibility: OK" in result.stdout
     forced = run("info", "--hook", "numpy")
-    assert "mixing hook: numpy" in forced.stdout
+    assert forced.exit_code == 0, forced.stderr
+    assert "mixing hook: numpy (chosen with --hook" in forced.stdout or mixing._native is None
 
 
 @pytest.mark.parametrize(
@@ -119,3 +123,73 @@ def test_negative_lam_warns_in_one_line(run):
     result = run("generate", "hi", "--lam", "-0.5", "--temp", "0", "-n", "3")
     assert result.exit_code == 0
     assert result.stderr.strip().startswith("warning:") and "disalignment" in result.stderr
+
+
+def test_every_sampling_setting_has_a_flag_that_reaches_it(run, monkeypatch):
+    import dataclasses
+    import importlib
+
+    from dera_local.cli import options
+    from dera_local.sampling import SamplingParams
+
+    assert set(options.SAMPLING_FIELDS) == {f.name for f in dataclasses.fields(SamplingParams)}
+    seen = {}
+
+    def capture(**fields):
+        seen.update(fields)
+        raise SystemExit(0)
+
+    module = importlib.import_module("dera_local.cli.generate")  # the name is the command
+    monkeypatch.setattr(module, "sampling_from", capture)
+    args = ["--temp", "0.5", "--top-k", "7", "--top-p", "0.9", "--min-p", "0.1"]
+    args += ["--repeat-penalty", "1.1", "--repeat-last-n", "32", "--frequency-penalty", "0.2"]
+    args += ["--presence-penalty", "0.3", "-s", "42", "--grammar", 'root ::= "x"']
+    run("generate", "hi", *args)
+    assert seen == {
+        "temperature": 0.5,
+        "top_k": 7,
+        "top_p": 0.9,
+        "min_p": 0.1,
+        "repeat_penalty": 1.1,
+        "repeat_last_n": 32,
+        "frequency_penalty": 0.2,
+        "presence_penalty": 0.3,
+        "seed": 42,
+        "grammar": 'root ::= "x"',
+        "grammar_file": None,
+    }
+
+
+def test_generate_chat_renders_the_prompt_as_a_user_turn(run, pair, greedy):
+    from dera_local import ChatTemplate
+
+    greedy_json = ["--json", "--temp", "0", "-n", "8", "--lam", "0.5"]
+    data = _json(run("generate", "Hi there", "--chat", "--system", "Be brief.", *greedy_json))
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    expected_prompt = ChatTemplate.for_pair(pair).tokens(pair, messages)
+    assert data["prompt_tokens"] == expected_prompt
+    expected = pair.generate(expected_prompt, lam=0.5, sampling=greedy, max_tokens=8)
+    assert data["tokens"] == expected.tokens
+    raw = _json(run("generate", "Hi there", "--json", "--temp", "0", "-n", "8"))
+    assert raw["prompt_tokens"] == pair.tokenize("Hi there")
+
+
+def test_system_without_chat_is_one_line(run):
+    result = run("generate", "Hi", "--system", "Be brief.")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "Error: --system applies to chat prompts: add --chat"
+
+
+def test_an_empty_answer_to_a_raw_prompt_suggests_chat(run):
+    grammar = 'root ::= ""'  # only an end-of-generation token is allowed: an empty answer
+    result = run("generate", "Hi", "--temp", "0", "--grammar", grammar)
+    assert result.exit_code == 0 and result.stdout == "\n"
+    assert "note: 1 answer(s) ended at once" in result.stderr and "--chat" in result.stderr
+    quiet = run("generate", "Hi", "--temp", "0", "--grammar", grammar, "--no-chat")
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+
+
+def test_library_hint_is_printed_by_the_cli_only(run):
+    result = run("generate", "x" * 5000, "-c", "256")
+    assert result.exit_code == 1
+    assert "context holds 256; shorten the prompt (or raise -c)" in result.stderr

@@ -130,3 +130,66 @@ def test_bad_sampling_values_and_grammar(pair):
         dera_local.SamplingParams(top_p=0)
     with pytest.raises(BadParameterError, match="grammar"):
         pair.generate("x", sampling=dera_local.SamplingParams(grammar="root ::= ("))
+
+
+def test_streams_that_are_never_iterated_hold_no_sampler(pair, greedy):
+    from dera_local.sampling import SamplerChain
+
+    before = SamplerChain.live
+    for _ in range(1000):
+        pair.stream("abc", sampling=greedy, max_tokens=4)
+    assert SamplerChain.live == before
+    started = pair.stream("abc", sampling=greedy, max_tokens=20)
+    next(started)
+    assert SamplerChain.live == before + 1
+    started.close()
+    assert SamplerChain.live == before
+    dropped = pair.stream("abc", sampling=greedy, max_tokens=20)
+    next(dropped)
+    del dropped  # a started generator is closed when collected, freeing its chain
+    assert SamplerChain.live == before
+    finished = pair.generate("abc", sampling=greedy, max_tokens=5)
+    assert len(finished.tokens) == 5 and SamplerChain.live == before
+
+
+def test_stop_rules_of_one_sequence(pair):
+    from dera_local.sequence import SequenceOutput
+
+    model = pair.loaded.aligned_model
+    (eog,) = pair.tokenize("<|im_end|>", add_special=False)
+    (a,) = pair.tokenize("a", add_special=False)
+    (b,) = pair.tokenize("b", add_special=False)
+
+    def output(**kwargs) -> SequenceOutput:
+        settings = {"n_prompt": 3, "n_ctx": 100, "max_tokens": 10, **kwargs}
+        return SequenceOutput(model, **settings)
+
+    ends = output()
+    assert ends.advance(a) is None and ends.advance(eog) == "stop"
+    assert ends.tokens == [a] and ends.finish_reason == "stop"
+
+    stopped = output(stop=["ab"])
+    assert stopped.advance(a) is None and stopped.new_text == ""  # 'a' may start 'ab'
+    assert stopped.advance(b) == "stop" and stopped.text == "" and stopped.tokens == [a, b]
+
+    held = output(stop=["ax"])
+    assert held.advance(a) is None and held.advance(b) is None and held.text == "ab"
+
+    limited = output(max_tokens=2)
+    assert limited.advance(a) is None and limited.advance(a) == "length"
+
+    # n_ctx 5 with a 3-token prompt: token 1 is decoded at position 3, token 2 would need 4,
+    # token 3 would need position 5, which does not exist: it ends the sequence undecoded.
+    full = output(n_ctx=5, max_tokens=-1)
+    assert [full.advance(a) for _ in range(3)] == [None, None, "length"]
+
+
+def test_library_errors_name_no_flags_and_the_cli_hint_is_separate(aligned_path, reference_path):
+    with (
+        dera_local.load_pair(aligned_path, reference_path, n_ctx=256) as small,
+        pytest.raises(BadParameterError) as info,
+    ):
+        small.generate("x" * 300)
+    assert "-c" not in str(info.value) and "context holds 256" in str(info.value)
+    assert info.value.cli_hint == "or raise -c"
+    assert info.value.for_cli().endswith("(or raise -c)")

@@ -148,6 +148,13 @@ def test_repo_colon_file_names_for_models(fake_hub, pair, greedy):
     assert result.exit_code == 0, result.stderr
     expected = pair.generate("Hello", lam=0.5, sampling=greedy, max_tokens=6)
     assert json.loads(result.stdout)["tokens"] == expected.tokens
+    # info resolves the same specs (from the hub cache) instead of treating them as paths
+    specs = [f"{ALIGNED.repo}:{ALIGNED.filename}", f"{REFERENCE.repo}:{REFERENCE.filename}"]
+    info = run("info", "-m", specs[0], "-mr", specs[1])
+    assert info.exit_code == 0, info.stderr
+    assert "compatibility: OK, one tokenizer" in info.stdout
+    aligned_line = next(line for line in info.stdout.splitlines() if line.startswith("aligned: "))
+    assert aligned_line.endswith(ALIGNED.filename) and specs[0] not in aligned_line
     missing = run(
         "generate",
         "Hello",

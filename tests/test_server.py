@@ -254,9 +254,9 @@ def test_malformed_requests_get_a_400_error_object(server, body, param):
 
 def test_oversized_body_and_unknown_route(server):
     status, payload = _post(server, "/v1/chat/completions", b"x" * 40000)
-    assert status == 413 and "error" in payload
+    assert status == 413 and payload["error"]["message"].startswith("request body over")
     status, payload = _post(server, "/v1/nothing", b"{}")
-    assert status == 404 and "error" in payload
+    assert status == 404 and payload["error"]["message"] == "no route /v1/nothing"
 
 
 def test_full_queue_answers_503_with_retry_after(slow_server):
@@ -288,3 +288,30 @@ def test_serve_checks_its_host_and_lam():
     assert not _is_loopback("0.0.0.0")
     result = CliRunner().invoke(cli, ["serve", "--lam", "nan", "-m", "x", "-mr", "y"])
     assert result.exit_code == 1 and "lam must be finite" in result.stderr
+
+
+def test_errors_map_to_whose_fault_they_are():
+    from dera_local.errors import (
+        BadParameterError,
+        ContextFullError,
+        ModelFileError,
+        RuntimeFailure,
+    )
+    from dera_local.server.app import dera_error_response
+    from dera_local.server.requests import RequestError
+
+    def answer(error):
+        response = dera_error_response(error)
+        return response.status_code, json.loads(response.body)["error"]
+
+    assert answer(RequestError("bad field", "top_p")) == (
+        400,
+        {"message": "bad field", "type": "invalid_request_error", "param": "top_p", "code": None},
+    )
+    assert answer(BadParameterError("prompt too long"))[0] == 400
+    assert answer(ModelFileError("template"))[0] == 400
+    status, error = answer(RuntimeFailure("llama_decode failed with status -3"))
+    assert (status, error["type"]) == (500, "server_error")
+    full = dera_error_response(ContextFullError("the KV cache is full", cli_hint="raise -c"))
+    assert full.status_code == 503 and full.headers["Retry-After"] == "1"
+    assert "raise -c" not in full.body.decode()

@@ -276,3 +276,76 @@ def test_score_kernel_with_impossible_tokens_matches_numpy():
     finite = np.isfinite(expected)
     assert (np.isfinite(out) == finite).all()
     np.testing.assert_allclose(out[finite], expected[finite], rtol=1e-5, atol=1e-5)
+
+
+def test_cli_sweep_and_score_take_chat_messages_and_chat_flag(run, tmp_path, pair, greedy):
+    from dera_local import ChatTemplate
+
+    template = ChatTemplate.for_pair(pair)
+    turns = [{"role": "user", "content": "Hello"}]
+    prompts = tmp_path / "chat.jsonl"
+    prompts.write_text(
+        json.dumps({"id": "m", "messages": turns}) + "\n" + json.dumps({"prompt": "Hello"}) + "\n"
+    )
+    out = tmp_path / "rows.jsonl"
+    args = ["--prompts", str(prompts), "--lambdas", "0.5", "-n", "6", "--temp", "0"]
+    result = run("sweep", *args, "--chat", "--out", str(out))
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    expected = pair.generate(template.tokens(pair, turns), lam=0.5, sampling=greedy, max_tokens=6)
+    # the messages and the text prompt rendered with --chat are the same user turn
+    assert [row["tokens"] for row in rows] == [expected.tokens, expected.tokens]
+
+    data = tmp_path / "pairs.jsonl"
+    data.write_text(json.dumps({"messages": turns, "response": " there"}) + "\n")
+    scored = run("score", "--data", str(data), "--lambdas", "1")
+    assert scored.exit_code == 0, scored.stderr
+    (row,) = [json.loads(line) for line in scored.stdout.splitlines()]
+    (direct,) = score(pair, template.tokens(pair, turns), " there", [1.0])
+    assert row["logprob"] == pytest.approx(direct.logprob, abs=1e-9)
+
+    both = tmp_path / "both.jsonl"
+    both.write_text(json.dumps({"prompt": "x", "messages": turns}) + "\n")
+    failed = run("sweep", "--prompts", str(both))
+    assert (
+        failed.exit_code == 1 and 'line 1: give "prompt" or "messages", not both' in failed.stderr
+    )
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"messages": [{"role": "user"}]}) + "\n")
+    failed = run("sweep", "--prompts", str(bad))
+    assert failed.exit_code == 1 and '"messages" must be a non-empty list' in failed.stderr
+
+
+def test_summary_has_standard_errors():
+    from dera_local.report import summarize
+    from dera_local.sweep import SweepRow
+
+    rows = [
+        SweepRow("p", 1.0, "t", [1] * n, "stop", 0.0, -kl, 0.0, reward=reward)
+        for n, kl, reward in [(1, 1.0, 2.0), (2, 3.0, 4.0), (3, 5.0, 9.0)]
+    ]
+    (entry,) = summarize(rows)
+    assert entry["mean_kl_to_reference"] == pytest.approx(3.0)
+    assert entry["se_kl_to_reference"] == pytest.approx(np.std([1, 3, 5], ddof=1) / np.sqrt(3))
+    assert entry["se_reward"] == pytest.approx(np.std([2, 4, 9], ddof=1) / np.sqrt(3))
+    assert summarize(rows[:1])[0]["se_reward"] is None  # one answer: no spread to report
+
+
+def test_plot_labels_of_close_points_do_not_overlap():
+    pytest.importorskip("matplotlib")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from dera_local.report import place_labels
+
+    figure, axes = plt.subplots(figsize=(5, 4))
+    xs, ys = [1.0, 1.01, 1.02, 5.0], [2.0, 2.01, 2.0, 8.0]  # three nearly on top of each other
+    axes.plot(xs, ys, "o")
+    texts = place_labels(axes, ["λ=0", "λ=0.1", "λ=0.2", "λ=3"], xs, ys)
+    renderer = figure.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    for i, box in enumerate(boxes):
+        assert not any(box.overlaps(other) for other in boxes[i + 1 :])
+    plt.close(figure)
