@@ -11,17 +11,27 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Generator, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 
 from . import backend
 from .backend import Context, ContextOptions
 from .errors import BadParameterError
 from .loading import LoadedPair, PairOptions, load_models
-from .logprobs import SequenceLogprobs, float_view
+from .lockstep import LockstepContexts
+from .logprobs import SequenceLogprobs
 from .mixing import LogitMixer, validate_lam
 from .sampling import SamplerChain, SamplingParams
 from .sequence import SequenceOutput
+from .speculative import (
+    AcceptRule,
+    DraftCounts,
+    Drafter,
+    ModelDrafter,
+    PromptLookup,
+    SpeculationParams,
+    sample_equals_draft,
+    speculative_steps,
+)
 
 
 @dataclass
@@ -38,6 +48,8 @@ class GenerationResult:
     prompt_seconds: float = 0.0
     generation_seconds: float = 0.0
     logprobs: SequenceLogprobs | None = None  # with stream(..., logprobs=True)
+    drafted: int = 0  # tokens proposed by speculation
+    accepted: int = 0  # of those, kept (the rest cost one batched row each)
 
     @property
     def tokens_per_second(self) -> float:
@@ -83,24 +95,26 @@ class GenerationStream:
 class DeraPair:
     """An aligned and a reference model decoding in lockstep with DeRa mixing."""
 
-    def __init__(self, loaded: LoadedPair, mixer: LogitMixer, overlap_decodes: bool) -> None:
+    def __init__(
+        self,
+        loaded: LoadedPair,
+        mixer: LogitMixer,
+        overlap_decodes: bool,
+        speculation: SpeculationParams | None = None,
+    ) -> None:
         self.loaded = loaded
         self.mixer = mixer
         self.n_ctx = loaded.aligned_ctx.n_ctx
         self.n_vocab = loaded.aligned_model.n_vocab
-        self._cached: list[int] = []  # tokens both KV caches hold, in order
-        # One model file and no adapter: the mixture equals that model for every lam, so
-        # the reference context is never decoded and nothing is mixed.
-        self.identical = loaded.aligned_model is loaded.reference_model and (
-            loaded.adapter_info is None
-        )
-        self._overlap = ThreadPoolExecutor(1, "dera-reference") if overlap_decodes else None
+        self.lockstep = LockstepContexts(loaded, mixer, overlap_decodes)
+        self.identical = self.lockstep.identical
+        # Speculation for streams that do not choose their own (draft_max 0 = off).
+        self.speculation = speculation or SpeculationParams(draft_max=self.lockstep.max_rows - 1)
         self._scoring: tuple[Context, Context] | None = None
 
     # -- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:
-        if self._overlap is not None:
-            self._overlap.shutdown()
+        self.lockstep.close()
         for ctx in self._scoring or ():
             ctx.close()
         self.loaded.close()
@@ -174,9 +188,7 @@ class DeraPair:
 
     def clear_cache(self) -> None:
         """Forgets the cached prefix: the next call re-reads its whole prompt."""
-        self._cached = []
-        for ctx in self._live_contexts():
-            ctx.truncate(0)
+        self.lockstep.clear()
 
     # -- generation -----------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[int], **kwargs) -> GenerationResult:
@@ -196,6 +208,9 @@ class DeraPair:
         max_tokens: int = 256,
         stop: Sequence[str] = (),
         logprobs: bool = False,
+        speculation: SpeculationParams | None = None,
+        drafter: Drafter | None = None,
+        accept: AcceptRule = sample_equals_draft,
         logits_observer=None,
     ) -> GenerationStream:
         """Starts a DeRa generation from a prompt (text, or token ids fed as they are).
@@ -205,6 +220,11 @@ class DeraPair:
         stop: strings that end generation; they are not part of the text.
         logprobs: record each sampled token's log-probability under the aligned model,
             the reference and the mixture (result.logprobs); costs a copy per step.
+        speculation: how many tokens to draft and verify per step (default: the pair's,
+            see load_pair; SpeculationParams(draft_max=0) turns it off). Speculation
+            never changes what is sampled, only how many decodes it takes.
+        drafter: a draft source instead of the pair's (prompt lookup, or the draft model
+            given to load_pair); accept: the rule keeping a drafted token (tests).
         logits_observer: a llama_sampler put first in the chain (for tests and debugging).
         """
         lam = validate_lam(lam)
@@ -213,6 +233,13 @@ class DeraPair:
             raise BadParameterError("max_tokens must be positive, or -1 for no limit")
         prompt_tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_prompt(prompt_tokens)
+        speculation = speculation or self.speculation
+        if speculation.draft_max >= self.lockstep.max_rows:
+            raise BadParameterError(
+                f"draft_max {speculation.draft_max} is more than this pair was loaded for "
+                f"({self.lockstep.max_rows - 1})",
+                cli_hint="raise --draft-max",
+            )
         return GenerationStream(
             self._lockstep(
                 prompt_tokens,
@@ -222,6 +249,9 @@ class DeraPair:
                 stop,
                 logits_observer,
                 SequenceLogprobs() if logprobs else None,
+                speculation,
+                drafter,
+                accept,
             )
         )
 
@@ -234,32 +264,47 @@ class DeraPair:
         stop: Sequence[str],
         logits_observer,
         logprobs: SequenceLogprobs | None,
+        speculation: SpeculationParams,
+        drafter: Drafter | None,
+        accept: AcceptRule,
     ) -> Generator[str, None, GenerationResult]:
         model = self.loaded.aligned_model
+        contexts = self.lockstep
         output = SequenceOutput(
             model, n_prompt=len(prompt_tokens), n_ctx=self.n_ctx, max_tokens=max_tokens, stop=stop
         )
+        counts = DraftCounts()
         with SamplerChain(sampling, model.vocab, self.n_ctx, logits_observer) as chain:
             started = time.perf_counter()
-            reused = self._prefill(prompt_tokens)
+            reused = contexts.prefill(prompt_tokens)
             prefilled = time.perf_counter()
-            while True:
-                token = sample_mixture(
-                    self.mixer,
-                    self.loaded.aligned_ctx,
-                    self._mixing_partner,
-                    -1,
-                    self.n_vocab,
-                    self._mixing_lam(lam),
+            token = contexts.sample(-1, lam, chain, logprobs)
+            finish = output.advance(token)
+            if output.new_text:
+                yield output.new_text
+            if finish is None and speculation.enabled:
+                drafter = drafter or self._default_drafter(speculation)
+                drafter.reset([*prompt_tokens, token])
+                yield from speculative_steps(
+                    contexts,
+                    output,
+                    drafter,
+                    speculation,
+                    accept,
+                    counts,
+                    token,
+                    lam,
                     chain,
                     logprobs,
+                    max_tokens,
                 )
+                finish = output.finish_reason
+            while finish is None:
+                contexts.decode([token])
+                token = contexts.sample(-1, lam, chain, logprobs)
                 finish = output.advance(token)
                 if output.new_text:
                     yield output.new_text
-                if finish is not None:
-                    break
-                self._decode_both([token])
             tail = output.flush()
             if tail:
                 yield tail
@@ -274,82 +319,14 @@ class DeraPair:
             prompt_seconds=prefilled - started,
             generation_seconds=time.perf_counter() - prefilled,
             logprobs=logprobs,
+            drafted=counts.drafted,
+            accepted=counts.accepted,
         )
 
-    @property
-    def _mixing_partner(self) -> Context:
-        # An identical pair mixes the aligned logits with themselves at lam 1: a no-op.
-        return self.loaded.aligned_ctx if self.identical else self.loaded.reference_ctx
-
-    def _mixing_lam(self, lam: float) -> float:
-        return 1.0 if self.identical else lam
-
-    def _live_contexts(self) -> list[Context]:
-        if self.identical:
-            return [self.loaded.aligned_ctx]
-        return [self.loaded.aligned_ctx, self.loaded.reference_ctx]
-
-    def _prefill(self, tokens: list[int]) -> int:
-        """Brings both KV caches to `tokens`, reusing the common cached prefix; returns how
-        many tokens were reused. Always decodes at least the last token, for fresh logits."""
-        keep = 0
-        limit = min(len(self._cached), len(tokens) - 1)
-        while keep < limit and self._cached[keep] == tokens[keep]:
-            keep += 1
-        # What the caches really hold wins over our bookkeeping (an interrupt may have
-        # landed between the two decodes of one step).
-        contexts = self._live_contexts()
-        keep = min(keep, *(ctx.n_cached() for ctx in contexts))
-        self._cached = self._cached[:keep]
-        for ctx in contexts:
-            ctx.truncate(keep)
-        if any(ctx.n_cached() != keep for ctx in contexts):
-            keep = 0  # a model that cannot drop a tail (recurrent) was cleared instead
-            self._cached = []
-            for ctx in contexts:
-                ctx.truncate(0)
-        self._decode_both(tokens[keep:])
-        return keep
-
-    def _decode_both(self, tokens: list[int]) -> None:
-        if self.identical:
-            self.loaded.aligned_ctx.decode(tokens)
-        elif self._overlap is not None:
-            pending = self._overlap.submit(self.loaded.reference_ctx.decode, tokens)
-            self.loaded.aligned_ctx.decode(tokens)
-            pending.result()
-        else:
-            self.loaded.aligned_ctx.decode(tokens)
-            self.loaded.reference_ctx.decode(tokens)
-        self._cached.extend(tokens)
-
-
-def sample_mixture(
-    mixer: LogitMixer,
-    aligned_ctx: Context,
-    reference_ctx: Context,
-    index: int,
-    n_vocab: int,
-    lam: float,
-    chain: SamplerChain,
-    logprobs: SequenceLogprobs | None = None,
-) -> int:
-    """One DeRa step on output `index` of the last batch: mixes the reference logits into
-    the aligned ones in place, samples with the chain, and (if asked) records the token's
-    log-probabilities, from a copy of the aligned logits taken before the mix."""
-    aligned_address = aligned_ctx.logits_address(index)
-    reference_address = reference_ctx.logits_address(index)
-    before = float_view(aligned_address, n_vocab).copy() if logprobs is not None else None
-    mixer.mix_in_place(aligned_address, reference_address, n_vocab, lam)
-    token = chain.sample_at(aligned_ctx.ptr, index)
-    if logprobs is not None:
-        logprobs.add(
-            token,
-            before,
-            float_view(reference_address, n_vocab),
-            float_view(aligned_address, n_vocab),
-        )
-    return token
+    def _default_drafter(self, speculation: SpeculationParams) -> Drafter:
+        if self.loaded.draft_ctx is not None:
+            return ModelDrafter(self.loaded.draft_ctx)
+        return PromptLookup(speculation.ngram_min, speculation.ngram_max)
 
 
 def load_pair(
@@ -365,6 +342,8 @@ def load_pair(
     flash_attn: str = "off",
     hook: str | None = None,
     overlap_decodes: bool | None = None,
+    draft_model: str | os.PathLike[str] | None = None,
+    speculation: SpeculationParams | None = None,
     verbose: bool = False,
 ) -> DeraPair:
     """Loads an aligned and a reference GGUF model for DeRa decoding.
@@ -376,12 +355,27 @@ def load_pair(
     overlap_decodes: run the two models' decodes in two threads (default: on when layers
     are offloaded to a GPU, where the two decodes can overlap; off on CPU, where both
     would compete for the same cores).
+    draft_model: a small GGUF sharing the pair's tokenizer that drafts tokens for
+    speculative decoding (default: drafts come from prompt lookup, which needs no model).
+    speculation: the default for every stream (SpeculationParams(); draft_max=0: off);
+    its draft_max also sizes the contexts' output rows.
     """
     if flash_attn not in ("on", "off", "auto"):
         raise BadParameterError(f"flash_attn must be 'on', 'off' or 'auto', got {flash_attn!r}")
-    options = PairOptions(n_ctx, n_batch, n_threads, n_gpu_layers, flash_attn, verbose)
+    speculation = speculation or SpeculationParams()
+    options = PairOptions(
+        n_ctx,
+        n_batch,
+        n_threads,
+        n_gpu_layers,
+        flash_attn,
+        verbose,
+        max_rows=speculation.draft_max + 1,
+    )
     mixer = LogitMixer(hook)
-    loaded = load_models(aligned, reference, options, lora=lora, lora_scale=lora_scale)
+    loaded = load_models(
+        aligned, reference, options, lora=lora, lora_scale=lora_scale, draft=draft_model
+    )
     if overlap_decodes is None:
         overlap_decodes = loaded.load_options.n_gpu_layers != 0 and backend.supports_gpu_offload()
-    return DeraPair(loaded, mixer, overlap_decodes)
+    return DeraPair(loaded, mixer, overlap_decodes, speculation)

@@ -27,6 +27,9 @@ class PairOptions:
     n_gpu_layers: int | None = None  # None = all layers when the build can offload, else 0
     flash_attn: str = "off"  # "on", "off" or "auto" (see backend.ContextOptions)
     verbose: bool = False
+    # Logits rows one generation decode may return: 1 + the most drafted tokens verified
+    # at once (llama.cpp sizes each context's output buffer by it).
+    max_rows: int = 17
 
 
 @dataclass
@@ -40,17 +43,22 @@ class LoadedPair:
     load_options: LoadOptions
     adapter_info: GGUFInfo | None = None  # set when the aligned side is reference + LoRA
     lora_scale: float | None = None
+    draft_model: LoadedModel | None = None  # drafts tokens for speculative decoding
+    draft_ctx: Context | None = None
 
     def close(self) -> None:
         # Contexts first; a shared model is closed once (close() is idempotent). The
         # adapter is freed with its model.
         for resource in (
+            self.draft_ctx,
             self.aligned_ctx,
             self.reference_ctx,
+            self.draft_model,
             self.aligned_model,
             self.reference_model,
         ):
-            resource.close()
+            if resource is not None:
+                resource.close()
 
 
 def _load_options(options: PairOptions, notes: list[str]) -> LoadOptions:
@@ -112,18 +120,25 @@ def load_models(
     *,
     lora: str | os.PathLike[str] | None = None,
     lora_scale: float = 1.0,
+    draft: str | os.PathLike[str] | None = None,
 ) -> LoadedPair:
     """Validates, compares and loads both models; raises DeraError with one line on failure.
 
     With `lora`, the aligned model is the reference plus that adapter: the weights are
-    loaded once and the adapter is attached only to the aligned context.
+    loaded once and the adapter is attached only to the aligned context. With `draft`,
+    a third model (checked to share the tokenizer) is loaded with its own context.
     """
     llama_log.install(options.verbose)
     aligned_info, reference_info, adapter_info = _read_pair_headers(aligned, reference, lora)
+    draft_info = None
+    if draft is not None:
+        draft_info = read_gguf(draft)
+        check_same_tokenizer(draft_info, reference_info)
     # The token lists served the comparison; freeing them (and the parser's garbage)
     # before the weights load keeps ~15 MiB per 50k-token vocabulary out of peak RSS.
-    for info in (aligned_info, reference_info):
-        info.tokens, info.token_types = [], None
+    for info in (aligned_info, reference_info, draft_info):
+        if info is not None:
+            info.tokens, info.token_types = [], None
     gc.collect()
     notes: list[str] = []
     load_options = _load_options(options, notes)
@@ -147,16 +162,33 @@ def load_models(
             )
         n_ctx = _context_size(options.n_ctx, aligned_model, reference_model)
         context_options = ContextOptions(
-            n_ctx, options.n_batch, options.n_threads, options.flash_attn, n_outputs_max=1
+            n_ctx,
+            options.n_batch,
+            options.n_threads,
+            options.flash_attn,
+            n_outputs_max=options.max_rows,
         )
         aligned_ctx = Context(aligned_model, context_options)
         opened.append(aligned_ctx)
         reference_ctx = Context(reference_model, context_options)
         opened.append(reference_ctx)
-        adapter = None
         if adapter_info is not None:
             adapter = LoraAdapter(reference_model, adapter_info.path)
             aligned_ctx.attach_lora(adapter, lora_scale)
+        draft_model = draft_ctx = None
+        if draft_info is not None:
+            draft_model = LoadedModel(Path(draft_info.path), load_options)
+            opened.append(draft_model)
+            if draft_model.n_vocab != reference_model.n_vocab:
+                raise IncompatibleModelsError(
+                    f"llama.cpp sees {draft_model.n_vocab} tokens in the draft model "
+                    f"{draft_info.path.name} but {reference_model.n_vocab} in the pair"
+                )
+            draft_options = ContextOptions(
+                n_ctx, options.n_batch, options.n_threads, options.flash_attn, n_outputs_max=1
+            )
+            draft_ctx = Context(draft_model, draft_options)
+            opened.append(draft_ctx)
     except BaseException:
         for resource in reversed(opened):
             resource.close()
@@ -171,4 +203,6 @@ def load_models(
         load_options,
         adapter_info,
         lora_scale if adapter_info is not None else None,
+        draft_model,
+        draft_ctx,
     )

@@ -13,8 +13,9 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 from .backend import TokenBatch
-from .engine import DeraPair, sample_mixture
+from .engine import DeraPair
 from .errors import BadParameterError, DeraError
+from .lockstep import sample_mixture
 from .logprobs import SequenceLogprobs
 from .mixing import validate_lam
 from .sampling import SamplerChain, SamplingParams

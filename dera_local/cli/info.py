@@ -10,7 +10,7 @@ from ..errors import DeraError
 from ..gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
 from ..mixing import LogitMixer
 from ..resolve import model_path, resolve_models
-from .options import hook_option, model_source_options
+from .options import draft_options, hook_option, model_source_options, speculation_from
 
 
 def _describe(role: str, info: GGUFInfo) -> list[str]:
@@ -43,6 +43,7 @@ def _info_sources(
 
 @click.command()
 @model_source_options
+@draft_options
 @hook_option
 def info(
     aligned: str | None,
@@ -50,6 +51,9 @@ def info(
     lora: str | None,
     pair: str | None,
     quant: str,
+    draft_model: str | None,
+    draft_max: int,
+    draft_min: int,
     hook: str | None,
 ) -> None:
     """Show both models, the compatibility verdict, the mixing path and llama.cpp's build.
@@ -104,6 +108,29 @@ def info(
             lines.append("compatibility: INCOMPATIBLE")
         else:
             lines.append("compatibility: OK, one tokenizer (ids, texts, types, BOS/EOS/EOT)")
+    speculation = speculation_from(draft_max, draft_min)
+    if not speculation.enabled:
+        lines.append("speculation: off (--draft-max 0)")
+    elif draft_model:
+        draft = read_gguf(model_path(draft_model))
+        lines.append(
+            f"speculation: draft model {draft.path.name} ({draft.name}), "
+            f"{speculation.draft_min}-{speculation.draft_max} tokens per step, adaptive"
+        )
+        if "reference" in infos:
+            try:
+                check_same_tokenizer(draft, infos["reference"])
+            except DeraError as exc:
+                verdict_error = exc
+                lines.append("  draft model: INCOMPATIBLE")
+            else:
+                lines.append("  draft model: OK, same tokenizer")
+    else:
+        lines.append(
+            f"speculation: prompt lookup ({speculation.ngram_min}-{speculation.ngram_max}-grams), "
+            f"{speculation.draft_min}-{speculation.draft_max} tokens per step, adaptive "
+            "(switches off where it does not pay)"
+        )
     click.echo("\n".join(lines))
     if verdict_error is not None:
         raise verdict_error

@@ -13,8 +13,9 @@ import click
 from ..catalog import DEFAULT_QUANT
 from ..engine import DeraPair, load_pair
 from ..errors import DeraError
-from ..resolve import resolve_models
+from ..resolve import model_path, resolve_models
 from ..sampling import SamplingParams
+from ..speculative import SpeculationParams
 
 
 def _stack(*decorators: Callable) -> Callable:
@@ -69,8 +70,35 @@ hook_option = click.option(
     help="Force the mixing path (default: native if built).",
 )
 
+draft_options = _stack(
+    click.option(
+        "-md",
+        "--draft-model",
+        envvar="DERA_DRAFT_MODEL",
+        metavar="GGUF",
+        help="Small model with the same tokenizer that drafts tokens for speculative "
+        "decoding (default: prompt lookup drafts, no model needed). Env: DERA_DRAFT_MODEL.",
+    ),
+    click.option(
+        "--draft-max",
+        type=click.IntRange(0, 64),
+        default=SpeculationParams.draft_max,
+        show_default=True,
+        envvar="DERA_DRAFT_MAX",
+        help="Most drafted tokens verified per step (0 = no speculation). Env: DERA_DRAFT_MAX.",
+    ),
+    click.option(
+        "--draft-min",
+        type=click.IntRange(0, 64),
+        default=SpeculationParams.draft_min,
+        show_default=True,
+        help="Fewest drafted tokens per verification step.",
+    ),
+)
+
 model_options = _stack(
     model_source_options,
+    draft_options,
     click.option("--lora-scale", type=float, default=1.0, show_default=True, help="Adapter scale."),
     click.option(
         "-c",
@@ -195,6 +223,10 @@ sampling_options = _stack(
 )
 
 
+def speculation_from(draft_max: int, draft_min: int) -> SpeculationParams:
+    return SpeculationParams(draft_max=draft_max, draft_min=min(draft_min, draft_max))
+
+
 def open_pair(
     aligned: str | None,
     reference: str | None,
@@ -202,11 +234,22 @@ def open_pair(
     lora_scale: float,
     pair: str | None,
     quant: str,
+    draft_model: str | None,
+    draft_max: int,
+    draft_min: int,
     **settings,
 ) -> DeraPair:
     """Loads the pair the flags name (see resolve_models; no flags: the demo pair)."""
     aligned, reference, lora = resolve_models(aligned, reference, lora, pair, quant)
-    return load_pair(aligned, reference, lora=lora, lora_scale=lora_scale, **settings)
+    return load_pair(
+        aligned,
+        reference,
+        lora=lora,
+        lora_scale=lora_scale,
+        draft_model=model_path(draft_model) if draft_model else None,
+        speculation=speculation_from(draft_max, draft_min),
+        **settings,
+    )
 
 
 def open_output(path: str | None):
@@ -257,6 +300,7 @@ def split_options(kwargs: dict) -> tuple[dict, dict, dict]:
 
 
 __all__ = [
+    "draft_options",
     "hook_option",
     "model_options",
     "model_source_options",
