@@ -50,6 +50,7 @@ class GenerationResult:
     logprobs: SequenceLogprobs | None = None  # with stream(..., logprobs=True)
     drafted: int = 0  # tokens proposed by speculation
     accepted: int = 0  # of those, kept (the rest cost one batched row each)
+    verify_steps: int = 0  # batched decodes that verified drafts
 
     @property
     def tokens_per_second(self) -> float:
@@ -111,6 +112,9 @@ class DeraPair:
         # Speculation for streams that do not choose their own (draft_max 0 = off).
         self.speculation = speculation or SpeculationParams(draft_max=self.lockstep.max_rows - 1)
         self._scoring: tuple[Context, Context] | None = None
+        # One drafter per draft context, kept across generations with its cache.
+        draft_ctx = loaded.draft_ctx
+        self._model_drafter = ModelDrafter(draft_ctx) if draft_ctx is not None else None
 
     # -- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:
@@ -277,14 +281,19 @@ class DeraPair:
         with SamplerChain(sampling, model.vocab, self.n_ctx, logits_observer) as chain:
             started = time.perf_counter()
             reused = contexts.prefill(prompt_tokens)
+            if not speculation.enabled:
+                drafter = None
+            elif drafter is None:
+                drafter = self._default_drafter(speculation)
+            if drafter is not None:
+                drafter.reset(prompt_tokens)  # a draft model reads the prompt here
             prefilled = time.perf_counter()
             token = contexts.sample(-1, lam, chain, logprobs)
             finish = output.advance(token)
             if output.new_text:
                 yield output.new_text
-            if finish is None and speculation.enabled:
-                drafter = drafter or self._default_drafter(speculation)
-                drafter.reset([*prompt_tokens, token])
+            if finish is None and drafter is not None:
+                drafter.extend([token])
                 yield from speculative_steps(
                     contexts,
                     output,
@@ -321,11 +330,12 @@ class DeraPair:
             logprobs=logprobs,
             drafted=counts.drafted,
             accepted=counts.accepted,
+            verify_steps=counts.verify_steps,
         )
 
     def _default_drafter(self, speculation: SpeculationParams) -> Drafter:
-        if self.loaded.draft_ctx is not None:
-            return ModelDrafter(self.loaded.draft_ctx)
+        if self._model_drafter is not None:
+            return self._model_drafter
         return PromptLookup(speculation.ngram_min, speculation.ngram_max)
 
 

@@ -47,7 +47,7 @@ class SpeculationParams:
 
     draft_max: int = 16
     draft_min: int = 0
-    ngram_max: int = 3
+    ngram_max: int = 4
     ngram_min: int = 2
     adaptive: bool = True
 
@@ -70,7 +70,10 @@ class PromptLookup:
     tokens (n from ngram_max down to ngram_min) and propose what followed it there.
     Free to run, and strong wherever the answer copies from the input."""
 
+    cheap = True
+
     def __init__(self, ngram_min: int = 2, ngram_max: int = 3) -> None:
+        self.source: object = None  # the n of the last match
         self.ngram_min = ngram_min
         self.ngram_max = ngram_max
         self.history: list[int] = []
@@ -100,14 +103,20 @@ class PromptLookup:
         for n in range(self.ngram_max, self.ngram_min - 1, -1):
             previous = self._previous[n]
             if previous >= 0:
+                self.source = ("lookup", n)
                 return self.history[previous + 1 : previous + 1 + k]
+        self.source = None
         return []
 
 
 class ModelDrafter:
     """Drafts greedily with a small model sharing the pair's tokenizer, in its own context.
-    Its KV cache follows the text (prompt and kept tokens): each call reuses the common
-    prefix, so rejected drafts are rolled back by the next call."""
+    Its KV cache follows the text (prompt and kept tokens) and outlives one generation:
+    each call reuses the common prefix, so rejected drafts are rolled back by the next
+    call and a follow-up turn only reads what is new."""
+
+    cheap = False
+    source = "draft model"
 
     def __init__(self, ctx) -> None:
         self.ctx = ctx
@@ -116,89 +125,146 @@ class ModelDrafter:
         self.history: list[int] = []
 
     def reset(self, tokens: Sequence[int]) -> None:
+        """Starts following a new text and reads it now (prompt processing)."""
         self.history = list(tokens)
+        self._catch_up()
 
     def extend(self, tokens: Sequence[int]) -> None:
         self.history.extend(tokens)
 
     def draft(self, k: int) -> list[int]:
-        # Leave room in the draft context for k more tokens.
-        k = min(k, self.ctx.n_ctx - len(self.history))
+        k = min(k, self.ctx.n_ctx - len(self.history))  # room for k more tokens
         if k <= 0:
             return []
+        self._catch_up()
+        drafted: list[int] = []
+        for i in range(k):
+            if i:
+                self.ctx.decode(drafted[-1:])
+                self._cached.append(drafted[-1])
+            drafted.append(int(np.argmax(float_view(self.ctx.logits_address(-1), self.n_vocab))))
+        return drafted
+
+    def _catch_up(self) -> None:
+        """Brings the draft cache to the text, keeping the common prefix; the logits of
+        the text's last token are left for drafting."""
         keep = 0
         limit = min(len(self._cached), len(self.history) - 1)
         while keep < limit and self._cached[keep] == self.history[keep]:
             keep += 1
         self.ctx.truncate(keep)
         self._cached = self._cached[:keep]
-        pending = self.history[keep:]
-        drafted: list[int] = []
-        for _ in range(k):
-            self.ctx.decode(pending)
-            self._cached.extend(pending)
-            token = int(np.argmax(float_view(self.ctx.logits_address(-1), self.n_vocab)))
-            drafted.append(token)
-            pending = [token]
-        return drafted
+        self.ctx.decode(self.history[keep:])
+        self._cached.extend(self.history[keep:])
+
+
+@dataclass
+class _SourceStats:
+    """What one kind of draft has been worth lately: decayed counts of accepted and
+    judged drafted tokens, and the measured extra cost of one more batch row (in plain
+    steps)."""
+
+    accepted: float = 0.0
+    judged: float = 0.0
+    row_cost: float | None = None
+
+    @property
+    def acceptance(self) -> float:
+        # Laplace's rule: 1/2 with no evidence, then the observed rate.
+        return (self.accepted + 1.0) / (self.judged + 2.0)
 
 
 class DraftLength:
-    """Chooses k for the next verification and switches speculation off when it does
-    not pay, from measured time per kept token: speculative steps against plain steps.
+    """Chooses how many drafted tokens to verify, from a cost model measured as it goes.
 
-    k grows while whole drafts are accepted and shrinks to just past the last accepted
-    token otherwise. After a speculative stretch that produced tokens more slowly than
-    plain decoding, speculation pauses for a while (longer each time) and is tried
-    again, so text with nothing to copy costs little more than plain decoding."""
+    A verification of k drafts keeps 1 + a + a^2 + ... + a^k tokens on average, where a
+    is the chance that a drafted token is accepted (tracked per draft source: prompt
+    lookup by match length, or the draft model), and costs 1 + c*k plain steps, where c
+    is the measured cost of one more batch row (about 0.4 on a 2-core CPU, near 0 on a
+    GPU). The k with the best tokens per cost wins; when no k beats a plain step,
+    speculation pauses (8 tokens, doubling up to 256) and then probes with one draft,
+    so text with nothing to copy costs little more than plain decoding."""
 
+    DECAY = 0.8  # weight of the evidence so far at each new verification
     SMOOTHING = 0.3
-    JUDGE_AFTER = 3  # speculative steps in a stretch before it is compared with plain
-    FIRST_PAUSE = 16  # plain tokens after speculation did not pay
+    PRIOR_ROW_COST = 0.5  # plain steps per extra row, until measured
+    REQUIRED_GAIN = 1.05  # expected tokens per unit cost that drafting must beat
+    FIRST_PAUSE = 8
     MAX_PAUSE = 256
 
     def __init__(self, params: SpeculationParams) -> None:
         self.params = params
-        self.k = max(params.draft_min, min(4, params.draft_max))
-        self.plain_seconds: float | None = None  # per token
-        self._stretch_seconds = 0.0
-        self._stretch_tokens = 0
-        self._stretch_steps = 0
+        self.plain_seconds: float | None = None
+        self._stats: dict[object, _SourceStats] = {}
         self._pause_left = 1 if params.adaptive else 0  # measure one plain step first
         self._pause = self.FIRST_PAUSE
+        self._probe = False  # the next draft is a probe after a pause
 
-    def wants_draft(self) -> bool:
-        if not self.params.enabled:
-            return False
+    def draft_limit(self, room: int, drafter: Drafter) -> int:
+        """How many tokens to ask the drafter for now (0: decode one token plainly)."""
+        if not self.params.enabled or room <= 0:
+            return 0
+        limit = min(self.params.draft_max, room)
+        if not self.params.adaptive:
+            return limit
         if self._pause_left > 0:
             self._pause_left -= 1
-            return False
-        return True
+            self._probe = self._pause_left == 0
+            return 0
+        if drafter.cheap:  # draft as much as fits; choose() keeps what pays
+            return limit
+        # Drafting costs decodes here: decide before drafting.
+        k = self.best_k(drafter.source, limit)
+        if k == 0 and not self._probe:
+            self._start_pause()
+        return k or int(self._probe)
+
+    def choose(self, source: object, proposed: int) -> int:
+        """How many of the proposed drafts to verify (0: none; decode one plainly)."""
+        if proposed < max(self.params.draft_min, 1):
+            return 0
+        if not self.params.adaptive:
+            return proposed
+        k = self.best_k(source, proposed)
+        if self._probe:
+            self._probe = False
+            k = k or 1
+        elif k == 0:
+            self._start_pause()
+        return k
+
+    def _start_pause(self) -> None:
+        self._pause_left = self._pause
+        self._pause = min(self._pause * 2, self.MAX_PAUSE)
+
+    def best_k(self, source: object, limit: int) -> int:
+        stats = self._stats.get(source) or _SourceStats()
+        a = min(stats.acceptance, 0.999)
+        cost = stats.row_cost if stats.row_cost is not None else self.PRIOR_ROW_COST
+        # A plain step gives one token per unit cost; drafting must promise clearly more,
+        # because the estimates are noisy and a wrong "yes" costs real time.
+        best, best_value = 0, self.REQUIRED_GAIN
+        for k in range(1, limit + 1):
+            value = (1 - a ** (k + 1)) / (1 - a) / (1 + cost * k)
+            if value > best_value:
+                best, best_value = k, value
+        return best
 
     def after_plain(self, seconds: float) -> None:
         self.plain_seconds = _smooth(self.plain_seconds, seconds, self.SMOOTHING)
 
-    def after_verify(self, drafted: int, accepted: int, kept: int, seconds: float) -> None:
-        """drafted: tokens proposed; accepted: of those kept; kept: tokens this step added
-        (accepted plus the mixture's own); seconds: drafting and verifying."""
-        params = self.params
-        if not params.adaptive:
-            return
-        if accepted == drafted:
-            self.k = min(params.draft_max, max(self.k * 2, params.draft_min, 1))
-        else:
-            self.k = min(params.draft_max, max(params.draft_min, accepted + 1))
-        self._stretch_seconds += seconds
-        self._stretch_tokens += kept
-        self._stretch_steps += 1
-        if self._stretch_steps < self.JUDGE_AFTER or self.plain_seconds is None:
-            return
-        per_token = self._stretch_seconds / self._stretch_tokens
-        self._stretch_seconds, self._stretch_tokens, self._stretch_steps = 0.0, 0, 0
-        if per_token > self.plain_seconds:
-            self._pause_left = self._pause
-            self._pause = min(self._pause * 2, self.MAX_PAUSE)
-        else:
+    def after_verify(
+        self, source: object, drafted: int, accepted: int, rejected: bool, seconds: float
+    ) -> None:
+        """rejected: the walk ended on a drafted token that was not kept (not at the
+        bonus row or a stop); seconds: drafting and verifying together."""
+        stats = self._stats.setdefault(source, _SourceStats())
+        stats.accepted = stats.accepted * self.DECAY + accepted
+        stats.judged = stats.judged * self.DECAY + accepted + rejected
+        if self.plain_seconds:
+            extra = max(seconds / self.plain_seconds - 1.0, 0.0) / drafted
+            stats.row_cost = _smooth(stats.row_cost, extra, self.SMOOTHING)
+        if self.best_k(source, self.params.draft_max) > 0:  # it pays (again)
             self._pause = self.FIRST_PAUSE
 
 
@@ -230,11 +296,16 @@ def verify_drafts(
 class DraftCounts:
     drafted: int = 0  # tokens proposed by the drafter
     accepted: int = 0  # of those, kept in the output
+    verify_steps: int = 0  # batched verifications (each also adds one token of its own)
 
 
 class Drafter(Protocol):
     """A draft source: it follows the text (prompt, then each kept token) and proposes
-    up to k next tokens."""
+    up to k next tokens. `cheap`: drafting costs next to nothing (ask for many, verify
+    what pays); `source`: what the last draft came from, for acceptance statistics."""
+
+    cheap: bool
+    source: object
 
     def reset(self, tokens: Sequence[int]) -> None: ...
 
@@ -274,18 +345,23 @@ def speculative_steps(
 
     while True:
         n_cached = len(contexts.cached)
-        k = min(controller.k, contexts.max_rows - 1, n_ctx - 1 - n_cached)
+        room = min(contexts.max_rows - 1, n_ctx - 1 - n_cached)
         if max_tokens > 0:  # a step keeps at most k + 1 tokens
-            k = min(k, max_tokens - len(output.tokens) - 1)
+            room = min(room, max_tokens - len(output.tokens) - 1)
         started = time.perf_counter()
-        drafts = drafter.draft(k) if k > 0 and controller.wants_draft() else []
+        limit = controller.draft_limit(room, drafter)
+        drafts = drafter.draft(limit) if limit > 0 else []
+        drafts = drafts[: controller.choose(drafter.source, len(drafts))]
         if drafts:
             contexts.decode_rows([token, *drafts])
             kept, accepted, finish = verify_drafts(sample_row, drafts, advance, accept)
             contexts.keep_rows(n_cached + len(kept))
             counts.drafted += len(drafts)
             counts.accepted += accepted
-            controller.after_verify(len(drafts), accepted, len(kept), time.perf_counter() - started)
+            counts.verify_steps += 1
+            rejected = accepted < len(drafts) and finish is None
+            seconds = time.perf_counter() - started
+            controller.after_verify(drafter.source, len(drafts), accepted, rejected, seconds)
         else:
             contexts.decode([token])
             kept = [sample_row(-1)]

@@ -193,3 +193,19 @@ def test_library_hint_is_printed_by_the_cli_only(run):
     result = run("generate", "x" * 5000, "-c", "256")
     assert result.exit_code == 1
     assert "context holds 256; shorten the prompt (or raise -c)" in result.stderr
+
+
+def test_speculation_flags_json_counts_and_info(run, other_vocab_path):
+    prompt = "the cat sat on the mat and the cat sat on the"
+    greedy_json = ["--json", "--temp", "0", "-n", "30", "--lam", "0.5"]
+    fast = _json(run("generate", prompt, *greedy_json))
+    plain = _json(run("generate", prompt, *greedy_json, "--draft-max", "0"))
+    assert fast["tokens"] == plain["tokens"]
+    assert plain["drafted"] == plain["accepted"] == 0
+    assert 0 <= fast["accepted"] <= fast["drafted"]
+    assert "speculation: prompt lookup" in run("info").stdout
+    assert "speculation: off" in run("info", "--draft-max", "0").stdout
+    refused = run("info", "-md", str(other_vocab_path))
+    assert refused.exit_code == 1 and "draft model: INCOMPATIBLE" in refused.stdout
+    bad = run("generate", "hi", "--draft-max", "-1")
+    assert bad.exit_code == 2 and "--draft-max" in bad.stderr

@@ -133,6 +133,9 @@ def test_chat_matches_the_python_api(client, pair, greedy):
     assert reply.usage.completion_tokens == len(expected.tokens)
     assert reply.usage.prompt_tokens == len(expected.prompt_tokens)
     assert reply.choices[0].finish_reason == expected.finish_reason
+    details = reply.usage.completion_tokens_details  # speculation's drafted tokens
+    assert 0 <= details.accepted_prediction_tokens <= reply.usage.completion_tokens
+    assert details.rejected_prediction_tokens >= 0
 
 
 def test_lam_zero_is_the_reference_alone(client, pair, reference_path):

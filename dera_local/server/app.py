@@ -238,6 +238,12 @@ def _usage(result: GenerationResult) -> dict:
         "prompt_tokens": n_prompt,
         "completion_tokens": len(result.tokens),
         "total_tokens": n_prompt + len(result.tokens),
+        # OpenAI's names for drafted tokens that were kept or thrown away (its "predicted
+        # outputs"); here the drafts come from speculative decoding.
+        "completion_tokens_details": {
+            "accepted_prediction_tokens": result.accepted,
+            "rejected_prediction_tokens": result.drafted - result.accepted,
+        },
     }
 
 

