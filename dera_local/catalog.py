@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-from .errors import DeraError
+from .errors import BadParameterError, DeraError
 
 DEFAULT_QUANT = "Q4_K_M"
 
@@ -20,9 +20,14 @@ class RemoteFile:
     filename: str
     sha256: str | None = None
     size: int | None = None
+    revision: str | None = None  # None: the repository's main branch
 
     def __str__(self) -> str:
-        return f"{self.repo}:{self.filename}"
+        at = f"@{self.revision}" if self.revision else ""
+        return f"{self.repo}{at}:{self.filename}"
+
+
+SIDES = ("aligned", "reference")
 
 
 @dataclass(frozen=True)
@@ -31,31 +36,68 @@ class CatalogPair:
     description: str
     exact: bool
     beta: float | None
+    loss: str | None  # "dpo", "dpo_norm" (length-normalized: beta is per token), None
     license: str
-    verified: bool
+    checked: dict  # what was checked against public sources, and how
     quants: tuple[str, ...]
     approx_gb: dict[str, float]
     entry: dict
 
-    def files(self, quant: str = DEFAULT_QUANT) -> tuple[RemoteFile, RemoteFile]:
-        """(aligned, reference) files of one quantization."""
+    @property
+    def length_normalized(self) -> bool:
+        return self.loss == "dpo_norm"
+
+    def candidates(self, quant: str = DEFAULT_QUANT) -> tuple[list[RemoteFile], list[RemoteFile]]:
+        """(aligned, reference) files of one quantization: each side's primary repository,
+        then its fallbacks in the order to try them."""
         spec = self.entry["quants"].get(quant)
         if spec is None:
-            raise DeraError(
+            raise BadParameterError(
                 f"pair {self.name!r} has no quantization {quant!r}; "
                 f"available: {', '.join(self.quants)}"
             )
 
-        def remote(side: str) -> RemoteFile:
-            template = self.entry[side]["file"]
-            return RemoteFile(
-                self.entry[side]["repo"],
-                template.format(quant=quant, quant_lower=quant.lower()),
-                (spec.get("sha256") or {}).get(side),
-                (spec.get("bytes") or {}).get(side),
-            )
+        def remote(source: dict, sha256: str | None, size: int | None) -> RemoteFile:
+            filename = source["file"].format(quant=quant, quant_lower=quant.lower())
+            return RemoteFile(source["repo"], filename, sha256, size, source.get("revision"))
 
-        return remote("aligned"), remote("reference")
+        def side_files(side: str) -> list[RemoteFile]:
+            primary = self.entry[side]
+            files = [
+                remote(
+                    primary,
+                    (spec.get("sha256") or {}).get(side),
+                    (spec.get("bytes") or {}).get(side),
+                )
+            ]
+            for fallback in primary.get("fallbacks", []):
+                files.append(remote(fallback, (fallback.get("sha256") or {}).get(quant), None))
+            return files
+
+        return side_files("aligned"), side_files("reference")
+
+    def files(self, quant: str = DEFAULT_QUANT) -> tuple[RemoteFile, RemoteFile]:
+        """(aligned, reference) primary files of one quantization."""
+        aligned, reference = self.candidates(quant)
+        return aligned[0], reference[0]
+
+    def strength_note(self) -> str:
+        """beta and what lam does to it, in one phrase."""
+        if self.beta is None:
+            return "beta unpublished"
+        if self.length_normalized:
+            return (
+                f"beta {self.beta:g} with length-normalized DPO: a per-token KL strength, "
+                "so beta/lam is only a rough scale"
+            )
+        return f"beta {self.beta:g} (lam reaches beta/lam)"
+
+    def checked_note(self) -> str:
+        checked = self.checked
+        if not checked:
+            return "nothing checked against public sources"
+        parts = [f"{key} {value}" for key, value in checked.items() if key != "source"]
+        return "checked: " + "; ".join(str(p) for p in parts)
 
 
 def load_catalog() -> dict[str, CatalogPair]:
@@ -69,22 +111,28 @@ def load_catalog() -> dict[str, CatalogPair]:
                 "utf-8"
             )
         data = json.loads(text)
-    except (OSError, json.JSONDecodeError) as exc:
+        pairs = {}
+        for name, entry in data["pairs"].items():
+            first_quant = next(iter(entry["quants"].values()))
+            pairs[name] = CatalogPair(
+                name=name,
+                description=entry["description"],
+                exact=entry["exact"],
+                beta=entry.get("beta"),
+                loss=entry.get("loss"),
+                license=entry["license"],
+                checked=entry.get("checked") or {},
+                quants=tuple(entry["quants"]),
+                approx_gb=first_quant.get("approx_gb", {}),
+                entry=entry,
+            )
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DeraError(f"cannot read the catalog {override or 'catalog.json'}: {exc}") from None
-    pairs = {}
-    for name, entry in data["pairs"].items():
-        first_quant = next(iter(entry["quants"].values()))
-        pairs[name] = CatalogPair(
-            name=name,
-            description=entry["description"],
-            exact=entry["exact"],
-            beta=entry.get("beta"),
-            license=entry["license"],
-            verified=entry.get("verified", False),
-            quants=tuple(entry["quants"]),
-            approx_gb=first_quant.get("approx_gb", {}),
-            entry=entry,
-        )
+    except (KeyError, TypeError, AttributeError, StopIteration) as exc:
+        raise DeraError(
+            f"the catalog {override or 'catalog.json'} is malformed "
+            f"({type(exc).__name__}: {exc}); see models/catalog.json for the format"
+        ) from None
     return pairs
 
 

@@ -1,8 +1,10 @@
 """Downloads GGUF files with huggingface_hub: its progress bars, resumable downloads and
 standard cache, honouring HF_ENDPOINT, HF_HOME / HF_HUB_CACHE, HF_HUB_OFFLINE and HF_TOKEN
 (read when called, not when imported). A finished download is checked against the known
-size and sha256 (or, where the catalog has none, the hub's LFS ETag, which is the file's
-sha256); a file that fails the check is removed from the cache, so it never loads later.
+size and sha256 (or, where the catalog has none, the sha256 the hub publishes: the
+X-Linked-Etag header of LFS- and Xet-stored files, which huggingface_hub reads before the
+plain ETag); a file that fails the check is removed from the cache, so it never loads
+later. A pinned revision is passed through to every request.
 """
 
 from __future__ import annotations
@@ -17,6 +19,10 @@ from .catalog import RemoteFile
 from .errors import DeraError
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
+
+
+class RemoteMissingError(DeraError):
+    """The hub answered 404: the repository or the file is gone (a fallback may serve)."""
 
 
 def _settings() -> dict:
@@ -40,7 +46,9 @@ def cached_path(remote: RemoteFile) -> Path | None:
     """The file's path in the local cache, or None; never touches the network."""
     from huggingface_hub import try_to_load_from_cache
 
-    found = try_to_load_from_cache(remote.repo, remote.filename, cache_dir=_settings()["cache_dir"])
+    found = try_to_load_from_cache(
+        remote.repo, remote.filename, cache_dir=_settings()["cache_dir"], revision=remote.revision
+    )
     return Path(found) if isinstance(found, str) else None
 
 
@@ -64,7 +72,9 @@ def _expected_sha256(remote: RemoteFile, settings: dict) -> str | None:
         return remote.sha256
     from huggingface_hub import get_hf_file_metadata, hf_hub_url
 
-    url = hf_hub_url(remote.repo, remote.filename, endpoint=settings["endpoint"])
+    url = hf_hub_url(
+        remote.repo, remote.filename, revision=remote.revision, endpoint=settings["endpoint"]
+    )
     etag = get_hf_file_metadata(url, token=settings["token"]).etag or ""
     return etag if _SHA256.match(etag) else None
 
@@ -84,6 +94,7 @@ def download(remote: RemoteFile) -> Path:
                 cache_dir=settings["cache_dir"],
                 endpoint=settings["endpoint"],
                 token=settings["token"],
+                revision=remote.revision,
                 local_files_only=offline(),
             )
         )
@@ -100,11 +111,13 @@ def download(remote: RemoteFile) -> Path:
             f"{remote}: the repository is gated; accept its terms on the hub and set HF_TOKEN"
         ) from None
     except hub_errors.RepositoryNotFoundError:
-        raise DeraError(
+        raise RemoteMissingError(
             f"{remote.repo}: no such repository on the hub (or it is private: set HF_TOKEN)"
         ) from None
+    except hub_errors.RevisionNotFoundError:
+        raise RemoteMissingError(f"{remote}: the repository has no such revision") from None
     except (hub_errors.EntryNotFoundError, hub_errors.RemoteEntryNotFoundError):
-        raise DeraError(f"{remote}: the repository has no such file (404)") from None
+        raise RemoteMissingError(f"{remote}: the repository has no such file (404)") from None
     except hub_errors.HfHubHTTPError as exc:
         raise DeraError(f"{remote}: the hub answered {exc}".splitlines()[0]) from None
     except OSError as exc:

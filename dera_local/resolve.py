@@ -4,10 +4,11 @@ pulled), or nothing at all (the built-in demo pair)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import hub
-from .catalog import DEFAULT_QUANT, find_pair, parse_remote
+from .catalog import DEFAULT_QUANT, SIDES, RemoteFile, find_pair, parse_remote
 from .default_pair import demo_pair
 from .errors import DeraError
 
@@ -21,11 +22,11 @@ def model_path(spec: str) -> str:
 
 
 def pulled_pair(name: str, quant: str = DEFAULT_QUANT) -> tuple[str, str]:
-    """(aligned, reference) paths of a catalog pair already in the cache."""
-    entry = find_pair(name)
+    """(aligned, reference) paths of a catalog pair already in the cache (from whichever
+    of each side's repositories it was pulled)."""
     paths = []
-    for remote in entry.files(quant):
-        path = hub.cached_path(remote)
+    for candidates in find_pair(name).candidates(quant):
+        path = next((p for p in map(hub.cached_path, candidates) if p is not None), None)
         if path is None:
             raise DeraError(
                 f"pair {name!r} ({quant}) is not downloaded: "
@@ -35,10 +36,34 @@ def pulled_pair(name: str, quant: str = DEFAULT_QUANT) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
-def pull(name: str, quant: str = DEFAULT_QUANT) -> tuple[Path, Path]:
-    """Downloads both files of a catalog pair (resuming, checked); returns their paths."""
-    aligned, reference = find_pair(name).files(quant)
-    return hub.download(aligned), hub.download(reference)
+@dataclass
+class PulledFile:
+    """One side of a pulled pair: the file used and the repositories that were gone."""
+
+    side: str
+    remote: RemoteFile
+    path: Path
+    gone: list[str] = field(default_factory=list)  # one line per candidate that 404'd
+
+
+def pull(name: str, quant: str = DEFAULT_QUANT) -> list[PulledFile]:
+    """Downloads both files of a catalog pair (resuming, checked). A side whose repository
+    answers 404 falls back to its next repository, with the same checks."""
+    pulled = []
+    for side, candidates in zip(SIDES, find_pair(name).candidates(quant), strict=True):
+        gone: list[str] = []
+        for remote in candidates:
+            try:
+                path = hub.download(remote)
+            except hub.RemoteMissingError as exc:
+                gone.append(str(exc))
+                continue
+            pulled.append(PulledFile(side, remote, path, gone))
+            break
+        else:
+            tried = "; ".join(gone)
+            raise DeraError(f"no repository of the {side} model of {name!r} serves it: {tried}")
+    return pulled
 
 
 def resolve_models(

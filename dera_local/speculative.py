@@ -159,17 +159,14 @@ class ModelDrafter:
 
 
 @dataclass
-class _SourceStats:
-    """What one kind of draft has been worth lately: decayed counts of accepted and
-    judged drafted tokens, and the measured extra cost of one more batch row (in plain
-    steps)."""
+class _Acceptance:
+    """Decayed counts of accepted and judged drafted tokens of one draft source."""
 
     accepted: float = 0.0
     judged: float = 0.0
-    row_cost: float | None = None
 
     @property
-    def acceptance(self) -> float:
+    def rate(self) -> float:
         # Laplace's rule: 1/2 with no evidence, then the observed rate.
         return (self.accepted + 1.0) / (self.judged + 2.0)
 
@@ -180,27 +177,31 @@ class DraftLength:
     A verification of k drafts keeps 1 + a + a^2 + ... + a^k tokens on average, where a
     is the chance that a drafted token is accepted (tracked per draft source: prompt
     lookup by match length, or the draft model), and costs 1 + c*k plain steps, where c
-    is the measured cost of one more batch row (about 0.4 on a 2-core CPU, near 0 on a
-    GPU). The k with the best tokens per cost wins; when no k beats a plain step,
-    speculation pauses (8 tokens, doubling up to 256) and then probes with one draft,
-    so text with nothing to copy costs little more than plain decoding."""
+    is the measured cost of one more drafted token (one more batch row, about 0.45 of a
+    plain step on a 2-core CPU and near 0 on a GPU, plus its drafting for a draft
+    model). The k with the best tokens per cost wins if it beats a plain step by a
+    margin; a source never seen is tried once; when nothing pays, speculation pauses (8
+    tokens, doubling up to 256) and then probes with one draft, so text with nothing to
+    copy costs little more than plain decoding."""
 
     DECAY = 0.8  # weight of the evidence so far at each new verification
     SMOOTHING = 0.3
-    PRIOR_ROW_COST = 0.5  # plain steps per extra row, until measured
+    PRIOR_ROW_COST = 0.5  # plain steps per drafted token, until measured
     REQUIRED_GAIN = 1.05  # expected tokens per unit cost that drafting must beat
     FIRST_PAUSE = 8
     MAX_PAUSE = 256
 
-    def __init__(self, params: SpeculationParams) -> None:
+    def __init__(self, params: SpeculationParams, drafter: Drafter) -> None:
         self.params = params
+        self.drafter = drafter
         self.plain_seconds: float | None = None
-        self._stats: dict[object, _SourceStats] = {}
+        self.row_cost: float | None = None  # measured, in plain steps per drafted token
+        self._acceptance: dict[object, _Acceptance] = {}
         self._pause_left = 1 if params.adaptive else 0  # measure one plain step first
         self._pause = self.FIRST_PAUSE
         self._probe = False  # the next draft is a probe after a pause
 
-    def draft_limit(self, room: int, drafter: Drafter) -> int:
+    def draft_limit(self, room: int) -> int:
         """How many tokens to ask the drafter for now (0: decode one token plainly)."""
         if not self.params.enabled or room <= 0:
             return 0
@@ -211,36 +212,32 @@ class DraftLength:
             self._pause_left -= 1
             self._probe = self._pause_left == 0
             return 0
-        if drafter.cheap:  # draft as much as fits; choose() keeps what pays
+        if self.drafter.cheap:  # draft as much as fits; choose() keeps what pays
             return limit
         # Drafting costs decodes here: decide before drafting.
-        k = self.best_k(drafter.source, limit)
-        if k == 0 and not self._probe:
-            self._start_pause()
-        return k or int(self._probe)
+        return self._verdict(self.drafter.source, limit)
 
-    def choose(self, source: object, proposed: int) -> int:
+    def choose(self, proposed: int) -> int:
         """How many of the proposed drafts to verify (0: none; decode one plainly)."""
         if proposed < max(self.params.draft_min, 1):
             return 0
         if not self.params.adaptive:
             return proposed
-        k = self.best_k(source, proposed)
-        if self._probe:
+        return self._verdict(self.drafter.source, proposed)
+
+    def _verdict(self, source: object, limit: int) -> int:
+        k = self.best_k(source, limit)
+        if self._probe or source not in self._acceptance:
             self._probe = False
-            k = k or 1
-        elif k == 0:
-            self._start_pause()
+            return k or 1  # a probe, or a first look at a new source
+        if k == 0:
+            self._pause_left = self._pause
+            self._pause = min(self._pause * 2, self.MAX_PAUSE)
         return k
 
-    def _start_pause(self) -> None:
-        self._pause_left = self._pause
-        self._pause = min(self._pause * 2, self.MAX_PAUSE)
-
     def best_k(self, source: object, limit: int) -> int:
-        stats = self._stats.get(source) or _SourceStats()
-        a = min(stats.acceptance, 0.999)
-        cost = stats.row_cost if stats.row_cost is not None else self.PRIOR_ROW_COST
+        a = min((self._acceptance.get(source) or _Acceptance()).rate, 0.999)
+        cost = self.row_cost if self.row_cost is not None else self.PRIOR_ROW_COST
         # A plain step gives one token per unit cost; drafting must promise clearly more,
         # because the estimates are noisy and a wrong "yes" costs real time.
         best, best_value = 0, self.REQUIRED_GAIN
@@ -253,17 +250,16 @@ class DraftLength:
     def after_plain(self, seconds: float) -> None:
         self.plain_seconds = _smooth(self.plain_seconds, seconds, self.SMOOTHING)
 
-    def after_verify(
-        self, source: object, drafted: int, accepted: int, rejected: bool, seconds: float
-    ) -> None:
+    def after_verify(self, drafted: int, accepted: int, rejected: bool, seconds: float) -> None:
         """rejected: the walk ended on a drafted token that was not kept (not at the
         bonus row or a stop); seconds: drafting and verifying together."""
-        stats = self._stats.setdefault(source, _SourceStats())
-        stats.accepted = stats.accepted * self.DECAY + accepted
-        stats.judged = stats.judged * self.DECAY + accepted + rejected
+        source = self.drafter.source
+        counts = self._acceptance.setdefault(source, _Acceptance())
+        counts.accepted = counts.accepted * self.DECAY + accepted
+        counts.judged = counts.judged * self.DECAY + accepted + rejected
         if self.plain_seconds:
             extra = max(seconds / self.plain_seconds - 1.0, 0.0) / drafted
-            stats.row_cost = _smooth(stats.row_cost, extra, self.SMOOTHING)
+            self.row_cost = _smooth(self.row_cost, extra, self.SMOOTHING)
         if self.best_k(source, self.params.draft_max) > 0:  # it pays (again)
             self._pause = self.FIRST_PAUSE
 
@@ -330,7 +326,7 @@ def speculative_steps(
     """Generates from `token` (sampled, not yet decoded) until `output` finishes,
     verifying drafts where there are any and decoding one token where there are none;
     yields the text as it becomes safe to show."""
-    controller = DraftLength(params)
+    controller = DraftLength(params, drafter)
     n_ctx = contexts.loaded.aligned_ctx.n_ctx
     texts: list[str] = []
 
@@ -349,9 +345,9 @@ def speculative_steps(
         if max_tokens > 0:  # a step keeps at most k + 1 tokens
             room = min(room, max_tokens - len(output.tokens) - 1)
         started = time.perf_counter()
-        limit = controller.draft_limit(room, drafter)
+        limit = controller.draft_limit(room)
         drafts = drafter.draft(limit) if limit > 0 else []
-        drafts = drafts[: controller.choose(drafter.source, len(drafts))]
+        drafts = drafts[: controller.choose(len(drafts))]
         if drafts:
             contexts.decode_rows([token, *drafts])
             kept, accepted, finish = verify_drafts(sample_row, drafts, advance, accept)
@@ -361,7 +357,7 @@ def speculative_steps(
             counts.verify_steps += 1
             rejected = accepted < len(drafts) and finish is None
             seconds = time.perf_counter() - started
-            controller.after_verify(drafter.source, len(drafts), accepted, rejected, seconds)
+            controller.after_verify(len(drafts), accepted, rejected, seconds)
         else:
             contexts.decode([token])
             kept = [sample_row(-1)]

@@ -1,7 +1,9 @@
 """A stand-in for the Hugging Face hub on 127.0.0.1: serves files at
 /{owner}/{repo}/resolve/{revision}/{file} with the headers huggingface_hub reads
 (X-Repo-Commit, an LFS-style ETag holding the sha256, Content-Length), byte ranges for
-resuming, and switches to cut a transfer mid-file or serve a corrupted body."""
+resuming, and switches to cut a transfer mid-file, serve a corrupted body, serve other
+bytes at a pinned revision, or publish the sha256 the way Xet-stored files do (in
+X-Linked-Etag, with a plain ETag that is not the sha256)."""
 
 from __future__ import annotations
 
@@ -20,6 +22,9 @@ class FakeHub:
         self.cut_next_get: set[tuple[str, str]] = set()  # first GET stops half-way
         self.corrupt: set[tuple[str, str]] = set()  # body differs from its ETag
         self.range_requests: list[str] = []
+        self.at_revision: dict[tuple[str, str, str], bytes] = {}  # (repo, revision, file)
+        self.xet: set[tuple[str, str]] = set()  # sha256 only in X-Linked-Etag
+        self.revisions: list[str] = []  # the revision of every request, in order
         hub = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -31,6 +36,12 @@ class FakeHub:
             def _lookup(self):
                 match = ROUTE.match(self.path)
                 key = (match["repo"], match["file"]) if match else None
+                self.revision = match["revision"] if match else None
+                if match:
+                    hub.revisions.append(self.revision)
+                    pinned = hub.at_revision.get((match["repo"], self.revision, match["file"]))
+                    if pinned is not None:
+                        return key, (pinned, pinned)
                 if key not in hub.files:
                     body = b'{"error": "Entry not found"}'
                     self.send_response(404)
@@ -49,8 +60,18 @@ class FakeHub:
 
             def _headers(self, status: int, data: bytes, length: int, start: int = 0) -> None:
                 self.send_response(status)
-                self.send_header("X-Repo-Commit", COMMIT)
-                self.send_header("ETag", f'"{hashlib.sha256(data).hexdigest()}"')
+                # A commit id resolves to itself; a branch to the fixed commit.
+                pinned = (
+                    self.revision if re.fullmatch(r"[0-9a-f]{40}", self.revision or "") else None
+                )
+                self.send_header("X-Repo-Commit", pinned or COMMIT)
+                sha256 = hashlib.sha256(data).hexdigest()
+                if self._key in hub.xet:
+                    self.send_header("ETag", f'"{hashlib.sha1(data).hexdigest()}"')
+                    self.send_header("X-Linked-Etag", f'"{sha256}"')
+                    self.send_header("X-Linked-Size", str(len(data)))
+                else:
+                    self.send_header("ETag", f'"{sha256}"')
                 self.send_header("Accept-Ranges", "bytes")
                 self.send_header("Content-Length", str(length))
                 if status == 206:
@@ -59,11 +80,13 @@ class FakeHub:
 
             def do_HEAD(self) -> None:
                 key, payload = self._lookup()
+                self._key = key
                 if key:
                     self._headers(200, payload[0], len(payload[0]))
 
             def do_GET(self) -> None:
                 key, payload = self._lookup()
+                self._key = key
                 if not key:
                     return
                 data, served = payload

@@ -353,48 +353,50 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
         SpeculationParams(draft_max=2, draft_min=3)
 
 
-class _Cheap:
-    cheap, source = True, "lookup"
+class _Drafter:
+    def __init__(self, cheap: bool, source: object = "lookup") -> None:
+        self.cheap, self.source = cheap, source
 
 
 def test_draft_length_follows_measured_acceptance_and_cost():
     from dera_local.speculative import DraftLength
 
-    control = DraftLength(SpeculationParams(draft_max=16))
-    assert control.draft_limit(16, _Cheap()) == 0  # one plain step first, to time it
+    lookup = _Drafter(cheap=True)
+    control = DraftLength(SpeculationParams(draft_max=16), lookup)
+    assert control.draft_limit(16) == 0  # one plain step first, to time it
     control.after_plain(0.100)
-    assert control.draft_limit(16, _Cheap()) == 16  # free drafting: ask for all that fits
+    assert control.draft_limit(16) == 16  # free drafting: ask for all that fits
+    assert control.choose(16) == 1  # a source never seen: one token, to learn about it
     # Whole drafts accepted and cheap rows (GPU-like): verify many.
     for _ in range(6):
-        control.after_verify("lookup", 8, 8, False, 0.100 * (1 + 0.05 * 8))
-    assert control.choose("lookup", 16) >= 8
+        control.after_verify(8, 8, False, 0.100 * (1 + 0.05 * 8))
+    assert control.choose(16) >= 8
     # The same source turning bad (every draft rejected at once, rows costing 0.45 of a
     # plain step, as on a 2-core CPU): stop verifying and pause.
     for _ in range(20):
-        control.after_verify("lookup", 2, 0, True, 0.100 * (1 + 0.45 * 2))
-    assert control.choose("lookup", 16) == 0
-    paused = [control.draft_limit(16, _Cheap()) for _ in range(8)]
-    assert paused == [0] * 8
+        control.after_verify(2, 0, True, 0.100 * (1 + 0.45 * 2))
+    assert control.choose(16) == 0
+    assert [control.draft_limit(16) for _ in range(8)] == [0] * 8
     # After the pause, one probe draft is verified even though the estimate says no.
-    assert control.draft_limit(16, _Cheap()) == 16 and control.choose("lookup", 16) == 1
-    assert control.choose("lookup", 16) == 0  # no second free pass: the pause doubles
-    assert [control.draft_limit(16, _Cheap()) for _ in range(16)] == [0] * 16
+    assert control.draft_limit(16) == 16 and control.choose(16) == 1
+    assert control.choose(16) == 0  # no second free pass: the pause doubles
+    assert [control.draft_limit(16) for _ in range(16)] == [0] * 16
+    # Another source (a longer n-gram match) gets its own first look.
+    lookup.source = "another"
+    assert control.draft_limit(16) == 16 and control.choose(16) == 1
 
 
 def test_draft_length_decides_before_costly_drafting():
     from dera_local.speculative import DraftLength
 
-    class Costly:
-        cheap, source = False, "draft model"
-
-    control = DraftLength(SpeculationParams(draft_max=8))
-    assert control.draft_limit(8, Costly()) == 0
+    model = _Drafter(cheap=False, source="draft model")
+    control = DraftLength(SpeculationParams(draft_max=8), model)
+    assert control.draft_limit(8) == 0
     control.after_plain(0.1)
-    assert control.draft_limit(8, Costly()) == 1  # a first probe with the prior
-    assert control.choose("draft model", 1) == 1
+    assert control.draft_limit(8) == 1  # a first look at the source
     # drafting plus verifying one token costs 2.1 plain steps: more than it brings
-    control.after_verify("draft model", 1, 1, False, 0.1 * 2.1)
-    assert control.draft_limit(8, Costly()) == 0  # decided before drafting: no decodes
-    fixed = DraftLength(SpeculationParams(draft_max=8, adaptive=False))
-    assert fixed.draft_limit(5, Costly()) == 5 and fixed.choose("any", 5) == 5
-    assert DraftLength(SpeculationParams(draft_max=0)).draft_limit(5, Costly()) == 0
+    control.after_verify(1, 1, False, 0.1 * 2.1)
+    assert control.draft_limit(8) == 0  # decided before drafting: no decodes
+    fixed = DraftLength(SpeculationParams(draft_max=8, adaptive=False), model)
+    assert fixed.draft_limit(5) == 5 and fixed.choose(5) == 5
+    assert DraftLength(SpeculationParams(draft_max=0), model).draft_limit(5) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from .. import hub
-from ..catalog import DEFAULT_QUANT, load_catalog
+from ..catalog import DEFAULT_QUANT, SIDES, load_catalog
 from ..resolve import pull
 
 
@@ -14,15 +14,12 @@ def list_command() -> None:
     """Show the catalog of DeRa pairs and which are already downloaded."""
     for name, entry in load_catalog().items():
         kind = "exact" if entry.exact else "approximate (base -> instruct)"
-        beta = f"beta {entry.beta:g}" if entry.beta is not None else "beta unpublished"
         click.echo(f"{name}: {entry.description}")
-        click.echo(
-            f"  {kind}; {beta}; license {entry.license}; "
-            f"{'names checked' if entry.verified else 'file names not verified'}"
-        )
+        click.echo(f"  {kind}; {entry.strength_note()}; license {entry.license}")
+        click.echo(f"  {entry.checked_note()}")
         for quant in entry.quants:
-            files = entry.files(quant)
-            present = [hub.cached_path(remote) is not None for remote in files]
+            sides = entry.candidates(quant)
+            present = [any(hub.cached_path(r) for r in side) for side in sides]
             state = (
                 "downloaded"
                 if all(present)
@@ -30,20 +27,23 @@ def list_command() -> None:
                 if any(present)
                 else "not downloaded"
             )
-            sizes = " + ".join(
-                f"{entry.approx_gb.get(side, 0):g}" for side in ("aligned", "reference")
-            )
+            sizes = " + ".join(f"{entry.approx_gb.get(side, 0):g}" for side in SIDES)
             click.echo(f"  {quant}: ~{sizes} GB, {state}")
-            for side, remote in zip(("aligned", "reference"), files, strict=True):
-                click.echo(f"    {side}: {remote}")
+            for side, candidates in zip(SIDES, sides, strict=True):
+                fallbacks = f" (fallbacks: {', '.join(map(str, candidates[1:]))})"
+                click.echo(f"    {side}: {candidates[0]}{fallbacks if candidates[1:] else ''}")
 
 
 @click.command("pull")
 @click.argument("name")
 @click.option("--quant", default=DEFAULT_QUANT, show_default=True)
 def pull_command(name: str, quant: str) -> None:
-    """Download both models of catalog pair NAME (resumable, into the Hugging Face cache)."""
-    aligned, reference = pull(name, quant)
-    click.echo(f"aligned:   {aligned}")
-    click.echo(f"reference: {reference}")
+    """Download both models of catalog pair NAME (resumable, into the Hugging Face cache).
+    A side whose repository is gone (404) comes from its next fallback repository."""
+    for pulled in pull(name, quant):
+        for line in pulled.gone:
+            click.echo(f"{pulled.side}: gone: {line}", err=True)
+        if pulled.gone:
+            click.echo(f"{pulled.side}: using the fallback {pulled.remote}", err=True)
+        click.echo(f"{pulled.side + ':':<10} {pulled.path}")
     click.echo(f"use it with: dera-local chat --pair {name} --quant {quant}", err=True)

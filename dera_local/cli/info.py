@@ -6,6 +6,7 @@ from __future__ import annotations
 import click
 
 from .. import backend
+from ..catalog import find_pair
 from ..errors import DeraError
 from ..gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
 from ..mixing import LogitMixer
@@ -62,6 +63,14 @@ def info(
     import llama_cpp
 
     aligned, reference, lora = _info_sources(aligned, reference, lora, pair, quant)
+    catalog_lines = []
+    if pair:
+        entry = find_pair(pair)
+        kind = "exact" if entry.exact else "approximate"
+        catalog_lines = [
+            f"catalog pair {pair}: {kind}; {entry.strength_note()}",
+            f"  {entry.checked_note()}",
+        ]
     mixer = LogitMixer(hook)
     lines = [
         f"mixing hook: {mixer.describe()}",
@@ -76,6 +85,7 @@ def info(
         )
     else:
         lines.append("AMX: not built in; weights use llama.cpp's extra (repacked) buffer types")
+    lines += catalog_lines
     verdict_error: DeraError | None = None
     infos = {}
     for role, path in (("aligned", aligned), ("reference", reference)):
