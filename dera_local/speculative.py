@@ -180,7 +180,8 @@ class DraftLength:
     is the measured cost of one more drafted token (one more batch row, about 0.45 of a
     plain step on a 2-core CPU and near 0 on a GPU, plus its drafting for a draft
     model). The k with the best tokens per cost wins if it beats a plain step by a
-    margin; a source never seen is tried once; when nothing pays, speculation pauses (8
+    margin (a source not seen yet starts from all sources' record; the very first draft
+    is always tried); when nothing pays, speculation pauses (8
     tokens, doubling up to 256) and then probes with one draft, so text with nothing to
     copy costs little more than plain decoding."""
 
@@ -197,6 +198,7 @@ class DraftLength:
         self.plain_seconds: float | None = None
         self.row_cost: float | None = None  # measured, in plain steps per drafted token
         self._acceptance: dict[object, _Acceptance] = {}
+        self._pooled = _Acceptance()  # all sources together
         self._pause_left = 1 if params.adaptive else 0  # measure one plain step first
         self._pause = self.FIRST_PAUSE
         self._probe = False  # the next draft is a probe after a pause
@@ -227,16 +229,18 @@ class DraftLength:
 
     def _verdict(self, source: object, limit: int) -> int:
         k = self.best_k(source, limit)
-        if self._probe or source not in self._acceptance:
+        if self._probe or not self._pooled.judged:
             self._probe = False
-            return k or 1  # a probe, or a first look at a new source
+            return k or 1  # a probe, or a first look at drafting at all
         if k == 0:
             self._pause_left = self._pause
             self._pause = min(self._pause * 2, self.MAX_PAUSE)
         return k
 
     def best_k(self, source: object, limit: int) -> int:
-        a = min((self._acceptance.get(source) or _Acceptance()).rate, 0.999)
+        # A source not seen yet (a longer n-gram match, say) starts from what all
+        # sources have shown so far.
+        a = min((self._acceptance.get(source) or self._pooled).rate, 0.999)
         cost = self.row_cost if self.row_cost is not None else self.PRIOR_ROW_COST
         # A plain step gives one token per unit cost; drafting must promise clearly more,
         # because the estimates are noisy and a wrong "yes" costs real time.
@@ -254,9 +258,9 @@ class DraftLength:
         """rejected: the walk ended on a drafted token that was not kept (not at the
         bonus row or a stop); seconds: drafting and verifying together."""
         source = self.drafter.source
-        counts = self._acceptance.setdefault(source, _Acceptance())
-        counts.accepted = counts.accepted * self.DECAY + accepted
-        counts.judged = counts.judged * self.DECAY + accepted + rejected
+        for counts in (self._acceptance.setdefault(source, _Acceptance()), self._pooled):
+            counts.accepted = counts.accepted * self.DECAY + accepted
+            counts.judged = counts.judged * self.DECAY + accepted + rejected
         if self.plain_seconds:
             extra = max(seconds / self.plain_seconds - 1.0, 0.0) / drafted
             self.row_cost = _smooth(self.row_cost, extra, self.SMOOTHING)
