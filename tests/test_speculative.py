@@ -383,9 +383,9 @@ def test_draft_length_follows_measured_acceptance_and_cost():
     assert [control.draft_limit(16) for _ in range(16)] == [0] * 16
     # Another source (a longer n-gram match) starts from the record of all sources: bad.
     lookup.source = "another"
-    assert control.draft_limit(16) == 16 and control.choose(16) == 0
+    assert control.draft_limit(16) == 16 and control.choose(16) == 1  # the probe now due
+    assert control.choose(16) == 0  # then nothing: no first look of its own
     assert [control.draft_limit(16) for _ in range(32)] == [0] * 32
-    assert control.draft_limit(16) == 16 and control.choose(16) == 1  # the next probe
 
 
 def test_draft_length_decides_before_costly_drafting():
