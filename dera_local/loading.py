@@ -76,6 +76,15 @@ def _load_options(options: PairOptions, notes: list[str]) -> LoadOptions:
     return LoadOptions(n_gpu_layers=n_gpu_layers, use_extra_bufts=use_extra_bufts)
 
 
+def _check_vocab_sizes(model: LoadedModel, reference: LoadedModel) -> None:
+    """What llama.cpp loaded must agree too (the headers were compared already)."""
+    if model.n_vocab != reference.n_vocab:
+        raise IncompatibleModelsError(
+            f"llama.cpp sees {model.n_vocab} tokens in {model.path.name} "
+            f"but {reference.n_vocab} in {reference.path.name}"
+        )
+
+
 def _context_size(requested: int, aligned: LoadedModel, reference: LoadedModel) -> int:
     limit = min(aligned.train_context_length(), reference.train_context_length())
     return limit if requested <= 0 else min(requested, limit)
@@ -155,11 +164,7 @@ def load_models(
         else:
             aligned_model = LoadedModel(Path(aligned_info.path), load_options)
             opened.append(aligned_model)
-        if aligned_model.n_vocab != reference_model.n_vocab:
-            raise IncompatibleModelsError(
-                f"llama.cpp sees {aligned_model.n_vocab} tokens in {aligned_info.path.name} "
-                f"but {reference_model.n_vocab} in {reference_info.path.name}"
-            )
+        _check_vocab_sizes(aligned_model, reference_model)
         n_ctx = _context_size(options.n_ctx, aligned_model, reference_model)
         context_options = ContextOptions(
             n_ctx,
@@ -179,11 +184,7 @@ def load_models(
         if draft_info is not None:
             draft_model = LoadedModel(Path(draft_info.path), load_options)
             opened.append(draft_model)
-            if draft_model.n_vocab != reference_model.n_vocab:
-                raise IncompatibleModelsError(
-                    f"llama.cpp sees {draft_model.n_vocab} tokens in the draft model "
-                    f"{draft_info.path.name} but {reference_model.n_vocab} in the pair"
-                )
+            _check_vocab_sizes(draft_model, reference_model)
             draft_options = ContextOptions(
                 n_ctx, options.n_batch, options.n_threads, options.flash_attn, n_outputs_max=1
             )

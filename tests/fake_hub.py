@@ -114,3 +114,14 @@ class FakeHub:
     def stop(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def point_hub_clients_at(server: FakeHub, monkeypatch, home) -> None:
+    """Sends huggingface_hub (and dera-local) to the stand-in hub with an empty cache
+    under `home`, and clears the model environment variables a test must not inherit."""
+    monkeypatch.setenv("HF_ENDPOINT", server.url)
+    monkeypatch.setenv("HF_HOME", str(home))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    for name in ("DERA_ALIGNED", "DERA_REFERENCE", "DERA_LORA", "DERA_PAIR"):
+        monkeypatch.delenv(name, raising=False)

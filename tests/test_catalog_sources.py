@@ -9,7 +9,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from fake_hub import FakeHub
+from fake_hub import FakeHub, point_hub_clients_at
 
 from dera_local import hub
 from dera_local.catalog import find_pair, load_catalog
@@ -28,12 +28,7 @@ def _side(repo: str, **extra) -> dict:
 def hub_with(tmp_path, monkeypatch, aligned_path, reference_path):
     """A stand-in hub and a one-pair catalog whose sides the test describes."""
     server = FakeHub()
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    for name in ("DERA_ALIGNED", "DERA_REFERENCE", "DERA_LORA", "DERA_PAIR"):
-        monkeypatch.delenv(name, raising=False)
+    point_hub_clients_at(server, monkeypatch, tmp_path / "hf")
 
     def catalog(aligned: dict, reference: dict, sha256: dict | None = None) -> FakeHub:
         entry = {

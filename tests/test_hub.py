@@ -8,7 +8,7 @@ import json
 
 import pytest
 from click.testing import CliRunner
-from fake_hub import FakeHub
+from fake_hub import FakeHub, point_hub_clients_at
 
 from dera_local import hub
 from dera_local.catalog import RemoteFile, find_pair
@@ -44,12 +44,7 @@ def fake_hub(tmp_path, monkeypatch, aligned_path, reference_path):
     }
     (tmp_path / "catalog.json").write_text(json.dumps(catalog))
     monkeypatch.setenv("DERA_CATALOG", str(tmp_path / "catalog.json"))
-    monkeypatch.setenv("HF_ENDPOINT", server.url)
-    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
-    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    for name in ("DERA_ALIGNED", "DERA_REFERENCE", "DERA_LORA", "DERA_PAIR"):
-        monkeypatch.delenv(name, raising=False)
+    point_hub_clients_at(server, monkeypatch, tmp_path / "hf")
     yield server
     server.stop()
 
