@@ -10,7 +10,9 @@ from .chat import ChatSession, ChatTemplate
 from .engine import DeraPair, GenerationResult, GenerationStream, load_pair
 from .errors import BadParameterError, DeraError, IncompatibleModelsError, ModelFileError
 from .gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
+from .pair_guard import PairBusyError, PairClosedError
 from .sampling import SamplingParams
+from .speculative import SpeculationParams
 
 __all__ = [
     "BadParameterError",
@@ -23,7 +25,10 @@ __all__ = [
     "GenerationStream",
     "IncompatibleModelsError",
     "ModelFileError",
+    "PairBusyError",
+    "PairClosedError",
     "SamplingParams",
+    "SpeculationParams",
     "check_same_tokenizer",
     "load_pair",
     "mixing",

@@ -20,6 +20,7 @@ from .loading import LoadedPair, PairOptions, load_models
 from .lockstep import LockstepContexts
 from .logprobs import SequenceLogprobs
 from .mixing import LogitMixer, validate_lam
+from .pair_guard import PairClosedError, PairGuard
 from .sampling import SamplerChain, SamplingParams
 from .sequence import SequenceOutput
 from .speculative import (
@@ -74,8 +75,11 @@ class GenerationStream:
     first chunk is asked for and freed when it ends or is closed, so a stream that is
     never iterated holds nothing."""
 
-    def __init__(self, steps: Generator[str, None, GenerationResult]) -> None:
+    def __init__(
+        self, steps: Generator[str, None, GenerationResult], guard: PairGuard | None = None
+    ) -> None:
         self._steps = steps
+        self._guard = guard
         self.result: GenerationResult | None = None
 
     def __iter__(self) -> Iterator[str]:
@@ -83,7 +87,10 @@ class GenerationStream:
 
     def __next__(self) -> str:
         try:
-            return next(self._steps)
+            if self._guard is None:
+                return next(self._steps)
+            with self._guard.step():
+                return next(self._steps)
         except StopIteration as end:
             if end.value is not None:
                 self.result = end.value
@@ -108,6 +115,7 @@ class DeraPair:
         self.n_ctx = loaded.aligned_ctx.n_ctx
         self.n_vocab = loaded.aligned_model.n_vocab
         self.lockstep = LockstepContexts(loaded, mixer, overlap_decodes)
+        self.guard = PairGuard()  # one generation at a time; nothing after close()
         self.identical = self.lockstep.identical
         # Speculation for streams that do not choose their own (draft_max 0 = off).
         self.speculation = speculation or SpeculationParams(draft_max=self.lockstep.max_rows - 1)
@@ -118,6 +126,10 @@ class DeraPair:
 
     # -- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:
+        """Frees the models and contexts (after a step running in another thread ends);
+        later calls raise PairClosedError. Closing twice is harmless."""
+        if not self.guard.close():
+            return
         self.lockstep.close()
         for ctx in self._scoring or ():
             ctx.close()
@@ -129,13 +141,19 @@ class DeraPair:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _check_open(self) -> None:
+        if self.guard.closed:
+            raise PairClosedError("the pair is closed; load it again")
+
     # -- tokens and text ------------------------------------------------------------------
     def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
         """Prompt text to ids, with the aligned model's tokenizer (both share it).
         Special-token texts such as <|im_start|> become their ids, as in llama.cpp's CLI."""
+        self._check_open()
         return self.loaded.aligned_model.tokenize(text, add_special=add_special, parse_special=True)
 
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+        self._check_open()
         model = self.loaded.aligned_model
         data = b"".join(model.token_bytes(t, special=special) for t in tokens)
         return data.decode("utf-8", errors="replace")
@@ -146,6 +164,7 @@ class DeraPair:
         """A further (aligned, reference) pair of contexts over the same loaded weights,
         with the adapter attached to the aligned one, e.g. for batched sweeps or scoring.
         The caller closes them."""
+        self._check_open()
         loaded = self.loaded
         base = loaded.aligned_ctx
         options = ContextOptions(
@@ -231,6 +250,7 @@ class DeraPair:
             given to load_pair); accept: the rule keeping a drafted token (tests).
         logits_observer: a llama_sampler put first in the chain (for tests and debugging).
         """
+        self._check_open()
         lam = validate_lam(lam)
         sampling = (sampling or SamplingParams()).with_seed()
         if max_tokens < -1 or max_tokens == 0:
@@ -256,7 +276,8 @@ class DeraPair:
                 speculation,
                 drafter,
                 accept,
-            )
+            ),
+            self.guard,
         )
 
     def _lockstep(
@@ -278,60 +299,65 @@ class DeraPair:
             model, n_prompt=len(prompt_tokens), n_ctx=self.n_ctx, max_tokens=max_tokens, stop=stop
         )
         counts = DraftCounts()
-        with SamplerChain(sampling, model.vocab, self.n_ctx, logits_observer) as chain:
-            started = time.perf_counter()
-            reused = contexts.prefill(prompt_tokens)
-            if not speculation.enabled:
-                drafter = None
-            elif drafter is None:
-                drafter = self._default_drafter(speculation)
-            if drafter is not None:
-                drafter.reset(prompt_tokens)  # a draft model reads the prompt here
-            prefilled = time.perf_counter()
-            token = contexts.sample(-1, lam, chain, logprobs)
-            finish = output.advance(token)
-            if output.new_text:
-                yield output.new_text
-            if finish is None and drafter is not None:
-                drafter.extend([token])
-                yield from speculative_steps(
-                    contexts,
-                    output,
-                    drafter,
-                    speculation,
-                    accept,
-                    counts,
-                    token,
-                    lam,
-                    chain,
-                    logprobs,
-                    max_tokens,
-                )
-                finish = output.finish_reason
-            while finish is None:
-                contexts.decode([token])
+        owner = object()  # this generation, for the pair's guard
+        self.guard.claim(owner)
+        try:
+            with SamplerChain(sampling, model.vocab, self.n_ctx, logits_observer) as chain:
+                started = time.perf_counter()
+                reused = contexts.prefill(prompt_tokens)
+                if not speculation.enabled:
+                    drafter = None
+                elif drafter is None:
+                    drafter = self._default_drafter(speculation)
+                if drafter is not None:
+                    drafter.reset(prompt_tokens)  # a draft model reads the prompt here
+                prefilled = time.perf_counter()
                 token = contexts.sample(-1, lam, chain, logprobs)
                 finish = output.advance(token)
                 if output.new_text:
                     yield output.new_text
-            tail = output.flush()
-            if tail:
-                yield tail
-        return GenerationResult(
-            text=output.text,
-            tokens=output.tokens,
-            prompt_tokens=prompt_tokens,
-            finish_reason=finish,
-            lam=lam,
-            seed=sampling.seed,
-            reused_prompt_tokens=reused,
-            prompt_seconds=prefilled - started,
-            generation_seconds=time.perf_counter() - prefilled,
-            logprobs=logprobs,
-            drafted=counts.drafted,
-            accepted=counts.accepted,
-            verify_steps=counts.verify_steps,
-        )
+                if finish is None and drafter is not None:
+                    drafter.extend([token])
+                    yield from speculative_steps(
+                        contexts,
+                        output,
+                        drafter,
+                        speculation,
+                        accept,
+                        counts,
+                        token,
+                        lam,
+                        chain,
+                        logprobs,
+                        max_tokens,
+                    )
+                    finish = output.finish_reason
+                while finish is None:
+                    contexts.decode([token])
+                    token = contexts.sample(-1, lam, chain, logprobs)
+                    finish = output.advance(token)
+                    if output.new_text:
+                        yield output.new_text
+                tail = output.flush()
+                if tail:
+                    yield tail
+            return GenerationResult(
+                text=output.text,
+                tokens=output.tokens,
+                prompt_tokens=prompt_tokens,
+                finish_reason=finish,
+                lam=lam,
+                seed=sampling.seed,
+                reused_prompt_tokens=reused,
+                prompt_seconds=prefilled - started,
+                generation_seconds=time.perf_counter() - prefilled,
+                logprobs=logprobs,
+                drafted=counts.drafted,
+                accepted=counts.accepted,
+                verify_steps=counts.verify_steps,
+            )
+        finally:
+            self.guard.release(owner)
 
     def _default_drafter(self, speculation: SpeculationParams) -> Drafter:
         if self._model_drafter is not None:

@@ -193,3 +193,61 @@ def test_library_errors_name_no_flags_and_the_cli_hint_is_separate(aligned_path,
     assert "-c" not in str(info.value) and "context holds 256" in str(info.value)
     assert info.value.cli_hint == "or raise -c"
     assert info.value.for_cli().endswith("(or raise -c)")
+
+
+def test_one_generation_at_a_time_and_nothing_after_close(aligned_path, reference_path, greedy):
+    import threading
+
+    from dera_local import PairBusyError, PairClosedError
+
+    with dera_local.load_pair(aligned_path, reference_path, n_ctx=512) as own:
+        alone = own.generate("abc", lam=0.5, sampling=greedy, max_tokens=30)
+        own.clear_cache()
+        first = own.stream("abc", lam=0.5, sampling=greedy, max_tokens=30)
+        chunks = [next(first)]
+        # a second stream, in this thread or another, is refused while the first runs
+        with pytest.raises(PairBusyError, match="busy with another generation"):
+            own.generate("xyz", sampling=greedy, max_tokens=5)
+        errors = []
+
+        def other_thread() -> None:
+            try:
+                own.generate("xyz", sampling=greedy, max_tokens=5)
+            except PairBusyError as exc:
+                errors.append(exc)
+
+        thread = threading.Thread(target=other_thread)
+        thread.start()
+        thread.join()
+        assert len(errors) == 1
+        chunks += list(first)  # the first stream is untouched by the refused ones
+        assert "".join(chunks) == alone.text and first.result.tokens == alone.tokens
+        assert len(own.generate("xyz", sampling=greedy, max_tokens=5).tokens) == 5  # free again
+
+        # many threads at once: every call either generates or is refused, none crashes
+        outcomes = []
+
+        def racer() -> None:
+            try:
+                outcomes.append(len(own.generate("abc", sampling=greedy, max_tokens=20).tokens))
+            except PairBusyError:
+                outcomes.append("busy")
+
+        threads = [threading.Thread(target=racer) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert len(outcomes) == 8 and 20 in outcomes
+        assert set(outcomes) <= {20, "busy"}
+
+        suspended = own.stream("abc", sampling=greedy, max_tokens=30)
+        next(suspended)
+    # closed with a stream still open: its next step is a clear error, not freed memory
+    with pytest.raises(PairClosedError):
+        next(suspended)
+    with pytest.raises(PairClosedError, match="the pair is closed"):
+        own.generate("abc")
+    with pytest.raises(PairClosedError):
+        own.generate([1, 2, 3])  # token ids: no tokenizer call first
+    own.close()  # twice is harmless
