@@ -74,7 +74,15 @@ def _quantization_name(file_type: Any) -> str:
 
 def _check_tensor_extents(reader: GGUFReader, path: Path, size: int) -> None:
     for tensor in reader.tensors:
-        end = int(tensor.data_offset) + int(tensor.n_bytes)
+        # From the raw header field, in Python integers: the reader's own data_offset is
+        # a uint64 sum that wraps around for an offset near 2**64 and then looks fine.
+        raw_offset = int(tensor.field.parts[-1][0])
+        end = int(reader.data_offset) + raw_offset + int(tensor.n_bytes)
+        if raw_offset >= size:
+            raise ModelFileError(
+                f"{path}: corrupt GGUF file (tensor {tensor.name!r} has offset {raw_offset}, "
+                f"past the end of the {size}-byte file); download it again"
+            )
         if end > size:
             raise ModelFileError(
                 f"{path}: truncated GGUF file (tensor {tensor.name!r} ends at byte {end}, "
@@ -101,7 +109,8 @@ def read_gguf(path: str | os.PathLike[str], *, expect: str = "model") -> GGUFInf
             "convert_hf_to_gguf.py or download a .gguf"
         )
     try:
-        reader = _PlainArrayReader(path)
+        with np.errstate(over="ignore"):  # absurd offsets wrap; caught just below
+            reader = _PlainArrayReader(path)
     except Exception as exc:  # the reader raises many types on damaged files
         raise ModelFileError(
             f"{path}: corrupt or truncated GGUF file ({type(exc).__name__}: {exc}); "
@@ -109,6 +118,17 @@ def read_gguf(path: str | os.PathLike[str], *, expect: str = "model") -> GGUFInf
         ) from None
     _check_tensor_extents(reader, path, size)
 
+    try:
+        return _describe(reader, path, size, expect)
+    except UnicodeDecodeError:
+        key = _first_non_utf8_key(reader)
+        raise ModelFileError(
+            f"{path}: the GGUF value {key} is not valid UTF-8 text; the file is corrupt, "
+            "download or convert it again"
+        ) from None
+
+
+def _describe(reader: GGUFReader, path: Path, size: int, expect: str) -> GGUFInfo:
     file_type = _scalar(reader, "general.type") or "model"
     architecture = _scalar(reader, "general.architecture")
     if not architecture:
@@ -160,6 +180,15 @@ def read_gguf(path: str | os.PathLike[str], *, expect: str = "model") -> GGUFInf
         add_bos=None if add_bos is None else bool(add_bos),
         metadata=metadata,
     )
+
+
+def _first_non_utf8_key(reader: GGUFReader) -> str:
+    for key, field_ in reader.fields.items():
+        try:
+            field_.contents()
+        except UnicodeDecodeError:
+            return key
+    return "(unknown key)"
 
 
 def _first_difference(a: list[str], b: list[str]) -> int:

@@ -4,6 +4,7 @@ each model with its own llama.cpp context."""
 from __future__ import annotations
 
 import gc
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -138,6 +139,8 @@ def load_models(
     a third model (checked to share the tokenizer) is loaded with its own context.
     """
     llama_log.install(options.verbose)
+    if not math.isfinite(lora_scale):
+        raise BadParameterError(f"the LoRA scale must be finite, got {lora_scale!r}")
     aligned_info, reference_info, adapter_info = _read_pair_headers(aligned, reference, lora)
     draft_info = None
     if draft is not None:

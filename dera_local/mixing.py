@@ -28,14 +28,26 @@ NATIVE = "native"
 NUMPY = "numpy"
 
 
+MAX_LAM = 1000.0  # beyond this the float32 mix of logits loses all meaning (or overflows)
+FAR_LAM = 10.0  # beyond this, extrapolation far past the aligned model: warn
+
+
 def validate_lam(lam: float) -> float:
-    """Returns lam as a float; rejects NaN and infinities, warns when it is negative."""
+    """Returns lam as a float; rejects NaN, infinities and |lam| > 1000 (float32 logits
+    times such weights overflow or say nothing), warns when it is negative or > 10."""
     try:
         value = float(lam)
     except (TypeError, ValueError):
         raise BadParameterError(f"lam must be a number, got {lam!r}") from None
     if not math.isfinite(value):
         raise BadParameterError(f"lam must be finite, got {lam!r}")
+    if abs(value) > MAX_LAM:
+        raise BadParameterError(f"lam must be between -{MAX_LAM:g} and {MAX_LAM:g}, got {lam!r}")
+    if value > FAR_LAM:
+        warnings.warn(
+            f"lam={value:g} extrapolates far past the aligned model; expect broken text",
+            stacklevel=3,
+        )
     if value < 0:
         warnings.warn(
             f"lam={value} < 0 moves away from the aligned model (emulated disalignment)",

@@ -57,8 +57,8 @@ def test_native_and_numpy_are_bit_identical(lam):
     assert _mix("native", a, r, lam).tobytes() == _mix("numpy", a, r, lam).tobytes()
 
 
-@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, "x", None])
-def test_non_finite_or_non_numeric_lam_is_rejected(bad):
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf, "x", None, 1e38, -1001.0])
+def test_non_finite_huge_or_non_numeric_lam_is_rejected(bad):
     with pytest.raises(BadParameterError):
         mixing.validate_lam(bad)
 
@@ -79,3 +79,18 @@ def test_native_hook_is_built():
         pytest.skip("DERA_ALLOW_NO_NATIVE is set")
     assert mixing._native is not None, mixing._NATIVE_IMPORT_ERROR
     assert mixing.LogitMixer().path == "native"
+
+
+def test_far_extrapolation_warns_but_is_allowed():
+    with pytest.warns(UserWarning, match="extrapolates far past the aligned model"):
+        assert mixing.validate_lam(50) == 50.0
+    with pytest.warns(UserWarning):
+        assert mixing.validate_lam(1000) == 1000.0  # the bound itself is allowed
+
+
+def test_huge_lam_and_nan_lora_scale_are_one_line_in_the_cli(run, lora_path, reference_path):
+    result = run("generate", "hi", "--lam", "1e38")
+    assert result.exit_code == 1 and "lam must be between -1000 and 1000" in result.stderr
+    scale = run("generate", "hi", "-mr", str(reference_path), "--lora", str(lora_path),
+                "--lora-scale", "nan")  # fmt: skip
+    assert scale.exit_code == 1 and "the LoRA scale must be finite" in scale.stderr

@@ -104,3 +104,51 @@ def test_read_gguf_reports_metadata(aligned_path):
     assert info.n_vocab == 263
     assert info.special_ids["eos"] == info.tokens.index("<|im_end|>")
     assert info.chat_template and "im_start" in info.chat_template
+
+
+def _patched_copy(source, target, patch) -> None:
+    """A copy of a GGUF file with one header value changed in place (same size)."""
+    target.write_bytes(source.read_bytes())
+    reader = gguf.GGUFReader(str(target), "r+")
+    patch(reader)
+    reader.data.flush()
+    del reader
+
+
+def test_a_tensor_offset_near_two_to_the_64_is_caught(tmp_path, aligned_path, reference_path):
+    path = tmp_path / "offset.gguf"
+
+    def far_offset(reader) -> None:
+        reader.tensors[0].field.parts[-1][0] = 2**64 - 1
+
+    _patched_copy(aligned_path, path, far_offset)
+    with pytest.raises(ModelFileError, match="has offset 18446744073709551615, past the end"):
+        dera_local.read_gguf(path)
+    with pytest.raises(ModelFileError, match="past the end"):
+        dera_local.load_pair(path, reference_path)
+    from click.testing import CliRunner
+
+    from dera_local.cli import cli
+
+    result = CliRunner().invoke(cli, ["info", "-m", str(path), "-mr", str(reference_path)])
+    assert result.exit_code == 1 and result.stderr.strip().count("\n") == 0
+    assert "past the end" in result.stderr
+
+
+def test_a_non_utf8_metadata_string_is_one_line_naming_the_key(tmp_path, run, lora_path):
+    from click.testing import CliRunner
+
+    from dera_local.cli import cli
+
+    path = tmp_path / "name.gguf"
+
+    def break_name(reader) -> None:
+        field = reader.fields["general.architecture"]
+        field.parts[field.data[0]][0] = 0xFF
+
+    _patched_copy(lora_path, path, break_name)
+    with pytest.raises(ModelFileError, match="general.architecture is not valid UTF-8"):
+        dera_local.read_gguf(path, expect="adapter")
+    result = CliRunner().invoke(cli, ["info", "--lora", str(path)])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.stderr.strip().count("\n") == 0 and "not valid UTF-8" in result.stderr
