@@ -246,6 +246,10 @@ def _post(server: str, path: str, data: bytes) -> tuple[int, dict]:
         (json.dumps({"messages": CHAT, "max_tokens": -3}).encode(), "max_tokens"),
         (json.dumps({"messages": CHAT, "n": 2}).encode(), "n"),
         (json.dumps({"messages": [{"role": "user", "content": "x" * 4000}]}).encode(), None),
+        # findings of issue 12: each was a 500 with a traceback in the server log
+        (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages"),
+        (b"[" * 10000 + b"]" * 10000, None),  # nested too deeply for the parser
+        (b'{"messages": [], "max_tokens": ' + b"9" * 5000 + b"}", None),  # a 5000-digit int
     ],
 )
 def test_malformed_requests_get_a_400_error_object(server, body, param):
@@ -253,6 +257,31 @@ def test_malformed_requests_get_a_400_error_object(server, body, param):
     assert status == 400
     assert payload["error"]["type"] == "invalid_request_error" and payload["error"]["message"]
     assert payload["error"]["param"] == param
+
+
+def test_a_chunked_body_is_limited_while_it_arrives(server):
+    import http.client
+    from urllib.parse import urlsplit
+
+    address = urlsplit(server)
+    connection = http.client.HTTPConnection(address.hostname, address.port, timeout=30)
+    headers = {"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"}
+    # no Content-Length: the size is only known by counting what arrives
+    connection.request("POST", "/v1/chat/completions", (b"x" * 4096 for _ in range(64)), headers)
+    response = connection.getresponse()
+    assert response.status == 413
+    assert json.load(response)["error"]["message"].startswith("request body over")
+    connection.close()
+
+
+def test_health_counts_finished_streams_as_completed(client, server):
+    before = _health(server)
+    for _ in range(5):
+        for _chunk in _chat(client, stream=True, max_tokens=4):
+            pass
+    after = _health(server)
+    assert after["completed"] - before["completed"] == 5
+    assert after["cancelled"] == before["cancelled"]
 
 
 def test_oversized_body_and_unknown_route(server):

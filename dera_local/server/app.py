@@ -42,6 +42,10 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+class _BodyTooLarge(Exception):
+    pass
+
+
 def dera_error_response(exc: DeraError) -> JSONResponse:
     """The caller's fault is 400; a full KV cache 503 (retry later); any other runtime
     failure 500."""
@@ -103,13 +107,18 @@ def create_app(
     template = ChatTemplate.for_pair(pair, chat_template)
 
     async def read_json(request: Request):
-        body = await request.body()
-        if len(body) > max_body_bytes:
-            raise RequestError(f"request body over {max_body_bytes} bytes")
+        # Counted while it arrives: a chunked body has no Content-Length to check first.
+        chunks, total = [], 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_body_bytes:
+                raise _BodyTooLarge()
+            chunks.append(chunk)
         try:
-            return json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise RequestError(f"malformed JSON: {exc}") from None
+            return json.loads(b"".join(chunks))
+        except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, huge ints, deep nesting
+            reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+            raise RequestError(f"malformed JSON: {reason}") from None
 
     async def respond(request: Request, chat: bool) -> Response:
         try:
@@ -127,6 +136,8 @@ def create_app(
                     if isinstance(text_or_ids, str):
                         return pair.tokenize(text_or_ids)
                     return text_or_ids
+        except _BodyTooLarge:
+            return error_response(413, f"request body over {max_body_bytes} bytes")
         except DeraError as exc:
             return dera_error_response(exc)
         job = Job(prompt, parsed.settings)
@@ -176,6 +187,7 @@ def create_app(
                 "in_flight": worker.in_flight,
                 "completed": counters.completed,
                 "cancelled": counters.cancelled,
+                "failed": counters.failed,
                 "rejected": counters.rejected,
             }
         )

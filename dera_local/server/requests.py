@@ -56,6 +56,15 @@ def _integer(body: dict, name: str, low: int, high: int) -> int | None:
     return value
 
 
+def _text(value: str, param: str) -> str:
+    """JSON may carry lone surrogates (\\ud800), which no tokenizer can encode."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"'{param}' is not valid Unicode (a lone surrogate)", param) from None
+    return value
+
+
 def _stop(body: dict) -> list[str]:
     stop = body.get("stop")
     if stop is None:
@@ -64,7 +73,7 @@ def _stop(body: dict) -> list[str]:
         stop = [stop]
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
         raise RequestError("'stop' must be a string or a list of up to 4 strings", "stop")
-    return [s for s in stop if s]
+    return [_text(s, "stop") for s in stop if s]
 
 
 def parse_common(body: Any, default_lam: float) -> ParsedRequest:
@@ -127,7 +136,9 @@ def chat_messages(body: dict) -> list[dict]:
             content = "".join(parts)
         if not isinstance(content, str):
             raise RequestError(f"messages[{index}] needs string 'content'", "messages")
-        out.append({"role": message["role"], "content": content})
+        out.append(
+            {"role": _text(message["role"], "messages"), "content": _text(content, "messages")}
+        )
     return out
 
 
@@ -136,7 +147,7 @@ def completion_prompt(body: dict) -> str | list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str) and prompt:
-        return prompt
+        return _text(prompt, "prompt")
     if (
         isinstance(prompt, list)
         and prompt

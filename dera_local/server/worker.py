@@ -30,9 +30,10 @@ class Job:
 
 @dataclass
 class Counters:
-    completed: int = 0
-    cancelled: int = 0
-    rejected: int = 0
+    completed: int = 0  # the generation ran to its end (stop or length)
+    cancelled: int = 0  # the client went away (or closed the stream) before the end
+    failed: int = 0  # an error was answered (bad prompt, runtime failure)
+    rejected: int = 0  # 503: the queue was full
 
 
 class GenerationWorker:
@@ -58,13 +59,12 @@ class GenerationWorker:
                 raise QueueFull()
             self._in_flight += 1
 
-    def _release(self, job: Job) -> None:
+    def _release(self, outcome: str) -> None:
+        """outcome: "completed", "cancelled" or "failed", as the worker saw it end (the
+        client may close its side after a finished generation: that is not a cancel)."""
         with self._lock:
             self._in_flight -= 1
-            if job.cancelled.is_set():
-                self.counters.cancelled += 1
-            else:
-                self.counters.completed += 1
+            setattr(self.counters, outcome, getattr(self.counters, outcome) + 1)
 
     async def run(self, job: Job) -> AsyncIterator[str | GenerationResult]:
         """Yields text chunks, then the GenerationResult. Raises QueueFull when full,
@@ -75,6 +75,7 @@ class GenerationWorker:
         inbox: asyncio.Queue = asyncio.Queue()
 
         def produce() -> None:
+            outcome = "cancelled"
             try:
                 if job.cancelled.is_set():  # cancelled while it waited in the queue
                     return
@@ -87,17 +88,19 @@ class GenerationWorker:
                 finally:
                     stream.close()
                 if stream.result is not None:
+                    outcome = "completed"
                     loop.call_soon_threadsafe(inbox.put_nowait, stream.result)
             except BaseException as exc:  # handed to the request that asked
+                outcome = "failed"
                 loop.call_soon_threadsafe(inbox.put_nowait, exc)
             finally:
-                self._release(job)
+                self._release(outcome)
                 loop.call_soon_threadsafe(inbox.put_nowait, None)
 
         try:
             self._executor.submit(produce)
         except BaseException:
-            self._release(job)
+            self._release("failed")
             raise
         try:
             while (item := await inbox.get()) is not None:
