@@ -41,6 +41,9 @@ def supports_gpu_offload() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
 
+MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
+
+
 def default_threads() -> int:
     return max(1, min(os.cpu_count() or 1, 16))
 
@@ -211,7 +214,8 @@ class Context:
         params.n_seq_max = options.n_seq_max
         params.n_outputs_max = options.n_outputs_max
         params.kv_unified = True
-        threads = options.n_threads or default_threads()
+        # llama.cpp crashes far above any real core count (load_models warns about it).
+        threads = min(options.n_threads or default_threads(), MAX_THREADS)
         params.n_threads = threads
         params.n_threads_batch = threads
         params.no_perf = True

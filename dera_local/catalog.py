@@ -5,6 +5,7 @@ from __future__ import annotations
 import difflib
 import json
 import os
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -146,9 +147,28 @@ def find_pair(name: str) -> CatalogPair:
     raise DeraError(f"unknown pair {name!r}{hint} (dera-local list shows the catalog)")
 
 
+# What the hub accepts: repository ids of letters, digits, '-', '_', '.' (at most 96
+# characters each part), and file paths without '..' or a leading '/'.
+_REPO_PART = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,95}$")
+_FILE_PART = re.compile(r"^[A-Za-z0-9._ +=@,()-]+$")
+
+
 def parse_remote(spec: str) -> RemoteFile | None:
-    """'owner/repo:file.gguf' (as llama.cpp's -hf takes it) -> RemoteFile; else None."""
+    """'owner/repo:file.gguf' (as llama.cpp's -hf takes it) -> RemoteFile; None when the
+    spec does not look like one (it is then a local path). Raises a one-line error for a
+    spec that is shaped like one but names what the hub could not hold."""
     repo, sep, filename = spec.partition(":")
     if not sep or repo.count("/") != 1 or not filename.endswith(".gguf") or "/" in repo[:1]:
         return None
+    parts = filename.split("/")
+    bad_repo = not all(_REPO_PART.match(part) for part in repo.split("/"))
+    bad_file = len(filename) > 255 or any(
+        p in ("", ".", "..") or not _FILE_PART.match(p) for p in parts
+    )
+    if bad_repo or bad_file:
+        what = "repository id" if bad_repo else "file name"
+        raise BadParameterError(
+            f"{spec[:80]!r}{'...' if len(spec) > 80 else ''}: not a valid hub {what} "
+            "(owner/repo:file.gguf, letters, digits, '-', '_', '.'; no '..')"
+        )
     return RemoteFile(repo, filename)

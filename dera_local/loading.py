@@ -7,6 +7,7 @@ import gc
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,6 +140,12 @@ def load_models(
     a third model (checked to share the tokenizer) is loaded with its own context.
     """
     llama_log.install(options.verbose)
+    if options.n_threads > backend.MAX_THREADS:
+        warnings.warn(
+            f"{options.n_threads} threads is far more than this machine has; "
+            f"using {backend.MAX_THREADS}",
+            stacklevel=3,
+        )
     if not math.isfinite(lora_scale):
         raise BadParameterError(f"the LoRA scale must be finite, got {lora_scale!r}")
     aligned_info, reference_info, adapter_info = _read_pair_headers(aligned, reference, lora)

@@ -15,8 +15,11 @@ from .errors import DeraError
 
 def model_path(spec: str) -> str:
     """A local path as it is; 'owner/repo:file.gguf' from the hub cache or the hub."""
-    if Path(spec).expanduser().exists():
-        return spec
+    try:
+        if Path(spec).expanduser().exists():
+            return spec
+    except OSError:  # e.g. a name too long for the file system: not a local file
+        pass
     remote = parse_remote(spec)
     return str(hub.download(remote)) if remote else spec
 

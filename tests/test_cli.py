@@ -209,3 +209,29 @@ def test_speculation_flags_json_counts_and_info(run, other_vocab_path):
     assert refused.exit_code == 1 and "draft model: INCOMPATIBLE" in refused.stdout
     bad = run("generate", "hi", "--draft-max", "-1")
     assert bad.exit_code == 2 and "--draft-max" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "spec, what",
+    [
+        ("owner/repo:../../etc/passwd.gguf", "file name"),
+        ("owner/repo:/abs/model.gguf", "file name"),
+        ("own er/re*po:model.gguf", "repository id"),
+        ("owner/" + "r" * 5000 + ":model.gguf", "repository id"),
+        ("owner/repo:" + "m" * 5000 + ".gguf", "file name"),
+    ],
+)
+def test_malformed_hub_specs_are_one_line(run, spec, what):
+    result = run("generate", "hi", "-m", spec)
+    assert result.exit_code == 1 and f"not a valid hub {what}" in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and len(result.stderr) < 300
+
+
+def test_non_utf8_prompts_and_huge_thread_counts(run):
+    # bytes that are not UTF-8, as Python hands them over from argv (surrogate escapes)
+    argv = run("generate", b"caf\xe9".decode("utf-8", "surrogateescape"), "-n", "2")
+    assert argv.exit_code == 1 and "the prompt is not UTF-8 text" in argv.stderr
+    threads = run("generate", "hi", "-t", "65536", "-n", "2", "--temp", "0")
+    assert threads.exit_code == 0
+    assert threads.stderr.startswith("warning: 65536 threads is far more than this machine has")
+    assert threads.stderr.count("\n") == 1

@@ -28,7 +28,10 @@ def _read_prompt(prompt: str | None, file: str | None) -> str:
         return prompt
     if sys.stdin is None or sys.stdin.isatty():
         raise DeraError("no prompt: give it as an argument, with -f FILE, or on stdin")
-    return sys.stdin.read()
+    try:
+        return sys.stdin.read()
+    except UnicodeDecodeError:
+        raise DeraError("the prompt on stdin is not UTF-8 text") from None
 
 
 @click.command()
@@ -58,6 +61,10 @@ def generate(
     text = _read_prompt(prompt, file)
     if not text.strip():
         raise DeraError("the prompt is empty: give text as an argument, with -f FILE, or on stdin")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # argv bytes that were not UTF-8 (surrogate escapes)
+        raise DeraError("the prompt is not UTF-8 text") from None
     params = sampling_from(**sampling)
     with open_pair(**model) as pair:
         encoded = prompt_encoder(pair, chat, system, [text])(text)
