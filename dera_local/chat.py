@@ -4,6 +4,7 @@ turn only reads what is new since the last one."""
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from datetime import datetime
 
@@ -102,6 +103,7 @@ class ChatSession:
         self.sampling = sampling or SamplingParams()
         self.max_tokens = max_tokens
         self.messages: list[dict] = []  # user and assistant turns, without the system prompt
+        self._warned_about_dropping = False
 
     def reset(self) -> None:
         self.messages = []
@@ -111,7 +113,27 @@ class ChatSession:
         return head + self.messages
 
     def prompt_tokens(self) -> list[int]:
-        return self.template.tokens(self.pair, self.conversation())
+        """The conversation as token ids. When it no longer fits the context with room
+        for a reply, the oldest turns are dropped (the system prompt stays), as llama.cpp's
+        CLI and Ollama do; the first time, a warning says so."""
+        tokens = self.template.tokens(self.pair, self.conversation())
+        room = self._reply_room()
+        while len(tokens) + room > self.pair.n_ctx and len(self.messages) > 1:
+            del self.messages[: 2 if self.messages[1]["role"] == "assistant" else 1]
+            if not self._warned_about_dropping:
+                self._warned_about_dropping = True
+                warnings.warn(
+                    "the conversation outgrew the context: dropping its oldest turns "
+                    "(the system prompt stays)",
+                    stacklevel=3,
+                )
+            tokens = self.template.tokens(self.pair, self.conversation())
+        return tokens
+
+    def _reply_room(self) -> int:
+        """Tokens kept free for the reply: max_tokens, but at most half the context."""
+        wanted = self.max_tokens if self.max_tokens > 0 else self.pair.n_ctx // 4
+        return min(wanted, self.pair.n_ctx // 2)
 
     def send(self, text: str, **overrides) -> GenerationStream:
         """Adds a user turn and streams the reply; the reply joins the history when the

@@ -3,6 +3,9 @@ nothing in the output compared with re-reading the whole history."""
 
 from __future__ import annotations
 
+import pytest
+
+import dera_local
 from dera_local import ChatSession, ChatTemplate
 
 
@@ -74,3 +77,22 @@ def test_bos_written_by_the_template_is_not_doubled(pair):
     session.messages = [{"role": "user", "content": "x"}]
     bos = pair.loaded.aligned_model.special_token("bos")
     assert session.prompt_tokens().count(bos) == 1
+
+
+def test_a_chat_that_outgrows_the_context_drops_its_oldest_turns(
+    aligned_path, reference_path, greedy
+):
+    with dera_local.load_pair(aligned_path, reference_path, n_ctx=256) as small:
+        session = ChatSession(small, system="Be brief.", sampling=greedy, max_tokens=30)
+        long_turn = "tell me about " + "the sea and " * 12
+        with pytest.warns(UserWarning, match="outgrew the context") as caught:
+            for _ in range(8):  # far more than 256 tokens of conversation in all
+                session.say(long_turn)
+        assert len([w for w in caught if "outgrew" in str(w.message)]) == 1  # said once
+        assert session.conversation()[0] == {"role": "system", "content": "Be brief."}
+        assert 2 <= len(session.messages) < 16
+        assert len(session.prompt_tokens()) + 30 <= small.n_ctx
+        # what is kept is re-read, and equals a fresh session given the same history
+        fresh = ChatSession(small, system="Be brief.", sampling=greedy, max_tokens=30)
+        fresh.messages = list(session.messages)
+        assert fresh.prompt_tokens() == session.prompt_tokens()
