@@ -44,6 +44,18 @@ def supports_gpu_offload() -> bool:
 MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
 
 
+def return_freed_memory() -> None:
+    """Asks glibc to hand freed heap pages back to the system. After a model is freed,
+    glibc keeps them for reuse, so loading and closing pairs in one process raised RSS
+    from 75 to 206 MB over 30 cycles (not a leak: it returned to ~63 MB after a trim)."""
+    try:
+        libc = ctypes.CDLL(None)
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to do
+        return
+    trim(0)
+
+
 def default_threads() -> int:
     return max(1, min(os.cpu_count() or 1, 16))
 

@@ -134,6 +134,7 @@ class DeraPair:
         for ctx in self._scoring or ():
             ctx.close()
         self.loaded.close()
+        backend.return_freed_memory()
 
     def __enter__(self) -> DeraPair:
         return self
