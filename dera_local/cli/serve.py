@@ -57,6 +57,8 @@ def serve(
         import uvicorn
 
         from ..server.app import create_app
+
+        server_class = _stopping_server_class()
     except ImportError:
         raise DeraError("serve needs the server extra: pip install 'dera-local[server]'") from None
     lam = validate_lam(lam)
@@ -77,4 +79,30 @@ def serve(
             chat_template=chat_template,
         )
         click.echo(f"dera-local: serving on http://{host}:{port}/v1 (lam {lam:g})", err=True)
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        config = uvicorn.Config(
+            app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5
+        )
+        server_class(config, app.state.worker).run()
+
+
+def _stopping_server_class():
+    import uvicorn
+
+    class StoppingServer(uvicorn.Server):
+        """On SIGTERM/SIGINT: end every generation at its next token (streams get a final
+        error event) and stop within uvicorn's 5 s grace; a second signal exits at once."""
+
+        def __init__(self, config, worker) -> None:
+            super().__init__(config)
+            self.worker = worker
+
+        def handle_exit(self, sig, frame) -> None:
+            # Not uvicorn's own handler: it re-raises the signal after shutdown (exit
+            # status -15, or a KeyboardInterrupt traceback), and only a second SIGINT
+            # forces the exit. A handled stop exits 0.
+            if self.should_exit:
+                self.force_exit = True
+            self.should_exit = True
+            self.worker.stop_all()
+
+    return StoppingServer

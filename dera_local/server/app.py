@@ -26,7 +26,7 @@ from ..chat import ChatTemplate
 from ..engine import DeraPair, GenerationResult
 from ..errors import ContextFullError, DeraError, RuntimeFailure
 from .requests import ParsedRequest, RequestError, chat_messages, completion_prompt, parse_common
-from .worker import GenerationWorker, Job, QueueFull
+from .worker import GenerationWorker, Job, QueueFull, ShuttingDown
 
 MODEL_ID = "dera-local"
 
@@ -152,7 +152,11 @@ def create_app(
                 "server_busy",
                 headers={"Retry-After": "1"},
             )
+        except ShuttingDown:
+            return error_response(503, "the server is shutting down", "server_shutting_down")
         except StopAsyncIteration:
+            if worker.stopping:
+                return error_response(503, "the server is shutting down", "server_shutting_down")
             return error_response(500, "generation ended without a result", "server_error")
         except DeraError as exc:
             return dera_error_response(exc)
@@ -161,6 +165,8 @@ def create_app(
         result = first
         async for item in chunks:
             result = item  # text chunks, then the GenerationResult
+        if not isinstance(result, GenerationResult):  # stopped by a shutdown
+            return error_response(503, "the server is shutting down", "server_shutting_down")
         return JSONResponse(shape.whole(result))
 
     async def chat_completions(request: Request) -> Response:
@@ -234,7 +240,13 @@ async def _sse(shape, first, chunks: AsyncIterator) -> AsyncIterator[str]:
                     yield _event(shape.usage_chunk(item))
                 break
             yield _event(shape.delta(item))
-            item = await chunks.__anext__()
+            try:
+                item = await chunks.__anext__()
+            except StopAsyncIteration:  # ended without a result: the server is stopping
+                yield _event(
+                    {"error": {"message": "the server is shutting down", "type": "server_error"}}
+                )
+                break
         yield "data: [DONE]\n\n"
     finally:
         await chunks.aclose()
