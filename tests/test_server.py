@@ -211,6 +211,35 @@ def test_client_disconnect_cancels_the_generation(slow_server):
     assert reply.usage.completion_tokens >= 1  # the server goes on
 
 
+def test_a_non_streaming_client_that_goes_away_is_cancelled(slow_server):
+    deadline = time.time() + 20
+    while _health(slow_server)["in_flight"] and time.time() < deadline:
+        time.sleep(0.05)
+    before = _health(slow_server)
+    body = json.dumps(
+        {"messages": [{"role": "user", "content": "Write a very long story."}],
+         "max_tokens": 1000, "temperature": 0, "dera_lambda": 0.0}
+    ).encode()  # fmt: skip
+    port = int(slow_server.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
+        while not _health(slow_server)["in_flight"] and time.time() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # generating now
+    # the socket is closed: the generation stops at its next token, not after 1000
+    deadline = time.time() + 10
+    while _health(slow_server)["in_flight"] and time.time() < deadline:
+        time.sleep(0.05)
+    after = _health(slow_server)
+    assert after["in_flight"] == 0
+    assert after["cancelled"] == before["cancelled"] + 1
+
+
 def test_wrong_or_missing_api_key(server):
     for key in ("wrong", None):
         headers = {"Content-Type": "application/json"}

@@ -165,6 +165,9 @@ def create_app(
         result = first
         async for item in chunks:
             result = item  # text chunks, then the GenerationResult
+            if await request.is_disconnected():  # nobody to answer: stop at this token
+                await chunks.aclose()
+                return Response(status_code=499)
         if not isinstance(result, GenerationResult):  # stopped by a shutdown
             return error_response(503, "the server is shutting down", "server_shutting_down")
         return JSONResponse(shape.whole(result))
