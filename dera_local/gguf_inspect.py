@@ -7,13 +7,14 @@ missing, foreign, truncated or corrupt file into one clear line naming the file.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUFReader, GGUFValueType, LlamaFileType
+from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, LlamaFileType
 
 from .errors import IncompatibleModelsError, ModelFileError
 
@@ -151,6 +152,8 @@ def _describe(reader: GGUFReader, path: Path, size: int, expect: str) -> GGUFInf
     tokens = tokens_field.contents() if tokens_field is not None else []
     types_field = reader.fields.get("tokenizer.ggml.token_type")
     token_types = np.asarray(types_field.contents()) if types_field is not None else None
+    if expect == "model":
+        _check_values(reader, path, architecture, tokens)
     special_ids = {}
     for key in SPECIAL_TOKEN_KEYS:
         value = _scalar(reader, f"tokenizer.ggml.{key}_token_id")
@@ -180,6 +183,37 @@ def _describe(reader: GGUFReader, path: Path, size: int, expect: str) -> GGUFInf
         add_bos=None if add_bos is None else bool(add_bos),
         metadata=metadata,
     )
+
+
+def _check_values(reader: GGUFReader, path: Path, architecture: str, tokens: list) -> None:
+    """Values a valid header can still carry that make llama.cpp abort the process
+    (GGML_ASSERT) instead of failing the load: caught here, in one line."""
+    eps = _scalar(reader, f"{architecture}.attention.layer_norm_rms_epsilon")
+    if eps is not None and not (math.isfinite(float(eps)) and float(eps) > 0):
+        raise ModelFileError(
+            f"{path}: {architecture}.attention.layer_norm_rms_epsilon is {eps}; "
+            "it must be a positive number (the file is corrupt)"
+        )
+    blocks = _scalar(reader, f"{architecture}.block_count")
+    if blocks is not None and int(blocks) <= 0:
+        raise ModelFileError(
+            f"{path}: {architecture}.block_count is {blocks}; the model has no layers"
+        )
+    if len(set(tokens)) != len(tokens):
+        seen: dict[str, int] = {}
+        for index, text in enumerate(tokens):
+            if text in seen:
+                raise ModelFileError(
+                    f"{path}: token {index} repeats the text of token {seen[text]} ({text!r}); "
+                    "llama.cpp needs every token text once"
+                )
+            seen[text] = index
+    for tensor in reader.tensors:
+        if tensor.name.endswith("_norm.weight") and tensor.tensor_type != GGMLQuantizationType.F32:
+            raise ModelFileError(
+                f"{path}: tensor {tensor.name!r} is stored as {tensor.tensor_type.name}; "
+                "llama.cpp needs norm weights in F32 (the file is corrupt)"
+            )
 
 
 def _first_non_utf8_key(reader: GGUFReader) -> str:

@@ -152,3 +152,49 @@ def test_a_non_utf8_metadata_string_is_one_line_naming_the_key(tmp_path, run, lo
     result = CliRunner().invoke(cli, ["info", "--lora", str(path)])
     assert result.exit_code == 1 and "Traceback" not in result.output
     assert result.stderr.strip().count("\n") == 0 and "not valid UTF-8" in result.stderr
+
+
+def _set_scalar(key):
+    def patch(value):
+        def apply(reader) -> None:
+            field = reader.fields[key]
+            field.parts[field.data[0]][0] = value
+
+        return apply
+
+    return patch
+
+
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        (_set_scalar("llama.attention.layer_norm_rms_epsilon")(float("nan")), "must be a positive"),
+        (_set_scalar("llama.attention.layer_norm_rms_epsilon")(-1e-5), "must be a positive"),
+        (_set_scalar("llama.block_count")(0), "block_count is 0; the model has no layers"),
+    ],
+)
+def test_values_that_abort_llama_cpp_are_caught_first(tmp_path, reference_path, patch, message):
+    path = tmp_path / "bad.gguf"
+    _patched_copy(reference_path, path, patch)
+    with pytest.raises(ModelFileError, match=message):
+        dera_local.load_pair(path, reference_path)
+
+
+def test_duplicate_token_texts_and_non_f32_norms_are_caught(tmp_path, reference_path):
+    from tiny_models import tokenizer_vocab as tiny_vocab
+
+    tokens = list(tiny_vocab()[0])
+    tokens[300 % len(tokens)] = tokens[5]
+    duplicated = write_tiny_model(tmp_path / "dup.gguf", seed=3, tokens=tokens)
+    with pytest.raises(ModelFileError, match="repeats the text of token 5"):
+        dera_local.read_gguf(duplicated)
+
+    path = tmp_path / "norm.gguf"
+
+    def norm_as_f16(reader) -> None:
+        tensor = next(t for t in reader.tensors if t.name.endswith("_norm.weight"))
+        tensor.field.parts[-2][0] = int(gguf.GGMLQuantizationType.F16)
+
+    _patched_copy(reference_path, path, norm_as_f16)
+    with pytest.raises(ModelFileError, match="llama.cpp needs norm weights in F32"):
+        dera_local.read_gguf(path)

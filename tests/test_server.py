@@ -231,13 +231,15 @@ def test_a_non_streaming_client_that_goes_away_is_cancelled(slow_server):
         while not _health(slow_server)["in_flight"] and time.time() < deadline:
             time.sleep(0.05)
         time.sleep(0.3)  # generating now
-    # the socket is closed: the generation stops at its next token, not after 1000
-    deadline = time.time() + 10
+    # the socket is closed: the generation stops at its next token and counts as
+    # cancelled (before the fix it ran to its end and counted as completed)
+    deadline = time.time() + 60
     while _health(slow_server)["in_flight"] and time.time() < deadline:
         time.sleep(0.05)
     after = _health(slow_server)
     assert after["in_flight"] == 0
     assert after["cancelled"] == before["cancelled"] + 1
+    assert after["completed"] == before["completed"]
 
 
 def test_wrong_or_missing_api_key(server):
@@ -401,10 +403,11 @@ def test_a_signal_with_streams_open_ends_them_and_exits_quickly(sig):
         assert _health(base)["in_flight"] == 3  # one generating, two queued
         started = time.time()
         process.send_signal(sig)
-        endings = [future.result(timeout=10) for future in futures]  # none hangs
-    assert process.wait(timeout=10) == 0
-    elapsed = time.time() - started
-    assert elapsed < 5, f"took {elapsed:.1f} s to exit"
+        endings = [future.result(timeout=30) for future in futures]  # none hangs
+    assert process.wait(timeout=30) == 0
+    # ~0.3 s on an idle machine; the bound only separates "stops at the next token" from
+    # the old behaviour (every stream ran to its end: 141-154 s), and survives a busy CI
+    assert time.time() - started < 30
     assert len(endings) == 3
     assert "Traceback" not in process.stderr.read()
 
