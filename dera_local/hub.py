@@ -9,8 +9,10 @@ later. A pinned revision is passed through to every request.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
+import logging
 import os
 import re
 from pathlib import Path
@@ -79,6 +81,20 @@ def _expected_sha256(remote: RemoteFile, settings: dict) -> str | None:
     return etag if _SHA256.match(etag) else None
 
 
+@contextlib.contextmanager
+def _quiet_hub_log():
+    """huggingface_hub logs each retry ("Retrying in 1s [Retry 1/5]") as a warning; the
+    outcome is reported in one line instead. Its logger at DEBUG (set by the user) wins."""
+    logger = logging.getLogger("huggingface_hub")
+    level = logger.level
+    if level == logging.NOTSET or level > logging.DEBUG:
+        logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def download(remote: RemoteFile) -> Path:
     """Downloads (or finds in the cache) one file and checks it; returns its local path."""
     from huggingface_hub import errors as hub_errors
@@ -87,20 +103,21 @@ def download(remote: RemoteFile) -> Path:
     settings = _settings()
     was_cached = cached_path(remote) is not None  # checked when it was downloaded
     try:
-        local = Path(
-            hf_hub_download(
-                remote.repo,
-                remote.filename,
-                cache_dir=settings["cache_dir"],
-                endpoint=settings["endpoint"],
-                token=settings["token"],
-                revision=remote.revision,
-                local_files_only=offline(),
+        with _quiet_hub_log():
+            local = Path(
+                hf_hub_download(
+                    remote.repo,
+                    remote.filename,
+                    cache_dir=settings["cache_dir"],
+                    endpoint=settings["endpoint"],
+                    token=settings["token"],
+                    revision=remote.revision,
+                    local_files_only=offline(),
+                )
             )
-        )
-        if was_cached or offline():
-            return local
-        expected = _expected_sha256(remote, settings)
+            if was_cached or offline():
+                return local
+            expected = _expected_sha256(remote, settings)
     except hub_errors.LocalEntryNotFoundError:
         reason = "HF_HUB_OFFLINE is set" if offline() else "the hub cannot be reached"
         raise DeraError(

@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import random
+import sys
+import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import llama_cpp
@@ -60,6 +65,24 @@ class SamplingParams:
         return self.temperature <= 0
 
 
+@contextlib.contextmanager
+def captured_stderr() -> Iterator[Callable[[], list[str]]]:
+    """Redirects file descriptor 2 (where C code prints) into a temporary file for the
+    block; yields a function returning the captured lines."""
+    lines: list[str] = []
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as sink:
+        os.dup2(sink.fileno(), 2)
+        try:
+            yield lambda: lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            sink.seek(0)
+            lines += sink.read().decode("utf-8", errors="replace").splitlines()
+
+
 class SamplerChain:
     """A llama.cpp sampler chain built from SamplingParams; free it with close() (or use
     it as a context manager). `SamplerChain.live` counts chains not yet freed."""
@@ -92,11 +115,19 @@ class SamplerChain:
     @staticmethod
     def _samplers(params: SamplingParams, vocab, n_ctx: int):
         if params.grammar is not None:
-            grammar = llama_cpp.llama_sampler_init_grammar(
-                vocab, params.grammar.encode("utf-8"), b"root"
-            )
+            # llama.cpp prints parse errors straight to stderr (fprintf, not its log):
+            # catch them, so that the user sees one line that includes the reason.
+            with captured_stderr() as printed:
+                grammar = llama_cpp.llama_sampler_init_grammar(
+                    vocab, params.grammar.encode("utf-8"), b"root"
+                )
             if not grammar:
-                raise BadParameterError("the GBNF grammar does not parse; check its rule 'root'")
+                reason = next((line for line in printed() if "error" in line), "")
+                reason = reason.split("error parsing grammar:", 1)[-1].strip()
+                detail = f" ({reason})" if reason else ""
+                raise BadParameterError(
+                    f"the GBNF grammar does not parse{detail}; check its rule 'root'"
+                )
             yield grammar
         penalize = (
             params.repeat_penalty != 1.0

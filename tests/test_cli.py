@@ -235,3 +235,43 @@ def test_non_utf8_prompts_and_huge_thread_counts(run):
     assert threads.exit_code == 0
     assert threads.stderr.startswith("warning: 65536 threads is far more than this machine has")
     assert threads.stderr.count("\n") == 1
+
+
+def test_a_grammar_that_does_not_parse_is_one_line_with_the_reason(aligned_path, reference_path):
+    import subprocess
+    import sys
+
+    # a real process: llama.cpp prints parse errors on file descriptor 2 itself
+    command = [sys.executable, "-m", "dera_local.cli", "generate", "hi", "-n", "2"]
+    command += ["-m", str(aligned_path), "-mr", str(reference_path), "--grammar", "root ::= ("]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert "the GBNF grammar does not parse (expecting ')'" in lines[0]
+
+
+def test_a_port_in_use_is_one_line(run):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run("serve", "--port", str(port))
+    assert result.exit_code == 1
+    assert result.stderr.strip().splitlines() == [
+        f"Error: cannot serve on 127.0.0.1:{port}: Address already in use; choose another --port"
+    ]
+
+
+def test_hub_retry_warnings_are_quiet_during_a_download():
+    import logging
+
+    from dera_local import hub
+
+    retrying = logging.getLogger("huggingface_hub.utils._http")
+    assert retrying.isEnabledFor(logging.WARNING)
+    with hub._quiet_hub_log():
+        assert not retrying.isEnabledFor(logging.WARNING)
+    assert retrying.isEnabledFor(logging.WARNING)

@@ -3,12 +3,31 @@
 from __future__ import annotations
 
 import ipaddress
+import socket
 
 import click
 
 from ..errors import DeraError
 from ..mixing import validate_lam
 from .options import lam_option, model_options, open_pair, split_options
+
+
+def _check_port_free(host: str, port: int) -> None:
+    if port == 0:
+        return
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror as exc:
+        raise DeraError(f"cannot serve on {host}: {exc.strerror}") from None
+    family, kind, proto, _, address = infos[0]
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            raise DeraError(
+                f"cannot serve on {host}:{port}: {exc.strerror}; choose another --port"
+            ) from None
 
 
 def _is_loopback(host: str) -> bool:
@@ -68,6 +87,7 @@ def serve(
             "this port can use the models",
             err=True,
         )
+    _check_port_free(host, port)  # before the models load: one line, not uvicorn's log
     model, _, _ = split_options(kwargs)
     with open_pair(**model) as pair:
         app = create_app(
