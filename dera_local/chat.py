@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from datetime import datetime
 
 from jinja2 import TemplateError
-from jinja2.sandbox import ImmutableSandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
 from .engine import DeraPair, GenerationStream
 from .errors import DeraError
@@ -28,11 +28,31 @@ def _raise(message: str) -> None:
     raise TemplateError(message)
 
 
+MAX_RENDERED_CHARS = 4_000_000  # far above any real prompt; a template may not build more
+
+
+class _BoundedSandbox(ImmutableSandboxedEnvironment):
+    """The sandbox, plus a bound on what `*` and `**` may build: a template from a GGUF
+    file is untrusted, and `'x' * 100000000` took chat past 6 GB."""
+
+    intercepted_binops = frozenset(["*", "**"])
+
+    def call_binop(self, context, operator: str, left, right):
+        if operator == "*":
+            for seq, count in ((left, right), (right, left)):
+                sized = isinstance(seq, (str, list, tuple)) and isinstance(count, int)
+                if sized and len(seq) * count > MAX_RENDERED_CHARS:
+                    raise SecurityError("the template builds a value too large")
+        if operator == "**" and isinstance(right, int) and abs(right) > 1000:
+            raise SecurityError("the template computes a power too large")
+        return super().call_binop(context, operator, left, right)
+
+
 class ChatTemplate:
     """A GGUF chat template, rendered the way Hugging Face's apply_chat_template does."""
 
     def __init__(self, source: str, *, bos_token: str = "", eos_token: str = "") -> None:
-        environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        environment = _BoundedSandbox(trim_blocks=True, lstrip_blocks=True)
         environment.globals["raise_exception"] = _raise
         environment.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         try:
@@ -45,7 +65,7 @@ class ChatTemplate:
 
     def render(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
         try:
-            return self._template.render(
+            text = self._template.render(
                 messages=list(messages),
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
@@ -53,6 +73,12 @@ class ChatTemplate:
             )
         except TemplateError as exc:
             raise DeraError(f"the chat template failed: {exc}") from None
+        # Whatever else a hostile template raises (range too big, recursion, ...).
+        except (ArithmeticError, RecursionError, MemoryError, TypeError, ValueError) as exc:
+            raise DeraError(f"the chat template failed: {type(exc).__name__}: {exc}") from None
+        if len(text) > MAX_RENDERED_CHARS:
+            raise DeraError(f"the chat template rendered over {MAX_RENDERED_CHARS} characters")
+        return text
 
     def tokens(self, pair: DeraPair, messages: Sequence[dict]) -> list[int]:
         """The token ids that ask the model for the next assistant turn."""

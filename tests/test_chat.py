@@ -96,3 +96,33 @@ def test_a_chat_that_outgrows_the_context_drops_its_oldest_turns(
         fresh = ChatSession(small, system="Be brief.", sampling=greedy, max_tokens=30)
         fresh.messages = list(session.messages)
         assert fresh.prompt_tokens() == session.prompt_tokens()
+
+
+@pytest.mark.parametrize(
+    "source, message",
+    [
+        ("{{ 'x' * 100000000 }}", "builds a value too large"),
+        ("{% for i in range(10**9) %}x{% endfor %}", "the chat template failed"),
+        ("{{ 2 ** 100000000 }}", "power too large"),
+        ("{% for i in range(99999) %}{{ 'y' * 99 }}{% endfor %}", "over 4000000 characters"),
+    ],
+)
+def test_hostile_templates_fail_in_one_line_and_bounded(source, message):
+    from dera_local import DeraError
+
+    template = ChatTemplate(source)
+    with pytest.raises(DeraError, match=message):
+        template.render([{"role": "user", "content": "hi"}])
+
+
+def test_chat_with_closed_or_binary_stdin_is_one_line(aligned_path, reference_path):
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "dera_local.cli", "chat", "-n", "2"]
+    command += ["-m", str(aligned_path), "-mr", str(reference_path)]
+    binary = subprocess.run(command, input=b"\xff\xfe hi\n", capture_output=True, timeout=120)
+    closed = subprocess.run(command, stdin=subprocess.DEVNULL, capture_output=True, timeout=120)
+    assert binary.returncode == 1
+    assert binary.stderr.decode().strip() == "Error: stdin is not UTF-8 text"
+    assert closed.returncode == 0  # end of input: the chat just ends

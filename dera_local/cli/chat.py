@@ -29,6 +29,8 @@ HELP = """commands:
 
 
 def _lines(interactive: bool) -> Iterator[str]:
+    if sys.stdin is None:  # started with stdin closed
+        raise DeraError("chat reads what you type from stdin, and stdin is closed")
     while True:
         try:
             line = input("> ") if interactive else sys.stdin.readline()
@@ -37,8 +39,14 @@ def _lines(interactive: bool) -> Iterator[str]:
         except KeyboardInterrupt:
             click.echo()
             continue
+        except UnicodeDecodeError:
+            raise DeraError("stdin is not UTF-8 text") from None
         if not interactive and not line:
             return
+        try:
+            line.encode("utf-8")
+        except UnicodeEncodeError:  # bytes Python kept as surrogate escapes
+            raise DeraError("stdin is not UTF-8 text") from None
         yield line.rstrip("\n")
 
 
