@@ -147,7 +147,7 @@ def breakdown(pair, prompt: list[int], n: int, runs: int) -> dict:
     }
     for _ in range(runs):
         pair.clear_cache()
-        pair._prefill(prompt)
+        pair.lockstep.prefill(prompt)
         chain = SamplerChain(GREEDY, loaded.aligned_model.vocab, pair.n_ctx)
         sums = dict.fromkeys(parts, 0.0)
         for _ in range(n):
@@ -166,7 +166,7 @@ def breakdown(pair, prompt: list[int], n: int, runs: int) -> dict:
             t3 = time.perf_counter()
             loaded.aligned_ctx.decode([token])
             t4 = time.perf_counter()
-            if not pair.identical:
+            if not pair.lockstep.identical:
                 loaded.reference_ctx.decode([token])
             t5 = time.perf_counter()
             for key, value in (

@@ -16,7 +16,7 @@ from pathlib import Path
 import llama_cpp
 
 from . import llama_log
-from .errors import ContextFullError, ModelFileError, RuntimeFailure
+from .errors import BadParameterError, ContextFullError, ModelFileError, RuntimeFailure
 
 
 @cache
@@ -103,7 +103,12 @@ class LoadedModel:
         return template.decode("utf-8") if template else None
 
     def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
-        data = text.encode("utf-8")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:  # lone surrogates, e.g. undecodable bytes Python kept
+            raise BadParameterError(
+                "the text is not valid UTF-8 (it has lone surrogates)"
+            ) from None
         capacity = len(data) + 8
         while True:
             tokens = (llama_cpp.llama_token * capacity)()

@@ -151,12 +151,6 @@ class DeraPair:
         """Prompt text to ids, with the aligned model's tokenizer (both share it).
         Special-token texts such as <|im_start|> become their ids, as in llama.cpp's CLI."""
         self._check_open()
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError:  # lone surrogates, e.g. undecodable bytes kept by Python
-            raise BadParameterError(
-                "the text is not valid UTF-8 (it has lone surrogates)"
-            ) from None
         return self.loaded.aligned_model.tokenize(text, add_special=add_special, parse_special=True)
 
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:

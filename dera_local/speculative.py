@@ -148,8 +148,10 @@ class ModelDrafter:
     def _catch_up(self) -> None:
         """Brings the draft cache to the text, keeping the common prefix; the logits of
         the text's last token are left for drafting."""
-        keep = 0
         limit = min(len(self._cached), len(self.history) - 1)
+        # Called every step: the usual case (the cache is a prefix of the text) is one
+        # list comparison in C, not a Python loop over the whole context.
+        keep = limit if self._cached[:limit] == self.history[:limit] else 0
         while keep < limit and self._cached[keep] == self.history[keep]:
             keep += 1
         self.ctx.truncate(keep)
