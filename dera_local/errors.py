@@ -5,12 +5,25 @@ Library messages never name command-line flags (HTTP and API users have none); a
 `cli_hint` says what to change on the command line, and only the CLI prints it.
 """
 
+# Characters that end or break a line somewhere (terminals, str.splitlines, logs).
+_LINE_BREAKING = {chr(c) for c in range(32)} | {"\x7f", "\x85", "\u2028", "\u2029"}
+
+
+def one_line(text: str) -> str:
+    """`text` with every line-breaking or control character escaped: a message that
+    quotes a damaged file (a tensor name with a newline in it) stays one line."""
+    if not any(c in _LINE_BREAKING for c in text):
+        return text
+    return "".join(
+        c.encode("unicode_escape").decode("ascii") if c in _LINE_BREAKING else c for c in text
+    )
+
 
 class DeraError(Exception):
     """Base class: the message is one line saying what was wrong and what to do."""
 
     def __init__(self, message: str, *, cli_hint: str | None = None) -> None:
-        super().__init__(message)
+        super().__init__(one_line(message))
         self.cli_hint = cli_hint
 
     def for_cli(self) -> str:

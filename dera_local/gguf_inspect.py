@@ -14,13 +14,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGMLQuantizationType, GGUFReader, GGUFValueType, LlamaFileType
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFReader, GGUFValueType, LlamaFileType
 
 from .errors import IncompatibleModelsError, ModelFileError
 
 GGUF_MAGIC = b"GGUF"
 # Special tokens whose ids must agree: they decide tokenization and where generation ends.
 SPECIAL_TOKEN_KEYS = ("bos", "eos", "eot", "eom")
+LLAMA_MAX_LAYERS = 512  # llama-hparams.h; llama.cpp aborts on a block_count above it
 
 
 @dataclass
@@ -73,21 +74,89 @@ def _quantization_name(file_type: Any) -> str:
         return f"file type {file_type}"
 
 
+# ggml's CPU buffers must start on this boundary (ggml-backend.cpp TENSOR_ALIGNMENT):
+# llama.cpp maps tensors straight from the file and aborts when one is not aligned.
+TENSOR_ALIGNMENT = 32
+# Element types llama.cpp stores but cannot multiply with: a weight in one of them loads,
+# then crashes the first decode.
+_NON_WEIGHT_TYPES = {
+    GGMLQuantizationType.I8,
+    GGMLQuantizationType.I16,
+    GGMLQuantizationType.I32,
+    GGMLQuantizationType.I64,
+    GGMLQuantizationType.F64,
+}
+
+
+# Keys llama.cpp reads with typed getters that abort (GGML_ASSERT) on another type,
+# instead of failing the load: (value type, array item type).
+_S, _A = GGUFValueType.STRING, GGUFValueType.ARRAY
+_EXPECTED_TYPES = {
+    "general.architecture": (_S, None),
+    "general.type": (_S, None),
+    "general.name": (_S, None),
+    "general.alignment": (GGUFValueType.UINT32, None),
+    "adapter.type": (_S, None),
+    "adapter.lora.alpha": (GGUFValueType.FLOAT32, None),
+    "tokenizer.ggml.model": (_S, None),
+    "tokenizer.ggml.pre": (_S, None),
+    "tokenizer.chat_template": (_S, None),
+    "tokenizer.ggml.tokens": (_A, _S),
+    "tokenizer.ggml.merges": (_A, _S),
+    "tokenizer.ggml.token_type": (_A, GGUFValueType.INT32),
+    "tokenizer.ggml.scores": (_A, GGUFValueType.FLOAT32),
+}
+
+
+def _check_value_types(reader: GGUFReader, path: Path) -> None:
+    for key, (kind, item) in _EXPECTED_TYPES.items():
+        field_ = reader.fields.get(key)
+        if field_ is None or not field_.types:
+            continue
+        actual = field_.types[0]
+        actual_item = field_.types[1] if actual == _A and len(field_.types) > 1 else None
+        if actual != kind or (item is not None and actual_item not in (item, None)):
+            shown = f"array of {actual_item.name}" if actual_item else actual.name
+            wanted = f"array of {item.name}" if item else kind.name
+            raise ModelFileError(
+                f"{path}: the GGUF value {key} is {shown}, not {wanted} (the file is corrupt)"
+            )
+
+
 def _check_tensor_extents(reader: GGUFReader, path: Path, size: int) -> None:
+    """Every tensor's type, size and place in the file, in exact integer arithmetic (the
+    reader's own numbers are uint64 and wrap around for absurd dimensions or offsets)."""
     for tensor in reader.tensors:
-        # From the raw header field, in Python integers: the reader's own data_offset is
-        # a uint64 sum that wraps around for an offset near 2**64 and then looks fine.
+        name = tensor.name
+        if tensor.tensor_type in _NON_WEIGHT_TYPES:
+            raise ModelFileError(
+                f"{path}: tensor {name!r} is stored as {tensor.tensor_type.name}, which "
+                "llama.cpp cannot compute with (the file is corrupt)"
+            )
+        dims = [int(d) for d in tensor.field.parts[3]]
+        block, block_bytes = GGML_QUANT_SIZES[tensor.tensor_type]
+        if not dims or dims[0] % block:
+            raise ModelFileError(
+                f"{path}: tensor {name!r} has shape {dims}, which {tensor.tensor_type.name} "
+                f"cannot store (rows must be a multiple of {block}); the file is corrupt"
+            )
+        n_bytes = math.prod(dims) // block * block_bytes
         raw_offset = int(tensor.field.parts[-1][0])
-        end = int(reader.data_offset) + raw_offset + int(tensor.n_bytes)
+        start = int(reader.data_offset) + raw_offset
         if raw_offset >= size:
             raise ModelFileError(
-                f"{path}: corrupt GGUF file (tensor {tensor.name!r} has offset {raw_offset}, "
+                f"{path}: corrupt GGUF file (tensor {name!r} has offset {raw_offset}, "
                 f"past the end of the {size}-byte file); download it again"
             )
-        if end > size:
+        if start + n_bytes > size:
             raise ModelFileError(
-                f"{path}: truncated GGUF file (tensor {tensor.name!r} ends at byte {end}, "
+                f"{path}: truncated GGUF file (tensor {name!r} ends at byte {start + n_bytes}, "
                 f"the file has {size}); download it again"
+            )
+        if start % TENSOR_ALIGNMENT:
+            raise ModelFileError(
+                f"{path}: tensor {name!r} starts at byte {start}, not a multiple of "
+                f"{TENSOR_ALIGNMENT}; llama.cpp cannot map it (the file is corrupt)"
             )
 
 
@@ -118,6 +187,7 @@ def read_gguf(path: str | os.PathLike[str], *, expect: str = "model") -> GGUFInf
             "download it again"
         ) from None
     _check_tensor_extents(reader, path, size)
+    _check_value_types(reader, path)
 
     try:
         return _describe(reader, path, size, expect)
@@ -195,9 +265,10 @@ def _check_values(reader: GGUFReader, path: Path, architecture: str, tokens: lis
             "it must be a positive number (the file is corrupt)"
         )
     blocks = _scalar(reader, f"{architecture}.block_count")
-    if blocks is not None and int(blocks) <= 0:
+    if blocks is not None and not 0 < int(blocks) <= LLAMA_MAX_LAYERS:
         raise ModelFileError(
-            f"{path}: {architecture}.block_count is {blocks}; the model has no layers"
+            f"{path}: {architecture}.block_count is {blocks}; llama.cpp loads 1 to "
+            f"{LLAMA_MAX_LAYERS} layers (the file is corrupt)"
         )
     if len(set(tokens)) != len(tokens):
         seen: dict[str, int] = {}

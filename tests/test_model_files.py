@@ -170,7 +170,8 @@ def _set_scalar(key):
     [
         (_set_scalar("llama.attention.layer_norm_rms_epsilon")(float("nan")), "must be a positive"),
         (_set_scalar("llama.attention.layer_norm_rms_epsilon")(-1e-5), "must be a positive"),
-        (_set_scalar("llama.block_count")(0), "block_count is 0; the model has no layers"),
+        (_set_scalar("llama.block_count")(0), "block_count is 0; llama.cpp loads 1 to 512"),
+        (_set_scalar("llama.block_count")(65536), "block_count is 65536; llama.cpp loads 1"),
     ],
 )
 def test_values_that_abort_llama_cpp_are_caught_first(tmp_path, reference_path, patch, message):
@@ -198,3 +199,50 @@ def test_duplicate_token_texts_and_non_f32_norms_are_caught(tmp_path, reference_
     _patched_copy(reference_path, path, norm_as_f16)
     with pytest.raises(ModelFileError, match="llama.cpp needs norm weights in F32"):
         dera_local.read_gguf(path)
+
+
+def _integer_weights(reader) -> None:
+    reader.tensors[3].field.parts[-2][0] = int(gguf.GGMLQuantizationType.I32)
+
+
+def _unaligned_tensor(reader) -> None:
+    reader.tensors[3].field.parts[-1][0] += 8
+
+
+# Found by scripts/fuzz_gguf.py: each crashed llama.cpp (SIGSEGV in the first decode,
+# SIGABRT when mapping the file) before the pre-check existed.
+@pytest.mark.parametrize(
+    "patch, message",
+    [
+        (_integer_weights, "stored as I32, which llama.cpp cannot compute with"),
+        (_unaligned_tensor, "not a multiple of 32; llama.cpp cannot map it"),
+    ],
+)
+def test_tensors_that_crash_llama_cpp_are_caught_first(tmp_path, reference_path, patch, message):
+    path = tmp_path / "bad.gguf"
+    _patched_copy(reference_path, path, patch)
+    with pytest.raises(ModelFileError, match=message):
+        dera_local.load_pair(path, reference_path)
+
+
+def test_error_messages_quoting_damaged_text_stay_one_line():
+    from dera_local.errors import DeraError
+
+    error = DeraError("tensor 'blk.1.a\ntn_v' in\r a\u2028file\x00")
+    assert str(error) == "tensor 'blk.1.a\\ntn_v' in\\r a\\u2028file\\x00"
+    assert len(str(error).splitlines()) == 1
+    assert str(DeraError("plain: ünïcode stays")) == "plain: ünïcode stays"
+
+
+def test_a_value_of_the_wrong_type_is_one_line_not_an_abort(tmp_path, reference_path, lora_path):
+    """llama.cpp reads adapter.lora.alpha with a typed getter that aborts on INT32
+    (found by the fuzzer: one flipped type byte)."""
+    path = tmp_path / "alpha.gguf"
+
+    def alpha_as_int(reader) -> None:
+        field = reader.fields["adapter.lora.alpha"]
+        field.parts[field.data[0] - 1][0] = int(gguf.GGUFValueType.INT32)
+
+    _patched_copy(lora_path, path, alpha_as_int)
+    with pytest.raises(ModelFileError, match="adapter.lora.alpha is INT32, not FLOAT32"):
+        dera_local.load_pair(None, reference_path, lora=path)

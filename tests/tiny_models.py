@@ -65,9 +65,11 @@ def write_tiny_model(
     chat_template: str | None = CHATML,
     logit_scale: float = 0.6,
     architecture: str = "llama",
+    matrix_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
 ) -> Path:
     """Writes a random-weight llama model; `logit_scale` spreads the logits so that greedy
-    choices are rarely near-ties (which would make exactness tests fragile)."""
+    choices are rarely near-ties (which would make exactness tests fragile). The block
+    matrices are stored as `matrix_type` (e.g. Q8_0 for a quantized model)."""
     path = Path(path)
     base_tokens, types = tokenizer_vocab()
     tokens = tokens or base_tokens
@@ -80,6 +82,14 @@ def write_tiny_model(
         return (rng.standard_normal(shape) * std).astype(np.float32)
 
     writer = gguf.GGUFWriter(str(path), architecture)
+
+    def add_matrix(name: str, values: np.ndarray) -> None:
+        if matrix_type == gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(name, values)
+        else:
+            packed = gguf.quants.quantize(values, matrix_type)
+            writer.add_tensor(name, packed, raw_dtype=matrix_type)
+
     writer.add_name(f"tiny-llama-{seed}")
     writer.add_context_length(N_CTX_TRAIN)
     writer.add_embedding_length(N_EMBD)
@@ -89,7 +99,8 @@ def write_tiny_model(
     writer.add_head_count_kv(N_HEAD_KV)
     writer.add_layer_norm_rms_eps(1e-5)
     writer.add_rope_dimension_count(N_EMBD // N_HEAD)
-    writer.add_file_type(gguf.LlamaFileType.ALL_F32)
+    file_types = {gguf.GGMLQuantizationType.F32: gguf.LlamaFileType.ALL_F32}
+    writer.add_file_type(file_types.get(matrix_type, gguf.LlamaFileType.MOSTLY_Q8_0))
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre("gpt-2")
     writer.add_token_list(tokens)
@@ -109,14 +120,14 @@ def write_tiny_model(
     for i in range(N_LAYERS):
         block = f"blk.{i}"
         writer.add_tensor(f"{block}.attn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-        writer.add_tensor(f"{block}.attn_q.weight", weight(N_EMBD, N_EMBD))
-        writer.add_tensor(f"{block}.attn_k.weight", weight(N_HEAD_KV * head_dim, N_EMBD))
-        writer.add_tensor(f"{block}.attn_v.weight", weight(N_HEAD_KV * head_dim, N_EMBD))
-        writer.add_tensor(f"{block}.attn_output.weight", weight(N_EMBD, N_EMBD))
+        add_matrix(f"{block}.attn_q.weight", weight(N_EMBD, N_EMBD))
+        add_matrix(f"{block}.attn_k.weight", weight(N_HEAD_KV * head_dim, N_EMBD))
+        add_matrix(f"{block}.attn_v.weight", weight(N_HEAD_KV * head_dim, N_EMBD))
+        add_matrix(f"{block}.attn_output.weight", weight(N_EMBD, N_EMBD))
         writer.add_tensor(f"{block}.ffn_norm.weight", np.ones(N_EMBD, dtype=np.float32))
-        writer.add_tensor(f"{block}.ffn_gate.weight", weight(N_FF, N_EMBD))
-        writer.add_tensor(f"{block}.ffn_up.weight", weight(N_FF, N_EMBD))
-        writer.add_tensor(f"{block}.ffn_down.weight", weight(N_EMBD, N_FF))
+        add_matrix(f"{block}.ffn_gate.weight", weight(N_FF, N_EMBD))
+        add_matrix(f"{block}.ffn_up.weight", weight(N_FF, N_EMBD))
+        add_matrix(f"{block}.ffn_down.weight", weight(N_EMBD, N_FF))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

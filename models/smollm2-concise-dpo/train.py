@@ -5,13 +5,15 @@ export it in llama.cpp's LoRA GGUF format.
     python models/smollm2-concise-dpo/make_data.py
     python models/smollm2-concise-dpo/train.py
 
-Seeded and resumable: a checkpoint is written every --checkpoint-every steps to
-data/checkpoint.pt and picked up by a rerun with the same arguments.
+Seeded and resumable: a checkpoint is written every --checkpoint-every steps next to
+the output (`<out>.checkpoint.pt`) and picked up by a rerun with the same settings.
+Other KL strengths for the realignment experiment:
+
+    python models/smollm2-concise-dpo/train.py --beta 0.05 --out experiments/realignment/adapters/beta-0.05.lora.gguf
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import random
@@ -27,6 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from torch_llama import TorchLlama  # noqa: E402
+from train_config import check_resumable, checkpoint_path, parse_args  # noqa: E402
 
 from dera_local.default_pair import ADAPTER_FILE, demo_reference_path  # noqa: E402
 
@@ -78,18 +81,8 @@ def export(model: TorchLlama, path: Path, meta: dict) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--beta", type=float, default=0.1)
-    parser.add_argument("--rank", type=int, default=8)
-    parser.add_argument("--alpha", type=float, default=16.0)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--batch-pairs", type=int, default=4)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-every", type=int, default=10)
-    parser.add_argument("--data", type=Path, default=HERE / "data")
-    parser.add_argument("--out", type=Path, default=HERE / ADAPTER_FILE)
-    args = parser.parse_args()
+    args = parse_args(None, default_out=HERE / ADAPTER_FILE)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
 
     random.seed(args.seed)
     torch.manual_seed(args.seed)
@@ -105,10 +98,11 @@ def main() -> None:
 
     order = [i for _ in range(args.epochs) for i in random.sample(range(len(pairs)), len(pairs))]
     batches = [order[i : i + args.batch_pairs] for i in range(0, len(order), args.batch_pairs)]
-    checkpoint = args.data / "checkpoint.pt"
+    checkpoint = checkpoint_path(args.out)
     step, reference_logps, elapsed = 0, None, 0.0
     if checkpoint.exists():
         state = torch.load(checkpoint)
+        check_resumable(state.get("config"), args.config, checkpoint)
         model.load_state_dict(state["model"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         step, reference_logps, elapsed = state["step"], state["reference_logps"], state["elapsed"]
@@ -146,6 +140,7 @@ def main() -> None:
                     "step": step,
                     "reference_logps": reference_logps,
                     "elapsed": time.time() - started,
+                    "config": args.config.fingerprint(),
                 },
                 checkpoint,
             )
@@ -163,6 +158,7 @@ def main() -> None:
         "data.pairs": len(pairs),
         "data.sha256": data_sha,
         "train.seconds": round(time.time() - started),
+        "train.torch": torch.__version__,
     }
     export(model, args.out, meta)
     digest = hashlib.sha256(args.out.read_bytes()).hexdigest()
