@@ -71,6 +71,8 @@ def server(aligned_path, reference_path):
             "64",
             "--max-body-bytes",
             "32768",
+            "--body-timeout",
+            "1",
         ]
     )
     yield base
@@ -314,6 +316,56 @@ def test_health_counts_finished_streams_as_completed(client, server):
     after = _health(server)
     assert after["completed"] - before["completed"] == 5
     assert after["cancelled"] == before["cancelled"]
+
+
+def test_a_client_that_stalls_its_body_gets_408_and_is_let_go(server):
+    port = int(server.rsplit(":", 1)[1])
+    started = time.time()
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {API_KEY}\r\n".encode()
+            + b'Content-Type: application/json\r\nContent-Length: 500\r\n\r\n{"mess'
+        )
+        assert _health(server)["in_flight"] == 0  # the server answers others meanwhile
+        reply = b""
+        while chunk := sock.recv(4096):  # until the server closes the connection
+            reply += chunk
+    assert reply.startswith(b"HTTP/1.1 408 ")
+    assert b"request body not received within 1 s" in reply
+    assert time.time() - started < 15  # 1 s deadline; generous for a busy machine
+
+
+def test_a_hundred_clients_against_a_queue_of_eight(aligned_path, reference_path):
+    """Every request gets its answer or a 503 at once; none hangs; the counters add up."""
+    process, base = _start(
+        ["-m", str(aligned_path), "-mr", str(reference_path), "-c", "512", "--max-queue", "8"]
+    )
+    body = json.dumps({"prompt": "hello", "max_tokens": 200, "temperature": 0}).encode()
+
+    def ask(_) -> int:
+        request = urllib.request.Request(f"{base}/v1/completions", data=body)
+        try:
+            with urllib.request.urlopen(request, timeout=120) as response:
+                reply = json.load(response)
+                assert reply["usage"]["completion_tokens"] >= 1
+                return response.status
+        except urllib.error.HTTPError as error:
+            assert error.headers["Retry-After"] == "1"
+            return error.code
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(100) as pool:
+            statuses = list(pool.map(ask, range(100)))
+        health = _health(base)
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    assert set(statuses) <= {200, 503} and len(statuses) == 100
+    assert statuses.count(200) >= 1
+    assert health["completed"] == statuses.count(200)
+    assert health["rejected"] == statuses.count(503)
+    assert health["in_flight"] == 0 and health["failed"] == 0
 
 
 def test_oversized_body_and_unknown_route(server):

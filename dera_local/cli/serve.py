@@ -59,6 +59,13 @@ def _is_loopback(host: str) -> bool:
     help="Requests waiting or running before new ones get 503.",
 )
 @click.option("--max-body-bytes", type=click.IntRange(1024), default=1 << 20, show_default=True)
+@click.option(
+    "--body-timeout",
+    type=click.FloatRange(0.1),
+    default=30.0,
+    show_default=True,
+    help="Seconds a client has to send a request body (then 408).",
+)
 @click.option("--chat-template", default=None, help="Jinja chat template text to use.")
 @model_options
 def serve(
@@ -68,6 +75,7 @@ def serve(
     lam: float,
     max_queue: int,
     max_body_bytes: int,
+    body_timeout: float,
     chat_template: str | None,
     **kwargs,
 ) -> None:
@@ -96,6 +104,7 @@ def serve(
             api_key=api_key,
             max_queue=max_queue,
             max_body_bytes=max_body_bytes,
+            body_timeout=body_timeout,
             chat_template=chat_template,
         )
         click.echo(f"dera-local: serving on http://{host}:{port}/v1 (lam {lam:g})", err=True)

@@ -7,6 +7,7 @@ traceback.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import secrets
@@ -101,6 +102,7 @@ def create_app(
     max_queue: int = 64,
     max_body_bytes: int = 1 << 20,
     chat_template: str | None = None,
+    body_timeout: float = 30.0,
 ) -> Starlette:
     """The ASGI app serving `pair`; run it with uvicorn (see cli/serve.py)."""
     worker = GenerationWorker(pair, max_queue)
@@ -108,12 +110,16 @@ def create_app(
 
     async def read_json(request: Request):
         # Counted while it arrives: a chunked body has no Content-Length to check first.
+        # A deadline for all of it: a client trickling (or never finishing) its body
+        # would otherwise hold the connection forever (uvicorn times out idle
+        # connections between requests, not a request body that stalls).
         chunks, total = [], 0
-        async for chunk in request.stream():
-            total += len(chunk)
-            if total > max_body_bytes:
-                raise _BodyTooLarge()
-            chunks.append(chunk)
+        async with asyncio.timeout(body_timeout):
+            async for chunk in request.stream():
+                total += len(chunk)
+                if total > max_body_bytes:
+                    raise _BodyTooLarge()
+                chunks.append(chunk)
         try:
             return json.loads(b"".join(chunks))
         except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, huge ints, deep nesting
@@ -138,6 +144,12 @@ def create_app(
                     return text_or_ids
         except _BodyTooLarge:
             return error_response(413, f"request body over {max_body_bytes} bytes")
+        except TimeoutError:
+            return error_response(
+                408,
+                f"request body not received within {body_timeout:g} s",
+                headers={"Connection": "close"},
+            )
         except DeraError as exc:
             return dera_error_response(exc)
         job = Job(prompt, parsed.settings)

@@ -9,7 +9,8 @@ Seeded and resumable: a checkpoint is written every --checkpoint-every steps nex
 the output (`<out>.checkpoint.pt`) and picked up by a rerun with the same settings.
 Other KL strengths for the realignment experiment:
 
-    python models/smollm2-concise-dpo/train.py --beta 0.05 --out experiments/realignment/adapters/beta-0.05.lora.gguf
+    python models/smollm2-concise-dpo/train.py --beta 0.05 \
+        --out experiments/realignment/adapters/beta-0.05.lora.gguf
 """
 
 from __future__ import annotations
