@@ -54,9 +54,19 @@ def write_csv(summary: list[dict], path: str | Path) -> None:
         raise DeraError(f"cannot write {path}: {exc.strerror}") from None
 
 
-def plot(summary: list[dict], path: str | Path) -> None:
+def plot(
+    summary: list[dict],
+    path: str | Path,
+    *,
+    markers: Sequence[dict] = (),
+    title: str = "DeRa: reward vs KL across λ",
+) -> None:
     """Mean reward against mean KL(pi_lam || pi_ref), one labelled point per lam, with
-    standard-error bars on both axes; labels are placed so they do not overlap."""
+    standard-error bars on both axes; labels are placed so they do not overlap.
+
+    markers: other policies drawn as separate points (e.g. models retrained at another
+    KL strength), each a dict with "label" and the same mean/se keys as a summary row.
+    """
     if any(s["mean_reward"] is None for s in summary):
         raise BadParameterError(
             "the plot is reward against KL: the rows need rewards (a reward function)",
@@ -79,10 +89,24 @@ def plot(summary: list[dict], path: str | Path) -> None:
         yerr=[s["se_reward"] or 0.0 for s in summary],
         fmt="o-",
         capsize=3,
+        label="DeRa λ grid",
     )
+    for marker in markers:
+        axes.errorbar(
+            [marker["mean_kl_to_reference"]],
+            [marker["mean_reward"]],
+            xerr=[marker.get("se_kl_to_reference") or 0.0],
+            yerr=[marker.get("se_reward") or 0.0],
+            fmt="s",
+            markersize=7,
+            capsize=3,
+            label=marker["label"],
+        )
     axes.set_xlabel("KL(π_λ ‖ π_ref) per answer (nats), mean ± s.e.")
     axes.set_ylabel("mean reward ± s.e.")
-    axes.set_title("DeRa: reward vs KL across λ")
+    axes.set_title(title)
+    if markers:
+        axes.legend(loc="lower right", fontsize="small")
     figure.tight_layout()
     place_labels(axes, [f"λ={s['lam']:g}" for s in summary], xs, ys)
     try:

@@ -9,7 +9,7 @@ rows llama.cpp returns, or in vectorised numpy when the kernel is not built.
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
@@ -120,26 +120,17 @@ def _output_rows(ctx: Context, n_rows: int, n_vocab: int) -> np.ndarray:
     return np.frombuffer(buffer, dtype=np.float32).reshape(n_rows, n_vocab)
 
 
-def score(
-    pair: DeraPair,
-    prompt: str | Sequence[int],
-    response: str | Sequence[int],
-    lambdas: Sequence[float],
-) -> list[ScoreRow]:
-    """Scores `response` after `prompt` under every lam; rows in grid order.
-
-    Text is tokenized with the pair's tokenizer (the prompt with BOS, the response
-    without); token ids are used as they are.
-    """
-    grid = np.asarray(parse_lambdas(lambdas), dtype=np.float64)
-    prompt_tokens = pair.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-    response_tokens = (
-        pair.tokenize(response, add_special=False) if isinstance(response, str) else list(response)
-    )
+def teacher_forced_logits(
+    pair: DeraPair, prompt_tokens: Sequence[int], response_tokens: Sequence[int]
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Feeds prompt + response through both models in n_batch chunks and yields, per chunk
+    with response positions, (aligned logits, reference logits, target tokens): row i
+    holds the logits that predict target i. The rows are views of llama.cpp's buffers,
+    valid until the next chunk: copy what must outlive the loop."""
+    tokens = list(prompt_tokens) + list(response_tokens)
     if not response_tokens:
         raise BadParameterError("the response is empty: nothing to score")
-    tokens = prompt_tokens + response_tokens
-    pair.check_prompt(prompt_tokens)
+    pair.check_prompt(list(prompt_tokens))
     if len(tokens) > pair.n_ctx:
         raise BadParameterError(
             f"prompt and response have {len(tokens)} tokens but the context holds {pair.n_ctx}",
@@ -151,7 +142,6 @@ def score(
     first_output = len(prompt_tokens) - 1  # position whose logits predict response[0]
     n_batch = contexts[0].n_batch
     batch = TokenBatch(n_batch)
-    results = []
     try:
         for start in range(0, len(tokens), n_batch):
             chunk = tokens[start : start + n_batch]
@@ -168,13 +158,34 @@ def score(
             if n_rows:
                 first = max(start, first_output)
                 targets = np.asarray(tokens[first + 1 : first + 1 + n_rows], dtype=np.int32)
-                results.append(
-                    _score_chunk(
-                        pair.mixer.path, rows[0], rows[1], targets, grid, contexts[0].n_threads
-                    )
-                )
+                yield rows[0], rows[1], targets
     finally:
         batch.close()
+
+
+def score(
+    pair: DeraPair,
+    prompt: str | Sequence[int],
+    response: str | Sequence[int],
+    lambdas: Sequence[float],
+) -> list[ScoreRow]:
+    """Scores `response` after `prompt` under every lam; rows in grid order.
+
+    Text is tokenized with the pair's tokenizer (the prompt with BOS, the response
+    without); token ids are used as they are.
+    """
+    grid = np.asarray(parse_lambdas(lambdas), dtype=np.float64)
+    prompt_tokens = pair.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+    response_tokens = (
+        pair.tokenize(response, add_special=False) if isinstance(response, str) else list(response)
+    )
+    n_threads = pair.scoring_contexts()[0].n_threads
+    results = [
+        _score_chunk(pair.mixer.path, aligned, reference, targets, grid, n_threads)
+        for aligned, reference, targets in teacher_forced_logits(
+            pair, prompt_tokens, response_tokens
+        )
+    ]
     table = np.concatenate(results, axis=1)  # [n_lams, n_response, 3]
     return [
         ScoreRow(

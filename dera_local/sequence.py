@@ -40,12 +40,14 @@ class SequenceOutput:
         self.pieces: list[str] = []
         self.new_text = ""
         self.finish_reason: str | None = None
+        self.end_token: int | None = None  # the end-of-generation token, when one ended it
 
     def advance(self, token: int) -> str | None:
         """Takes one sampled token; returns the finish reason if the sequence ends with
         it (the token is then not decoded any further), else None."""
         self.new_text = ""
         if self._model.is_end_of_generation(token):
+            self.end_token = token
             return self._end(FINISH_STOP)
         self.tokens.append(token)
         piece = self._text.push(self._model.token_bytes(token))

@@ -56,6 +56,7 @@ class SweepRow:
     logprob_reference: float
     logprob_mixture: float
     reward: float | None = None
+    end_token: int | None = None  # the end-of-generation token sampled last (in the sums)
 
     @property
     def kl_to_reference(self) -> float:
@@ -180,6 +181,7 @@ class LambdaSweep:
             logprob_aligned=sums["aligned"],
             logprob_reference=sums["reference"],
             logprob_mixture=sums["mixture"],
+            end_token=seq.output.end_token,
         )
 
 

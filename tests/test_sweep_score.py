@@ -349,3 +349,51 @@ def test_plot_labels_of_close_points_do_not_overlap():
     for i, box in enumerate(boxes):
         assert not any(box.overlaps(other) for other in boxes[i + 1 :])
     plt.close(figure)
+
+
+def test_sweep_rows_teacher_force_back_to_their_own_logprobs(pair):
+    """A sampled answer plus the end token it ended with, fed back in one teacher-forced
+    pass, has the log-probabilities the sweep summed while sampling it."""
+    from dera_local.score import teacher_forced_logits
+
+    # seed 9: the lam 0 answer ends with an end token after 13 tokens, the other runs on
+    sampling = dera_local.SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=9)
+    prompt = pair.tokenize("the")
+    with LambdaSweep(pair, [0.0, 1.0], max_tokens=40) as runner:
+        rows = runner.run(prompt, sampling=sampling)
+    ended = [r for r in rows if r.finish_reason == "stop"]
+    assert len(ended) == 1
+    for row in rows:
+        assert (row.end_token is not None) == (row in ended)
+        answer = row.tokens + ([row.end_token] if row.end_token is not None else [])
+        sums = {"aligned": 0.0, "reference": 0.0}
+        for aligned, reference, targets in teacher_forced_logits(pair, prompt, answer):
+            for name, logits in (("aligned", aligned), ("reference", reference)):
+                log_p = logits.astype(np.float64)
+                log_p -= log_p.max(-1, keepdims=True)
+                log_p -= np.log(np.exp(log_p).sum(-1, keepdims=True))
+                sums[name] += log_p[np.arange(len(targets)), targets].sum()
+        assert row.logprob_aligned == pytest.approx(sums["aligned"], abs=1e-3)
+        assert row.logprob_reference == pytest.approx(sums["reference"], abs=1e-3)
+
+
+def test_plot_draws_other_policies_as_labelled_markers(tmp_path, monkeypatch):
+    """Models retrained at other strengths appear as their own points, in the legend."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from dera_local import report
+
+    summary = [
+        {"lam": lam, "mean_reward": -10 * (3 - lam), "se_reward": 1.0,
+         "mean_kl_to_reference": 5.0 * lam, "se_kl_to_reference": 0.5}
+        for lam in (0.0, 1.0, 2.0)
+    ]  # fmt: skip
+    marker = {"label": "retrained β=0.05", "mean_reward": -12.0, "se_reward": 1.0,
+              "mean_kl_to_reference": 9.0, "se_kl_to_reference": 1.0}  # fmt: skip
+    seen = {}
+    monkeypatch.setattr(plt, "close", lambda figure: seen.setdefault("figure", figure))
+    report.plot(summary, tmp_path / "f.png", markers=[marker], title="t")
+    axes = seen["figure"].axes[0]
+    legend = [text.get_text() for text in axes.get_legend().get_texts()]
+    assert legend == ["DeRa λ grid", "retrained β=0.05"]
+    assert axes.get_title() == "t"
+    assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
