@@ -308,6 +308,11 @@ class Context:
         pointer = llama_cpp.llama_get_logits_ith(self.ptr, index)
         return ctypes.cast(pointer, ctypes.c_void_p).value
 
+    def remove_positions(self, seq_id: int, start: int) -> bool:
+        """Drops sequence `seq_id`'s cached positions from `start` on; False when the
+        model cannot drop a partial tail (then nothing was removed)."""
+        return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq_id, start, -1))
+
     def copy_sequence(self, source: int, target: int) -> None:
         """Makes `target` share all of `source`'s cached positions (no copy in a unified KV)."""
         llama_cpp.llama_memory_seq_cp(self.memory, source, target, -1, -1)

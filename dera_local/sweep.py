@@ -1,7 +1,8 @@
 """Lambda sweeps: every lam of a grid decodes one prompt as parallel sequences of ONE pair
-of batched contexts. The prompt is read once and shared (unified KV cache); each step is
-one llama_decode per model for all live sequences, then per sequence an in-place mix of
-its logits row with its own lam and a sample from its own sampler chain.
+of batched contexts (batch.BatchDecoder, the step the server shares). The prompt is read
+once and shared (unified KV cache); each step is one llama_decode per model for all live
+sequences, then per sequence an in-place mix of its logits row with its own lam and a
+sample from its own sampler chain.
 
 With the same sampling seed, each sequence's output is what `generate` gives at its lam.
 """
@@ -10,16 +11,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from .backend import TokenBatch
+from .batch import BatchDecoder, Slot
 from .engine import DeraPair
 from .errors import BadParameterError, DeraError
-from .lockstep import sample_mixture
-from .logprobs import SequenceLogprobs
 from .mixing import validate_lam
-from .sampling import SamplerChain, SamplingParams
-from .sequence import SequenceOutput
+from .sampling import SamplingParams
 
 
 def parse_lambdas(values: str | Iterable[float]) -> list[float]:
@@ -64,19 +62,9 @@ class SweepRow:
         return self.logprob_mixture - self.logprob_reference
 
 
-@dataclass
-class _Sequence:
-    seq_id: int
-    lam: float
-    chain: SamplerChain
-    output: SequenceOutput
-    next_token: int
-    position: int
-    logprobs: SequenceLogprobs = field(default_factory=SequenceLogprobs)
-
-
 class LambdaSweep:
-    """Batched contexts for one lam grid over a loaded pair (the weights are shared)."""
+    """Batched contexts for one lam grid over a loaded pair (the weights are shared): one
+    BatchDecoder slot per lam, all starting from one shared read of the prompt."""
 
     def __init__(self, pair: DeraPair, lambdas: Sequence[float], *, max_tokens: int = 256):
         self.pair = pair
@@ -86,18 +74,15 @@ class LambdaSweep:
         self.max_tokens = max_tokens
         n = len(self.lambdas)
         # Room for one shared prompt plus every sequence's own tokens.
-        self.aligned_ctx, self.reference_ctx = pair.open_contexts(
-            n_ctx=pair.n_ctx + n * (max_tokens + 1),
-            n_seq_max=n,
-            n_outputs_max=n,
-            n_batch=max(pair.loaded.aligned_ctx.n_batch, n),
+        self.decoder = BatchDecoder(
+            pair,
+            n,
+            n_ctx_per_slot=pair.n_ctx,
+            n_ctx_total=pair.n_ctx + n * (max_tokens + 1),
         )
-        self.batch = TokenBatch(max(pair.loaded.aligned_ctx.n_batch, n))
 
     def close(self) -> None:
-        self.batch.close()
-        self.aligned_ctx.close()
-        self.reference_ctx.close()
+        self.decoder.close()
 
     def __enter__(self) -> LambdaSweep:
         return self
@@ -118,71 +103,42 @@ class LambdaSweep:
         sampling = (sampling or SamplingParams()).with_seed()
         tokens = pair.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         pair.check_prompt(tokens)
-        model = pair.loaded.aligned_model
-        sequences: list[_Sequence] = []
+        decoder = self.decoder
+        decoder.share_prefix(tokens[:-1])
+        slots = []
         try:
-            for i, lam in enumerate(self.lambdas):
-                output = SequenceOutput(
-                    model,
-                    n_prompt=len(tokens),
-                    n_ctx=pair.n_ctx,
-                    max_tokens=self.max_tokens,
-                    stop=stop,
+            for lam in self.lambdas:
+                slots.append(
+                    decoder.admit(
+                        tokens,
+                        lam=lam,
+                        sampling=sampling,
+                        max_tokens=self.max_tokens,
+                        stop=stop,
+                        logprobs=True,
+                    )
                 )
-                chain = SamplerChain(sampling, model.vocab, pair.n_ctx)
-                sequences.append(_Sequence(i, lam, chain, output, tokens[-1], len(tokens) - 1))
-            self._prefill_shared(tokens[:-1])
-            live = sequences
-            while live:
-                self._step(live)
-                live = [s for s in live if s.output.finish_reason is None]
+            while any(slot.finish_reason is None for slot in slots):
+                decoder.step()
         finally:
-            for seq in sequences:
-                seq.chain.close()
-        return [self._row(seq, prompt_id) for seq in sequences]
+            for slot in slots:
+                decoder.retire(slot)
+        return [_row(slot, prompt_id) for slot in slots]
 
-    def _prefill_shared(self, tokens: list[int]) -> None:
-        """Reads all but the last prompt token once, into sequence 0, then shares it."""
-        for ctx in (self.aligned_ctx, self.reference_ctx):
-            ctx.clear()
-            ctx.decode(tokens)  # sequence 0, positions 0..len-1, no logits kept
-            for seq_id in range(1, len(self.lambdas)):
-                ctx.copy_sequence(0, seq_id)
 
-    def _step(self, live: list[_Sequence]) -> None:
-        self.batch.fill([(s.next_token, s.position, s.seq_id, True) for s in live])
-        self.aligned_ctx.decode_batch(self.batch)
-        self.reference_ctx.decode_batch(self.batch)
-        for index, seq in enumerate(live):
-            token = sample_mixture(
-                self.pair.mixer,
-                self.aligned_ctx,
-                self.reference_ctx,
-                index,
-                self.pair.n_vocab,
-                seq.lam,
-                seq.chain,
-                seq.logprobs,
-            )
-            seq.output.advance(token)
-            seq.next_token = token
-            seq.position += 1
-
-    @staticmethod
-    def _row(seq: _Sequence, prompt_id: str) -> SweepRow:
-        sums = seq.logprobs.sums()
-        seq.output.flush()
-        return SweepRow(
-            prompt_id=prompt_id,
-            lam=seq.lam,
-            text=seq.output.text,
-            tokens=seq.output.tokens,
-            finish_reason=seq.output.finish_reason,
-            logprob_aligned=sums["aligned"],
-            logprob_reference=sums["reference"],
-            logprob_mixture=sums["mixture"],
-            end_token=seq.output.end_token,
-        )
+def _row(slot: Slot, prompt_id: str) -> SweepRow:
+    sums = slot.logprobs.sums()
+    return SweepRow(
+        prompt_id=prompt_id,
+        lam=slot.lam,
+        text=slot.output.text,
+        tokens=slot.output.tokens,
+        finish_reason=slot.finish_reason,
+        logprob_aligned=sums["aligned"],
+        logprob_reference=sums["reference"],
+        logprob_mixture=sums["mixture"],
+        end_token=slot.output.end_token,
+    )
 
 
 def sweep(

@@ -178,8 +178,29 @@ def test_streaming_chunks_join_to_the_whole_answer(client):
 
 
 def test_models_and_health(client, server):
-    assert [m.id for m in client.models.list().data] == ["dera-local"]
+    assert [m.id for m in client.models.list().data] == [
+        "dera-local", "dera-local@0", "dera-local@0.5", "dera-local@1", "dera-local@1.5",
+        "dera-local@2",
+    ]  # fmt: skip
     assert _health(server)["status"] == "ok"
+
+
+def test_a_preset_model_id_sets_lam_and_dera_lambda_still_wins(client, pair, greedy):
+    for lam in (0.0, 0.7, 2.0):
+        expected = pair.generate("hello", lam=lam, sampling=greedy, max_tokens=8).text
+        reply = client.completions.create(
+            model=f"dera-local@{lam:g}", prompt="hello", max_tokens=8, temperature=0
+        )
+        assert reply.choices[0].text == expected
+    overridden = client.completions.create(
+        model="dera-local@2", prompt="hello", max_tokens=8, temperature=0,
+        extra_body={"dera_lambda": 0.0},
+    )  # fmt: skip
+    assert overridden.choices[0].text == pair.generate(
+        "hello", lam=0.0, sampling=greedy, max_tokens=8
+    ).text
+    with pytest.raises(openai.BadRequestError, match="after '@' comes the lam"):
+        client.completions.create(model="dera-local@much", prompt="hello", max_tokens=2)
 
 
 def test_concurrent_requests_equal_their_sequential_twins(client):

@@ -7,8 +7,9 @@ import socket
 
 import click
 
-from ..errors import DeraError
+from ..errors import BadParameterError, DeraError
 from ..mixing import validate_lam
+from ..sweep import parse_lambdas
 from .options import lam_option, model_options, open_pair, split_options
 
 
@@ -28,6 +29,13 @@ def _check_port_free(host: str, port: int) -> None:
             raise DeraError(
                 f"cannot serve on {host}:{port}: {exc.strerror}; choose another --port"
             ) from None
+
+
+def _parse_presets(text: str) -> list[float]:
+    try:
+        return parse_lambdas(text)
+    except DeraError as exc:
+        raise BadParameterError(f"--lam-presets {text!r}: {exc}") from None
 
 
 def _is_loopback(host: str) -> bool:
@@ -66,6 +74,21 @@ def _is_loopback(host: str) -> bool:
     show_default=True,
     help="Seconds a client has to send a request body (then 408).",
 )
+@click.option(
+    "--parallel",
+    "-np",
+    "parallel",
+    type=click.IntRange(1, 64),
+    default=4,
+    show_default=True,
+    help="Requests decoded together (continuous batching); -c is split among them.",
+)
+@click.option(
+    "--lam-presets",
+    default="0,0.5,1,1.5,2",
+    show_default=True,
+    help="lams that /v1/models offers as model ids dera-local@<lam>.",
+)
 @click.option("--chat-template", default=None, help="Jinja chat template text to use.")
 @model_options
 def serve(
@@ -76,6 +99,8 @@ def serve(
     max_queue: int,
     max_body_bytes: int,
     body_timeout: float,
+    parallel: int,
+    lam_presets: str,
     chat_template: str | None,
     **kwargs,
 ) -> None:
@@ -95,8 +120,18 @@ def serve(
             "this port can use the models",
             err=True,
         )
+    presets = _parse_presets(lam_presets)
     _check_port_free(host, port)  # before the models load: one line, not uvicorn's log
     model, _, _ = split_options(kwargs)
+    if model.get("n_ctx"):
+        # llama.cpp's server semantics: -c is the whole KV cache, each slot gets a share.
+        share = model["n_ctx"] // parallel
+        if share < 64:
+            raise BadParameterError(
+                f"-c {model['n_ctx']} split among {parallel} parallel slots leaves {share} "
+                "tokens each; raise -c or lower --parallel"
+            )
+        model["n_ctx"] = share
     with open_pair(**model) as pair:
         app = create_app(
             pair,
@@ -106,8 +141,14 @@ def serve(
             max_body_bytes=max_body_bytes,
             body_timeout=body_timeout,
             chat_template=chat_template,
+            parallel=parallel,
+            lam_presets=presets,
         )
-        click.echo(f"dera-local: serving on http://{host}:{port}/v1 (lam {lam:g})", err=True)
+        click.echo(
+            f"dera-local: serving on http://{host}:{port}/v1 (lam {lam:g}; {parallel} parallel "
+            f"slots of {pair.n_ctx} tokens); chat page at http://{host}:{port}/",
+            err=True,
+        )
         config = uvicorn.Config(
             app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5
         )

@@ -15,7 +15,7 @@ import sys
 import time
 import traceback
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
@@ -26,10 +26,17 @@ from starlette.routing import Route
 from ..chat import ChatTemplate
 from ..engine import DeraPair, GenerationResult
 from ..errors import ContextFullError, DeraError, RuntimeFailure
-from .requests import ParsedRequest, RequestError, chat_messages, completion_prompt, parse_common
+from .requests import (
+    MODEL_ID,
+    ParsedRequest,
+    RequestError,
+    chat_messages,
+    completion_prompt,
+    parse_common,
+)
 from .worker import GenerationWorker, Job, QueueFull, ShuttingDown
 
-MODEL_ID = "dera-local"
+DEFAULT_LAM_PRESETS = (0.0, 0.5, 1.0, 1.5, 2.0)
 
 
 def error_response(
@@ -103,9 +110,15 @@ def create_app(
     max_body_bytes: int = 1 << 20,
     chat_template: str | None = None,
     body_timeout: float = 30.0,
+    parallel: int = 4,
+    lam_presets: Sequence[float] = DEFAULT_LAM_PRESETS,
 ) -> Starlette:
-    """The ASGI app serving `pair`; run it with uvicorn (see cli/serve.py)."""
-    worker = GenerationWorker(pair, max_queue)
+    """The ASGI app serving `pair`; run it with uvicorn (see cli/serve.py).
+
+    parallel: requests decoded together (continuous batching), each in a slot of
+    pair.n_ctx tokens. lam_presets: the lams /v1/models offers as "dera-local@<lam>".
+    """
+    worker = GenerationWorker(pair, max_queue, parallel=parallel)
     template = ChatTemplate.for_pair(pair, chat_template)
 
     async def read_json(request: Request):
@@ -191,11 +204,13 @@ def create_app(
         return await respond(request, chat=False)
 
     async def models(request: Request) -> Response:
+        ids = [MODEL_ID] + [f"{MODEL_ID}@{lam:g}" for lam in lam_presets]
         return JSONResponse(
             {
                 "object": "list",
                 "data": [
-                    {"id": MODEL_ID, "object": "model", "created": 0, "owned_by": "dera-local"}
+                    {"id": model_id, "object": "model", "created": 0, "owned_by": "dera-local"}
+                    for model_id in ids
                 ],
             }
         )

@@ -13,6 +13,8 @@ from ..sampling import SamplingParams
 
 DEFAULT_MAX_TOKENS = 256
 
+MODEL_ID = "dera-local"  # the server's one model; "dera-local@<lam>" picks a lam
+
 
 class RequestError(BadParameterError):
     """A bad request body; `param` names the field, as OpenAI's error objects do."""
@@ -76,6 +78,22 @@ def _stop(body: dict) -> list[str]:
     return [_text(s, "stop") for s in stop if s]
 
 
+def lam_of_model(model: str, default_lam: float) -> float:
+    """The lam a model id asks for: "dera-local@0.7" -> 0.7 (a preset from /v1/models, or
+    any other value); any other id, including plain "dera-local", -> the server's lam
+    (desktop apps send whatever model name they were configured with)."""
+    name, at, value = model.partition("@")
+    if not at or name != MODEL_ID:
+        return default_lam
+    try:
+        return validate_lam(float(value))
+    except (ValueError, DeraError):
+        raise RequestError(
+            f"model {model!r}: after '@' comes the lam to decode at, e.g. {MODEL_ID}@0.5",
+            "model",
+        ) from None
+
+
 def parse_common(body: Any, default_lam: float) -> ParsedRequest:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
@@ -87,7 +105,10 @@ def parse_common(body: Any, default_lam: float) -> ParsedRequest:
     options = body.get("stream_options") or {}
     if not isinstance(options, dict):
         raise RequestError("'stream_options' must be an object", "stream_options")
-    lam = body.get("dera_lambda", default_lam)
+    model = body.get("model", MODEL_ID)
+    if not isinstance(model, str):
+        raise RequestError("'model' must be a string", "model")
+    lam = body.get("dera_lambda", lam_of_model(model, default_lam))
     if isinstance(lam, bool) or not isinstance(lam, (int, float)):
         raise RequestError("'dera_lambda' must be a number", "dera_lambda")
     try:
@@ -109,9 +130,6 @@ def parse_common(body: Any, default_lam: float) -> ParsedRequest:
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         seed=None if seed is None else seed & 0x7FFFFFFF,
     )
-    model = body.get("model", "dera-local")
-    if not isinstance(model, str):
-        raise RequestError("'model' must be a string", "model")
     return ParsedRequest(
         stream=stream,
         include_usage=bool(options.get("include_usage", False)),

@@ -1,17 +1,21 @@
-"""Runs generations for the server one at a time on a dedicated thread (a llama.cpp
-context must not be used from two threads), with a bounded queue in front of it and
-cancellation between tokens. Consecutive requests that share a prefix (a conversation)
-reuse the pair's KV caches."""
+"""Runs the server's generations on one dedicated thread (a llama.cpp context must not be
+used from two threads) as continuous batching: up to `parallel` requests decode together
+in one batch, each with its own lam; more wait in a bounded queue; a request leaves the
+batch at the next step once it ends or its client goes away. A follow-up request goes to
+the slot that holds its conversation's prefix when that slot is free."""
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
+from ..batch import BatchDecoder, Slot
 from ..engine import DeraPair, GenerationResult
+from ..errors import BadParameterError
 
 
 class QueueFull(Exception):
@@ -40,16 +44,44 @@ class Counters:
     rejected: int = 0  # 503: the queue was full
 
 
+@dataclass(eq=False)
+class _Waiting:
+    job: Job
+    deliver: Callable[[object], None]  # thread-safe: text, a result, an error, or None
+
+
 class GenerationWorker:
-    def __init__(self, pair: DeraPair, max_queue: int) -> None:
+    """Continuous batching: one thread drives a BatchDecoder with up to `parallel` slots.
+    Between two decode steps it admits waiting requests into free slots and retires the
+    ones that ended or whose client went away; every request keeps its own lam, sampling
+    settings, stop strings and length."""
+
+    def __init__(
+        self, pair: DeraPair, max_queue: int, *, parallel: int = 4, n_ctx: int | None = None
+    ) -> None:
+        if parallel < 1:
+            raise BadParameterError(f"parallel must be at least 1, got {parallel}")
         self.pair = pair
         self.max_queue = max_queue
+        self.parallel = parallel
+        total = n_ctx or pair.n_ctx
+        self.n_ctx_per_slot = total // parallel
+        if self.n_ctx_per_slot < 16:
+            raise BadParameterError(
+                f"a context of {total} tokens split among {parallel} parallel slots leaves "
+                f"{self.n_ctx_per_slot} tokens each",
+                cli_hint="raise -c or lower --parallel",
+            )
         self.counters = Counters()
-        self._executor = ThreadPoolExecutor(1, thread_name_prefix="dera-generate")
-        self._lock = threading.Lock()
-        self._in_flight = 0  # queued + running
+        self._lock = threading.Condition()
+        self._waiting: collections.deque[_Waiting] = collections.deque()
+        self._in_flight = 0  # waiting + running
         self._jobs: set[Job] = set()
         self.stopping = False
+        self._closed = False
+        self._decoder = BatchDecoder(pair, parallel, self.n_ctx_per_slot)
+        self._thread = threading.Thread(target=self._loop, name="dera-batch", daemon=True)
+        self._thread.start()
 
     @property
     def in_flight(self) -> int:
@@ -57,7 +89,11 @@ class GenerationWorker:
 
     def close(self) -> None:
         self.stop_all()
-        self._executor.shutdown(wait=True, cancel_futures=True)
+        with self._lock:
+            self._closed = True
+            self._lock.notify_all()
+        self._thread.join()
+        self._decoder.close()
 
     def stop_all(self) -> None:
         """Server shutdown: refuse new jobs and end every queued or running one at its
@@ -65,6 +101,7 @@ class GenerationWorker:
         with self._lock:
             self.stopping = True
             jobs = list(self._jobs)
+            self._lock.notify_all()
         for job in jobs:
             job.cancelled.set()
 
@@ -88,40 +125,18 @@ class GenerationWorker:
 
     async def run(self, job: Job) -> AsyncIterator[str | GenerationResult]:
         """Yields text chunks, then the GenerationResult. Raises QueueFull when full,
-        or the generation's own error (e.g. a prompt longer than the context). Closing
-        the iterator early (a client that went away) cancels the generation."""
+        or the generation's own error (e.g. a prompt longer than a slot). Closing the
+        iterator early (a client that went away) cancels the generation."""
         self._admit(job)
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
 
-        def produce() -> None:
-            outcome = "cancelled"
-            try:
-                if job.cancelled.is_set():  # cancelled while it waited in the queue
-                    return
-                stream = self.pair.stream(job.prompt(), **job.settings)
-                try:
-                    for chunk in stream:
-                        loop.call_soon_threadsafe(inbox.put_nowait, chunk)
-                        if job.cancelled.is_set():
-                            break
-                finally:
-                    stream.close()
-                if stream.result is not None:
-                    outcome = "completed"
-                    loop.call_soon_threadsafe(inbox.put_nowait, stream.result)
-            except BaseException as exc:  # handed to the request that asked
-                outcome = "failed"
-                loop.call_soon_threadsafe(inbox.put_nowait, exc)
-            finally:
-                self._release(job, outcome)
-                loop.call_soon_threadsafe(inbox.put_nowait, None)
+        def deliver(item: object) -> None:
+            loop.call_soon_threadsafe(inbox.put_nowait, item)
 
-        try:
-            self._executor.submit(produce)
-        except BaseException:
-            self._release(job, "failed")
-            raise
+        with self._lock:
+            self._waiting.append(_Waiting(job, deliver))
+            self._lock.notify_all()
         try:
             while (item := await inbox.get()) is not None:
                 if isinstance(item, BaseException):
@@ -129,3 +144,90 @@ class GenerationWorker:
                 yield item
         finally:
             job.cancelled.set()  # no-op after a normal end; stops a running generation
+            with self._lock:
+                self._lock.notify_all()
+
+    # --- the decoding thread ---
+
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._waiting and not self._decoder.live and not self._closed:
+                    self._lock.wait()
+                if self._closed and not self._decoder.live and not self._waiting:
+                    return
+                admitted = self._take_admissible()
+            try:
+                self._iterate(admitted)
+            except BaseException as exc:  # a failed decode fails every generation in it
+                for slot in list(self._decoder.live):
+                    slot.tag.deliver(exc)
+                    self._finish(slot, "failed", forget=True)
+
+    def _take_admissible(self) -> list[_Waiting]:
+        """Waiting requests for the free slots (and the cancelled ones, to drop them)."""
+        admitted, free = [], self._decoder.free_slots
+        while self._waiting and (free or self._waiting[0].job.cancelled.is_set()):
+            waiting = self._waiting.popleft()
+            free -= not waiting.job.cancelled.is_set()
+            admitted.append(waiting)
+        return admitted
+
+    def _iterate(self, admitted: list[_Waiting]) -> None:
+        """Admit, drop the cancelled, then one batched step for every live slot."""
+        decoder = self._decoder
+        for waiting in admitted:
+            self._start(waiting)
+        for slot in list(decoder.live):
+            if slot.tag.job.cancelled.is_set():
+                self._finish(slot, "cancelled")
+        if not decoder.live:
+            return
+        for slot in decoder.step():
+            if slot.new_text:
+                slot.tag.deliver(slot.new_text)
+            if slot.finish_reason is not None:
+                slot.tag.deliver(_result(slot))
+                self._finish(slot, "completed")
+
+    def _start(self, waiting: _Waiting) -> None:
+        job = waiting.job
+        if job.cancelled.is_set():  # cancelled while it waited
+            waiting.deliver(None)
+            self._release(job, "cancelled")
+            return
+        try:
+            settings = job.settings
+            self._decoder.admit(
+                job.prompt(),
+                lam=settings["lam"],
+                sampling=settings["sampling"].with_seed(),
+                max_tokens=settings["max_tokens"],
+                stop=settings.get("stop", ()),
+                tag=waiting,
+            )
+        except BaseException as exc:  # handed to the request that asked
+            waiting.deliver(exc)
+            waiting.deliver(None)
+            self._release(job, "failed")
+
+    def _finish(self, slot: Slot, outcome: str, *, forget: bool = False) -> None:
+        self._decoder.retire(slot, forget=forget)
+        slot.tag.deliver(None)
+        self._release(slot.tag.job, outcome)
+
+
+def _result(slot: Slot) -> GenerationResult:
+    now = time.perf_counter()
+    first = slot.first_token_at or now
+    return GenerationResult(
+        text=slot.output.text,
+        tokens=slot.output.tokens,
+        prompt_tokens=slot.prompt_tokens,
+        finish_reason=slot.finish_reason,
+        lam=slot.lam,
+        seed=slot.sampling.seed,
+        reused_prompt_tokens=slot.reused_prompt_tokens,
+        prompt_seconds=first - slot.started,
+        generation_seconds=now - first,
+    )
