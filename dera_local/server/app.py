@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import importlib.resources
 import json
 import secrets
 import sys
@@ -37,6 +38,16 @@ from .requests import (
 from .worker import GenerationWorker, Job, QueueFull, ShuttingDown
 
 DEFAULT_LAM_PRESETS = (0.0, 0.5, 1.0, 1.5, 2.0)
+# The chat page at /: three small files shipped in the package, read once.
+_STATIC = {
+    name: (importlib.resources.files(__package__) / "static" / name).read_bytes()
+    for name in ("index.html", "chat.js", "chat.css")
+}
+_MEDIA_TYPES = {
+    "html": "text/html; charset=utf-8",
+    "js": "text/javascript; charset=utf-8",
+    "css": "text/css; charset=utf-8",
+}
 
 
 def error_response(
@@ -126,13 +137,17 @@ def create_app(
         # A deadline for all of it: a client trickling (or never finishing) its body
         # would otherwise hold the connection forever (uvicorn times out idle
         # connections between requests, not a request body that stalls).
-        chunks, total = [], 0
-        async with asyncio.timeout(body_timeout):
+        chunks = []
+
+        async def collect() -> None:
+            total = 0
             async for chunk in request.stream():
                 total += len(chunk)
                 if total > max_body_bytes:
                     raise _BodyTooLarge()
                 chunks.append(chunk)
+
+        await asyncio.wait_for(collect(), body_timeout)
         try:
             return json.loads(b"".join(chunks))
         except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, huge ints, deep nesting
@@ -157,7 +172,7 @@ def create_app(
                     return text_or_ids
         except _BodyTooLarge:
             return error_response(413, f"request body over {max_body_bytes} bytes")
-        except TimeoutError:
+        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
             return error_response(
                 408,
                 f"request body not received within {body_timeout:g} s",
@@ -215,6 +230,15 @@ def create_app(
             }
         )
 
+    async def page(request: Request) -> Response:
+        name = request.path_params.get("name", "index.html")
+        return Response(_STATIC[name], media_type=_MEDIA_TYPES[name.rsplit(".", 1)[1]])
+
+    async def page_or_404(request: Request) -> Response:
+        if request.path_params["name"] not in _STATIC:
+            return await not_found(request, None)
+        return await page(request)
+
     async def health(request: Request) -> Response:
         counters = worker.counters
         return JSONResponse(
@@ -240,6 +264,8 @@ def create_app(
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
+            Route("/", page, methods=["GET"]),
+            Route("/{name:str}", page_or_404, methods=["GET"]),
         ],
         middleware=[Middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)],
         exception_handlers={404: not_found, 405: wrong_method},

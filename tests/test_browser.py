@@ -1,0 +1,191 @@
+"""The chat page at / in a real headless Chromium (Debian's chromium + chromium-driver,
+driven by Selenium), against a real server on the tiny pair: a message streams in, the
+slider's lam reaches the server, compare shows one answer per lam.
+
+Every answer is checked against what the API itself returns for the same messages at the
+same lam (temperature 0), so a page that sent the wrong lam, or none, fails.
+
+Skips where no browser is installed, unless DERA_REQUIRE_BROWSER is set (CI sets it).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from server_process import start_server
+
+openai = pytest.importorskip("openai")
+pytest.importorskip("starlette")
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+MAX_TOKENS = 8
+
+
+def _browser_or_skip():
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    try:
+        from selenium import webdriver
+    except ImportError:
+        webdriver = None
+    missing = [
+        name
+        for name, found in (
+            ("selenium", webdriver),
+            ("chromium", chromium),
+            ("chromedriver", driver),
+        )
+        if not found
+    ]
+    if missing:
+        reason = (
+            f"the browser test needs {', '.join(missing)} "
+            "(apt install chromium chromium-driver; pip install selenium)"
+        )
+        if os.environ.get("DERA_REQUIRE_BROWSER"):
+            pytest.fail(reason)
+        pytest.skip(reason)
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--window-size=1200,900",
+    ):
+        options.add_argument(flag)
+    return webdriver.Chrome(service=Service(driver), options=options)
+
+
+@pytest.fixture(scope="module")
+def page_server(aligned_path, reference_path):
+    process, base = start_server(
+        ["-m", str(aligned_path), "-mr", str(reference_path), "-c", "2048", "--parallel", "4"]
+    )
+    yield base
+    process.terminate()
+    process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    driver = _browser_or_skip()
+    yield driver
+    driver.quit()
+
+
+def _api_answer(base: str, question: str, lam: float) -> str:
+    client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
+    reply = client.chat.completions.create(
+        model="dera-local",
+        messages=[{"role": "user", "content": question}],
+        temperature=0,
+        max_tokens=MAX_TOKENS,
+        extra_body={"dera_lambda": lam},
+    )
+    return reply.choices[0].message.content
+
+
+def _set(browser, element_id: str, value: str) -> None:
+    """Sets an input's value the way a user's edit would (an input event follows)."""
+    browser.execute_script(
+        "const el = document.getElementById(arguments[0]); el.value = arguments[1];"
+        "el.dispatchEvent(new Event('input')); el.dispatchEvent(new Event('change'));",
+        element_id,
+        value,
+    )
+
+
+def _send(browser, text: str) -> None:
+    from selenium.webdriver.common.by import By
+
+    box = browser.find_element(By.ID, "prompt")
+    box.clear()
+    box.send_keys(text)
+    browser.find_element(By.ID, "send").click()
+
+
+def _wait_done(browser, selector: str, count: int) -> list:
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def finished(driver):
+        found = driver.find_elements(By.CSS_SELECTOR, selector)
+        errors = [e.text for e in found if "error" in e.get_attribute("class")]
+        assert not errors, errors
+        done = [e for e in found if e.get_attribute("data-done") == "true"]
+        return done if len(done) >= count else False
+
+    return WebDriverWait(browser, 60).until(finished)
+
+
+def _text(element) -> str:
+    return element.find_element("css selector", ".text").text
+
+
+def test_chat_page_streams_carries_the_slider_lam_and_compares(browser, page_server):
+    from selenium.webdriver.common.by import By
+
+    question = "hello"
+    expected = {lam: _api_answer(page_server, question, lam) for lam in (0.0, 1.0, 2.0)}
+    assert len(set(expected.values())) == 3  # lam changes the answer: the check has teeth
+
+    browser.get(page_server + "/")
+    assert browser.title == "dera-local"
+    browser.find_element(By.ID, "settings").click()
+    _set(browser, "temperature", "0")
+    _set(browser, "max-tokens", str(MAX_TOKENS))
+    _set(browser, "lam", "0")
+    assert browser.find_element(By.ID, "lam-value").text == "0"
+    # Count the updates of the answer as they arrive (a stream, not one final write).
+    browser.execute_script(
+        "window.updates = 0; new MutationObserver((records) => { window.updates +="
+        " records.length; }).observe(document.getElementById('messages'),"
+        " {subtree: true, childList: true, characterData: true});"
+    )
+    _send(browser, question)
+    [first] = _wait_done(browser, ".message.assistant", 1)
+    assert first.get_attribute("data-lam") == "0"
+    assert _text(first) == expected[0.0]
+    assert browser.execute_script("return window.updates") >= 2
+
+    browser.find_element(By.ID, "new-chat").click()
+    _set(browser, "lam", "2")
+    _send(browser, question)
+    [second] = _wait_done(browser, ".message.assistant", 1)
+    assert second.get_attribute("data-lam") == "2"
+    assert _text(second) == expected[2.0]
+
+    browser.find_element(By.ID, "new-chat").click()
+    browser.find_element(By.ID, "compare-toggle").click()
+    _set(browser, "compare-lams", "0, 1, 2")
+    _send(browser, question)
+    columns = _wait_done(browser, ".compare-column", 3)
+    answers = {float(c.get_attribute("data-lam")): _text(c) for c in columns}
+    assert answers == expected
+
+    ARTIFACTS.mkdir(exist_ok=True)
+    assert browser.save_screenshot(str(ARTIFACTS / "chat-page-compare.png"))
+
+
+def test_the_page_and_its_files_are_served_and_other_paths_are_404(page_server):
+    import urllib.error
+    import urllib.request
+
+    for path, kind in (
+        ("/", "text/html"),
+        ("/chat.js", "text/javascript"),
+        ("/chat.css", "text/css"),
+    ):
+        with urllib.request.urlopen(page_server + path) as response:
+            assert response.headers["Content-Type"].startswith(kind)
+            assert len(response.read()) > 500
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        urllib.request.urlopen(page_server + "/secrets.txt")
+    assert missing.value.code == 404
