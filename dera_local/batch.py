@@ -120,7 +120,6 @@ class BatchDecoder:
 
     def check_fits(self, prompt_tokens: Sequence[int]) -> None:
         """A one-line error unless the prompt is valid and leaves room to answer."""
-        self.pair.check_prompt(prompt_tokens)
         if len(prompt_tokens) >= self.n_ctx_per_slot:
             raise BadParameterError(
                 f"the prompt has {len(prompt_tokens)} tokens but each of the {self.n_slots} "
@@ -128,6 +127,7 @@ class BatchDecoder:
                 "shorten the prompt",
                 cli_hint="or raise -c, or lower --parallel",
             )
+        self.pair.check_prompt(prompt_tokens)
 
     def admit(
         self,

@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 
 import pytest
-from server_process import start_server
+from server_process import free_port, start_server
 
 pytest.importorskip("starlette")
 pytest.importorskip("uvicorn")
@@ -462,3 +462,67 @@ def test_a_second_signal_exits_at_once(aligned_path, reference_path):
     process.send_signal(signal.SIGTERM)
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=10) == 0
+
+
+def test_a_prompt_over_a_slots_share_is_a_400_with_the_numbers(client):
+    # -c 512 split among the default 4 parallel slots: 128 tokens each
+    # (llama.cpp rounds a context up to a multiple of 256: each slot holds 256)
+    with pytest.raises(openai.BadRequestError, match="but each of the 4 parallel slots holds 256"):
+        client.completions.create(model="m", prompt="word " * 200, max_tokens=4)
+    assert _chat(client, max_tokens=3).choices[0].message.content  # still serving
+
+
+@pytest.fixture(scope="module")
+def two_slot_server(aligned_path, reference_path):
+    """The tiny pair with 2 slots of 512 tokens: answers of 400 tokens take long enough
+    for a hang-up after 3 chunks to land mid-generation."""
+    process, base = start_server(
+        ["-m", str(aligned_path), "-mr", str(reference_path), "-c", "1024", "--parallel", "2"]
+    )
+    yield base
+    process.terminate()
+    process.wait(timeout=10)
+
+
+def test_a_client_leaving_mid_stream_does_not_disturb_the_others(two_slot_server):
+    """Two streams decode together; one hangs up after a few chunks: its slot is freed
+    and counted as cancelled, and the other's answer is what it gets alone."""
+    slow_server = two_slot_server
+    slow = openai.OpenAI(base_url=f"{slow_server}/v1", api_key="x", max_retries=0)
+
+    def ask(stream: bool, question: str):
+        return slow.chat.completions.create(
+            model="dera-local@0", messages=[{"role": "user", "content": question}],
+            max_tokens=400, temperature=0, stream=stream,
+        )  # fmt: skip
+
+    deadline = time.time() + 30
+    while _health(slow_server)["in_flight"] and time.time() < deadline:
+        time.sleep(0.05)
+    alone = ask(False, "Name three rivers.").choices[0].message.content
+    before = _health(slow_server)
+    leaving, staying = ask(True, "Write a very long story."), ask(True, "Name three rivers.")
+    for i, _ in enumerate(leaving):
+        if i == 3:
+            break
+    leaving.close()
+    together = "".join(c.choices[0].delta.content or "" for c in staying if c.choices)
+    assert together == alone
+    while _health(slow_server)["in_flight"] and time.time() < deadline:
+        time.sleep(0.05)
+    after = _health(slow_server)
+    assert after["cancelled"] == before["cancelled"] + 1
+    assert after["completed"] == before["completed"] + 1
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--lam-presets", "0,abc"], "--lam-presets '0,abc'"),
+        (["--parallel", "8", "-c", "256"], "-c 256 split among 8 parallel slots leaves 32 tokens"),
+    ],
+)
+def test_serve_refuses_bad_batching_options_in_one_line(run, args, message):
+    result = run("serve", "--port", str(free_port()), *args)
+    assert result.exit_code == 1
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1

@@ -56,22 +56,15 @@ class GenerationWorker:
     ones that ended or whose client went away; every request keeps its own lam, sampling
     settings, stop strings and length."""
 
-    def __init__(
-        self, pair: DeraPair, max_queue: int, *, parallel: int = 4, n_ctx: int | None = None
-    ) -> None:
+    def __init__(self, pair: DeraPair, max_queue: int, *, parallel: int = 4) -> None:
+        """Each of the `parallel` slots holds pair.n_ctx tokens (serve loads the pair with
+        its share of -c)."""
         if parallel < 1:
             raise BadParameterError(f"parallel must be at least 1, got {parallel}")
         self.pair = pair
         self.max_queue = max_queue
         self.parallel = parallel
-        total = n_ctx or pair.n_ctx
-        self.n_ctx_per_slot = total // parallel
-        if self.n_ctx_per_slot < 16:
-            raise BadParameterError(
-                f"a context of {total} tokens split among {parallel} parallel slots leaves "
-                f"{self.n_ctx_per_slot} tokens each",
-                cli_hint="raise -c or lower --parallel",
-            )
+        self.n_ctx_per_slot = pair.n_ctx
         self.counters = Counters()
         self._lock = threading.Condition()
         self._waiting: collections.deque[_Waiting] = collections.deque()

@@ -1,0 +1,109 @@
+"""The batched step (dera_local.batch.BatchDecoder) that the server and the sweep share:
+slots that join and leave between steps, chunked prompts, per-slot lam and sampling, and
+prefix reuse. The contract: each slot's tokens equal what `generate` gives it alone."""
+
+from __future__ import annotations
+
+import pytest
+
+import dera_local
+from dera_local.batch import BatchDecoder
+from dera_local.errors import BadParameterError
+
+PURE = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
+
+
+def _alone(pair, prompt, lam, sampling, max_tokens):
+    return pair.generate(prompt, lam=lam, sampling=sampling, max_tokens=max_tokens).tokens
+
+
+def _run(decoder, slots):
+    while any(s.finish_reason is None for s in slots):
+        decoder.step()
+
+
+def test_slots_joining_between_steps_equal_their_solo_runs(pair, greedy):
+    """Three generations at different lams, admitted at different steps, one seeded."""
+    seeded = dera_local.SamplingParams(**PURE, seed=11)
+    jobs = [
+        ("The cat", 0.0, greedy, 12),
+        ("A long prompt about the weather and the sea", 1.0, seeded, 9),
+        ("hello", 2.0, greedy, 15),
+    ]
+    expected = [_alone(pair, p, lam, s, n) for p, lam, s, n in jobs]
+    with BatchDecoder(pair, 3, 256) as decoder:
+        first = decoder.admit(pair.tokenize(jobs[0][0]), lam=0.0, sampling=greedy, max_tokens=12)
+        decoder.step()
+        decoder.step()
+        second = decoder.admit(pair.tokenize(jobs[1][0]), lam=1.0, sampling=seeded, max_tokens=9)
+        decoder.step()
+        third = decoder.admit(pair.tokenize(jobs[2][0]), lam=2.0, sampling=greedy, max_tokens=15)
+        slots = [first, second, third]
+        _run(decoder, slots)
+        assert [s.output.tokens for s in slots] == expected
+        for slot in slots:
+            decoder.retire(slot)
+        assert decoder.free_slots == 3
+
+
+def test_a_long_prompt_is_read_in_chunks_while_others_keep_decoding(pair, greedy):
+    long_prompt = pair.tokenize(" ".join(["the weather is fine today"] * 3))
+    assert len(long_prompt) > 40  # 62 with the tiny tokenizer: 9 chunks of 7
+    expected_long = _alone(pair, long_prompt, 0.5, greedy, 6)
+    expected_short = _alone(pair, "hello", 1.0, greedy, 30)
+    with BatchDecoder(pair, 2, 256, n_batch=8) as decoder:
+        short = decoder.admit(pair.tokenize("hello"), lam=1.0, sampling=greedy, max_tokens=30)
+        decoder.step()
+        long = decoder.admit(long_prompt, lam=0.5, sampling=greedy, max_tokens=6)
+        steps_to_first_token = 0
+        while long.prefilling:
+            before = len(short.output.tokens)
+            decoder.step()
+            steps_to_first_token += 1
+            assert len(short.output.tokens) == before + 1  # never stalled by the prompt
+        # 7 prompt tokens fit beside the running slot's token per step of 8
+        assert steps_to_first_token == -(-len(long_prompt) // 7)
+        _run(decoder, [short, long])
+        assert long.output.tokens == expected_long
+        assert short.output.tokens == expected_short
+
+
+def test_a_follow_up_reuses_the_slot_holding_its_conversation(pair, greedy):
+    with BatchDecoder(pair, 2, 256) as decoder:
+        other = decoder.admit(pair.tokenize("unrelated words"), lam=1.0, sampling=greedy,
+                              max_tokens=4)  # fmt: skip
+        first_prompt = pair.tokenize("The first turn of a conversation")
+        first = decoder.admit(first_prompt, lam=1.0, sampling=greedy, max_tokens=5)
+        _run(decoder, [other, first])
+        decoder.retire(other)
+        decoder.retire(first)
+        follow_up = (
+            first_prompt + first.output.tokens + pair.tokenize(" and more", add_special=False)
+        )
+        slot = decoder.admit(follow_up, lam=1.0, sampling=greedy, max_tokens=5)
+        assert slot.seq_id == first.seq_id
+        # all but the last answer token (sampled, never decoded) were cached
+        assert slot.reused_prompt_tokens == len(first_prompt) + len(first.output.tokens) - 1
+        _run(decoder, [slot])
+        assert slot.output.tokens == _alone(pair, follow_up, 1.0, greedy, 5)
+
+
+def test_a_prompt_over_a_slots_share_is_refused_with_the_numbers(pair, greedy):
+    with BatchDecoder(pair, 4, 32) as decoder:
+        with pytest.raises(
+            BadParameterError, match="40 tokens but each of the 4 parallel slots holds 32"
+        ):
+            decoder.admit(list(range(5, 45)), lam=1.0, sampling=greedy, max_tokens=4)
+        assert decoder.free_slots == 4
+        # an answer stops at the slot's end: "length", not an overflow
+        slot = decoder.admit(list(range(5, 25)), lam=1.0, sampling=greedy, max_tokens=100)
+        _run(decoder, [slot])
+        assert (
+            slot.finish_reason == "length"
+            and len(slot.prompt_tokens) + len(slot.output.tokens) <= 33
+        )
+
+
+def test_no_slots_is_a_clear_error(pair):
+    with pytest.raises(BadParameterError, match="at least 1"):
+        BatchDecoder(pair, 0, 64)
