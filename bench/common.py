@@ -142,3 +142,40 @@ def run_pairs(
         spec = makers[name]()
         if spec is not None:
             print(bench_pair(spec, args.tokens, args.threads, args.runs) + "\n", flush=True)
+
+
+def divergence_gap(pair, prompt, lam, sampling, solo_tokens, other_tokens) -> dict | None:
+    """Where `other_tokens` first part from `solo_tokens` (what the pair generates alone,
+    one token per step), and the solo run's mixed-logit gap between the two tokens
+    there: batched decoding rounds differently, which can flip a near-tie. None when
+    they do not part."""
+    from reference_impl import LogitsRecorder
+
+    from dera_local.speculative import SpeculationParams
+
+    pairs = zip(solo_tokens + [-1], other_tokens + [-1], strict=False)
+    step = next((i for i, (a, b) in enumerate(pairs) if a != b), None)
+    if step is None:
+        return None
+    chosen = solo_tokens[step] if step < len(solo_tokens) else None
+    other = other_tokens[step] if step < len(other_tokens) else None
+    if chosen is None or other is None:
+        return {"step": step, "gap": None, "max_logit": None}
+    recorder = LogitsRecorder()
+    pair.clear_cache()
+    pair.generate(
+        prompt,
+        lam=lam,
+        sampling=sampling,
+        max_tokens=step + 1,
+        speculation=SpeculationParams(draft_max=0),
+        logits_observer=recorder.sampler,
+    )
+    logits = recorder.steps[step]
+    return {
+        "step": step,
+        "chosen": chosen,
+        "other": other,
+        "gap": float(logits[chosen] - logits[other]),
+        "max_logit": float(logits.max()),
+    }

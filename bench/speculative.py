@@ -17,7 +17,7 @@ import os
 import statistics
 import sys
 
-from common import assembled_gguf, machine, qwen_pair, smollm2_pair, table
+from common import assembled_gguf, divergence_gap, machine, qwen_pair, smollm2_pair, table
 
 import dera_local
 from dera_local.chat import ChatTemplate
@@ -132,35 +132,13 @@ def bench_pair(
 
 
 def _divergence(pair, prompt, lam, sampling, plain, fast, workload: str) -> str:
-    """Where the two outputs part, and how close the plain path's mixed logits were to a
-    tie there: batched decoding rounds differently, which can flip a near-tie."""
-    from reference_impl import LogitsRecorder
-
-    step = next(
-        i
-        for i, (a, b) in enumerate(zip(plain.tokens + [-1], fast.tokens + [-1], strict=False))
-        if a != b
-    )
-    recorder = LogitsRecorder()
-    pair.clear_cache()
-    pair.generate(
-        prompt,
-        lam=lam,
-        sampling=sampling,
-        max_tokens=step + 1,
-        speculation=PLAIN,
-        logits_observer=recorder.sampler,
-    )
-    logits = recorder.steps[step]
-    chosen = plain.tokens[step] if step < len(plain.tokens) else None
-    other = fast.tokens[step] if step < len(fast.tokens) else None
-    if chosen is None or other is None:
-        return f"{workload}, lam {lam:g}: one output ended at token {step}"
-    gap = float(logits[chosen] - logits[other])
+    found = divergence_gap(pair, prompt, lam, sampling, plain.tokens, fast.tokens)
+    if found["gap"] is None:
+        return f"{workload}, lam {lam:g}: one output ended at token {found['step']}"
     return (
-        f"{workload}, lam {lam:g}, temp {sampling.temperature:g}: token {step} "
-        f"(plain {chosen}, speculative {other}); mixed-logit gap {gap:.2e} "
-        f"of max logit {float(logits.max()):.2f}"
+        f"{workload}, lam {lam:g}, temp {sampling.temperature:g}: token {found['step']} "
+        f"(plain {found['chosen']}, speculative {found['other']}); mixed-logit gap "
+        f"{found['gap']:.2e} of max logit {found['max_logit']:.2f}"
     )
 
 
