@@ -71,3 +71,18 @@ def test_mean_and_standard_error(stats):
     assert stats.mean_se([5.0]) == (5.0, 0.0)
     assert all(math.isnan(v) for v in stats.mean_se([]))
     assert stats.relative_gap(9.0, 10.0) == pytest.approx(0.1)
+
+
+def test_training_table_summarises_each_quarter_of_a_log(tmp_path):
+    sys.path[:0] = [str(ROOT / "experiments" / "realignment"),
+                    str(ROOT / "models" / "smollm2-concise-dpo")]  # fmt: skip
+    try:
+        realign = importlib.import_module("realign")
+    finally:
+        del sys.path[:2]
+    steps = [f"step {i}/8 loss {0.1 * (8 - i):.4f} margin {10.0 * i:.2f} acc 1.00 {i}s"
+             for i in range(1, 9)]  # fmt: skip
+    (tmp_path / "beta-0.2.train.log").write_text("warning line\n" + "\n".join(steps) + "\n")
+    rows = [r for r in realign.training_table(tmp_path) if r.startswith("| β=")]
+    assert rows[0] == "| β=0.2 | 1 | 0.6500 | 15.0 | 3.0 | 1.00 |"
+    assert rows[3] == "| β=0.2 | 4 | 0.0500 | 75.0 | 15.0 | 1.00 |"
