@@ -62,6 +62,11 @@ def test_kl_row_sums_over_an_answers_tokens_for_each_target(stats):
     assert row["other"] == pytest.approx(float((p * (source - other)).sum()))
     assert row["other"] > 0
     assert stats.nearest({"self": 0.0, "a": 0.3, "b": 0.1}, exclude="self") == "b"
+    # the fast path (finite rows) equals the definition; a -inf row takes the slow path
+    with np.errstate(divide="ignore"):
+        masked = np.log(np.where(np.arange(5) == 2, 0.0, np.exp(other)))
+    slow = float(stats.token_kl(source, masked).sum())
+    assert stats.kl_row(source, {"masked": masked})["masked"] == pytest.approx(slow)
 
 
 def test_mean_and_standard_error(stats):

@@ -318,7 +318,7 @@ def _figure(args, samples: list[dict], compared: list[Policy], summary: dict) ->
         for p in compared if p.name.startswith("retrained")
     ]  # fmt: skip
     plot(grid, args.results / "realignment.png", markers=markers,
-         title="DeRa from the β=0.1 adapter vs adapters retrained at β")  # fmt: skip
+         title="DeRa (β=0.1 adapter) vs retrained adapters")  # fmt: skip
 
 
 def main() -> None:

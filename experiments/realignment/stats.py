@@ -32,8 +32,16 @@ def token_kl(log_p: np.ndarray, log_q: np.ndarray) -> np.ndarray:
 
 
 def kl_row(source: np.ndarray, targets: Mapping[str, np.ndarray]) -> dict[str, float]:
-    """Summed per-token KL(source || target) over the rows of one answer, per target."""
-    return {name: float(token_kl(source, log_q).sum()) for name, log_q in targets.items()}
+    """Summed per-token KL(source || target) over the rows of one answer, per target.
+
+    As sum(p log p) - sum(p log q), each a single pass over the rows (einsum), with p
+    computed once: the answers' log-softmax rows are finite, so no 0 * -inf arises (rows
+    with -inf go through token_kl)."""
+    if not all(np.isfinite(log_q).all() for log_q in targets.values()):
+        return {name: float(token_kl(source, log_q).sum()) for name, log_q in targets.items()}
+    p = np.exp(source)
+    own = float(np.einsum("ij,ij->", p, source))
+    return {name: own - float(np.einsum("ij,ij->", p, log_q)) for name, log_q in targets.items()}
 
 
 def mean_se(values: Sequence[float]) -> tuple[float, float]:
