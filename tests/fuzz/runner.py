@@ -54,8 +54,13 @@ def commands(case: Case, reference: Path) -> list[list[str]]:
 
 def _child(argv_list: list[list[str]], out_prefix: Path) -> None:
     """In the forked child: run each command with its output in its own file."""
+    import faulthandler
+
     from dera_local.cli import cli
 
+    # pytest's faulthandler writes to its own copy of stderr: a crash the harness is
+    # meant to observe would print a Python stack on the test run's output.
+    faulthandler.disable()
     soft, hard = resource.getrlimit(resource.RLIMIT_AS)
     limit = _address_space() + MEMORY_LIMIT_BYTES
     resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
