@@ -14,6 +14,8 @@ from __future__ import annotations
 import argparse
 import http.client
 import json
+import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -99,14 +101,33 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--server-args", default="", help="e.g. '-m A.gguf -mr R.gguf'")
+    parser.add_argument(
+        "--baseline-checkout",
+        help="also run the one-at-a-time server of another checkout of dera-local (e.g. "
+        "`git worktree add /tmp/before <commit>`), with this checkout's compiled hook",
+    )
     args = parser.parse_args()
     counts = [int(c) for c in args.clients.split(",")]
     extra = args.server_args.split()
-    rows = []
-    baseline: dict[int, float] = {}
+    rows: list[list] = []
+    baseline: dict[int, float] = {}  # the one-at-a-time server's rate, per client count
+    servers: list[tuple[str, list[str], dict]] = []
+    if args.baseline_checkout:
+        checkout = Path(args.baseline_checkout).resolve()
+        for native in Path(__file__).resolve().parents[1].glob("dera_local/_native*.so"):
+            shutil.copy(native, checkout / "dera_local")
+        env = {**os.environ, "PYTHONPATH": str(checkout)}
+        label = f"before batching ({args.baseline_checkout})"
+        servers.append(
+            (label, [*extra, "-c", "1024", "--max-queue", "64"], {"cwd": str(checkout), "env": env})
+        )
     for parallel in (1, max(counts)):
-        process, base = start_server([*extra, "-c", str(1024 * parallel), "--parallel",
-                                      str(parallel), "--max-queue", "64"])  # fmt: skip
+        label = "one at a time" if parallel == 1 else f"--parallel {parallel}"
+        server_args = [*extra, "-c", str(1024 * parallel), "--parallel", str(parallel),
+                       "--max-queue", "64"]  # fmt: skip
+        servers.append((label, server_args, {}))
+    for label, server_args, where in servers:
+        process, base = start_server(server_args, **where)
         port = int(base.rsplit(":", 1)[1])
         try:
             load_round(port, 1, 8, 0)  # warm-up
@@ -118,12 +139,10 @@ def main() -> None:
                     ttfts += [r["ttft"] for r in results]
                     gaps += [g for r in results for g in r["gaps"]]
                 rate = statistics.median(rates)
-                if parallel == 1:
+                if label == "one at a time":
                     baseline[clients] = rate
-                label = "one at a time" if parallel == 1 else f"--parallel {parallel}"
                 rows.append([
-                    label, str(clients), f"{rate:.1f}",
-                    f"{rate / baseline[clients]:.2f}x" if clients in baseline else "",
+                    label, str(clients), rate,
                     f"{1000 * percentile(ttfts, 0.5):.0f} / {1000 * percentile(ttfts, 0.95):.0f}",
                     f"{1000 * percentile(gaps, 0.5):.0f} / {1000 * percentile(gaps, 0.95):.0f}",
                 ])  # fmt: skip
@@ -138,7 +157,11 @@ def main() -> None:
           f"per client; median of {args.runs} rounds)\n\nMachine: {machine()}\n")  # fmt: skip
     headers = ["server", "clients", "tokens/s (all clients)", "vs one at a time",
                "time to first token p50 / p95 (ms)", "inter-token p50 / p95 (ms)"]  # fmt: skip
-    print(table(headers, rows))
+    shown = [
+        [label, clients, f"{rate:.1f}", f"{rate / baseline[int(clients)]:.2f}x", *latencies]
+        for label, clients, rate, *latencies in rows
+    ]
+    print(table(headers, shown))
 
 
 if __name__ == "__main__":

@@ -16,14 +16,19 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def start_server(args: list[str]) -> tuple[subprocess.Popen, str]:
-    """Starts the server with `args` and waits for /health; returns it and its base URL."""
+def start_server(
+    args: list[str], *, cwd: str | None = None, env: dict | None = None
+) -> tuple[subprocess.Popen, str]:
+    """Starts the server with `args` and waits for /health; returns it and its base URL.
+    `cwd`/`env`: run another checkout's dera_local (benchmarks against an older one)."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "dera_local.cli", "serve", "--port", str(port), *args],
-        stdout=subprocess.PIPE,
+        stdout=subprocess.DEVNULL if env else subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        cwd=cwd,
+        env=env,
     )
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 30
