@@ -4,9 +4,11 @@ own lam, against the server with --parallel 8 and against the one-at-a-time serv
 
     python bench/server_load.py [--clients 1,2,4,8 --tokens 64 --runs 3]
 
-Per setting: aggregate generated tokens/s (all clients' tokens / wall time, median of
---runs rounds), time to first token and inter-token latency (p50/p95 over every request
-and gap of all rounds). Default pair: the built-in SmolLM2 pair.
+Each client is closed-loop (its next request starts when its last one ends) for
+--duration seconds per round. Per setting: aggregate generated tokens/s (all clients'
+tokens / wall time, median of --runs rounds), time to first token and inter-token
+latency (p50/p95 over every request and gap of all rounds). Default pair: the built-in
+SmolLM2 pair.
 """
 
 from __future__ import annotations
@@ -73,12 +75,22 @@ def stream_one(port: int, question: str, lam: float, tokens: int, seed: int) -> 
     }
 
 
-def load_round(port: int, clients: int, tokens: int, seed: int) -> tuple[float, list[dict]]:
-    results: list[dict] = [{}] * clients
+def load_round(
+    port: int, clients: int, tokens: int, seed: int, duration: float
+) -> tuple[float, list[dict]]:
+    """`clients` closed-loop clients: each sends its next request as soon as its last one
+    ends, until `duration` seconds have passed (requests started by then finish). A
+    steady load, so a round's rate is not set by its single longest answer."""
+    results: list[list[dict]] = [[] for _ in range(clients)]
+    deadline = time.perf_counter() + duration
 
     def client(i: int) -> None:
         lam = [0.0, 0.5, 1.0, 1.5, 2.0, 0.25, 0.75, 1.25][i % 8]
-        results[i] = stream_one(port, QUESTIONS[i % len(QUESTIONS)], lam, tokens, seed + i)
+        n = 0
+        while time.perf_counter() < deadline:
+            question = QUESTIONS[(i + n) % len(QUESTIONS)]
+            results[i].append(stream_one(port, question, lam, tokens, seed + 100 * i + n))
+            n += 1
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     started = time.perf_counter()
@@ -87,7 +99,8 @@ def load_round(port: int, clients: int, tokens: int, seed: int) -> tuple[float, 
     for thread in threads:
         thread.join()
     wall = time.perf_counter() - started
-    return sum(r["tokens"] for r in results) / wall, results
+    done = [r for mine in results for r in mine]
+    return sum(r["tokens"] for r in done) / wall, done
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -100,6 +113,7 @@ def main() -> None:
     parser.add_argument("--clients", default="1,2,4,8")
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds of load per round")
     parser.add_argument("--server-args", default="", help="e.g. '-m A.gguf -mr R.gguf'")
     parser.add_argument(
         "--baseline-checkout",
@@ -130,11 +144,13 @@ def main() -> None:
         process, base = start_server(server_args, **where)
         port = int(base.rsplit(":", 1)[1])
         try:
-            load_round(port, 1, 8, 0)  # warm-up
+            load_round(port, 1, 8, 0, 0.0)  # warm-up: one short request
             for clients in counts:
                 rates, ttfts, gaps = [], [], []
                 for run in range(args.runs):
-                    rate, results = load_round(port, clients, args.tokens, 1000 * run)
+                    rate, results = load_round(
+                        port, clients, args.tokens, 1000 * run, args.duration
+                    )
                     rates.append(rate)
                     ttfts += [r["ttft"] for r in results]
                     gaps += [g for r in results for g in r["gaps"]]
@@ -153,8 +169,9 @@ def main() -> None:
                 process.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 process.kill()
-    print(f"## Server under load ({args.tokens} tokens per request, temperature 0.8, a lam "
-          f"per client; median of {args.runs} rounds)\n\nMachine: {machine()}\n")  # fmt: skip
+    print(f"## Server under load (closed-loop clients for {args.duration:g} s, up to "
+          f"{args.tokens} tokens per request, temperature 0.8, a lam per client; median of "
+          f"{args.runs} rounds)\n\nMachine: {machine()}\n")  # fmt: skip
     headers = ["server", "clients", "tokens/s (all clients)", "vs one at a time",
                "time to first token p50 / p95 (ms)", "inter-token p50 / p95 (ms)"]  # fmt: skip
     shown = [

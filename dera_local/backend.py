@@ -313,9 +313,10 @@ class Context:
         model cannot drop a partial tail (then nothing was removed)."""
         return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq_id, start, -1))
 
-    def copy_sequence(self, source: int, target: int) -> None:
-        """Makes `target` share all of `source`'s cached positions (no copy in a unified KV)."""
-        llama_cpp.llama_memory_seq_cp(self.memory, source, target, -1, -1)
+    def copy_sequence(self, source: int, target: int, start: int = -1, end: int = -1) -> None:
+        """Makes `target` share `source`'s cached positions [start, end) (default: all);
+        no copy in a unified KV cache."""
+        llama_cpp.llama_memory_seq_cp(self.memory, source, target, start, end)
 
     def clear(self) -> None:
         llama_cpp.llama_memory_clear(self.memory, True)

@@ -154,6 +154,7 @@ class BatchDecoder:
             for ctx in self._contexts:
                 ctx.remove_positions(seq_id, 0)
         self.cached[seq_id] = prompt[:keep]
+        keep = self._borrow_prefix(seq_id, prompt, keep)
         self._free.discard(seq_id)
         model = self.pair.loaded.aligned_model
         chain = SamplerChain(sampling, model.vocab, self.n_ctx_per_slot)
@@ -179,6 +180,22 @@ class BatchDecoder:
         )
         self.live.append(slot)
         return slot
+
+    def _borrow_prefix(self, seq_id: int, prompt: list[int], keep: int) -> int:
+        """Where another sequence (free or running) holds a longer start of `prompt` (a
+        chat template's system prompt, a shared document), shares those positions into
+        `seq_id` instead of reading them again: in a unified KV cache the cells are
+        tagged with both sequences, nothing is computed or copied. Returns the new keep."""
+        limit = len(prompt) - 1  # the last prompt token is always read
+        donor = max(range(self.n_slots), key=lambda s: _common_prefix(self.cached[s], prompt))
+        shared = min(_common_prefix(self.cached[donor], prompt), limit)
+        if donor == seq_id or shared <= keep:
+            return keep
+        for ctx in self._contexts:
+            ctx.remove_positions(seq_id, keep)
+            ctx.copy_sequence(donor, seq_id, keep, shared)
+        self.cached[seq_id] = prompt[:shared]
+        return shared
 
     def share_prefix(self, tokens: Sequence[int]) -> None:
         """Reads `tokens` once into the first free sequence and shares them with every

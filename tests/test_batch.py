@@ -107,3 +107,24 @@ def test_a_prompt_over_a_slots_share_is_refused_with_the_numbers(pair, greedy):
 def test_no_slots_is_a_clear_error(pair):
     with pytest.raises(BadParameterError, match="at least 1"):
         BatchDecoder(pair, 0, 64)
+
+
+def test_a_prompt_borrows_a_shared_start_from_another_slot(pair, greedy):
+    """A second conversation with the same system prompt reads only what differs: the
+    common start is shared from the running slot's cache (no recompute), and both
+    answers still equal their solo runs."""
+    system = pair.tokenize("You are a helpful assistant who answers briefly. ")
+    first_prompt = system + pair.tokenize("The cat", add_special=False)
+    second_prompt = system + pair.tokenize("A dog", add_special=False)
+    with BatchDecoder(pair, 2, 256) as decoder:
+        first = decoder.admit(first_prompt, lam=1.0, sampling=greedy, max_tokens=10)
+        decoder.step()  # the first prompt is cached now, its answer running
+        second = decoder.admit(second_prompt, lam=0.5, sampling=greedy, max_tokens=10)
+        shared = 0
+        while first_prompt[shared] == second_prompt[shared]:
+            shared += 1
+        assert second.seq_id != first.seq_id and second.reused_prompt_tokens == shared
+        assert len(second.pending) == len(second_prompt) - shared
+        _run(decoder, [first, second])
+        assert first.output.tokens == _alone(pair, first_prompt, 1.0, greedy, 10)
+        assert second.output.tokens == _alone(pair, second_prompt, 0.5, greedy, 10)
