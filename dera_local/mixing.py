@@ -75,6 +75,26 @@ def mix_numpy(out: np.ndarray, aligned: np.ndarray, reference: np.ndarray, lam: 
     out[:] = mixed
 
 
+def mix_terms_numpy(out: np.ndarray, rows: list[np.ndarray], weights: list[float]) -> None:
+    """The numpy twin of dera_mix_terms (bit-identical): the weighted sum of float32 rows
+    in term order, weight-0 terms left out, -inf in any weighted term kept."""
+    active = [
+        (np.float32(w), row) for w, row in zip(weights, rows, strict=True) if np.float32(w) != 0
+    ]
+    if not active:
+        out[:] = 0
+        return
+    impossible = np.zeros(out.shape, dtype=bool)
+    with np.errstate(invalid="ignore", over="ignore"):  # -inf terms: replaced just below
+        mixed = active[0][0] * active[0][1]
+        impossible |= active[0][1] == -np.inf
+        for weight, row in active[1:]:
+            mixed = mixed + weight * row
+            impossible |= row == -np.inf
+    mixed[impossible] = -np.inf
+    out[:] = mixed
+
+
 class LogitMixer:
     """Mixes two logits buffers (given by address) into the first, by the active path."""
 

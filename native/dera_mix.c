@@ -30,3 +30,32 @@ void dera_mix_logits(float *out, const float *aligned, const float *reference,
         out[i] = (a == -INFINITY || r == -INFINITY) ? -INFINITY : h;
     }
 }
+
+void dera_mix_terms(float *out, const float *const *rows, const float *weights, size_t k,
+                    size_t n_vocab) {
+    const float *active_rows[DERA_MAX_TERMS];
+    float active_weights[DERA_MAX_TERMS];
+    size_t n = 0;
+    for (size_t j = 0; j < k && n < DERA_MAX_TERMS; j++) {
+        if (weights[j] != 0.0f) {
+            active_rows[n] = rows[j];
+            active_weights[n] = weights[j];
+            n++;
+        }
+    }
+    if (n == 0) {
+        for (size_t i = 0; i < n_vocab; i++) out[i] = 0.0f;
+        return;
+    }
+    for (size_t i = 0; i < n_vocab; i++) {
+        const float first = active_rows[0][i];
+        float h = active_weights[0] * first;
+        int impossible = first == -INFINITY;
+        for (size_t j = 1; j < n; j++) {
+            const float x = active_rows[j][i];
+            h = h + active_weights[j] * x;
+            impossible |= x == -INFINITY;
+        }
+        out[i] = impossible ? -INFINITY : h;
+    }
+}

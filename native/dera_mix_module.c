@@ -26,6 +26,41 @@ static PyObject *mix_logits(PyObject *self, PyObject *args) {
     Py_RETURN_NONE;
 }
 
+static PyObject *mix_terms(PyObject *self, PyObject *args) {
+    (void)self;
+    unsigned long long out;
+    PyObject *row_list, *weight_list;
+    Py_ssize_t n_vocab;
+    if (!PyArg_ParseTuple(args, "KO!O!n", &out, &PyTuple_Type, &row_list, &PyTuple_Type,
+                          &weight_list, &n_vocab)) {
+        return NULL;
+    }
+    Py_ssize_t k = PyTuple_GET_SIZE(row_list);
+    if (!out || n_vocab < 0 || k < 1 || k > DERA_MAX_TERMS ||
+        PyTuple_GET_SIZE(weight_list) != k) {
+        PyErr_SetString(PyExc_ValueError,
+                        "mix_terms: null buffer, negative size, or 1..16 rows with one weight each");
+        return NULL;
+    }
+    const float *rows[DERA_MAX_TERMS];
+    float weights[DERA_MAX_TERMS];
+    for (Py_ssize_t j = 0; j < k; j++) {
+        unsigned long long address = PyLong_AsUnsignedLongLong(PyTuple_GET_ITEM(row_list, j));
+        double weight = PyFloat_AsDouble(PyTuple_GET_ITEM(weight_list, j));
+        if (PyErr_Occurred()) return NULL;
+        if (!address || !isfinite(weight)) {
+            PyErr_SetString(PyExc_ValueError, "mix_terms: null row or non-finite weight");
+            return NULL;
+        }
+        rows[j] = (const float *)(uintptr_t)address;
+        weights[j] = (float)weight;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    dera_mix_terms((float *)(uintptr_t)out, rows, weights, (size_t)k, (size_t)n_vocab);
+    Py_END_ALLOW_THREADS
+    Py_RETURN_NONE;
+}
+
 static PyObject *score_rows(PyObject *self, PyObject *args) {
     (void)self;
     unsigned long long aligned, reference, targets, lams, out;
@@ -51,6 +86,9 @@ static PyMethodDef methods[] = {
     {"mix_logits", mix_logits, METH_VARARGS,
      "mix_logits(out, aligned, reference, n_vocab, lam): out = lam*aligned + (1-lam)*reference "
      "over float32 buffers given by address; out may equal aligned."},
+    {"mix_terms", mix_terms, METH_VARARGS,
+     "mix_terms(out, rows, weights, n_vocab): out = sum of weights[j] * rows[j] over float32 "
+     "buffers given by address (tuples of up to 16); out may equal any row."},
     {"score_rows", score_rows, METH_VARARGS,
      "score_rows(aligned, reference, n_rows, n_vocab, targets, lams, n_lams, out): per lam "
      "and row, log p_lam(target), KL(p_lam||p_ref), KL(p_lam||p_aligned) into float64 out."},

@@ -94,3 +94,72 @@ def test_huge_lam_and_nan_lora_scale_are_one_line_in_the_cli(run, lora_path, ref
     scale = run("generate", "hi", "-mr", str(reference_path), "--lora", str(lora_path),
                 "--lora-scale", "nan")  # fmt: skip
     assert scale.exit_code == 1 and "the LoRA scale must be finite" in scale.stderr
+
+
+# --- K-term mixtures (groundwork for CFG, proxy-tuning and N-model mixtures) ---
+
+
+def _rows(k: int, n: int = 4096, seed: int = 0) -> list[np.ndarray]:
+    rng = np.random.default_rng(seed)
+    rows = [(rng.standard_normal(n) * 8).astype(np.float32) for _ in range(k)]
+    for j, row in enumerate(rows):  # tokens impossible in one model or another
+        row[rng.choice(n, 20, replace=False)] = -np.inf
+        row[j] = -np.inf
+    return rows
+
+
+def _native_terms(rows, weights) -> np.ndarray:
+    out = np.empty_like(rows[0])
+    mixing._native.mix_terms(
+        out.ctypes.data, tuple(r.ctypes.data for r in rows), tuple(weights), len(out)
+    )
+    return out
+
+
+@pytest.mark.skipif(mixing._native is None, reason="compiled hook not built")
+@pytest.mark.parametrize(
+    "weights",
+    [[1.0], [0.7], [1.5, -0.5], [0.3, 0.7], [2.0, -1.5, 0.5], [1.0, 0.0, -0.25, 0.25],
+     [0.0, 0.0], [-1.0, 2.0, 0.5, -0.5]],
+)  # fmt: skip
+def test_k_term_mix_native_equals_numpy_bits_and_the_float64_sum(weights):
+    rows = _rows(len(weights))
+    native = _native_terms(rows, weights)
+    twin = np.empty_like(rows[0])
+    mixing.mix_terms_numpy(twin, rows, weights)
+    assert np.array_equal(native, twin)
+    weighted = [(w, r) for w, r in zip(weights, rows, strict=True) if w != 0]
+    impossible = np.zeros(len(native), bool)
+    for _, row in weighted:
+        impossible |= np.isneginf(row)
+    assert np.all(np.isneginf(native[impossible])) and not np.isnan(native).any()
+    with np.errstate(invalid="ignore"):  # -inf + inf where impossible: not compared
+        exact = sum(
+            (np.float64(w) * r.astype(np.float64) for w, r in weighted), np.zeros(len(native))
+        )
+    np.testing.assert_allclose(native[~impossible], exact[~impossible], rtol=1e-5, atol=1e-4)
+
+
+@pytest.mark.skipif(mixing._native is None, reason="compiled hook not built")
+@pytest.mark.parametrize("lam", [0.0, 0.3, 1.0, 1.7, -0.5, 3.0])
+def test_two_terms_give_the_dera_kernels_bits(lam):
+    aligned, reference = _rows(2, seed=3)
+    dera = np.empty_like(aligned)
+    mixing._native.mix_logits(dera.ctypes.data, aligned.ctypes.data, reference.ctypes.data,
+                              len(dera), lam)  # fmt: skip
+    terms = _native_terms([aligned, reference], [lam, 1.0 - lam])
+    assert np.array_equal(dera, terms)
+    in_place = aligned.copy()
+    mixing._native.mix_terms(in_place.ctypes.data, (in_place.ctypes.data, reference.ctypes.data),
+                             (lam, 1.0 - lam), len(in_place))  # fmt: skip
+    assert np.array_equal(in_place, dera)  # out may be the first row
+
+
+@pytest.mark.skipif(mixing._native is None, reason="compiled hook not built")
+def test_k_term_mix_rejects_bad_arguments():
+    row = np.zeros(8, np.float32)
+    for rows, weights in (((), ()), ((row.ctypes.data,), (1.0, 2.0)),
+                          ((row.ctypes.data,), (float("nan"),)),
+                          ((row.ctypes.data,) * 17, (1.0,) * 17)):  # fmt: skip
+        with pytest.raises(ValueError, match="mix_terms"):
+            mixing._native.mix_terms(row.ctypes.data, rows, weights, 8)
