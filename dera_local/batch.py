@@ -145,16 +145,17 @@ class BatchDecoder:
             raise RuntimeError("no free slot: admit only while free_slots > 0")
         prompt = list(prompt_tokens)
         self.check_fits(prompt)
-        seq_id = max(self._free, key=lambda s: (_common_prefix(self.cached[s], prompt), -s))
+        common = [_common_prefix(cached, prompt) for cached in self.cached]
+        seq_id = max(self._free, key=lambda s: (common[s], -s))
         # Keep the cached prefix, but always read at least the last prompt token: its
         # logits are what the first answer token is sampled from.
-        keep = min(_common_prefix(self.cached[seq_id], prompt), len(prompt) - 1)
+        keep = min(common[seq_id], len(prompt) - 1)
         if not all(ctx.remove_positions(seq_id, keep) for ctx in self._contexts):
             keep = 0  # a model that cannot drop a tail (recurrent): start the sequence over
             for ctx in self._contexts:
                 ctx.remove_positions(seq_id, 0)
         self.cached[seq_id] = prompt[:keep]
-        keep = self._borrow_prefix(seq_id, prompt, keep)
+        keep = self._borrow_prefix(seq_id, prompt, keep, common)
         self._free.discard(seq_id)
         model = self.pair.loaded.aligned_model
         chain = SamplerChain(sampling, model.vocab, self.n_ctx_per_slot)
@@ -181,18 +182,18 @@ class BatchDecoder:
         self.live.append(slot)
         return slot
 
-    def _borrow_prefix(self, seq_id: int, prompt: list[int], keep: int) -> int:
+    def _borrow_prefix(self, seq_id: int, prompt: list[int], keep: int, common: list[int]) -> int:
         """Where another sequence (free or running) holds a longer start of `prompt` (a
         chat template's system prompt, a shared document), shares those positions into
-        `seq_id` instead of reading them again: in a unified KV cache the cells are
-        tagged with both sequences, nothing is computed or copied. Returns the new keep."""
-        limit = len(prompt) - 1  # the last prompt token is always read
-        donor = max(range(self.n_slots), key=lambda s: _common_prefix(self.cached[s], prompt))
-        shared = min(_common_prefix(self.cached[donor], prompt), limit)
+        `seq_id` (already cut to `keep`) instead of reading them again: in a unified KV
+        cache the cells are tagged with both sequences, nothing is computed or copied.
+        `common`: each sequence's cached prefix length in common with the prompt.
+        Returns the new keep."""
+        donor = max(range(self.n_slots), key=common.__getitem__)
+        shared = min(common[donor], len(prompt) - 1)  # the last prompt token is always read
         if donor == seq_id or shared <= keep:
             return keep
         for ctx in self._contexts:
-            ctx.remove_positions(seq_id, keep)
             ctx.copy_sequence(donor, seq_id, keep, shared)
         self.cached[seq_id] = prompt[:shared]
         return shared
