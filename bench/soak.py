@@ -20,14 +20,13 @@ import http.client
 import json
 import os
 import random
-import socket
-import subprocess
 import sys
 import time
 import warnings
 from pathlib import Path
 
 from common import machine, table
+from server_process import start_server
 
 import dera_local
 from dera_local import SamplingParams
@@ -125,12 +124,6 @@ def soak_cycles(cycles: int, errors: collections.Counter) -> dict:
     return marks
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _request(port: int, body: dict, hang_up_after: int | None) -> int:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     try:
@@ -152,20 +145,9 @@ def _request(port: int, body: dict, hang_up_after: int | None) -> int:
 
 
 def soak_server(requests: int, rng: random.Random, errors: collections.Counter) -> dict:
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "dera_local.cli", "serve", "--port", str(port), "-c", "2048"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    server, base = start_server(["-c", "2048"])
+    port = int(base.rsplit(":", 1)[1])
     try:
-        for _ in range(600):
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1):
-                    break
-            except OSError:
-                time.sleep(0.2)
         marks, statuses = {}, collections.Counter()
         for i in range(1, requests + 1):
             body = {
