@@ -6,22 +6,15 @@ from __future__ import annotations
 import importlib.util
 import math
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from file_modules import ROOT, load_module
 
 
 @pytest.fixture(scope="module")
 def stats():
-    path = ROOT / "experiments" / "realignment" / "stats.py"
-    spec = importlib.util.spec_from_file_location("realignment_stats", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["realignment_stats"] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_module("realignment_stats", "experiments/realignment/stats.py")
 
 
 def _softmax(x):

@@ -4,23 +4,15 @@ is not needed for these."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
+from file_modules import load_module
 
 
 @pytest.fixture(scope="module")
 def train_config():
-    path = ROOT / "models" / "smollm2-concise-dpo" / "train_config.py"
-    spec = importlib.util.spec_from_file_location("train_config", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train_config"] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_module("train_config", "models/smollm2-concise-dpo/train_config.py")
 
 
 def test_defaults_are_the_shipped_adapters_run(train_config):
