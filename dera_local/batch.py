@@ -1,18 +1,27 @@
-"""Many DeRa generations decoded together: the one batched step that the lam sweep and
-the server's continuous batching share.
+"""Many mixture generations decoded together: the one batched step that generation with
+a negative prompt, the lam sweep and the server's continuous batching share.
 
-A `BatchDecoder` owns a batched (aligned, reference) pair of contexts with one KV
-sequence per slot. A `Slot` is one generation in flight: its own lam, sampler chain
-(sampling settings, grammar, seed) and stop rules (`SequenceOutput`). Each `step()`
-builds one batch from every live slot's pending input (the next chunk of its prompt, or
-its last sampled token), decodes both contexts once, then mixes, samples and advances
-every slot that produced logits. Slots join between steps (`admit`) and leave as soon as
-they end or are cancelled (`retire`), so the batch changes shape every step.
+A `BatchDecoder` owns one batched context per source model of a model set (a DeRa pair:
+aligned and reference; a proxy-tuned model: three; one model: one) with KV sequences
+for its slots. A `Slot` is one generation in flight: its own lam and guidance (the
+mixture's weights, see guidance.py), sampler chain (sampling settings, grammar, seed)
+and stop rules (`SequenceOutput`). It reads one prompt, or two with classifier-free
+guidance (its positive and its negative prompt, one KV sequence each, in every source
+context: the weights are read once per step for both).
+
+Each `step()` builds one batch from every live slot's pending input (the next chunk of a
+prompt, or its last sampled token), decodes every source context once, then per slot
+mixes its K rows with the native hook, samples and advances. Slots join between steps
+(`admit`) and leave as soon as they end or are cancelled (`retire`), so the batch changes
+shape every step.
 
 Prompt chunks share a per-step token budget (the batch size) with the decoding slots, so
-a long prompt is read over several steps while the others keep producing tokens.
+a long prompt is read over several steps while the others keep producing tokens. A
+slot's prompts all yield their last logits row in the same step (the last token of each
+is held back until every one of them can go), since llama.cpp keeps only the last
+batch's logits.
 
-Each sequence remembers the tokens its KV cache holds; `admit` gives a new prompt the
+Each sequence remembers the tokens its KV cache holds; `admit` gives each prompt the
 free sequence with the longest common prefix (a conversation's next turn lands where its
 last turn is cached) and reads only the rest.
 """
@@ -25,10 +34,19 @@ from dataclasses import dataclass, field
 
 from .backend import TokenBatch
 from .errors import BadParameterError
-from .lockstep import sample_mixture
-from .logprobs import SequenceLogprobs
+from .guidance import Guidance, Term, mixture_terms
+from .logprobs import SequenceLogprobs, float_view
 from .sampling import SamplerChain, SamplingParams
 from .sequence import SequenceOutput
+
+
+@dataclass(eq=False)
+class Lane:
+    """One prompt of a slot in the KV cache: its sequence and what it still has to read."""
+
+    seq_id: int
+    pending: list[int]  # prompt tokens still to read, or [last sampled token]
+    position: int  # position of pending[0]
 
 
 @dataclass(eq=False)
@@ -36,19 +54,23 @@ class Slot:
     """One generation in the batch. `new_text` holds what its last step made safe to
     show; `finish_reason` is set when it ended."""
 
-    seq_id: int
     lam: float
+    guidance: Guidance | None
+    terms: list[Term]
     prompt_tokens: list[int]
     chain: SamplerChain
     output: SequenceOutput
     sampling: SamplingParams
     logprobs: SequenceLogprobs | None
-    pending: list[int]  # prompt tokens still to read, or [last sampled token]
-    position: int  # position of pending[0]
+    lanes: list[Lane]  # lanes[0]: the prompt; lanes[1]: the negative prompt, if any
     reused_prompt_tokens: int
     tag: object = None  # the caller's handle (e.g. the server's job)
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
+
+    @property
+    def seq_id(self) -> int:
+        return self.lanes[0].seq_id
 
     @property
     def prefilling(self) -> bool:
@@ -63,50 +85,61 @@ class Slot:
     def new_text(self) -> str:
         return self.output.new_text
 
+    @property
+    def cfg_scale(self) -> float | None:
+        return None if self.guidance is None else self.guidance.scale
+
 
 class BatchDecoder:
-    """Decodes up to `n_slots` DeRa generations together over one loaded pair.
+    """Decodes up to `n_slots` generations together over one loaded model set (a
+    DeraPair or a Mixture: anything with source contexts and source weights).
 
-    `n_ctx_per_slot` bounds each generation (prompt and answer), as llama.cpp's server
-    divides its context among its parallel slots. The KV cache holds `n_ctx_total` cells
-    (default n_slots times that; less where slots share a prefix, as a sweep's do).
+    `n_ctx_per_slot` bounds each prompt and its answer, as llama.cpp's server divides
+    its context among its parallel slots. `prompts_per_slot` is 2 to allow negative
+    prompts (each slot may then hold two sequences). The KV cache holds `n_ctx_total`
+    cells (default: every sequence its share; less where slots share a prefix, as a
+    sweep's do).
     """
 
     def __init__(
         self,
-        pair,
+        models,
         n_slots: int,
         n_ctx_per_slot: int,
         *,
         n_ctx_total: int | None = None,
         n_batch: int | None = None,
+        prompts_per_slot: int = 1,
     ):
         if n_slots < 1:
             raise BadParameterError(
                 f"the number of parallel slots must be at least 1, got {n_slots}"
             )
-        self.pair = pair
+        if prompts_per_slot not in (1, 2):
+            raise BadParameterError(f"prompts_per_slot must be 1 or 2, got {prompts_per_slot}")
+        self.models = models
         self.n_slots = n_slots
         self.n_ctx_per_slot = n_ctx_per_slot
-        self.n_batch = max(n_batch or pair.loaded.aligned_ctx.n_batch, n_slots)
-        self.aligned_ctx, self.reference_ctx = pair.open_contexts(
-            n_ctx=n_ctx_total or n_slots * n_ctx_per_slot,
-            n_seq_max=n_slots,
-            n_outputs_max=n_slots,
+        self.prompts_per_slot = prompts_per_slot
+        n_sequences = n_slots * prompts_per_slot
+        self.n_batch = max(n_batch or models.n_batch, n_sequences)
+        self.contexts = models.open_source_contexts(
+            n_ctx=n_ctx_total or n_sequences * n_ctx_per_slot,
+            n_seq_max=n_sequences,
+            n_outputs_max=n_sequences,
             n_batch=self.n_batch,
         )
-        self._contexts = (self.aligned_ctx, self.reference_ctx)
         self.batch = TokenBatch(self.n_batch)
-        self.cached: list[list[int]] = [[] for _ in range(n_slots)]  # what each sequence holds
+        self.cached: list[list[int]] = [[] for _ in range(n_sequences)]  # per sequence
         self.live: list[Slot] = []
-        self._free = set(range(n_slots))
+        self._free = set(range(n_sequences))
 
     def close(self) -> None:
         for slot in list(self.live):
             self.retire(slot)
         self.batch.close()
-        self.aligned_ctx.close()
-        self.reference_ctx.close()
+        for ctx in self.contexts:
+            ctx.close()
 
     def __enter__(self) -> BatchDecoder:
         return self
@@ -116,18 +149,24 @@ class BatchDecoder:
 
     @property
     def free_slots(self) -> int:
-        return len(self._free)
+        return self.n_slots - len(self.live)
 
-    def check_fits(self, prompt_tokens: Sequence[int]) -> None:
+    def check_fits(self, prompt_tokens: Sequence[int], what: str = "prompt") -> None:
         """A one-line error unless the prompt is valid and leaves room to answer."""
+        if len(prompt_tokens) >= self.n_ctx_per_slot and self.n_slots == 1:
+            raise BadParameterError(
+                f"the {what} has {len(prompt_tokens)} tokens but the context holds "
+                f"{self.n_ctx_per_slot} (prompt and answer); shorten the {what}",
+                cli_hint="or raise -c",
+            )
         if len(prompt_tokens) >= self.n_ctx_per_slot:
             raise BadParameterError(
-                f"the prompt has {len(prompt_tokens)} tokens but each of the {self.n_slots} "
+                f"the {what} has {len(prompt_tokens)} tokens but each of the {self.n_slots} "
                 f"parallel slots holds {self.n_ctx_per_slot} (prompt and answer); "
-                "shorten the prompt",
+                f"shorten the {what}",
                 cli_hint="or raise -c, or lower --parallel",
             )
-        self.pair.check_prompt(prompt_tokens)
+        self.models.check_prompt(prompt_tokens)
 
     def admit(
         self,
@@ -138,49 +177,72 @@ class BatchDecoder:
         max_tokens: int,
         stop: Sequence[str] = (),
         logprobs: bool = False,
+        guidance: Guidance | None = None,
         tag: object = None,
+        logits_observer=None,
     ) -> Slot:
-        """Starts a generation in a free slot; its prompt is read from the next step on."""
-        if not self._free:
+        """Starts a generation in a free slot; its prompts are read from the next step on.
+        logits_observer: a llama_sampler put first in its chain (tests, debugging)."""
+        if not self.free_slots:
             raise RuntimeError("no free slot: admit only while free_slots > 0")
-        prompt = list(prompt_tokens)
-        self.check_fits(prompt)
-        common = [_common_prefix(cached, prompt) for cached in self.cached]
-        seq_id = max(self._free, key=lambda s: (common[s], -s))
-        # Keep the cached prefix, but always read at least the last prompt token: its
-        # logits are what the first answer token is sampled from.
-        keep = min(common[seq_id], len(prompt) - 1)
-        if not all(ctx.remove_positions(seq_id, keep) for ctx in self._contexts):
-            keep = 0  # a model that cannot drop a tail (recurrent): start the sequence over
-            for ctx in self._contexts:
-                ctx.remove_positions(seq_id, 0)
-        self.cached[seq_id] = prompt[:keep]
-        keep = self._borrow_prefix(seq_id, prompt, keep, common)
-        self._free.discard(seq_id)
-        model = self.pair.loaded.aligned_model
-        chain = SamplerChain(sampling, model.vocab, self.n_ctx_per_slot)
+        prompts = [list(prompt_tokens)]
+        self.check_fits(prompts[0])
+        if guidance is not None:
+            if self.prompts_per_slot < 2:
+                raise BadParameterError(
+                    "this decoder was opened for one prompt per slot; open it with "
+                    "prompts_per_slot=2 to use a negative prompt"
+                )
+            prompts.append(list(guidance.negative_tokens))
+            self.check_fits(prompts[1], "negative prompt")
+        lanes = []
+        for prompt in prompts:
+            seq_id, keep = self._place(prompt)
+            lanes.append(Lane(seq_id, prompt[keep:], keep))
+        model = self.models.model
+        terms = mixture_terms(
+            self.models.source_weights(lam), None if guidance is None else guidance.scale
+        )
         output = SequenceOutput(
             model,
-            n_prompt=len(prompt),
+            # the context check must hold for the longer prompt: both grow by each token
+            n_prompt=max(map(len, prompts)),
             n_ctx=self.n_ctx_per_slot,
             max_tokens=max_tokens,
             stop=stop,
         )
         slot = Slot(
-            seq_id=seq_id,
             lam=lam,
-            prompt_tokens=prompt,
-            chain=chain,
+            guidance=guidance,
+            terms=terms,
+            prompt_tokens=prompts[0],
+            chain=SamplerChain(sampling, model.vocab, self.n_ctx_per_slot, logits_observer),
             output=output,
             sampling=sampling,
             logprobs=SequenceLogprobs() if logprobs else None,
-            pending=prompt[keep:],
-            position=keep,
-            reused_prompt_tokens=keep,
+            lanes=lanes,
+            reused_prompt_tokens=lanes[0].position,
             tag=tag,
         )
         self.live.append(slot)
         return slot
+
+    def _place(self, prompt: list[int]) -> tuple[int, int]:
+        """Takes the free sequence with the longest cached common prefix for `prompt`
+        and cuts it there; returns (sequence, cached tokens kept)."""
+        common = [_common_prefix(cached, prompt) for cached in self.cached]
+        seq_id = max(self._free, key=lambda s: (common[s], -s))
+        # Keep the cached prefix, but always read at least the last prompt token: its
+        # logits are what the first answer token is sampled from.
+        keep = min(common[seq_id], len(prompt) - 1)
+        if not all(ctx.remove_positions(seq_id, keep) for ctx in self.contexts):
+            keep = 0  # a model that cannot drop a tail (recurrent): start the sequence over
+            for ctx in self.contexts:
+                ctx.remove_positions(seq_id, 0)
+        self.cached[seq_id] = prompt[:keep]
+        keep = self._borrow_prefix(seq_id, prompt, keep, common)
+        self._free.discard(seq_id)
+        return seq_id, keep
 
     def _borrow_prefix(self, seq_id: int, prompt: list[int], keep: int, common: list[int]) -> int:
         """Where another sequence (free or running) holds a longer start of `prompt` (a
@@ -189,11 +251,11 @@ class BatchDecoder:
         cache the cells are tagged with both sequences, nothing is computed or copied.
         `common`: each sequence's cached prefix length in common with the prompt.
         Returns the new keep."""
-        donor = max(range(self.n_slots), key=common.__getitem__)
+        donor = max(range(len(self.cached)), key=common.__getitem__)
         shared = min(common[donor], len(prompt) - 1)  # the last prompt token is always read
         if donor == seq_id or shared <= keep:
             return keep
-        for ctx in self._contexts:
+        for ctx in self.contexts:
             ctx.copy_sequence(donor, seq_id, keep, shared)
         self.cached[seq_id] = prompt[:shared]
         return shared
@@ -206,89 +268,113 @@ class BatchDecoder:
         if not tokens or not self._free:
             return
         first = min(self._free)
-        for ctx in self._contexts:
+        for ctx in self.contexts:
             ctx.remove_positions(first, 0)
         chunk_size = self.n_batch
         for start in range(0, len(tokens), chunk_size):
             chunk = tokens[start : start + chunk_size]
             self.batch.fill([(t, start + i, first, False) for i, t in enumerate(chunk)])
-            self.aligned_ctx.decode_batch(self.batch)
-            self.reference_ctx.decode_batch(self.batch)
+            for ctx in self.contexts:
+                ctx.decode_batch(self.batch)
         self.cached[first] = tokens
         for seq_id in self._free - {first}:
-            for ctx in self._contexts:
+            for ctx in self.contexts:
                 ctx.remove_positions(seq_id, 0)
                 ctx.copy_sequence(first, seq_id)
             self.cached[seq_id] = list(tokens)
 
     def retire(self, slot: Slot, *, forget: bool = False) -> None:
-        """Ends a slot (finished or cancelled) and frees its sequence for the next one;
-        `forget` also drops what its cache holds (after a failed decode, which may have
-        left it half written)."""
+        """Ends a slot (finished or cancelled) and frees its sequences for the next one;
+        `forget` also drops what their caches hold (after a failed decode, which may have
+        left them half written)."""
         if slot in self.live:
             self.live.remove(slot)
             slot.chain.close()
-            if forget:
-                for ctx in self._contexts:
-                    ctx.remove_positions(slot.seq_id, 0)
-                self.cached[slot.seq_id] = []
-            self._free.add(slot.seq_id)
+            for lane in slot.lanes:
+                if forget:
+                    for ctx in self.contexts:
+                        ctx.remove_positions(lane.seq_id, 0)
+                    self.cached[lane.seq_id] = []
+                self._free.add(lane.seq_id)
 
     def step(self) -> list[Slot]:
         """One batched decode of every live slot; returns the slots that sampled a token
         (their `new_text` and `finish_reason` are fresh). Finished slots stay live until
         the caller retires them."""
         entries: list[tuple[int, int, int, bool]] = []
-        fed: list[tuple[Slot, int]] = []  # slot, how many of its pending tokens
-        sampled: list[tuple[Slot, int]] = []  # slot, batch index of its logits row
+        fed: dict[Lane, int] = {}  # lane -> how many of its pending tokens this batch reads
+        sampled: list[tuple[Slot, list[int]]] = []  # slot, batch index of each lane's row
         budget = self.n_batch
         running = [s for s in self.live if s.finish_reason is None]
-        decoding = [s for s in running if not s.prefilling]
-        prefilling = [s for s in running if s.prefilling]
-        for slot in decoding:  # one token each, first: running streams never wait
-            entries.append((slot.pending[0], slot.position, slot.seq_id, True))
-            fed.append((slot, 1))
-            sampled.append((slot, len(entries) - 1))
-            budget -= 1
-        for slot in prefilling:  # then prompt chunks, in arrival order, as room allows
+
+        def feed(lane: Lane, count: int, with_logits: bool) -> int:
+            """Adds `count` more of the lane's pending tokens; returns the last one's row."""
+            start = fed.get(lane, 0)
+            for i in range(start, start + count):
+                wants = with_logits and i == start + count - 1
+                entries.append((lane.pending[i], lane.position + i, lane.seq_id, wants))
+            fed[lane] = start + count
+            return len(entries) - 1
+
+        for slot in running:  # one token per lane first: running streams never wait
+            if not slot.prefilling:
+                sampled.append((slot, [feed(lane, 1, True) for lane in slot.lanes]))
+                budget -= len(slot.lanes)
+        for slot in running:  # then prompt chunks, in arrival order, as room allows
+            if not slot.prefilling:
+                continue
             if budget <= 0:
                 break
-            take = slot.pending[:budget]
-            done = len(take) == len(slot.pending)
-            for i, token in enumerate(take):
-                entries.append((token, slot.position + i, slot.seq_id, done and i == len(take) - 1))
-            fed.append((slot, len(take)))
-            if done:
-                sampled.append((slot, len(entries) - 1))
-            budget -= len(take)
+            for lane in slot.lanes:  # all but each prompt's last token
+                take = min(budget, len(lane.pending) - 1)
+                if take > 0:
+                    feed(lane, take, False)
+                    budget -= take
+            unread = [len(lane.pending) - fed.get(lane, 0) for lane in slot.lanes]
+            if all(n == 1 for n in unread) and budget >= len(slot.lanes):
+                sampled.append((slot, [feed(lane, 1, True) for lane in slot.lanes]))
+                budget -= len(slot.lanes)
         if not entries:
             return []
         self.batch.fill(entries)
-        self.aligned_ctx.decode_batch(self.batch)
-        self.reference_ctx.decode_batch(self.batch)
-        for slot, n in fed:  # what the caches now hold
-            self.cached[slot.seq_id].extend(slot.pending[:n])
-            slot.pending = slot.pending[n:]
-            slot.position += n
-        n_vocab = self.pair.n_vocab
-        for slot, index in sampled:
-            token = sample_mixture(
-                self.pair.mixer,
-                self.aligned_ctx,
-                self.reference_ctx,
-                index,
-                n_vocab,
-                slot.lam,
-                slot.chain,
-                slot.logprobs,
-            )
+        for ctx in self.contexts:
+            ctx.decode_batch(self.batch)
+        for lane, n in fed.items():  # what the caches now hold
+            self.cached[lane.seq_id].extend(lane.pending[:n])
+            lane.pending = lane.pending[n:]
+            lane.position += n
+        for slot, rows in sampled:
+            token = self._sample(slot, rows)
             if slot.first_token_at is None:
                 slot.first_token_at = time.perf_counter()
-            slot.pending = [token]
+            for lane in slot.lanes:
+                lane.pending = [token]
             if slot.output.advance(token) is not None:
                 tail = slot.output.flush()  # the held-back end of the text
                 slot.output.new_text += tail
         return [slot for slot, _ in sampled]
+
+    def _sample(self, slot: Slot, rows: list[int]) -> int:
+        """Mixes the slot's terms into its first row (source 0, positive prompt) and
+        samples the chain there; records log-probabilities when the slot asked."""
+        n_vocab = self.models.n_vocab
+        contexts = self.contexts
+        out_address = contexts[0].logits_address(rows[0])
+        addresses = [contexts[t.source].logits_address(rows[t.prompt]) for t in slot.terms]
+        before = None
+        if slot.logprobs is not None:  # copies: the mix overwrites the first row
+            aligned, reference = self.models.logprob_sources
+            before = (
+                float_view(contexts[aligned].logits_address(rows[0]), n_vocab).copy(),
+                float_view(contexts[reference].logits_address(rows[0]), n_vocab).copy(),
+            )
+        self.models.mixer.mix_terms_in_place(
+            out_address, addresses, [t.weight for t in slot.terms], n_vocab
+        )
+        token = slot.chain.sample_at(contexts[0].ptr, rows[0])
+        if before is not None:
+            slot.logprobs.add(token, before[0], before[1], float_view(out_address, n_vocab))
+        return token
 
 
 def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -298,3 +384,27 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
+
+
+class SlotRunner:
+    """The one-slot decoder a model set keeps for generations that take the batched path
+    (negative prompts; mixtures of more than two models): opened on first use and kept,
+    with its caches, for the next call; reopened with room for a second prompt when a
+    generation first brings one (the old caches are dropped then)."""
+
+    def __init__(self, models) -> None:
+        self.models = models
+        self.decoder: BatchDecoder | None = None
+
+    def decoder_for(self, n_prompts: int) -> BatchDecoder:
+        if self.decoder is None or self.decoder.prompts_per_slot < n_prompts:
+            self.close()
+            self.decoder = BatchDecoder(
+                self.models, 1, self.models.n_ctx, prompts_per_slot=n_prompts
+            )
+        return self.decoder
+
+    def close(self) -> None:
+        if self.decoder is not None:
+            self.decoder.close()
+            self.decoder = None

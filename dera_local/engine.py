@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Generator, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from collections.abc import Generator, Sequence
 
 from . import backend
-from .backend import Context, ContextOptions
+from .backend import Context, ContextOptions, LoadedModel
+from .batch import SlotRunner
 from .errors import BadParameterError
+from .guidance import guidance_for
 from .loading import LoadedPair, PairOptions, load_models
 from .lockstep import LockstepContexts
 from .logprobs import SequenceLogprobs
@@ -33,71 +34,7 @@ from .speculative import (
     sample_equals_draft,
     speculative_steps,
 )
-
-
-@dataclass
-class GenerationResult:
-    """One finished generation. `tokens` excludes the end-of-generation token."""
-
-    text: str
-    tokens: list[int]
-    prompt_tokens: list[int]
-    finish_reason: str
-    lam: float
-    seed: int | None
-    reused_prompt_tokens: int = 0
-    prompt_seconds: float = 0.0
-    generation_seconds: float = 0.0
-    logprobs: SequenceLogprobs | None = None  # with stream(..., logprobs=True)
-    drafted: int = 0  # tokens proposed by speculation
-    accepted: int = 0  # of those, kept (the rest cost one batched row each)
-    verify_steps: int = 0  # batched decodes that verified drafts
-
-    @property
-    def tokens_per_second(self) -> float:
-        if not self.tokens or self.generation_seconds <= 0:
-            return 0.0
-        return len(self.tokens) / self.generation_seconds
-
-    def to_dict(self) -> dict:
-        data = asdict(self)
-        data["tokens_per_second"] = self.tokens_per_second
-        if self.logprobs is not None:
-            data["logprob_sums"] = self.logprobs.sums()
-        return data
-
-
-class GenerationStream:
-    """Iterate for text chunks (always whole UTF-8 characters); `result` is set at the end.
-    Closing it early (or breaking out of the loop) stops generation cleanly.
-
-    The llama.cpp resources of a generation (its sampler chain) are created when the
-    first chunk is asked for and freed when it ends or is closed, so a stream that is
-    never iterated holds nothing."""
-
-    def __init__(
-        self, steps: Generator[str, None, GenerationResult], guard: PairGuard | None = None
-    ) -> None:
-        self._steps = steps
-        self._guard = guard
-        self.result: GenerationResult | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        return self
-
-    def __next__(self) -> str:
-        try:
-            if self._guard is None:
-                return next(self._steps)
-            with self._guard.step():
-                return next(self._steps)
-        except StopIteration as end:
-            if end.value is not None:
-                self.result = end.value
-            raise
-
-    def close(self) -> None:
-        self._steps.close()
+from .stream import GenerationResult, GenerationStream, slot_steps
 
 
 class DeraPair:
@@ -123,6 +60,7 @@ class DeraPair:
         # One drafter per draft context, kept across generations with its cache.
         draft_ctx = loaded.draft_ctx
         self._model_drafter = ModelDrafter(draft_ctx) if draft_ctx is not None else None
+        self._slots = SlotRunner(self)  # guided generations (negative prompts)
 
     # -- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:
@@ -131,6 +69,7 @@ class DeraPair:
         if not self.guard.close():
             return
         self.lockstep.close()
+        self._slots.close()
         for ctx in self._scoring or ():
             ctx.close()
         self.loaded.close()
@@ -186,6 +125,34 @@ class DeraPair:
             raise
         return aligned, reference
 
+    # -- the model-set interface BatchDecoder uses (shared with mixture.Mixture) ----------
+    @property
+    def model(self) -> LoadedModel:
+        """The model whose tokenizer, chat template and end tokens generation uses."""
+        return self.loaded.aligned_model
+
+    @property
+    def n_batch(self) -> int:
+        return self.loaded.aligned_ctx.n_batch
+
+    @property
+    def logprob_sources(self) -> tuple[int, int]:
+        """Which source contexts logprobs call 'aligned' and 'reference'."""
+        return (0, 0) if self.identical else (0, 1)
+
+    def source_weights(self, lam: float) -> list[float]:
+        """Each source context's weight in the mixture at `lam`."""
+        return [1.0] if self.identical else [lam, 1.0 - lam]
+
+    def open_source_contexts(
+        self, n_ctx: int, n_seq_max: int, n_outputs_max: int, n_batch: int | None = None
+    ) -> list[Context]:
+        """One context per source, in source_weights order (one model alone: one)."""
+        contexts = list(self.open_contexts(n_ctx, n_seq_max, n_outputs_max, n_batch))
+        if self.identical:
+            contexts.pop().close()
+        return contexts
+
     def scoring_contexts(self) -> tuple[Context, Context]:
         """Contexts that return logits for every position of a batch (teacher forcing),
         opened on first use and kept; the generation contexts return one row per step."""
@@ -213,6 +180,7 @@ class DeraPair:
     def clear_cache(self) -> None:
         """Forgets the cached prefix: the next call re-reads its whole prompt."""
         self.lockstep.clear()
+        self._slots.close()
 
     # -- generation -----------------------------------------------------------------------
     def generate(self, prompt: str | Sequence[int], **kwargs) -> GenerationResult:
@@ -236,6 +204,8 @@ class DeraPair:
         drafter: Drafter | None = None,
         accept: AcceptRule = sample_equals_draft,
         logits_observer=None,
+        negative_prompt: str | Sequence[int] | None = None,
+        cfg_scale: float = 1.0,
     ) -> GenerationStream:
         """Starts a DeRa generation from a prompt (text, or token ids fed as they are).
 
@@ -250,6 +220,10 @@ class DeraPair:
         drafter: a draft source instead of the pair's (prompt lookup, or the draft model
             given to load_pair); accept: the rule keeping a drafted token (tests).
         logits_observer: a llama_sampler put first in the chain (for tests and debugging).
+        negative_prompt, cfg_scale: classifier-free guidance, h_neg + cfg_scale * (h_pos -
+            h_neg) over the DeRa mixture of each prompt (see guidance.py); the negative
+            prompt (text or ids) is read as a second sequence of the same batched
+            contexts. Guided generations do not speculate.
         """
         self._check_open()
         lam = validate_lam(lam)
@@ -258,6 +232,21 @@ class DeraPair:
             raise BadParameterError("max_tokens must be positive, or -1 for no limit")
         prompt_tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_prompt(prompt_tokens)
+        guidance = guidance_for(self, negative_prompt, cfg_scale)
+        if guidance is not None:
+            steps = slot_steps(
+                self._slots.decoder_for(2),
+                self.guard,
+                prompt_tokens,
+                lam=lam,
+                guidance=guidance,
+                sampling=sampling,
+                max_tokens=max_tokens,
+                stop=stop,
+                logprobs=logprobs,
+                logits_observer=logits_observer,
+            )
+            return GenerationStream(steps, self.guard)
         speculation = speculation or self.speculation
         if speculation.draft_max >= self.lockstep.max_rows:
             raise BadParameterError(

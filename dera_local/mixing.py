@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -118,6 +119,18 @@ class LogitMixer:
         else:
             aligned = float_view(aligned_addr, n_vocab)
             mix_numpy(aligned, aligned, float_view(reference_addr, n_vocab), lam)
+
+    def mix_terms_in_place(
+        self, out_addr: int, row_addrs: Sequence[int], weights: Sequence[float], n_vocab: int
+    ) -> None:
+        """out[:] = sum of weights[i] * rows[i] (K-term mixtures: CFG, proxy-tuning, specs);
+        `out` may be one of the rows. With two terms (lam, 1 - lam) the bits equal
+        mix_in_place's."""
+        if self.path == NATIVE:
+            _native.mix_terms(out_addr, tuple(row_addrs), tuple(weights), n_vocab)
+        else:
+            rows = [float_view(address, n_vocab) for address in row_addrs]
+            mix_terms_numpy(float_view(out_addr, n_vocab), rows, list(weights))
 
     def describe(self) -> str:
         """One line for `dera-local info`: which path mixes the logits, and why."""

@@ -124,7 +124,7 @@ def test_a_prompt_borrows_a_shared_start_from_another_slot(pair, greedy):
         while first_prompt[shared] == second_prompt[shared]:
             shared += 1
         assert second.seq_id != first.seq_id and second.reused_prompt_tokens == shared
-        assert len(second.pending) == len(second_prompt) - shared
+        assert len(second.lanes[0].pending) == len(second_prompt) - shared
         _run(decoder, [first, second])
         assert first.output.tokens == _alone(pair, first_prompt, 1.0, greedy, 10)
         assert second.output.tokens == _alone(pair, second_prompt, 0.5, greedy, 10)
