@@ -90,7 +90,7 @@ class ChatTemplate:
     @classmethod
     def for_pair(cls, pair: DeraPair, override: str | None = None) -> ChatTemplate:
         """The override, else the aligned model's template, else ChatML."""
-        model = pair.loaded.aligned_model
+        model = pair.model
         source = override or model.chat_template() or CHATML_TEMPLATE
 
         def text_of(name: str) -> str:

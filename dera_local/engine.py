@@ -21,7 +21,8 @@ from .loading import LoadedPair, PairOptions, load_models
 from .lockstep import LockstepContexts
 from .logprobs import SequenceLogprobs
 from .mixing import LogitMixer, validate_lam
-from .pair_guard import PairClosedError, PairGuard
+from .model_set import ModelSet
+from .pair_guard import PairGuard
 from .sampling import SamplerChain, SamplingParams
 from .sequence import SequenceOutput
 from .speculative import (
@@ -37,8 +38,10 @@ from .speculative import (
 from .stream import GenerationResult, GenerationStream, slot_steps
 
 
-class DeraPair:
+class DeraPair(ModelSet):
     """An aligned and a reference model decoding in lockstep with DeRa mixing."""
+
+    kind = "pair"
 
     def __init__(
         self,
@@ -75,29 +78,6 @@ class DeraPair:
         self.loaded.close()
         backend.return_freed_memory()
 
-    def __enter__(self) -> DeraPair:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def _check_open(self) -> None:
-        if self.guard.closed:
-            raise PairClosedError("the pair is closed; load it again")
-
-    # -- tokens and text ------------------------------------------------------------------
-    def tokenize(self, text: str, *, add_special: bool = True) -> list[int]:
-        """Prompt text to ids, with the aligned model's tokenizer (both share it).
-        Special-token texts such as <|im_start|> become their ids, as in llama.cpp's CLI."""
-        self._check_open()
-        return self.loaded.aligned_model.tokenize(text, add_special=add_special, parse_special=True)
-
-    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
-        self._check_open()
-        model = self.loaded.aligned_model
-        data = b"".join(model.token_bytes(t, special=special) for t in tokens)
-        return data.decode("utf-8", errors="replace")
-
     def open_contexts(
         self, n_ctx: int, n_seq_max: int, n_outputs_max: int, n_batch: int | None = None
     ) -> tuple[Context, Context]:
@@ -128,7 +108,6 @@ class DeraPair:
     # -- the model-set interface BatchDecoder uses (shared with mixture.Mixture) ----------
     @property
     def model(self) -> LoadedModel:
-        """The model whose tokenizer, chat template and end tokens generation uses."""
         return self.loaded.aligned_model
 
     @property
@@ -161,36 +140,12 @@ class DeraPair:
             self._scoring = self.open_contexts(self.n_ctx, n_seq_max=1, n_outputs_max=n_batch)
         return self._scoring
 
-    def check_prompt(self, tokens: Sequence[int]) -> None:
-        """Raises a one-line error unless the ids are a non-empty prompt that fits."""
-        if not tokens:
-            raise BadParameterError("the prompt is empty")
-        bad = [t for t in tokens if not 0 <= t < self.n_vocab]
-        if bad:
-            raise BadParameterError(
-                f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})"
-            )
-        if len(tokens) > self.n_ctx:
-            raise BadParameterError(
-                f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx}; "
-                "shorten the prompt",
-                cli_hint="or raise -c",
-            )
-
     def clear_cache(self) -> None:
         """Forgets the cached prefix: the next call re-reads its whole prompt."""
         self.lockstep.clear()
         self._slots.close()
 
     # -- generation -----------------------------------------------------------------------
-    def generate(self, prompt: str | Sequence[int], **kwargs) -> GenerationResult:
-        """Generates to the end and returns the result; keywords as for stream()."""
-        stream = self.stream(prompt, **kwargs)
-        for _ in stream:
-            pass
-        assert stream.result is not None
-        return stream.result
-
     def stream(
         self,
         prompt: str | Sequence[int],

@@ -307,13 +307,19 @@ def _token_at(tokens: list[str], i: int) -> str:
     return repr(tokens[i]) if i < len(tokens) else "absent"
 
 
-def check_same_tokenizer(aligned: GGUFInfo, reference: GGUFInfo) -> None:
-    """Raises IncompatibleModelsError unless both files share ids, texts, types and specials."""
+def check_same_tokenizer(
+    aligned: GGUFInfo,
+    reference: GGUFInfo,
+    roles: tuple[str, str] = ("the aligned model", "the reference"),
+    why: str = "DeRa needs a reference and an aligned model from the same family",
+) -> None:
+    """Raises IncompatibleModelsError unless both files share ids, texts, types and specials.
+    `roles` name the two files in the message (a mixture says which of its models)."""
 
     def fail(detail: str) -> None:
         raise IncompatibleModelsError(
             f"{aligned.path.name} and {reference.path.name} do not share a tokenizer: {detail}; "
-            "DeRa needs a reference and an aligned model from the same family"
+            f"{why}"
         )
 
     if aligned.tokens != reference.tokens:
@@ -322,8 +328,8 @@ def check_same_tokenizer(aligned: GGUFInfo, reference: GGUFInfo) -> None:
         if aligned.n_vocab != reference.n_vocab:
             sizes = f"vocabulary sizes differ ({aligned.n_vocab} vs {reference.n_vocab} tokens); "
         fail(
-            f"{sizes}token {first} is {_token_at(aligned.tokens, first)} in the aligned model "
-            f"and {_token_at(reference.tokens, first)} in the reference"
+            f"{sizes}token {first} is {_token_at(aligned.tokens, first)} in {roles[0]} "
+            f"and {_token_at(reference.tokens, first)} in {roles[1]}"
         )
     if aligned.token_types is not None and reference.token_types is not None:
         differing = np.flatnonzero(aligned.token_types != reference.token_types)

@@ -109,19 +109,24 @@ def _read_pair_headers(
         )
     reference_info = read_gguf(reference)
     if lora is not None:
-        adapter_info = read_gguf(lora, expect="adapter")
-        adapter_type = adapter_info.metadata.get("adapter.type")
-        if adapter_type != "lora":
-            raise ModelFileError(f"{adapter_info.path}: adapter type {adapter_type!r}, not 'lora'")
-        if adapter_info.architecture != reference_info.architecture:
-            raise IncompatibleModelsError(
-                f"{adapter_info.path.name} is a LoRA for {adapter_info.architecture!r} models but "
-                f"{reference_info.path.name} is {reference_info.architecture!r}"
-            )
-        return reference_info, reference_info, adapter_info
+        return reference_info, reference_info, read_lora(lora, reference_info)
     aligned_info = reference_info if _same_file(aligned, reference) else read_gguf(aligned)
     check_same_tokenizer(aligned_info, reference_info)
     return aligned_info, reference_info, None
+
+
+def read_lora(path: str | os.PathLike[str], base: GGUFInfo) -> GGUFInfo:
+    """The header of a LoRA adapter GGUF, checked to be a LoRA for the base's architecture."""
+    adapter_info = read_gguf(path, expect="adapter")
+    adapter_type = adapter_info.metadata.get("adapter.type")
+    if adapter_type != "lora":
+        raise ModelFileError(f"{adapter_info.path}: adapter type {adapter_type!r}, not 'lora'")
+    if adapter_info.architecture != base.architecture:
+        raise IncompatibleModelsError(
+            f"{adapter_info.path.name} is a LoRA for {adapter_info.architecture!r} models but "
+            f"{base.path.name} is {base.architecture!r}"
+        )
+    return adapter_info
 
 
 def load_models(

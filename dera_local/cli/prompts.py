@@ -52,7 +52,7 @@ def prompt_encoder(
 
 def hint_if_raw_prompts_ended_at_once(pair: DeraPair, chat: bool | None, n_empty: int) -> None:
     """One line on stderr when answers to raw prompts were empty on a chat model."""
-    if n_empty and chat is None and pair.loaded.aligned_model.chat_template():
+    if n_empty and chat is None and pair.model.chat_template():
         click.echo(
             f"note: {n_empty} answer(s) ended at once; this model has a chat template, "
             "so --chat (prompts as user turns) is probably what you want",
