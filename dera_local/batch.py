@@ -64,6 +64,7 @@ class Slot:
     logprobs: SequenceLogprobs | None
     lanes: list[Lane]  # lanes[0]: the prompt; lanes[1]: the negative prompt, if any
     reused_prompt_tokens: int
+    reused_negative_prompt_tokens: int | None = None
     tag: object = None  # the caller's handle (e.g. the server's job)
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
@@ -222,6 +223,7 @@ class BatchDecoder:
             logprobs=SequenceLogprobs() if logprobs else None,
             lanes=lanes,
             reused_prompt_tokens=lanes[0].position,
+            reused_negative_prompt_tokens=lanes[1].position if guidance else None,
             tag=tag,
         )
         self.live.append(slot)

@@ -121,13 +121,20 @@ class ChatSession:
         lam: float = 1.0,
         sampling: SamplingParams | None = None,
         max_tokens: int = 512,
+        negative_prompt: str | None = None,
+        cfg_scale: float = 1.0,
     ) -> None:
+        """negative_prompt: classifier-free guidance; the negative sequence is this
+        conversation with the negative prompt as its system message, steered away from
+        with cfg_scale (see DeraPair.stream)."""
         self.pair = pair
         self.template = ChatTemplate.for_pair(pair, template)
         self.system = system
         self.lam = lam
         self.sampling = sampling or SamplingParams()
         self.max_tokens = max_tokens
+        self.negative_prompt = negative_prompt
+        self.cfg_scale = cfg_scale
         self.messages: list[dict] = []  # user and assistant turns, without the system prompt
         self._warned_about_dropping = False
 
@@ -156,6 +163,15 @@ class ChatSession:
             tokens = self.template.tokens(self.pair, self.conversation())
         return tokens
 
+    def negative_tokens(self) -> list[int] | None:
+        """The negative sequence: the same turns under the negative prompt as system
+        message (None without guidance). Call after prompt_tokens(), which may drop
+        old turns."""
+        if self.negative_prompt is None:
+            return None
+        head = [{"role": "system", "content": self.negative_prompt}]
+        return self.template.tokens(self.pair, head + self.messages)
+
     def _reply_room(self) -> int:
         """Tokens kept free for the reply: max_tokens, but at most half the context."""
         wanted = self.max_tokens if self.max_tokens > 0 else self.pair.n_ctx // 4
@@ -168,7 +184,11 @@ class ChatSession:
         settings = {"lam": self.lam, "sampling": self.sampling, "max_tokens": self.max_tokens}
         settings.update(overrides)
         try:
-            stream = self.pair.stream(self.prompt_tokens(), **settings)
+            prompt = self.prompt_tokens()
+            if self.negative_prompt is not None:
+                settings.setdefault("negative_prompt", self.negative_tokens())
+                settings.setdefault("cfg_scale", self.cfg_scale)
+            stream = self.pair.stream(prompt, **settings)
         except BaseException:
             self.messages.pop()
             raise

@@ -65,7 +65,7 @@ class MixTerm:
 
 # -- the --mix spec ---------------------------------------------------------------------
 _OPERATOR = re.compile(r"\s+([+-])\s+")  # operators need spaces: file names hold - and +
-_TERM = re.compile(r"^(?:(?P<weight>[^*]+?)\s*\*\s*)?(?P<source>\S.*)$")
+_TERM = re.compile(r"^(?:(?P<weight>[^*]+?)\s*\*\s*)?(?P<source>[^*\s][^*]*)$")
 
 
 def parse_mix(spec: str) -> list[MixTerm]:

@@ -35,6 +35,7 @@ class GenerationResult:
     # With a negative prompt (classifier-free guidance): its ids and the scale.
     negative_prompt_tokens: list[int] | None = None
     cfg_scale: float | None = None
+    reused_negative_prompt_tokens: int | None = None  # read from its cache, not decoded
 
     @property
     def tokens_per_second(self) -> float:
@@ -45,7 +46,8 @@ class GenerationResult:
     def to_dict(self) -> dict:
         data = asdict(self)
         if self.negative_prompt_tokens is None:  # no guidance: nothing to report
-            del data["negative_prompt_tokens"], data["cfg_scale"]
+            for key in ("negative_prompt_tokens", "cfg_scale", "reused_negative_prompt_tokens"):
+                del data[key]
         data["tokens_per_second"] = self.tokens_per_second
         if self.logprobs is not None:
             data["logprob_sums"] = self.logprobs.sums()
@@ -141,6 +143,7 @@ def slot_steps(
             logprobs=slot.logprobs,
             negative_prompt_tokens=None if guidance is None else list(guidance.negative_tokens),
             cfg_scale=None if guidance is None else guidance.scale,
+            reused_negative_prompt_tokens=slot.reused_negative_prompt_tokens,
         )
     finally:
         guard.release(owner)

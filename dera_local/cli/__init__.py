@@ -29,6 +29,9 @@ class _OneLineErrors(click.Group):
     def invoke(self, ctx: click.Context):
         with warnings.catch_warnings():
             warnings.simplefilter("default")
+            # llama_cpp._utils keeps two /dev/null files open for the process's life;
+            # their ResourceWarning at exit is not the user's business.
+            warnings.filterwarnings("ignore", category=ResourceWarning)
             warnings.showwarning = _show_warning
             try:
                 return super().invoke(ctx)

@@ -10,9 +10,12 @@ import click
 
 from ..chat import ChatSession
 from ..errors import DeraError
+from ..guidance import validate_cfg_scale
 from ..mixing import validate_lam
 from .options import (
+    cfg_options,
     model_options,
+    negative_prompt_from,
     open_pair,
     read_text_file,
     sampling_from,
@@ -23,6 +26,8 @@ from .options import (
 HELP = """commands:
   /lambda X      set lam (1 = aligned, 0 = reference, >1 extrapolates)
   /system TEXT   set the system prompt and start over
+  /negative TEXT set the negative prompt (classifier-free guidance; empty: off)
+  /cfg S         set the guidance scale (1 = off, >1 steers away from the negative)
   /reset         forget the conversation
   /help          this text
   /quit          leave (Ctrl-D too); Ctrl-C stops the current reply"""
@@ -63,6 +68,19 @@ def _command(session: ChatSession, line: str) -> bool:
             click.echo(f"error: {exc}", err=True)
         else:
             click.echo(f"lam = {session.lam:g}", err=True)
+    elif name == "/negative":
+        session.negative_prompt = argument or None
+        click.echo(f"negative prompt {'set' if argument else 'off'}", err=True)
+    elif name == "/cfg":
+        try:
+            scale = validate_cfg_scale(argument)
+            if scale != 1 and session.negative_prompt is None:
+                raise DeraError("a CFG scale needs a negative prompt: set /negative TEXT first")
+            session.cfg_scale = scale
+        except DeraError as exc:
+            click.echo(f"error: {exc}", err=True)
+        else:
+            click.echo(f"cfg scale = {session.cfg_scale:g}", err=True)
     elif name == "/reset":
         session.reset()
         click.echo("conversation cleared", err=True)
@@ -97,10 +115,17 @@ def _reply(session: ChatSession, line: str) -> None:
     help="Jinja chat template (text) instead of the aligned model's.",
 )
 @click.option("--chat-template-file", default=None, help="Read the chat template from a file.")
+@cfg_options
 @model_options
 @sampling_options
 def chat(
-    system: str | None, template: str | None, chat_template_file: str | None, **kwargs
+    system: str | None,
+    template: str | None,
+    chat_template_file: str | None,
+    negative_prompt: str | None,
+    negative_prompt_file: str | None,
+    cfg_scale: float,
+    **kwargs,
 ) -> None:
     """Chat with the DeRa pair; /lambda X changes lam as you go, /help lists commands."""
     model, sampling, rest = split_options(kwargs)
@@ -108,8 +133,10 @@ def chat(
         template = read_text_file(chat_template_file, "chat template file")
     params = sampling_from(**sampling)
     lam = validate_lam(rest["lam"])
+    negative = negative_prompt_from(negative_prompt, negative_prompt_file)
+    cfg_scale = validate_cfg_scale(cfg_scale)
     interactive = sys.stdin is not None and sys.stdin.isatty()
-    with open_pair(**model) as pair:
+    with open_pair(**model, one_model_ok=negative is not None) as pair:
         session = ChatSession(
             pair,
             system=system,
@@ -117,6 +144,8 @@ def chat(
             lam=lam,
             sampling=params,
             max_tokens=rest["max_tokens"],
+            negative_prompt=negative,
+            cfg_scale=cfg_scale,
         )
         if interactive:
             click.echo(f"lam = {lam:g}; /help for commands, /quit to leave", err=True)

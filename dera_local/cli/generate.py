@@ -9,14 +9,21 @@ import click
 
 from ..errors import DeraError
 from .options import (
+    cfg_options,
     model_options,
+    negative_prompt_from,
     open_pair,
     read_text_file,
     sampling_from,
     sampling_options,
     split_options,
 )
-from .prompts import chat_options, hint_if_raw_prompts_ended_at_once, prompt_encoder
+from .prompts import (
+    chat_options,
+    hint_if_raw_prompts_ended_at_once,
+    negative_for,
+    prompt_encoder,
+)
 
 
 def _read_prompt(prompt: str | None, file: str | None) -> str:
@@ -45,6 +52,7 @@ def _read_prompt(prompt: str | None, file: str | None) -> str:
     "tokens_per_second, ...",
 )
 @chat_options
+@cfg_options
 @model_options
 @sampling_options
 def generate(
@@ -53,11 +61,16 @@ def generate(
     as_json: bool,
     chat: bool | None,
     system: str | None,
+    negative_prompt: str | None,
+    negative_prompt_file: str | None,
+    cfg_scale: float,
     **kwargs,
 ) -> None:
     """Continue PROMPT with the DeRa mixture of the aligned and reference models
-    (with --chat: answer it as a user turn)."""
+    (with --chat: answer it as a user turn). With --cfg-negative-prompt, -m alone is
+    enough: that model steered away from its own negative prompt."""
     model, sampling, rest = split_options(kwargs)
+    negative = negative_prompt_from(negative_prompt, negative_prompt_file)
     text = _read_prompt(prompt, file)
     if not text.strip():
         raise DeraError("the prompt is empty: give text as an argument, with -f FILE, or on stdin")
@@ -66,14 +79,17 @@ def generate(
     except UnicodeEncodeError:  # argv bytes that were not UTF-8 (surrogate escapes)
         raise DeraError("the prompt is not UTF-8 text") from None
     params = sampling_from(**sampling)
-    with open_pair(**model) as pair:
-        encoded = prompt_encoder(pair, chat, system, [text])(text)
+    with open_pair(**model, one_model_ok=negative is not None) as pair:
+        encode = prompt_encoder(pair, chat, system, [text])
+        encoded = encode(text)
         stream = pair.stream(
             encoded,
             lam=rest["lam"],
             sampling=params,
             max_tokens=rest["max_tokens"],
             stop=rest["stop"],
+            negative_prompt=negative_for(encode, chat, text, negative),
+            cfg_scale=cfg_scale,
         )
         if as_json:
             for _ in stream:

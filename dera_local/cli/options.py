@@ -13,6 +13,7 @@ import click
 from ..catalog import DEFAULT_QUANT
 from ..engine import DeraPair, load_pair
 from ..errors import DeraError
+from ..mixture import MixTerm, Mixture, Source, load_mixture, load_proxy, parse_mix
 from ..resolve import model_path, resolve_models
 from ..sampling import SamplingParams
 from ..speculative import SpeculationParams
@@ -59,6 +60,18 @@ model_source_options = _stack(
         metavar="GGUF",
         help="LoRA adapter: the aligned model is the reference plus this adapter "
         "(instead of -m). Env: DERA_LORA.",
+    ),
+    click.option(
+        "--proxy-base",
+        metavar="GGUF",
+        help="Proxy-tuning: steer this (larger) model with the small pair given by "
+        "-m/-mr/--lora (default: the built-in pair): h = large + lam * (tuned - base).",
+    ),
+    click.option(
+        "--mix",
+        metavar="SPEC",
+        help="A mixture of any models instead of a pair: '1.5*a.gguf - 0.5*b.gguf' "
+        "(spaces around + and -; BASE.gguf+LORA.gguf for an adapter) or a .json/.toml file.",
     ),
 )
 
@@ -223,6 +236,42 @@ sampling_options = _stack(
 )
 
 
+cfg_options = _stack(
+    click.option(
+        "--cfg-negative-prompt",
+        "negative_prompt",
+        metavar="TEXT",
+        default=None,
+        help="Classifier-free guidance: steer away from this prompt (read as a second "
+        "sequence of the same contexts; with --chat, as the system message).",
+    ),
+    click.option(
+        "--cfg-negative-prompt-file",
+        "negative_prompt_file",
+        metavar="FILE",
+        default=None,
+        help="Read the negative prompt from a file.",
+    ),
+    click.option(
+        "--cfg-scale",
+        type=float,
+        default=1.0,
+        show_default=True,
+        help="Guidance strength: h_neg + S * (h_pos - h_neg); 1 = no guidance, >1 steers "
+        "away from the negative prompt.",
+    ),
+)
+
+
+def negative_prompt_from(negative_prompt: str | None, negative_prompt_file: str | None):
+    """The negative prompt from --cfg-negative-prompt or its -file (not both)."""
+    if negative_prompt is not None and negative_prompt_file is not None:
+        raise DeraError("give the negative prompt as text or as a file, not both")
+    if negative_prompt_file is not None:
+        return read_text_file(negative_prompt_file, "negative prompt file")
+    return negative_prompt
+
+
 def speculation_from(draft_max: int, draft_min: int) -> SpeculationParams:
     return SpeculationParams(draft_max=draft_max, draft_min=min(draft_min, draft_max))
 
@@ -237,10 +286,36 @@ def open_pair(
     draft_model: str | None,
     draft_max: int,
     draft_min: int,
+    proxy_base: str | None = None,
+    mix: str | None = None,
+    one_model_ok: bool = False,
     **settings,
-) -> DeraPair:
-    """Loads the pair the flags name (see resolve_models; no flags: the demo pair)."""
+) -> DeraPair | Mixture:
+    """Loads what the flags name: a pair (see resolve_models; no flags: the demo pair), a
+    proxy-tuned model (--proxy-base) or a mixture (--mix). `one_model_ok`: -m alone is
+    that model by itself (it is steered by a negative prompt)."""
+    if mix is not None:
+        if aligned or reference or lora or pair or proxy_base:
+            raise DeraError(
+                "--mix names every model itself: drop -m/-mr/--lora/--pair/--proxy-base"
+            )
+        if draft_model:
+            raise DeraError("--mix does not speculate: drop -md")
+        return load_mixture(_resolved_mix(mix), **settings)
+    if aligned and not (reference or lora or pair) and one_model_ok and not proxy_base:
+        reference = aligned  # the model alone: DeRa of a model with itself is that model
     aligned, reference, lora = resolve_models(aligned, reference, lora, pair, quant)
+    if proxy_base is not None:
+        if draft_model:
+            raise DeraError("proxy-tuning does not speculate: drop -md")
+        return load_proxy(
+            model_path(proxy_base),
+            aligned,
+            reference,
+            lora=lora,
+            lora_scale=lora_scale,
+            **settings,
+        )
     return load_pair(
         aligned,
         reference,
@@ -250,6 +325,23 @@ def open_pair(
         speculation=speculation_from(draft_max, draft_min),
         **settings,
     )
+
+
+def _resolved_mix(spec: str) -> list[MixTerm]:
+    """The spec's terms with hub names (owner/repo:file.gguf) fetched to local paths."""
+    terms = parse_mix(spec)
+    return [
+        MixTerm(
+            Source(
+                model_path(t.source.model),
+                model_path(t.source.lora) if t.source.lora else None,
+                t.source.lora_scale,
+            ),
+            t.weight,
+            t.lam_weight,
+        )
+        for t in terms
+    ]
 
 
 def open_output(path: str | None):
@@ -300,7 +392,9 @@ def split_options(kwargs: dict) -> tuple[dict, dict, dict]:
 
 
 __all__ = [
+    "cfg_options",
     "draft_options",
+    "negative_prompt_from",
     "hook_option",
     "model_options",
     "model_source_options",

@@ -58,3 +58,13 @@ def hint_if_raw_prompts_ended_at_once(pair: DeraPair, chat: bool | None, n_empty
             "so --chat (prompts as user turns) is probably what you want",
             err=True,
         )
+
+
+def negative_for(encode, chat: bool | None, prompt, negative: str | None):
+    """The negative prompt as the pair is fed it: raw text as it is; with --chat, the
+    same conversation with the negative prompt as its system message (so the two
+    sequences differ only there)."""
+    if negative is None or not chat:
+        return negative
+    messages = [m for m in as_messages(prompt) if m.get("role") != "system"]
+    return encode([{"role": "system", "content": negative}, *messages])

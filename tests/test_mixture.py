@@ -1,0 +1,296 @@
+"""K-term mixtures, classifier-free guidance and proxy-tuning (dera_local.mixture,
+DeraPair.stream(negative_prompt=...)). The contract, as for DeRa: the logits llama.cpp's
+sampler sees equal the weighted sum, in numpy, of each source run alone through
+llama-cpp-python's Llama class on its own prompt (the negative one for CFG terms)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from reference_impl import LogitsRecorder, solo_greedy, solo_logits_stepwise
+from tiny_models import write_tiny_model
+
+import dera_local
+from dera_local.errors import BadParameterError, IncompatibleModelsError
+from dera_local.mixture import MixTerm, Source, load_mixture, load_proxy, parse_mix
+
+STEPS = 16
+PROMPT = "The quick brown fox"
+NEGATIVE = "a dull grey dog"
+
+
+@pytest.fixture(scope="session")
+def third_path(model_dir):
+    return write_tiny_model(model_dir / "third.gguf", seed=3)
+
+
+def _expected(terms, prompts, generated):
+    """sum_i w_i * logits_i, float64, per step: terms are (weight, path, lora, prompt
+    index); each source runs alone (llama-cpp-python's Llama) on its prompt, then on the
+    generated tokens one at a time."""
+    steps = []
+    cache = {}
+    for _, path, lora, which in terms:
+        key = (str(path), str(lora), which)
+        if key not in cache:
+            cache[key] = solo_logits_stepwise(path, prompts[which], generated, lora)
+    for step in range(len(generated)):
+        total = sum(
+            weight * cache[(str(path), str(lora), which)][step].astype(np.float64)
+            for weight, path, lora, which in terms
+        )
+        steps.append(total)
+    return steps
+
+
+def _assert_seen(recorder, expected, tokens, greedy_check=True):
+    assert len(recorder.steps) == len(expected)
+    for step, (seen, want) in enumerate(zip(recorder.steps, expected, strict=True)):
+        np.testing.assert_allclose(
+            seen, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=f"step {step}"
+        )
+        if greedy_check:
+            assert tokens[step] == int(np.argmax(want)), f"step {step}"
+
+
+def _k_terms(aligned, reference, third, lora):
+    return {
+        1: [(1.5, aligned, None)],
+        2: [(0.7, aligned, None), (0.3, reference, None)],
+        3: [(1.5, aligned, None), (-0.75, reference, None), (0.25, third, None)],
+        4: [
+            (0.5, aligned, None),
+            (1.25, reference, lora),
+            (-0.5, third, None),
+            (-0.25, reference, None),
+        ],
+    }
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_sampler_sees_the_numpy_sum_of_k_sources_alone(
+    k, aligned_path, reference_path, third_path, lora_path, greedy
+):
+    spec = _k_terms(aligned_path, reference_path, third_path, lora_path)[k]
+    terms = [MixTerm(Source(str(p), str(lo) if lo else None), w) for w, p, lo in spec]
+    recorder = LogitsRecorder()
+    with load_mixture(terms, n_ctx=512, n_threads=2) as mixture:
+        prompt = mixture.tokenize(PROMPT)
+        result = mixture.generate(
+            prompt, sampling=greedy, max_tokens=STEPS, logits_observer=recorder.sampler
+        )
+    assert result.finish_reason == "length"
+    expected = _expected([(w, p, lo, 0) for w, p, lo in spec], [prompt], result.tokens)
+    _assert_seen(recorder, expected, result.tokens)
+
+
+def test_a_seeded_mixture_samples_from_the_mixture(aligned_path, reference_path, third_path):
+    """Temperature 0.9: the recorded logits still equal the numpy sum step by step."""
+    spec = [(1.5, aligned_path, None), (-0.75, reference_path, None), (0.25, third_path, None)]
+    recorder = LogitsRecorder()
+    sampling = dera_local.SamplingParams(temperature=0.9, seed=5)
+    with load_mixture([(w, p) for w, p, _ in spec], n_ctx=512, n_threads=2) as mixture:
+        prompt = mixture.tokenize(PROMPT)
+        result = mixture.generate(
+            prompt, sampling=sampling, max_tokens=STEPS, logits_observer=recorder.sampler
+        )
+    expected = _expected([(w, p, lo, 0) for w, p, lo in spec], [prompt], result.tokens)
+    _assert_seen(recorder, expected, result.tokens, greedy_check=False)
+
+
+@pytest.mark.filterwarnings("ignore:lam=")
+@pytest.mark.parametrize("lam, scale", [(1.0, 1.5), (0.4, 2.0), (2.0, -0.5), (0.5, 3.0)])
+def test_cfg_over_dera_is_four_terms_of_two_prompts(
+    pair, aligned_path, reference_path, lam, scale, greedy
+):
+    recorder = LogitsRecorder()
+    prompt, negative = pair.tokenize(PROMPT), pair.tokenize(NEGATIVE)
+    result = pair.generate(
+        prompt,
+        lam=lam,
+        sampling=greedy,
+        max_tokens=STEPS,
+        negative_prompt=negative,
+        cfg_scale=scale,
+        logits_observer=recorder.sampler,
+    )
+    terms = [
+        (scale * lam, aligned_path, None, 0),
+        (scale * (1 - lam), reference_path, None, 0),
+        ((1 - scale) * lam, aligned_path, None, 1),
+        ((1 - scale) * (1 - lam), reference_path, None, 1),
+    ]
+    _assert_seen(recorder, _expected(terms, [prompt, negative], result.tokens), result.tokens)
+    assert result.negative_prompt_tokens == negative and result.cfg_scale == scale
+
+
+def test_cfg_scale_1_is_the_prompt_alone_and_0_the_negative_alone(pair, greedy):
+    plain = pair.generate(PROMPT, lam=0.5, sampling=greedy, max_tokens=STEPS)
+    at_1 = pair.generate(
+        PROMPT, lam=0.5, sampling=greedy, max_tokens=STEPS, negative_prompt=NEGATIVE, cfg_scale=1
+    )
+    assert at_1.tokens == plain.tokens
+    negative_alone = pair.generate(NEGATIVE, lam=0.5, sampling=greedy, max_tokens=STEPS)
+    at_0 = pair.generate(
+        PROMPT, lam=0.5, sampling=greedy, max_tokens=STEPS, negative_prompt=NEGATIVE, cfg_scale=0
+    )
+    assert at_0.tokens == negative_alone.tokens
+    assert at_1.tokens != at_0.tokens, "the two prompts must lead the tiny pair apart"
+
+
+def test_one_model_steered_by_its_own_negative_prompt(aligned_path, greedy):
+    recorder = LogitsRecorder()
+    with dera_local.load_pair(aligned_path, aligned_path, n_ctx=512, n_threads=2) as alone:
+        assert alone.identical
+        prompt, negative = alone.tokenize(PROMPT), alone.tokenize(NEGATIVE)
+        result = alone.generate(
+            prompt,
+            sampling=greedy,
+            max_tokens=STEPS,
+            negative_prompt=NEGATIVE,
+            cfg_scale=2.5,
+            logits_observer=recorder.sampler,
+        )
+    terms = [(2.5, aligned_path, None, 0), (-1.5, aligned_path, None, 1)]
+    _assert_seen(recorder, _expected(terms, [prompt, negative], result.tokens), result.tokens)
+
+
+def test_proxy_tuning_is_large_plus_alpha_times_the_small_offset(
+    aligned_path, reference_path, third_path, lora_path, greedy
+):
+    small = dict(lora=lora_path, n_ctx=512, n_threads=2)
+    with load_proxy(third_path, None, reference_path, **small) as proxy:
+        prompt = proxy.tokenize(PROMPT)
+        at_0 = proxy.generate(prompt, lam=0.0, sampling=greedy, max_tokens=STEPS)
+        assert at_0.tokens == solo_greedy(third_path, prompt, STEPS)
+        recorder = LogitsRecorder()
+        result = proxy.generate(
+            prompt, lam=0.8, sampling=greedy, max_tokens=STEPS, logits_observer=recorder.sampler
+        )
+        assert "lam" in proxy.describe()
+    terms = [
+        (1.0, third_path, None, 0),
+        (0.8, reference_path, lora_path, 0),
+        (-0.8, reference_path, None, 0),
+    ]
+    _assert_seen(recorder, _expected(terms, [prompt], result.tokens), result.tokens)
+    assert result.tokens != at_0.tokens
+
+
+def test_a_cfg_chat_reusing_its_caches_equals_rereading_the_history(pair, greedy):
+    session = dera_local.ChatSession(
+        pair, sampling=greedy, max_tokens=10, negative_prompt="Answer rudely.", cfg_scale=2.0
+    )
+    first_stream = session.send("hello there")
+    list(first_stream)
+    first = first_stream.result
+    stream = session.send("and then?")
+    list(stream)
+    second = stream.result
+    # both sequences were cached: each reads only what follows its first turn's prompt
+    # (the tiny model's reply is not valid UTF-8, so its re-rendered text tokenizes anew)
+    assert second.reused_prompt_tokens >= len(first.prompt_tokens)
+    assert second.reused_negative_prompt_tokens >= len(first.negative_prompt_tokens)
+    negative = second.negative_prompt_tokens
+    pair.clear_cache()
+    fresh = pair.generate(
+        second.prompt_tokens,
+        sampling=greedy,
+        max_tokens=10,
+        negative_prompt=negative,
+        cfg_scale=2.0,
+    )
+    assert fresh.reused_prompt_tokens == 0
+    assert fresh.tokens == second.tokens
+    assert pair.detokenize(negative, special=True).count("Answer rudely.") == 1
+
+
+def test_the_native_and_numpy_hooks_give_the_same_mixture(aligned_path, reference_path, greedy):
+    tokens = {}
+    for hook in ("native", "numpy"):
+        with load_mixture(
+            [(1.5, aligned_path), (-0.5, reference_path)], n_ctx=512, n_threads=2, hook=hook
+        ) as mixture:
+            tokens[hook] = mixture.generate(
+                PROMPT,
+                sampling=dera_local.SamplingParams(temperature=0.8, seed=3),
+                max_tokens=STEPS,
+                negative_prompt=NEGATIVE,
+                cfg_scale=1.5,
+            ).tokens
+    assert tokens["native"] == tokens["numpy"]
+
+
+# -- specs and errors -------------------------------------------------------------------
+def test_the_spec_grammar(tmp_path):
+    terms = parse_mix("1.5*a-1.gguf - 0.5*b+c.gguf + c.gguf")
+    assert [(t.weight, t.source.model, t.source.lora) for t in terms] == [
+        (1.5, "a-1.gguf", None),
+        (-0.5, "b", "c.gguf"),
+        (1.0, "c.gguf", None),
+    ]
+    assert parse_mix("-2*x.gguf")[0].weight == -2.0
+    as_json = tmp_path / "mix.json"
+    as_json.write_text(json.dumps({"terms": [{"model": "m.gguf", "weight": -1, "lora": "l.gguf"}]}))
+    [term] = parse_mix(str(as_json))
+    assert (term.weight, term.source.model, term.source.lora) == (
+        -1.0,
+        str(tmp_path / "m.gguf"),
+        str(tmp_path / "l.gguf"),
+    )
+    as_toml = tmp_path / "mix.toml"
+    as_toml.write_text('[[terms]]\nmodel = "m.gguf"\nweight = 2.5\n')
+    assert parse_mix(str(as_toml))[0].weight == 2.5
+
+
+@pytest.mark.parametrize(
+    "spec, message",
+    [
+        ("", "empty"),
+        ("x*a.gguf", "'x' is not a number"),
+        ("inf*a.gguf", "finite"),
+        ("2*", "names no model"),
+    ],
+)
+def test_bad_specs_say_what_is_wrong(spec, message):
+    with pytest.raises(BadParameterError, match=message):
+        parse_mix(spec)
+
+
+def test_bad_spec_files_say_what_is_wrong(tmp_path):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{")
+    with pytest.raises(BadParameterError, match="does not parse"):
+        parse_mix(str(broken))
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps([{"model": "a.gguf", "wieght": 2}]))
+    with pytest.raises(BadParameterError, match="unknown key 'wieght'"):
+        parse_mix(str(unknown))
+    with pytest.raises(BadParameterError, match="cannot read"):
+        parse_mix(str(tmp_path / "missing.toml"))
+
+
+def test_models_with_other_tokenizers_are_refused_naming_the_token(aligned_path, other_vocab_path):
+    with pytest.raises(IncompatibleModelsError, match="token 257") as caught:
+        load_mixture([(1.0, aligned_path), (0.5, other_vocab_path)])
+    assert "\n" not in str(caught.value)
+
+
+def test_weights_summing_to_zero_warn(aligned_path, reference_path):
+    contrast = [(1.0, aligned_path), (-1.0, reference_path)]
+    with pytest.warns(UserWarning, match="sum to 0"), load_mixture(contrast, n_ctx=256) as mixture:
+        assert mixture.source_weights(1.0) == [1.0, -1.0]
+
+
+def test_a_fixed_mixture_refuses_lam_and_a_scale_needs_a_negative_prompt(aligned_path, pair):
+    with (
+        load_mixture([(2.0, aligned_path)], n_ctx=256) as mixture,
+        pytest.raises(BadParameterError, match="lam does not apply"),
+    ):
+        mixture.generate(PROMPT, lam=0.5)
+    with pytest.raises(BadParameterError, match="needs a negative prompt"):
+        pair.generate(PROMPT, cfg_scale=2.0)
+    with pytest.raises(BadParameterError, match="CFG scale must be between"):
+        pair.generate(PROMPT, negative_prompt="x", cfg_scale=float("nan"))
