@@ -149,6 +149,10 @@ class BatchDecoder:
         self.close()
 
     @property
+    def free_sequences(self) -> list[int]:
+        return sorted(self._free)
+
+    @property
     def free_slots(self) -> int:
         return self.n_slots - len(self.live)
 
@@ -262,14 +266,16 @@ class BatchDecoder:
         self.cached[seq_id] = prompt[:shared]
         return shared
 
-    def share_prefix(self, tokens: Sequence[int]) -> None:
-        """Reads `tokens` once into the first free sequence and shares them with every
-        free sequence (a unified KV cache stores them once): prompts that start with
-        them then read only the rest (a lam sweep over one prompt)."""
+    def share_prefix(self, tokens: Sequence[int], sequences: Sequence[int] | None = None) -> None:
+        """Reads `tokens` once into the first of `sequences` (default: every free one)
+        and shares them with the rest (a unified KV cache stores them once): prompts
+        that start with them then read only the rest (a lam sweep over one prompt, and
+        over its negative prompt in other sequences)."""
         tokens = list(tokens)
-        if not tokens or not self._free:
+        targets = sorted(self._free) if sequences is None else list(sequences)
+        if not tokens or not targets:
             return
-        first = min(self._free)
+        first = targets[0]
         for ctx in self.contexts:
             ctx.remove_positions(first, 0)
         chunk_size = self.n_batch
@@ -279,7 +285,7 @@ class BatchDecoder:
             for ctx in self.contexts:
                 ctx.decode_batch(self.batch)
         self.cached[first] = tokens
-        for seq_id in self._free - {first}:
+        for seq_id in targets[1:]:
             for ctx in self.contexts:
                 ctx.remove_positions(seq_id, 0)
                 ctx.copy_sequence(first, seq_id)

@@ -140,6 +140,11 @@ class DeraPair(ModelSet):
             self._scoring = self.open_contexts(self.n_ctx, n_seq_max=1, n_outputs_max=n_batch)
         return self._scoring
 
+    def scoring_source_contexts(self) -> list[Context]:
+        """scoring_contexts, one per source (one model alone: one)."""
+        contexts = self.scoring_contexts()
+        return [contexts[0]] if self.identical else list(contexts)
+
     def clear_cache(self) -> None:
         """Forgets the cached prefix: the next call re-reads its whole prompt."""
         self.lockstep.clear()

@@ -324,6 +324,7 @@ class Mixture(ModelSet):
         self.depends_on_lam = any(t.lam_weight for t in terms)
         self.guard = PairGuard()
         self._slots = SlotRunner(self)
+        self._scoring: list[Context] | None = None
 
     def describe(self) -> str:
         """The mixture as a formula, e.g. '1*large.gguf + lam*tuned.gguf - lam*base.gguf'."""
@@ -335,6 +336,8 @@ class Mixture(ModelSet):
         if not self.guard.close():
             return
         self._slots.close()
+        for ctx in self._scoring or ():
+            ctx.close()
         for model in {id(s.model): s.model for s in self.sources}.values():
             model.close()
         backend.return_freed_memory()
@@ -371,6 +374,12 @@ class Mixture(ModelSet):
                 ctx.close()
             raise
         return contexts
+
+    def scoring_source_contexts(self) -> list[Context]:
+        """Contexts returning logits at every position (teacher forcing), kept."""
+        if self._scoring is None:
+            self._scoring = self.open_source_contexts(self.n_ctx, 1, self.n_batch)
+        return self._scoring
 
     # -- generation -----------------------------------------------------------------------
     def stream(

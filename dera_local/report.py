@@ -21,18 +21,20 @@ def standard_error(values: Sequence[float]) -> float | None:
 
 
 def summarize(rows: Sequence[SweepRow]) -> list[dict]:
-    """One dict per lam (in first-seen order): n, mean tokens, mean KL and mean reward,
-    each mean with its standard error."""
-    by_lam: dict[float, list[SweepRow]] = {}
+    """One dict per lam (per (lam, cfg_scale) in a sweep over CFG scales; in first-seen
+    order): n, mean tokens, mean KL and mean reward, each mean with its standard error."""
+    by_point: dict[tuple[float, float | None], list[SweepRow]] = {}
     for row in rows:
-        by_lam.setdefault(row.lam, []).append(row)
+        by_point.setdefault((row.lam, row.cfg_scale), []).append(row)
+    guided = any(scale is not None for _, scale in by_point)
     summary = []
-    for lam, mine in by_lam.items():
+    for (lam, scale), mine in by_point.items():
         kls = [r.kl_to_reference for r in mine]
         rewards = [r.reward for r in mine if r.reward is not None]
         summary.append(
             {
                 "lam": lam,
+                **({"cfg_scale": scale} if guided else {}),
                 "n": len(mine),
                 "mean_kl_to_reference": statistics.fmean(kls),
                 "se_kl_to_reference": standard_error(kls),
@@ -108,13 +110,18 @@ def plot(
     if markers:
         axes.legend(loc="lower right", fontsize="small")
     figure.tight_layout()
-    place_labels(axes, [f"λ={s['lam']:g}" for s in summary], xs, ys)
+    place_labels(axes, [_point_label(s) for s in summary], xs, ys)
     try:
         figure.savefig(path, dpi=120)
     except OSError as exc:
         raise DeraError(f"cannot write {path}: {exc.strerror}") from None
     finally:
         plt.close(figure)
+
+
+def _point_label(entry: dict) -> str:
+    scale = entry.get("cfg_scale")
+    return f"λ={entry['lam']:g}" + ("" if scale is None else f" s={scale:g}")
 
 
 # Where a label may sit relative to its point, in points, tried in this order.

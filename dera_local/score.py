@@ -19,7 +19,8 @@ import numpy as np
 from .backend import Context, TokenBatch
 from .engine import DeraPair
 from .errors import BadParameterError
-from .mixing import NATIVE, _native, mix_numpy
+from .guidance import guidance_for, mixture_terms
+from .mixing import NATIVE, _native, mix_numpy, mix_terms_numpy, validate_lam
 from .sweep import parse_lambdas
 
 
@@ -127,16 +128,29 @@ def teacher_forced_logits(
     with response positions, (aligned logits, reference logits, target tokens): row i
     holds the logits that predict target i. The rows are views of llama.cpp's buffers,
     valid until the next chunk: copy what must outlive the loop."""
+    for rows, targets in teacher_forced_rows(
+        pair, pair.scoring_contexts(), prompt_tokens, response_tokens
+    ):
+        yield rows[0], rows[1], targets
+
+
+def teacher_forced_rows(
+    models,
+    contexts: Sequence[Context],
+    prompt_tokens: Sequence[int],
+    response_tokens: Sequence[int],
+) -> Iterator[tuple[list[np.ndarray], np.ndarray]]:
+    """teacher_forced_logits for any contexts of a model set: yields (one logits view per
+    context, target tokens) per chunk."""
     tokens = list(prompt_tokens) + list(response_tokens)
     if not response_tokens:
         raise BadParameterError("the response is empty: nothing to score")
-    pair.check_prompt(list(prompt_tokens))
-    if len(tokens) > pair.n_ctx:
+    models.check_prompt(list(prompt_tokens))
+    if len(tokens) > models.n_ctx:
         raise BadParameterError(
-            f"prompt and response have {len(tokens)} tokens but the context holds {pair.n_ctx}",
+            f"prompt and response have {len(tokens)} tokens but the context holds {models.n_ctx}",
             cli_hint="raise -c",
         )
-    contexts = pair.scoring_contexts()
     for ctx in contexts:
         ctx.clear()
     first_output = len(prompt_tokens) - 1  # position whose logits predict response[0]
@@ -154,11 +168,11 @@ def teacher_forced_logits(
             rows = []
             for ctx in contexts:
                 ctx.decode_batch(batch)
-                rows.append(_output_rows(ctx, n_rows, pair.n_vocab) if n_rows else None)
+                rows.append(_output_rows(ctx, n_rows, models.n_vocab) if n_rows else None)
             if n_rows:
                 first = max(start, first_output)
                 targets = np.asarray(tokens[first + 1 : first + 1 + n_rows], dtype=np.int32)
-                yield rows[0], rows[1], targets
+                yield rows, targets
     finally:
         batch.close()
 
@@ -193,3 +207,82 @@ def score(
         )
         for i, lam in enumerate(grid)
     ]
+
+
+def _response_logits(models, contexts, prompt_tokens, response_tokens):
+    """Per context, float32 [n_response, n_vocab] teacher-forced logits (copies)."""
+    parts: list[list[np.ndarray]] = [[] for _ in contexts]
+    targets = []
+    for rows, chunk_targets in teacher_forced_rows(
+        models, contexts, prompt_tokens, response_tokens
+    ):
+        for part, row in zip(parts, rows, strict=True):
+            part.append(row.copy())
+        targets.append(chunk_targets)
+    return [np.concatenate(p) for p in parts], np.concatenate(targets)
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    peak = x.max(axis=-1, keepdims=True)
+    return x - peak - np.log(np.exp(x - peak).sum(axis=-1, keepdims=True))
+
+
+def score_mixture(
+    models,
+    prompt: str | Sequence[int],
+    response: str | Sequence[int],
+    lambdas: Sequence[float] = (1.0,),
+    *,
+    negative_prompt: str | Sequence[int] | None = None,
+    cfg_scale: float = 1.0,
+) -> list[ScoreRow]:
+    """Scores `response` under any model set's mixture (a Mixture, a proxy-tuned model,
+    or a pair with a negative prompt) at each lam: per-token log-likelihood and KL to the
+    sources its logprobs call aligned and reference (for a proxy: the small tuned and
+    base models), each on the positive prompt. The rows are mixed with the same float32
+    rules as generation (mixing.mix_terms_numpy), then normalised in float64."""
+    check_lam = getattr(models, "check_lam", validate_lam)
+    grid = [check_lam(lam) for lam in parse_lambdas(lambdas)]
+    prompt_tokens = models.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+    response_tokens = (
+        models.tokenize(response, add_special=False)
+        if isinstance(response, str)
+        else list(response)
+    )
+    guidance = guidance_for(models, negative_prompt, cfg_scale)
+    contexts = models.scoring_source_contexts()
+    rows_by_prompt = [_response_logits(models, contexts, prompt_tokens, response_tokens)[0]]
+    targets = np.asarray(response_tokens, dtype=np.int64)
+    if guidance is not None:
+        negative = list(guidance.negative_tokens)
+        rows_by_prompt.append(_response_logits(models, contexts, negative, response_tokens)[0])
+    aligned, reference = models.logprob_sources
+    log_pa = _log_softmax(rows_by_prompt[0][aligned])
+    log_pr = _log_softmax(rows_by_prompt[0][reference])
+    positions = np.arange(len(targets))
+    results = []
+    for lam in grid:
+        terms = mixture_terms(
+            models.source_weights(lam), None if guidance is None else guidance.scale
+        )
+        mixed = np.empty_like(rows_by_prompt[0][0])
+        mix_terms_numpy(
+            mixed,
+            [rows_by_prompt[t.prompt][t.source] for t in terms],
+            [t.weight for t in terms],
+        )
+        log_p = _log_softmax(mixed)
+        p = np.exp(log_p)
+        with np.errstate(invalid="ignore"):  # p = 0 where log p = -inf: no contribution
+            kl_r = np.where(p > 0, p * (log_p - log_pr), 0.0).sum(-1)
+            kl_a = np.where(p > 0, p * (log_p - log_pa), 0.0).sum(-1)
+        results.append(
+            ScoreRow(
+                float(lam),
+                log_p[positions, targets].tolist(),
+                kl_r.tolist(),
+                kl_a.tolist(),
+            )
+        )
+    return results

@@ -16,28 +16,38 @@ from dataclasses import dataclass
 from .batch import BatchDecoder, Slot
 from .engine import DeraPair
 from .errors import BadParameterError, DeraError
+from .guidance import guidance_for, validate_cfg_scale
 from .mixing import validate_lam
 from .sampling import SamplingParams
 
 
 def parse_lambdas(values: str | Iterable[float]) -> list[float]:
     """'0,0.5,1' or numbers -> a checked list: non-empty, finite, no duplicates."""
+    return _parse_grid(values, validate_lam, "lambda list", "0,0.5,1")
+
+
+def parse_cfg_scales(values: str | Iterable[float]) -> list[float]:
+    """'1,1.5,3' or numbers -> a checked list of CFG scales, as parse_lambdas."""
+    return _parse_grid(values, validate_cfg_scale, "CFG scale list", "1,1.5,3")
+
+
+def _parse_grid(values, validate, what: str, example: str) -> list[float]:
     if isinstance(values, str):
         parts = [v.strip() for v in values.split(",") if v.strip()]
         try:
             values = [float(v) for v in parts]
         except ValueError:
             raise BadParameterError(
-                f"the lambda list must be numbers separated by commas, got {values!r}"
+                f"the {what} must be numbers separated by commas, got {values!r}"
             ) from None
-    lambdas = [validate_lam(v) for v in values]
-    if not lambdas:
-        raise BadParameterError("the lambda list is empty; give e.g. 0,0.5,1")
-    duplicates = sorted({v for v in lambdas if lambdas.count(v) > 1})
+    grid = [validate(v) for v in values]
+    if not grid:
+        raise BadParameterError(f"the {what} is empty; give e.g. {example}")
+    duplicates = sorted({v for v in grid if grid.count(v) > 1})
     if duplicates:
         repeated = ", ".join(f"{v:g}" for v in duplicates)
-        raise BadParameterError(f"the lambda list repeats {repeated}")
-    return lambdas
+        raise BadParameterError(f"the {what} repeats {repeated}")
+    return grid
 
 
 @dataclass
@@ -55,6 +65,7 @@ class SweepRow:
     logprob_mixture: float
     reward: float | None = None
     end_token: int | None = None  # the end-of-generation token sampled last (in the sums)
+    cfg_scale: float | None = None  # with a negative prompt: the guidance scale
 
     @property
     def kl_to_reference(self) -> float:
@@ -63,22 +74,40 @@ class SweepRow:
 
 
 class LambdaSweep:
-    """Batched contexts for one lam grid over a loaded pair (the weights are shared): one
-    BatchDecoder slot per lam, all starting from one shared read of the prompt."""
+    """Batched contexts for one lam grid over a loaded model set (the weights are
+    shared): one BatchDecoder slot per lam, all starting from one shared read of the
+    prompt. With `cfg_scales`, one slot per (lam, scale) point, each also reading the
+    negative prompt given to run()."""
 
-    def __init__(self, pair: DeraPair, lambdas: Sequence[float], *, max_tokens: int = 256):
+    def __init__(
+        self,
+        pair: DeraPair,
+        lambdas: Sequence[float],
+        *,
+        max_tokens: int = 256,
+        cfg_scales: Sequence[float] | None = None,
+    ):
         self.pair = pair
         self.lambdas = parse_lambdas(lambdas)
+        self.cfg_scales = None if cfg_scales is None else parse_cfg_scales(cfg_scales)
+        check_lam = getattr(pair, "check_lam", None)  # a fixed-weight mixture: lam 1 only
+        if check_lam is not None:
+            for lam in self.lambdas:
+                check_lam(lam)
         if max_tokens <= 0:
             raise BadParameterError("max_tokens must be positive for a sweep")
         self.max_tokens = max_tokens
-        n = len(self.lambdas)
-        # Room for one shared prompt plus every sequence's own tokens.
+        self.points = [(lam, s) for lam in self.lambdas for s in self.cfg_scales or [None]]
+        n = len(self.points)
+        prompts = 1 if self.cfg_scales is None else 2
+        # Room for one shared prompt (and one shared negative prompt) plus every
+        # sequence's own tokens.
         self.decoder = BatchDecoder(
             pair,
             n,
             n_ctx_per_slot=pair.n_ctx,
-            n_ctx_total=pair.n_ctx + n * (max_tokens + 1),
+            n_ctx_total=prompts * (pair.n_ctx + n * (max_tokens + 1)),
+            prompts_per_slot=prompts,
         )
 
     def close(self) -> None:
@@ -97,17 +126,33 @@ class LambdaSweep:
         sampling: SamplingParams | None = None,
         stop: Sequence[str] = (),
         prompt_id: str = "0",
+        negative_prompt: str | Sequence[int] | None = None,
     ) -> list[SweepRow]:
-        """Decodes the prompt at every lam of the grid; rows in grid order."""
+        """Decodes the prompt at every point of the grid; rows in grid order (lam-major).
+        A negative prompt is needed exactly when the sweep has CFG scales."""
         pair = self.pair
         sampling = (sampling or SamplingParams()).with_seed()
         tokens = pair.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         pair.check_prompt(tokens)
+        if (negative_prompt is None) != (self.cfg_scales is None):
+            raise BadParameterError(
+                "a sweep over CFG scales needs a negative prompt, and a negative prompt "
+                "needs CFG scales to sweep",
+                cli_hint="give both --cfg-negative-prompt and --cfg-scales",
+            )
         decoder = self.decoder
-        decoder.share_prefix(tokens[:-1])
+        guides = {}
+        if self.cfg_scales is not None:
+            guides = {s: guidance_for(pair, negative_prompt, s) for s in self.cfg_scales}
+            negative_tokens = list(guides[self.cfg_scales[0]].negative_tokens)
+            free, n = decoder.free_sequences, len(self.points)
+            decoder.share_prefix(tokens[:-1], free[:n])
+            decoder.share_prefix(negative_tokens[:-1], free[n:])
+        else:
+            decoder.share_prefix(tokens[:-1])
         slots = []
         try:
-            for lam in self.lambdas:
+            for lam, scale in self.points:
                 slots.append(
                     decoder.admit(
                         tokens,
@@ -116,6 +161,9 @@ class LambdaSweep:
                         max_tokens=self.max_tokens,
                         stop=stop,
                         logprobs=True,
+                        guidance=None
+                        if scale is None
+                        else guidance_for(pair, negative_prompt, scale),
                     )
                 )
             while any(slot.finish_reason is None for slot in slots):
@@ -138,6 +186,7 @@ def _row(slot: Slot, prompt_id: str) -> SweepRow:
         logprob_reference=sums["reference"],
         logprob_mixture=sums["mixture"],
         end_token=slot.output.end_token,
+        cfg_scale=slot.cfg_scale,
     )
 
 
@@ -150,12 +199,18 @@ def sweep(
     max_tokens: int = 256,
     stop: Sequence[str] = (),
     reward: Callable[[str], float] | None = None,
+    cfg_scales: Sequence[float] | None = None,
+    negative_prompt: str | Sequence[int] | None = None,
 ) -> Iterator[SweepRow]:
-    """Yields rows for (prompt_id, prompt) pairs, every lam per prompt, in one batched
-    pair of contexts; `reward` (text -> float) fills each row's reward."""
-    with LambdaSweep(pair, lambdas, max_tokens=max_tokens) as runner:
-        for prompt_id, prompt in prompts:
-            for row in runner.run(prompt, sampling=sampling, stop=stop, prompt_id=prompt_id):
+    """Yields rows for (prompt_id, prompt) pairs, every lam (and CFG scale) per prompt, in
+    one batched set of contexts; `reward` (text -> float) fills each row's reward. An
+    item may be (prompt_id, prompt, negative_prompt) to give each its own negative."""
+    with LambdaSweep(pair, lambdas, max_tokens=max_tokens, cfg_scales=cfg_scales) as runner:
+        for prompt_id, prompt, *own_negative in prompts:
+            negative = own_negative[0] if own_negative else negative_prompt
+            for row in runner.run(
+                prompt, sampling=sampling, stop=stop, prompt_id=prompt_id, negative_prompt=negative
+            ):
                 if reward is not None:
                     row.reward = _checked_reward(reward, row.text)
                 yield row

@@ -10,6 +10,7 @@ from ..catalog import find_pair
 from ..errors import DeraError
 from ..gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
 from ..mixing import LogitMixer
+from ..mixture import parse_mix
 from ..resolve import model_path, resolve_models
 from .options import draft_options, hook_option, model_source_options, speculation_from
 
@@ -42,6 +43,42 @@ def _info_sources(
     return tuple(model_path(spec) if spec else None for spec in (aligned, reference, lora))
 
 
+def _mixture_lines(mix: str | None, proxy_base: str | None, reference) -> tuple[list, object]:
+    """Lines for the models of --mix or --proxy-base, and the first incompatibility."""
+    lines: list[str] = []
+    sources = []
+    if mix is not None:
+        for index, term in enumerate(parse_mix(mix)):
+            sources.append((f"term {index} (weight {term.weight:g})", term.source.model))
+            if term.source.lora:
+                sources.append(("  its LoRA adapter", term.source.lora))
+    if proxy_base is not None:
+        sources.append(("proxy base (the model steered)", proxy_base))
+    first = reference
+    for role, spec in sources:
+        expect = "adapter" if role.strip().startswith("its LoRA") else "model"
+        info = read_gguf(model_path(spec), expect=expect)
+        lines += _describe(role, info) if expect == "model" else [f"{role}: {info.path}"]
+        if expect != "model":
+            continue
+        if first is None:
+            first = info
+            continue
+        try:
+            check_same_tokenizer(
+                first,
+                info,
+                (first.path.name, info.path.name),
+                "mixed models must share one tokenizer",
+            )
+        except DeraError as exc:
+            lines.append("compatibility: INCOMPATIBLE")
+            return lines, exc
+    if sources:
+        lines.append("compatibility: OK, one tokenizer across the mixture")
+    return lines, None
+
+
 @click.command()
 @model_source_options
 @draft_options
@@ -56,13 +93,19 @@ def info(
     draft_max: int,
     draft_min: int,
     hook: str | None,
+    proxy_base: str | None,
+    mix: str | None,
 ) -> None:
     """Show both models, the compatibility verdict, the mixing path and llama.cpp's build.
 
-    With no model flags, shows the built-in demo pair when it is installed."""
+    With no model flags, shows the built-in demo pair when it is installed; with --mix,
+    every model of the mixture; with --proxy-base, the steered model too."""
     import llama_cpp
 
-    aligned, reference, lora = _info_sources(aligned, reference, lora, pair, quant)
+    if mix is not None:
+        aligned = reference = lora = None
+    else:
+        aligned, reference, lora = _info_sources(aligned, reference, lora, pair, quant)
     catalog_lines = []
     if pair:
         entry = find_pair(pair)
@@ -118,8 +161,13 @@ def info(
             lines.append("compatibility: INCOMPATIBLE")
         else:
             lines.append("compatibility: OK, one tokenizer (ids, texts, types, BOS/EOS/EOT)")
+    extra_lines, extra_error = _mixture_lines(mix, proxy_base, infos.get("reference"))
+    lines += extra_lines
+    verdict_error = verdict_error or extra_error
     speculation = speculation_from(draft_max, draft_min)
-    if not speculation.enabled:
+    if mix is not None or proxy_base is not None:
+        lines.append("speculation: off (mixtures beyond a pair decode one token per step)")
+    elif not speculation.enabled:
         lines.append("speculation: off (--draft-max 0)")
     elif draft_model:
         draft = read_gguf(model_path(draft_model))

@@ -236,7 +236,7 @@ sampling_options = _stack(
 )
 
 
-cfg_options = _stack(
+negative_prompt_options = _stack(
     click.option(
         "--cfg-negative-prompt",
         "negative_prompt",
@@ -252,6 +252,10 @@ cfg_options = _stack(
         default=None,
         help="Read the negative prompt from a file.",
     ),
+)
+
+cfg_options = _stack(
+    negative_prompt_options,
     click.option(
         "--cfg-scale",
         type=float,
@@ -270,6 +274,16 @@ def negative_prompt_from(negative_prompt: str | None, negative_prompt_file: str 
     if negative_prompt_file is not None:
         return read_text_file(negative_prompt_file, "negative prompt file")
     return negative_prompt
+
+
+DEFAULT_LAM_GRID = (0.0, 0.5, 1.0, 1.5, 2.0)
+
+
+def lam_grid(models, grid: list[float] | None) -> list[float]:
+    """The --lambdas grid, or the default: 0..2 (lam 1 alone for a fixed-weight --mix)."""
+    if grid is not None:
+        return grid
+    return [1.0] if getattr(models, "depends_on_lam", True) is False else list(DEFAULT_LAM_GRID)
 
 
 def speculation_from(draft_max: int, draft_min: int) -> SpeculationParams:
@@ -393,8 +407,10 @@ def split_options(kwargs: dict) -> tuple[dict, dict, dict]:
 
 __all__ = [
     "cfg_options",
+    "lam_grid",
     "draft_options",
     "negative_prompt_from",
+    "negative_prompt_options",
     "hook_option",
     "model_options",
     "model_source_options",

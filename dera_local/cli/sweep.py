@@ -11,21 +11,31 @@ import click
 from ..datafiles import load_reward, read_prompts
 from ..errors import DeraError
 from ..report import plot, summarize, write_csv
-from ..sweep import parse_lambdas, sweep
+from ..sweep import parse_cfg_scales, parse_lambdas, sweep
 from .options import (
+    lam_grid,
     model_options,
+    negative_prompt_from,
+    negative_prompt_options,
     open_output,
     open_pair,
     sampling_from,
     sampling_options,
     split_options,
 )
-from .prompts import chat_options, hint_if_raw_prompts_ended_at_once, prompt_encoder
+from .prompts import (
+    chat_options,
+    hint_if_raw_prompts_ended_at_once,
+    negative_for,
+    prompt_encoder,
+)
 
 
 @click.command("sweep")
 @click.option(
-    "--lambdas", default="0,0.5,1,1.5,2", show_default=True, help="Comma-separated lam grid."
+    "--lambdas",
+    default=None,
+    help="Comma-separated lam grid (default 0,0.5,1,1.5,2; 1 for a fixed --mix).",
 )
 @click.option(
     "--prompts",
@@ -42,11 +52,21 @@ from .prompts import chat_options, hint_if_raw_prompts_ended_at_once, prompt_enc
     default=None,
     help="Draw mean reward against KL(pi_lam||pi_ref) to this PNG (needs --reward).",
 )
+@click.option(
+    "--cfg-scales",
+    default=None,
+    help="Also sweep classifier-free guidance over these scales (comma-separated; needs "
+    "--cfg-negative-prompt): one row per (prompt, lam, scale).",
+)
+@negative_prompt_options
 @chat_options
 @model_options
 @sampling_options
 def sweep_command(
-    lambdas: str,
+    lambdas: str | None,
+    cfg_scales: str | None,
+    negative_prompt: str | None,
+    negative_prompt_file: str | None,
     prompts_file: str,
     out: str | None,
     reward: str | None,
@@ -58,26 +78,35 @@ def sweep_command(
 ) -> None:
     """Decode each prompt at every lam in one batch; one JSONL row per (prompt, lam)."""
     model, sampling, rest = split_options(kwargs)
-    grid = parse_lambdas(lambdas)
+    grid = parse_lambdas(lambdas) if lambdas is not None else None
+    scales = parse_cfg_scales(cfg_scales) if cfg_scales is not None else None
+    negative = negative_prompt_from(negative_prompt, negative_prompt_file)
+    if (scales is None) != (negative is None):
+        raise DeraError("--cfg-scales and --cfg-negative-prompt go together: give both")
     prompts = read_prompts(prompts_file)
     reward_fn = load_reward(reward) if reward else None
     if plot_path and reward_fn is None:
         raise DeraError("--plot needs --reward: the picture is reward against KL")
     params = sampling_from(**sampling)
     rows = []
-    with open_pair(**model) as pair, open_output(out) as sink:
+    with open_pair(**model, one_model_ok=negative is not None) as pair, open_output(out) as sink:
+        grid = lam_grid(pair, grid)
         encode = prompt_encoder(pair, chat, system, [p for _, p in prompts])
         generator = sweep(
             pair,
-            ((prompt_id, encode(prompt)) for prompt_id, prompt in prompts),
+            (
+                (prompt_id, encode(prompt), negative_for(encode, chat, prompt, negative))
+                for prompt_id, prompt in prompts
+            ),
             grid,
+            cfg_scales=scales,
             sampling=params,
             max_tokens=rest["max_tokens"],
             stop=rest["stop"],
             reward=reward_fn,
         )
         with click.progressbar(
-            length=len(prompts) * len(grid), label="sweep", file=sys.stderr
+            length=len(prompts) * len(grid) * len(scales or [1]), label="sweep", file=sys.stderr
         ) as bar:
             for row in generator:
                 rows.append(row)
@@ -90,8 +119,9 @@ def sweep_command(
     summary = summarize(rows)
     for entry in summary:
         reward_text = "" if entry["mean_reward"] is None else f"  reward {entry['mean_reward']:.3f}"
+        scale = "" if entry.get("cfg_scale") is None else f" cfg {entry['cfg_scale']:g}"
         click.echo(
-            f"lam {entry['lam']:g}: KL {entry['mean_kl_to_reference']:.3f}  "
+            f"lam {entry['lam']:g}{scale}: KL {entry['mean_kl_to_reference']:.3f}  "
             f"tokens {entry['mean_tokens']:.1f}{reward_text}",
             err=True,
         )
