@@ -9,7 +9,7 @@ import json
 
 import numpy as np
 import pytest
-from reference_impl import LogitsRecorder, solo_greedy, solo_logits_stepwise
+from reference_impl import LogitsRecorder, solo_greedy, solo_logits, solo_logits_stepwise
 from tiny_models import write_tiny_model
 
 import dera_local
@@ -294,3 +294,132 @@ def test_a_fixed_mixture_refuses_lam_and_a_scale_needs_a_negative_prompt(aligned
         pair.generate(PROMPT, cfg_scale=2.0)
     with pytest.raises(BadParameterError, match="CFG scale must be between"):
         pair.generate(PROMPT, negative_prompt="x", cfg_scale=float("nan"))
+
+
+# -- sweep, score, CLI ------------------------------------------------------------------
+def test_a_cfg_sweep_row_equals_its_solo_guided_generation(pair):
+    from dera_local.sweep import sweep
+
+    sampling = dera_local.SamplingParams(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0, seed=4)
+    rows = list(
+        sweep(
+            pair,
+            [("a", PROMPT), ("b", "hello")],
+            [0.5, 1.0],
+            cfg_scales=[1.0, 2.0],
+            negative_prompt=NEGATIVE,
+            sampling=sampling,
+            max_tokens=10,
+        )
+    )
+    assert [(r.prompt_id, r.lam, r.cfg_scale) for r in rows[:4]] == [
+        ("a", 0.5, 1.0), ("a", 0.5, 2.0), ("a", 1.0, 1.0), ("a", 1.0, 2.0)
+    ]  # fmt: skip
+    for row in rows:
+        prompt = PROMPT if row.prompt_id == "a" else "hello"
+        alone = pair.generate(
+            prompt,
+            lam=row.lam,
+            sampling=sampling,
+            max_tokens=10,
+            negative_prompt=NEGATIVE,
+            cfg_scale=row.cfg_scale,
+        )
+        assert row.tokens == alone.tokens, (row.prompt_id, row.lam, row.cfg_scale)
+    with pytest.raises(BadParameterError, match="needs a negative prompt"):
+        list(sweep(pair, [("a", PROMPT)], [1.0], cfg_scales=[2.0]))
+
+
+def _log_softmax(x):
+    x = x.astype(np.float64)
+    return (
+        x
+        - x.max(-1, keepdims=True)
+        - np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    )  # noqa: E501
+
+
+def test_scoring_under_cfg_equals_numpy_on_each_model_alone(pair, aligned_path, reference_path):
+    from dera_local.score import score_mixture
+
+    prompt, negative = pair.tokenize(PROMPT), pair.tokenize(NEGATIVE)
+    response = pair.tokenize(" jumps over the lazy dog", add_special=False)
+    [row] = score_mixture(pair, prompt, response, [0.7], negative_prompt=negative, cfg_scale=1.5)
+
+    def rows(path, head):
+        logits = solo_logits(path, head + response)
+        return logits[len(head) - 1 : len(head) - 1 + len(response)].astype(np.float64)
+
+    mixed = 1.5 * (0.7 * rows(aligned_path, prompt) + 0.3 * rows(reference_path, prompt)) - 0.5 * (
+        0.7 * rows(aligned_path, negative) + 0.3 * rows(reference_path, negative)
+    )
+    log_p = _log_softmax(mixed)
+    expected = log_p[np.arange(len(response)), response]
+    np.testing.assert_allclose(row.token_logprobs, expected, atol=2e-3)
+    p = np.exp(log_p)
+    kl_reference = (p * (log_p - _log_softmax(rows(reference_path, prompt)))).sum(-1)
+    np.testing.assert_allclose(row.kl_reference, kl_reference, atol=2e-3)
+
+
+def test_cli_one_model_with_a_negative_prompt_reports_its_ids(monkeypatch, aligned_path):
+    from click.testing import CliRunner
+
+    from dera_local.cli import cli
+
+    for name in ("DERA_ALIGNED", "DERA_REFERENCE", "DERA_LORA"):
+        monkeypatch.delenv(name, raising=False)
+    args = ["generate", PROMPT, "-m", str(aligned_path), "--json", "--temp", "0", "-n", "8"]
+    result = CliRunner().invoke(cli, [*args, "--cfg-negative-prompt", NEGATIVE, "--cfg-scale", "2"])
+    assert result.exit_code == 0, result.stderr
+    data = json.loads(result.stdout)
+    with dera_local.load_pair(aligned_path, aligned_path, n_ctx=512) as alone:
+        assert data["negative_prompt_tokens"] == alone.tokenize(NEGATIVE)
+        expected = alone.generate(
+            PROMPT,
+            sampling=dera_local.SamplingParams(temperature=0),
+            max_tokens=8,
+            negative_prompt=NEGATIVE,
+            cfg_scale=2.0,
+        )
+    assert data["tokens"] == expected.tokens and data["cfg_scale"] == 2.0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["generate", "hi", "--cfg-scale", "2"], "needs a negative prompt"),
+        (["generate", "hi", "--mix", "x*a.gguf"], "'x' is not a number"),
+        (["generate", "hi", "--mix", "2*a.gguf", "-m", "b.gguf"], "--mix names every model"),
+        (["sweep", "--prompts", "-", "--cfg-scales", "1,2"], "go together"),
+        (["generate", "hi", "--cfg-negative-prompt", "x", "--cfg-scale", "inf"], "CFG scale"),
+    ],
+)
+def test_cli_bad_mixture_input_is_one_line(run, args, message):
+    result = run(*args)
+    assert result.exit_code == 1
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_cli_mix_and_proxy_run_and_equal_the_python_api(run, aligned_path, reference_path, greedy):
+    spec = f"1.5*{aligned_path} - 0.5*{reference_path}"
+    result = run("generate", PROMPT, "--mix", spec, "--json", "--temp", "0", "-n", "8")
+    assert result.exit_code == 0, result.stderr
+    with load_mixture(spec, n_ctx=512) as mixture:
+        assert (
+            json.loads(result.stdout)["tokens"]
+            == mixture.generate(PROMPT, sampling=greedy, max_tokens=8).tokens
+        )
+    proxy = run(
+        "generate", PROMPT, "--proxy-base", str(reference_path), "--lam", "0",
+        "--json", "--temp", "0", "-n", "8",
+    )  # fmt: skip
+    assert proxy.exit_code == 0, proxy.stderr
+    prompt = json.loads(proxy.stdout)["prompt_tokens"]
+    assert json.loads(proxy.stdout)["tokens"] == solo_greedy(reference_path, prompt, 8)
+
+
+def test_chat_commands_set_the_negative_prompt_and_scale(run):
+    result = run("chat", "--temp", "0", "-n", "4", stdin="/cfg 2\n/negative Be rude.\n/cfg 2\nhi\n")
+    assert result.exit_code == 0, result.stderr
+    assert "set /negative TEXT first" in result.stderr
+    assert "negative prompt set" in result.stderr and "cfg scale = 2" in result.stderr

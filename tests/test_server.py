@@ -132,6 +132,39 @@ def test_lam_zero_is_the_reference_alone(client, pair, reference_path):
     )
 
 
+def test_negative_prompt_fields_match_the_python_api(client, pair, greedy):
+    """dera_negative_prompt is the negative sequence's system message in chat (the same
+    turns otherwise) and plain text for completions; each answer equals DeraPair's."""
+    from dera_local import ChatTemplate
+
+    template = ChatTemplate.for_pair(pair)
+    negative = template.tokens(pair, [{"role": "system", "content": "Be rude."}, *CHAT])
+    expected = pair.generate(
+        template.tokens(pair, CHAT),
+        lam=0.5,
+        sampling=greedy,
+        max_tokens=12,
+        negative_prompt=negative,
+        cfg_scale=2.5,
+    )
+    reply = _chat(client, lam=0.5)  # warm the slot without guidance first
+    guided_body = {"dera_lambda": 0.5, "dera_negative_prompt": "Be rude.", "dera_cfg_scale": 2.5}
+    reply = client.chat.completions.create(
+        model="dera-local", messages=CHAT, temperature=0, max_tokens=12, extra_body=guided_body
+    )
+    assert reply.choices[0].message.content == expected.text
+    assert expected.text != _chat(client, lam=0.5).choices[0].message.content
+    completion = client.completions.create(
+        model="dera-local",
+        prompt="The quick brown fox",
+        temperature=0,
+        max_tokens=10,
+        extra_body={"dera_negative_prompt": "a dull dog", "dera_cfg_scale": 0.0},
+    )
+    negative_alone = pair.generate("a dull dog", sampling=greedy, max_tokens=10)
+    assert completion.choices[0].text == negative_alone.text
+
+
 def test_streaming_chunks_join_to_the_whole_answer(client):
     whole = _chat(client, lam=1.5, max_tokens=20).choices[0].message.content
     stream = _chat(
@@ -277,6 +310,18 @@ def _post(server: str, path: str, data: bytes) -> tuple[int, dict]:
         (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages"),
         (b"[" * 10000 + b"]" * 10000, None),  # nested too deeply for the parser
         (b'{"messages": [], "max_tokens": ' + b"9" * 5000 + b"}", None),  # a 5000-digit int
+        # classifier-free guidance fields (issue 15)
+        (json.dumps({"messages": CHAT, "dera_cfg_scale": 2}).encode(), "dera_negative_prompt"),
+        (
+            json.dumps({"messages": CHAT, "dera_negative_prompt": 5}).encode(),
+            "dera_negative_prompt",
+        ),
+        (
+            json.dumps(
+                {"messages": CHAT, "dera_negative_prompt": "x", "dera_cfg_scale": 1e9}
+            ).encode(),
+            "dera_cfg_scale",
+        ),
     ],
 )
 def test_malformed_requests_get_a_400_error_object(server, body, param):

@@ -9,6 +9,7 @@ import typing
 from collections.abc import Callable
 
 import click
+from click.core import ParameterSource
 
 from ..catalog import DEFAULT_QUANT
 from ..engine import DeraPair, load_pair
@@ -309,7 +310,8 @@ def open_pair(
     proxy-tuned model (--proxy-base) or a mixture (--mix). `one_model_ok`: -m alone is
     that model by itself (it is steered by a negative prompt)."""
     if mix is not None:
-        if aligned or reference or lora or pair or proxy_base:
+        given = {"aligned": aligned, "reference": reference, "lora": lora, "pair": pair}
+        if proxy_base or any(value and _from_flag(name) for name, value in given.items()):
             raise DeraError(
                 "--mix names every model itself: drop -m/-mr/--lora/--pair/--proxy-base"
             )
@@ -339,6 +341,13 @@ def open_pair(
         speculation=speculation_from(draft_max, draft_min),
         **settings,
     )
+
+
+def _from_flag(name: str) -> bool:
+    """Whether an option was typed rather than taken from its DERA_* variable (an
+    environment default gives way to --mix)."""
+    ctx = click.get_current_context(silent=True)
+    return ctx is None or ctx.get_parameter_source(name) != ParameterSource.ENVIRONMENT
 
 
 def _resolved_mix(spec: str) -> list[MixTerm]:

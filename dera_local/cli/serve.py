@@ -90,6 +90,14 @@ def _is_loopback(host: str) -> bool:
     help="lams that /v1/models offers as model ids dera-local@<lam>.",
 )
 @click.option("--chat-template", default=None, help="Jinja chat template text to use.")
+@click.option(
+    "--cfg/--no-cfg",
+    "guided",
+    default=True,
+    show_default=True,
+    help="Accept negative prompts (dera_negative_prompt, dera_cfg_scale): each slot gets "
+    "room for a second sequence, so the KV cache is twice -c.",
+)
 @model_options
 def serve(
     host: str,
@@ -102,6 +110,7 @@ def serve(
     parallel: int,
     lam_presets: str,
     chat_template: str | None,
+    guided: bool,
     **kwargs,
 ) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models and /health."""
@@ -133,6 +142,8 @@ def serve(
             )
         model["n_ctx"] = share
     with open_pair(**model) as pair:
+        if getattr(pair, "depends_on_lam", True) is False:  # a fixed --mix: no lam to pick
+            presets, lam = (), validate_lam(1.0)
         app = create_app(
             pair,
             default_lam=lam,
@@ -143,6 +154,7 @@ def serve(
             chat_template=chat_template,
             parallel=parallel,
             lam_presets=presets,
+            guided=guided,
         )
         click.echo(
             f"dera-local: serving on http://{host}:{port}/v1 (lam {lam:g}; {parallel} parallel "

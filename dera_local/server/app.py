@@ -123,13 +123,16 @@ def create_app(
     body_timeout: float = 30.0,
     parallel: int = 4,
     lam_presets: Sequence[float] = DEFAULT_LAM_PRESETS,
+    guided: bool = True,
 ) -> Starlette:
     """The ASGI app serving `pair`; run it with uvicorn (see cli/serve.py).
 
     parallel: requests decoded together (continuous batching), each in a slot of
     pair.n_ctx tokens. lam_presets: the lams /v1/models offers as "dera-local@<lam>".
+    guided: accept negative prompts (dera_negative_prompt); each slot then has room
+    for a second sequence (the KV cache is twice as large).
     """
-    worker = GenerationWorker(pair, max_queue, parallel=parallel)
+    worker = GenerationWorker(pair, max_queue, parallel=parallel, guided=guided)
     template = ChatTemplate.for_pair(pair, chat_template)
 
     async def read_json(request: Request):
@@ -158,11 +161,22 @@ def create_app(
         try:
             body = await read_json(request)
             parsed = parse_common(body, default_lam)
+            negative = parsed.settings.pop("negative_prompt", None)
+            if negative is not None and not worker.guided:
+                raise RequestError(
+                    "this server was started with --no-cfg: negative prompts are off",
+                    "dera_negative_prompt",
+                )
             if chat:
                 messages = chat_messages(body)
 
                 def prompt() -> list[int]:
                     return template.tokens(pair, messages)
+
+                def negative_prompt() -> list[int]:  # the same turns under its system message
+                    turns = [m for m in messages if m["role"] != "system"]
+                    head = [{"role": "system", "content": negative}]
+                    return template.tokens(pair, head + turns)
             else:
                 text_or_ids = completion_prompt(body)
 
@@ -170,6 +184,9 @@ def create_app(
                     if isinstance(text_or_ids, str):
                         return pair.tokenize(text_or_ids)
                     return text_or_ids
+
+                def negative_prompt() -> list[int]:
+                    return pair.tokenize(negative)
         except _BodyTooLarge:
             return error_response(413, f"request body over {max_body_bytes} bytes")
         except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
@@ -180,7 +197,7 @@ def create_app(
             )
         except DeraError as exc:
             return dera_error_response(exc)
-        job = Job(prompt, parsed.settings)
+        job = Job(prompt, parsed.settings, negative_prompt if negative is not None else None)
         shape = _ChatShape(parsed) if chat else _CompletionShape(parsed)
         chunks = worker.run(job)
         try:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import BadParameterError, DeraError
+from ..guidance import MAX_CFG_SCALE
 from ..mixing import validate_lam
 from ..sampling import SamplingParams
 
@@ -130,12 +131,31 @@ def parse_common(body: Any, default_lam: float) -> ParsedRequest:
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         seed=None if seed is None else seed & 0x7FFFFFFF,
     )
+    settings = {"lam": lam, "sampling": sampling, "max_tokens": max_tokens, "stop": _stop(body)}
+    settings.update(_guidance(body))
     return ParsedRequest(
         stream=stream,
         include_usage=bool(options.get("include_usage", False)),
         model=model,
-        settings={"lam": lam, "sampling": sampling, "max_tokens": max_tokens, "stop": _stop(body)},
+        settings=settings,
     )
+
+
+def _guidance(body: dict) -> dict:
+    """dera_negative_prompt (text; for chat, the negative sequence's system message) and
+    dera_cfg_scale (default 1): classifier-free guidance for this request."""
+    negative = body.get("dera_negative_prompt")
+    if negative is not None and not isinstance(negative, str):
+        raise RequestError("'dera_negative_prompt' must be a string", "dera_negative_prompt")
+    scale = _number(body, "dera_cfg_scale", 1.0, -MAX_CFG_SCALE, MAX_CFG_SCALE)
+    if negative is None:
+        if scale != 1.0:
+            raise RequestError(
+                "'dera_cfg_scale' needs a 'dera_negative_prompt' to steer away from",
+                "dera_negative_prompt",
+            )
+        return {}
+    return {"negative_prompt": _text(negative, "dera_negative_prompt"), "cfg_scale": scale}
 
 
 def chat_messages(body: dict) -> list[dict]:

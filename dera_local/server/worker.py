@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from ..batch import BatchDecoder, Slot
 from ..engine import DeraPair, GenerationResult
 from ..errors import BadParameterError
+from ..guidance import Guidance
 
 
 class QueueFull(Exception):
@@ -33,6 +34,7 @@ class Job:
 
     prompt: Callable[[], list[int]]
     settings: dict
+    negative_prompt: Callable[[], list[int]] | None = None  # classifier-free guidance
     cancelled: threading.Event = field(default_factory=threading.Event)
 
 
@@ -56,9 +58,11 @@ class GenerationWorker:
     ones that ended or whose client went away; every request keeps its own lam, sampling
     settings, stop strings and length."""
 
-    def __init__(self, pair: DeraPair, max_queue: int, *, parallel: int = 4) -> None:
+    def __init__(
+        self, pair: DeraPair, max_queue: int, *, parallel: int = 4, guided: bool = True
+    ) -> None:
         """Each of the `parallel` slots holds pair.n_ctx tokens (serve loads the pair with
-        its share of -c)."""
+        its share of -c); `guided`: each also has a sequence for a negative prompt."""
         if parallel < 1:
             raise BadParameterError(f"parallel must be at least 1, got {parallel}")
         self.pair = pair
@@ -72,7 +76,10 @@ class GenerationWorker:
         self._jobs: set[Job] = set()
         self.stopping = False
         self._closed = False
-        self._decoder = BatchDecoder(pair, parallel, self.n_ctx_per_slot)
+        self.guided = guided
+        self._decoder = BatchDecoder(
+            pair, parallel, self.n_ctx_per_slot, prompts_per_slot=2 if guided else 1
+        )
         self._thread = threading.Thread(target=self._loop, name="dera-batch", daemon=True)
         self._thread.start()
 
@@ -191,8 +198,12 @@ class GenerationWorker:
             return
         try:
             settings = job.settings
+            guidance = None
+            if job.negative_prompt is not None:
+                guidance = Guidance(tuple(job.negative_prompt()), settings["cfg_scale"])
             self._decoder.admit(
                 job.prompt(),
+                guidance=guidance,
                 lam=settings["lam"],
                 sampling=settings["sampling"].with_seed(),
                 max_tokens=settings["max_tokens"],
@@ -223,4 +234,8 @@ def _result(slot: Slot) -> GenerationResult:
         reused_prompt_tokens=slot.reused_prompt_tokens,
         prompt_seconds=first - slot.started,
         generation_seconds=now - first,
+        negative_prompt_tokens=None
+        if slot.guidance is None
+        else list(slot.guidance.negative_tokens),
+        cfg_scale=slot.cfg_scale,
     )
