@@ -63,7 +63,7 @@ class LoadedPair:
                 resource.close()
 
 
-def _load_options(options: PairOptions, notes: list[str]) -> LoadOptions:
+def load_options_for(options: PairOptions, notes: list[str]) -> LoadOptions:
     n_gpu_layers = options.n_gpu_layers
     if n_gpu_layers is None:
         n_gpu_layers = -1 if backend.supports_gpu_offload() else 0
@@ -165,7 +165,7 @@ def load_models(
             info.tokens, info.token_types = [], None
     gc.collect()
     notes: list[str] = []
-    load_options = _load_options(options, notes)
+    load_options = load_options_for(options, notes)
     if llama_log.is_verbose():
         for note in notes:
             print(f"dera-local: {note}", file=sys.stderr)

@@ -30,7 +30,7 @@ from .batch import SlotRunner
 from .errors import BadParameterError, IncompatibleModelsError
 from .gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
 from .guidance import guidance_for, warn_if_weights_cancel
-from .loading import PairOptions, _load_options, read_lora
+from .loading import PairOptions, load_options_for, read_lora
 from .mixing import LogitMixer, validate_lam
 from .model_set import ModelSet
 from .pair_guard import PairGuard
@@ -209,7 +209,7 @@ def _load_sources(terms: list[MixTerm], options: PairOptions) -> list[LoadedSour
             )
     for info in infos.values():
         info.tokens, info.token_types = [], None  # as in load_models: out of peak RSS
-    load_options = _load_options(options, [])
+    load_options = load_options_for(options, [])
     models: dict[str, LoadedModel] = {}
     loaded: list[LoadedSource] = []
     try:
