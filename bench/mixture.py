@@ -3,6 +3,7 @@ batched context) against one model alone and against two separate contexts, and
 two-term DeRa through the general K-term path against the lockstep DeRa path.
 
     python bench/mixture.py [--runs 5] [--tokens 64] [--threads N] [--pairs smollm2,qwen]
+    python bench/mixture.py --steps-only A.gguf B.gguf ...   # table 1 for any models
 
 Table 1, the decode step itself (backend contexts, after a 40-token prompt; median of
 --runs of --tokens steps): one token in one context; two sequences in one batch of one
@@ -145,6 +146,24 @@ def bench(spec: PairSpec, tokens: int, threads: int, runs: int) -> str:
     return f"### {spec.name}, {threads} threads, {tokens} tokens\n\n{table1}\n\n{table2}"
 
 
+def _steps_table(paths: list[str], threads: int, tokens: int, runs: int) -> str:
+    rows = []
+    for path in paths:
+        with dera_local.load_pair(path, path, n_ctx=1024, n_threads=threads) as alone:
+            steps = [_step_times(alone.model, threads, tokens) for _ in range(runs)]
+        step = {k: statistics.median(s[k] for s in steps) for k in steps[0]}
+        rows.append(
+            [
+                path.rsplit("/", 1)[-1],
+                f"{1000 * step['one']:.2f}",
+                f"{step['batched'] / step['one']:.2f}",
+                f"{step['two'] / step['one']:.2f}",
+            ]
+        )
+    headers = ["model", "1 token (ms)", "2 sequences, 1 context (x)", "2 contexts (x)"]
+    return f"{threads} threads, {tokens} steps\n\n" + table(headers, rows)
+
+
 def main() -> None:
     import argparse
     import os
@@ -154,9 +173,13 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--pairs", default="smollm2,qwen")
+    parser.add_argument("--steps-only", nargs="+", metavar="GGUF", help="table 1 for these")
     args = parser.parse_args()
     makers = {"smollm2": smollm2_pair, "qwen": qwen_pair}
     print(f"## Mixture costs\n\nMachine: {machine()}\n")
+    if args.steps_only:
+        print(_steps_table(args.steps_only, args.threads, args.tokens, args.runs))
+        return
     for name in args.pairs.split(","):
         spec = makers[name]()
         if spec is not None:
