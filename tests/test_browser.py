@@ -80,14 +80,14 @@ def browser():
     driver.quit()
 
 
-def _api_answer(base: str, question: str, lam: float) -> str:
+def _api_answer(base: str, question: str, lam: float, **extra) -> str:
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
     reply = client.chat.completions.create(
         model="dera-local",
         messages=[{"role": "user", "content": question}],
         temperature=0,
         max_tokens=MAX_TOKENS,
-        extra_body={"dera_lambda": lam},
+        extra_body={"dera_lambda": lam, **extra},
     )
     return reply.choices[0].message.content
 
@@ -172,6 +172,26 @@ def test_chat_page_streams_carries_the_slider_lam_and_compares(browser, page_ser
 
     ARTIFACTS.mkdir(exist_ok=True)
     assert browser.save_screenshot(str(ARTIFACTS / "chat-page-compare.png"))
+
+
+def test_the_page_sends_a_negative_prompt_and_scale(browser, page_server):
+    from selenium.webdriver.common.by import By
+
+    question = "hello"
+    guided = {"dera_negative_prompt": "Be rude.", "dera_cfg_scale": 2.5}
+    expected = _api_answer(page_server, question, 1.0, **guided)
+    assert expected != _api_answer(page_server, question, 1.0)  # guidance changes it
+
+    browser.get(page_server + "/")
+    browser.find_element(By.ID, "settings").click()
+    _set(browser, "temperature", "0")
+    _set(browser, "max-tokens", str(MAX_TOKENS))
+    _set(browser, "lam", "1")
+    _set(browser, "negative", "Be rude.")
+    _set(browser, "cfg-scale", "2.5")
+    _send(browser, question)
+    [answer] = _wait_done(browser, ".message.assistant", 1)
+    assert _text(answer) == expected
 
 
 def test_the_page_and_its_files_are_served_and_other_paths_are_404(page_server):

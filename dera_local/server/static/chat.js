@@ -7,6 +7,7 @@ const $ = (id) => document.getElementById(id);
 const ui = {
   lam: $("lam"), lamValue: $("lam-value"), temperature: $("temperature"),
   maxTokens: $("max-tokens"), system: $("system"), apiKey: $("api-key"),
+  negative: $("negative"), cfgScale: $("cfg-scale"),
   apiKeyRow: $("api-key-row"), compare: $("compare-toggle"), compareBar: $("compare-bar"),
   compareLams: $("compare-lams"), messages: $("messages"), prompt: $("prompt"),
   send: $("send"), form: $("composer"), newChat: $("new-chat"), status: $("status"),
@@ -61,7 +62,7 @@ function withSystem(messages) {
 }
 
 function requestBody(messages, lam) {
-  return {
+  const body = {
     model: "dera-local",
     messages: withSystem(messages),
     stream: true,
@@ -69,6 +70,14 @@ function requestBody(messages, lam) {
     temperature: Number(ui.temperature.value),
     max_tokens: Number(ui.maxTokens.value),
   };
+  // Classifier-free guidance: the server renders the negative prompt as the system
+  // message of a second sequence of the same conversation.
+  const negative = ui.negative.value.trim();
+  if (negative) {
+    body.dera_negative_prompt = negative;
+    body.dera_cfg_scale = Number(ui.cfgScale.value);
+  }
+  return body;
 }
 
 // Streams one completion into `target` (a .text span); returns the whole answer.
