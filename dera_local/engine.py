@@ -20,7 +20,7 @@ from .guidance import guidance_for
 from .loading import LoadedPair, PairOptions, load_models
 from .lockstep import LockstepContexts
 from .logprobs import SequenceLogprobs
-from .mixing import LogitMixer, validate_lam
+from .mixing import LogitMixer
 from .model_set import ModelSet
 from .pair_guard import PairGuard
 from .sampling import SamplerChain, SamplingParams
@@ -35,7 +35,7 @@ from .speculative import (
     sample_equals_draft,
     speculative_steps,
 )
-from .stream import GenerationResult, GenerationStream, slot_steps
+from .stream import GenerationResult, GenerationStream
 
 
 class DeraPair(ModelSet):
@@ -185,28 +185,20 @@ class DeraPair(ModelSet):
             prompt (text or ids) is read as a second sequence of the same batched
             contexts. Guided generations do not speculate.
         """
-        self._check_open()
-        lam = validate_lam(lam)
-        sampling = (sampling or SamplingParams()).with_seed()
-        if max_tokens < -1 or max_tokens == 0:
-            raise BadParameterError("max_tokens must be positive, or -1 for no limit")
-        prompt_tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        self.check_prompt(prompt_tokens)
+        prompt_tokens, lam, sampling = self._prepare(prompt, lam, sampling, max_tokens)
         guidance = guidance_for(self, negative_prompt, cfg_scale)
         if guidance is not None:
-            steps = slot_steps(
-                self._slots.decoder_for(2),
-                self.guard,
+            return self._slot_stream(
+                self._slots,
                 prompt_tokens,
+                guidance,
                 lam=lam,
-                guidance=guidance,
                 sampling=sampling,
                 max_tokens=max_tokens,
                 stop=stop,
                 logprobs=logprobs,
                 logits_observer=logits_observer,
             )
-            return GenerationStream(steps, self.guard)
         speculation = speculation or self.speculation
         if speculation.draft_max >= self.lockstep.max_rows:
             raise BadParameterError(

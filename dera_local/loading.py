@@ -78,7 +78,7 @@ def load_options_for(options: PairOptions, notes: list[str]) -> LoadOptions:
     return LoadOptions(n_gpu_layers=n_gpu_layers, use_extra_bufts=use_extra_bufts)
 
 
-def _check_vocab_sizes(model: LoadedModel, reference: LoadedModel) -> None:
+def check_vocab_sizes(model: LoadedModel, reference: LoadedModel) -> None:
     """What llama.cpp loaded must agree too (the headers were compared already)."""
     if model.n_vocab != reference.n_vocab:
         raise IncompatibleModelsError(
@@ -179,7 +179,7 @@ def load_models(
         else:
             aligned_model = LoadedModel(Path(aligned_info.path), load_options)
             opened.append(aligned_model)
-        _check_vocab_sizes(aligned_model, reference_model)
+        check_vocab_sizes(aligned_model, reference_model)
         n_ctx = _context_size(options.n_ctx, aligned_model, reference_model)
         context_options = ContextOptions(
             n_ctx,
@@ -199,7 +199,7 @@ def load_models(
         if draft_info is not None:
             draft_model = LoadedModel(Path(draft_info.path), load_options)
             opened.append(draft_model)
-            _check_vocab_sizes(draft_model, reference_model)
+            check_vocab_sizes(draft_model, reference_model)
             draft_options = ContextOptions(
                 n_ctx, options.n_batch, options.n_threads, options.flash_attn, n_outputs_max=1
             )

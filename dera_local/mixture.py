@@ -27,15 +27,15 @@ import tomllib
 from . import backend, llama_log
 from .backend import Context, ContextOptions, LoadedModel, LoraAdapter
 from .batch import SlotRunner
-from .errors import BadParameterError, IncompatibleModelsError
+from .errors import BadParameterError
 from .gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
 from .guidance import guidance_for, warn_if_weights_cancel
-from .loading import PairOptions, load_options_for, read_lora
-from .mixing import LogitMixer, validate_lam
+from .loading import PairOptions, check_vocab_sizes, load_options_for, read_lora
+from .mixing import LogitMixer
 from .model_set import ModelSet
 from .pair_guard import PairGuard
 from .sampling import SamplingParams
-from .stream import GenerationStream, slot_steps
+from .stream import GenerationStream
 
 MAX_SOURCES = 8  # the kernel mixes up to 16 rows: 8 models, each with a negative prompt
 
@@ -217,11 +217,8 @@ def _load_sources(terms: list[MixTerm], options: PairOptions) -> list[LoadedSour
             if key not in models:
                 models[key] = LoadedModel(Path(info.path), load_options)
             model = models[key]
-            if loaded and model.n_vocab != loaded[0].model.n_vocab:
-                raise IncompatibleModelsError(
-                    f"llama.cpp sees {model.n_vocab} tokens in {model.path.name} but "
-                    f"{loaded[0].model.n_vocab} in {loaded[0].model.path.name}"
-                )
+            if loaded:
+                check_vocab_sizes(model, loaded[0].model)
             adapter = None
             if adapter_info is not None:
                 adapter = LoraAdapter(model, adapter_info.path)
@@ -397,30 +394,21 @@ class Mixture(ModelSet):
     ) -> GenerationStream:
         """Starts a generation; keywords as DeraPair.stream (lam is alpha for a proxy-tuned
         model; a fixed-weight mixture takes only lam=1)."""
-        self._check_open()
-        lam = self.check_lam(lam)
-        sampling = (sampling or SamplingParams()).with_seed()
-        if max_tokens < -1 or max_tokens == 0:
-            raise BadParameterError("max_tokens must be positive, or -1 for no limit")
-        prompt_tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        self.check_prompt(prompt_tokens)
-        guidance = guidance_for(self, negative_prompt, cfg_scale)
-        steps = slot_steps(
-            self._slots.decoder_for(1 if guidance is None else 2),
-            self.guard,
+        prompt_tokens, lam, sampling = self._prepare(prompt, lam, sampling, max_tokens)
+        return self._slot_stream(
+            self._slots,
             prompt_tokens,
+            guidance_for(self, negative_prompt, cfg_scale),
             lam=lam,
-            guidance=guidance,
             sampling=sampling,
             max_tokens=max_tokens,
             stop=stop,
             logprobs=logprobs,
             logits_observer=logits_observer,
         )
-        return GenerationStream(steps, self.guard)
 
     def check_lam(self, lam: float) -> float:
-        lam = validate_lam(lam)
+        lam = super().check_lam(lam)
         if not self.depends_on_lam and lam != 1.0:
             raise BadParameterError(
                 "this mixture's weights are fixed by its spec; lam does not apply "

@@ -11,12 +11,16 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .errors import BadParameterError
+from .mixing import validate_lam
 from .pair_guard import PairClosedError, PairGuard
+from .sampling import SamplingParams
+from .stream import GenerationStream, slot_steps
 
 
 class ModelSet:
     model = None  # the LoadedModel whose tokenizer all sources share (set by subclasses)
     kind = "model set"  # for messages: "pair", "mixture"
+    depends_on_lam = True  # False: fixed weights (a --mix spec), lam 1 only
     n_ctx: int
     n_vocab: int
     guard: PairGuard
@@ -64,6 +68,29 @@ class ModelSet:
                 "shorten the prompt",
                 cli_hint="or raise -c",
             )
+
+    def check_lam(self, lam: float) -> float:
+        """lam as a checked float (see mixing.validate_lam)."""
+        return validate_lam(lam)
+
+    def _prepare(
+        self, prompt: str | Sequence[int], lam: float, sampling, max_tokens: int
+    ) -> tuple[list[int], float, SamplingParams]:
+        """What every stream() checks first: (prompt ids, lam, seeded sampling)."""
+        self._check_open()
+        lam = self.check_lam(lam)
+        sampling = (sampling or SamplingParams()).with_seed()
+        if max_tokens < -1 or max_tokens == 0:
+            raise BadParameterError("max_tokens must be positive, or -1 for no limit")
+        prompt_tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        self.check_prompt(prompt_tokens)
+        return prompt_tokens, lam, sampling
+
+    def _slot_stream(self, runner, prompt_tokens: list[int], guidance, **settings):
+        """A generation as the one slot of `runner`'s decoder (batch.SlotRunner)."""
+        decoder = runner.decoder_for(1 if guidance is None else 2)
+        steps = slot_steps(decoder, self.guard, prompt_tokens, guidance=guidance, **settings)
+        return GenerationStream(steps, self.guard)
 
     def generate(self, prompt: str | Sequence[int], **kwargs):
         """Generates to the end and returns the GenerationResult; keywords as for stream()."""

@@ -20,7 +20,7 @@ from .backend import Context, TokenBatch
 from .engine import DeraPair
 from .errors import BadParameterError
 from .guidance import guidance_for, mixture_terms
-from .mixing import NATIVE, _native, mix_numpy, mix_terms_numpy, validate_lam
+from .mixing import NATIVE, _native, mix_numpy, mix_terms_numpy
 from .sweep import parse_lambdas
 
 
@@ -242,8 +242,7 @@ def score_mixture(
     sources its logprobs call aligned and reference (for a proxy: the small tuned and
     base models), each on the positive prompt. The rows are mixed with the same float32
     rules as generation (mixing.mix_terms_numpy), then normalised in float64."""
-    check_lam = getattr(models, "check_lam", validate_lam)
-    grid = [check_lam(lam) for lam in parse_lambdas(lambdas)]
+    grid = parse_lambdas(lambdas, models.check_lam)
     prompt_tokens = models.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
     response_tokens = (
         models.tokenize(response, add_special=False)

@@ -8,7 +8,7 @@ import time
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
-from .batch import BatchDecoder
+from .batch import BatchDecoder, Slot
 from .guidance import Guidance
 from .logprobs import SequenceLogprobs
 from .pair_guard import PairGuard
@@ -128,22 +128,28 @@ def slot_steps(
             decoder.retire(slot, forget=True)
             raise
         decoder.retire(slot)
-        now = time.perf_counter()
-        first = slot.first_token_at or now
-        return GenerationResult(
-            text=slot.output.text,
-            tokens=slot.output.tokens,
-            prompt_tokens=slot.prompt_tokens,
-            finish_reason=slot.finish_reason,
-            lam=lam,
-            seed=sampling.seed,
-            reused_prompt_tokens=slot.reused_prompt_tokens,
-            prompt_seconds=first - slot.started,
-            generation_seconds=now - first,
-            logprobs=slot.logprobs,
-            negative_prompt_tokens=None if guidance is None else list(guidance.negative_tokens),
-            cfg_scale=None if guidance is None else guidance.scale,
-            reused_negative_prompt_tokens=slot.reused_negative_prompt_tokens,
-        )
+        return slot_result(slot)
     finally:
         guard.release(owner)
+
+
+def slot_result(slot: Slot) -> GenerationResult:
+    """The GenerationResult of a finished BatchDecoder slot (timed up to now)."""
+    now = time.perf_counter()
+    first = slot.first_token_at or now
+    guidance = slot.guidance
+    return GenerationResult(
+        text=slot.output.text,
+        tokens=slot.output.tokens,
+        prompt_tokens=slot.prompt_tokens,
+        finish_reason=slot.finish_reason,
+        lam=slot.lam,
+        seed=slot.sampling.seed,
+        reused_prompt_tokens=slot.reused_prompt_tokens,
+        prompt_seconds=first - slot.started,
+        generation_seconds=now - first,
+        logprobs=slot.logprobs,
+        negative_prompt_tokens=None if guidance is None else list(guidance.negative_tokens),
+        cfg_scale=slot.cfg_scale,
+        reused_negative_prompt_tokens=slot.reused_negative_prompt_tokens,
+    )

@@ -21,9 +21,12 @@ from .mixing import validate_lam
 from .sampling import SamplingParams
 
 
-def parse_lambdas(values: str | Iterable[float]) -> list[float]:
-    """'0,0.5,1' or numbers -> a checked list: non-empty, finite, no duplicates."""
-    return _parse_grid(values, validate_lam, "lambda list", "0,0.5,1")
+def parse_lambdas(
+    values: str | Iterable[float], check: Callable[[float], float] = validate_lam
+) -> list[float]:
+    """'0,0.5,1' or numbers -> a checked list: non-empty, no duplicates, each value
+    passed through `check` (default validate_lam; a model set's check_lam)."""
+    return _parse_grid(values, check, "lambda list", "0,0.5,1")
 
 
 def parse_cfg_scales(values: str | Iterable[float]) -> list[float]:
@@ -88,12 +91,8 @@ class LambdaSweep:
         cfg_scales: Sequence[float] | None = None,
     ):
         self.pair = pair
-        self.lambdas = parse_lambdas(lambdas)
+        self.lambdas = parse_lambdas(lambdas, pair.check_lam)  # a fixed mixture: lam 1 only
         self.cfg_scales = None if cfg_scales is None else parse_cfg_scales(cfg_scales)
-        check_lam = getattr(pair, "check_lam", None)  # a fixed-weight mixture: lam 1 only
-        if check_lam is not None:
-            for lam in self.lambdas:
-                check_lam(lam)
         if max_tokens <= 0:
             raise BadParameterError("max_tokens must be positive for a sweep")
         self.max_tokens = max_tokens

@@ -284,7 +284,7 @@ def lam_grid(models, grid: list[float] | None) -> list[float]:
     """The --lambdas grid, or the default: 0..2 (lam 1 alone for a fixed-weight --mix)."""
     if grid is not None:
         return grid
-    return [1.0] if getattr(models, "depends_on_lam", True) is False else list(DEFAULT_LAM_GRID)
+    return list(DEFAULT_LAM_GRID) if models.depends_on_lam else [1.0]
 
 
 def speculation_from(draft_max: int, draft_min: int) -> SpeculationParams:

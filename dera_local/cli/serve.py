@@ -142,7 +142,7 @@ def serve(
             )
         model["n_ctx"] = share
     with open_pair(**model) as pair:
-        if getattr(pair, "depends_on_lam", True) is False:  # a fixed --mix: no lam to pick
+        if not pair.depends_on_lam:  # a fixed --mix: no lam to pick
             presets, lam = (), validate_lam(1.0)
         app = create_app(
             pair,

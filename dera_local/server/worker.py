@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
-import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -17,6 +16,7 @@ from ..batch import BatchDecoder, Slot
 from ..engine import DeraPair, GenerationResult
 from ..errors import BadParameterError
 from ..guidance import Guidance
+from ..stream import slot_result
 
 
 class QueueFull(Exception):
@@ -187,7 +187,7 @@ class GenerationWorker:
             if slot.new_text:
                 slot.tag.deliver(slot.new_text)
             if slot.finish_reason is not None:
-                slot.tag.deliver(_result(slot))
+                slot.tag.deliver(slot_result(slot))
                 self._finish(slot, "completed")
 
     def _start(self, waiting: _Waiting) -> None:
@@ -219,23 +219,3 @@ class GenerationWorker:
         self._decoder.retire(slot, forget=forget)
         slot.tag.deliver(None)
         self._release(slot.tag.job, outcome)
-
-
-def _result(slot: Slot) -> GenerationResult:
-    now = time.perf_counter()
-    first = slot.first_token_at or now
-    return GenerationResult(
-        text=slot.output.text,
-        tokens=slot.output.tokens,
-        prompt_tokens=slot.prompt_tokens,
-        finish_reason=slot.finish_reason,
-        lam=slot.lam,
-        seed=slot.sampling.seed,
-        reused_prompt_tokens=slot.reused_prompt_tokens,
-        prompt_seconds=first - slot.started,
-        generation_seconds=now - first,
-        negative_prompt_tokens=None
-        if slot.guidance is None
-        else list(slot.guidance.negative_tokens),
-        cfg_scale=slot.cfg_scale,
-    )
