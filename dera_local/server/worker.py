@@ -161,8 +161,7 @@ class GenerationWorker:
                 self._iterate(admitted)
             except BaseException as exc:  # a failed decode fails every generation in it
                 for slot in list(self._decoder.live):
-                    slot.tag.deliver(exc)
-                    self._finish(slot, "failed", forget=True)
+                    self._finish(slot, "failed", forget=True, last=exc)
 
     def _take_admissible(self) -> list[_Waiting]:
         """Waiting requests for the free slots (and the cancelled ones, to drop them)."""
@@ -187,14 +186,13 @@ class GenerationWorker:
             if slot.new_text:
                 slot.tag.deliver(slot.new_text)
             if slot.finish_reason is not None:
-                slot.tag.deliver(slot_result(slot))
-                self._finish(slot, "completed")
+                self._finish(slot, "completed", last=slot_result(slot))
 
     def _start(self, waiting: _Waiting) -> None:
         job = waiting.job
         if job.cancelled.is_set():  # cancelled while it waited
-            waiting.deliver(None)
             self._release(job, "cancelled")
+            waiting.deliver(None)
             return
         try:
             settings = job.settings
@@ -211,11 +209,17 @@ class GenerationWorker:
                 tag=waiting,
             )
         except BaseException as exc:  # handed to the request that asked
+            self._release(job, "failed")
             waiting.deliver(exc)
             waiting.deliver(None)
-            self._release(job, "failed")
 
-    def _finish(self, slot: Slot, outcome: str, *, forget: bool = False) -> None:
+    def _finish(
+        self, slot: Slot, outcome: str, *, forget: bool = False, last: object = None
+    ) -> None:
+        """Retire the slot and count its outcome *before* the client hears the end, so a
+        client that asks /health right after its stream sees its request counted."""
         self._decoder.retire(slot, forget=forget)
-        slot.tag.deliver(None)
         self._release(slot.tag.job, outcome)
+        if last is not None:
+            slot.tag.deliver(last)
+        slot.tag.deliver(None)
