@@ -44,6 +44,8 @@ def server(aligned_path, reference_path):
             "32768",
             "--body-timeout",
             "1",
+            "--header-timeout",
+            "1",
         ]
     )
     yield base
@@ -372,6 +374,65 @@ def test_a_client_that_stalls_its_body_gets_408_and_is_let_go(server):
     assert reply.startswith(b"HTTP/1.1 408 ")
     assert b"request body not received within 1 s" in reply
     assert time.time() - started < 15  # 1 s deadline; generous for a busy machine
+
+
+def _read_until_closed(sock: socket.socket) -> bytes:
+    reply = b""
+    try:
+        while chunk := sock.recv(4096):
+            reply += chunk
+    except ConnectionResetError:  # closed while we were still writing
+        pass
+    return reply
+
+
+def test_a_connection_that_sends_nothing_is_closed_after_the_header_timeout(server):
+    port = int(server.rsplit(":", 1)[1])
+    started = time.time()
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        reply = _read_until_closed(sock)
+    assert reply.startswith(b"HTTP/1.1 408 ")
+    assert reply.endswith(b"request headers not received within 1 s")
+    assert 0.9 < time.time() - started < 15  # 1 s deadline; generous for a busy machine
+
+
+def test_headers_trickled_past_the_deadline_get_408_and_the_connection_closes(server):
+    """A slowloris: a header line every 0.3 s keeps the connection busy but never
+    finishes the request; the deadline counts from the connection, not from the last byte."""
+    port = int(server.rsplit(":", 1)[1])
+    started = time.time()
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        sock.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        try:
+            for i in range(20):  # 6 s of headers if nobody stops it
+                time.sleep(0.3)
+                sock.sendall(f"X-Slow-{i}: 1\r\n".encode())
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the server closed the connection: what this test wants
+        reply = _read_until_closed(sock)
+    assert reply.startswith(b"HTTP/1.1 408 ")
+    assert time.time() - started < 5.5  # it did not wait for the 20 header lines
+
+
+def test_each_request_on_a_kept_alive_connection_gets_its_own_header_deadline(server):
+    """Requests spread over more than the 1 s deadline on one connection all succeed, and
+    headers that arrive in pieces within the deadline are fine."""
+    port = int(server.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=20) as sock:
+        for _ in range(3):
+            time.sleep(0.6)  # 1.8 s in all: past one deadline, within each
+            sock.sendall(b"GET /health HTTP/1.1\r\n")
+            time.sleep(0.3)
+            sock.sendall(b"Host: x\r\n\r\n")
+            head = b""
+            while b"\r\n\r\n" not in head:
+                head += sock.recv(1)
+            assert head.startswith(b"HTTP/1.1 200 ")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            body = b""
+            while len(body) < length:
+                body += sock.recv(length - len(body))
+            assert json.loads(body)["status"] == "ok"
 
 
 def test_a_hundred_clients_against_a_queue_of_eight(aligned_path, reference_path):

@@ -75,6 +75,14 @@ def _is_loopback(host: str) -> bool:
     help="Seconds a client has to send a request body (then 408).",
 )
 @click.option(
+    "--header-timeout",
+    type=click.FloatRange(0.1),
+    default=10.0,
+    show_default=True,
+    help="Seconds a client has to send a request's headers, from connecting or from the "
+    "request's first byte (then 408 and the connection is closed).",
+)
+@click.option(
     "--parallel",
     "-np",
     "parallel",
@@ -107,6 +115,7 @@ def serve(
     max_queue: int,
     max_body_bytes: int,
     body_timeout: float,
+    header_timeout: float,
     parallel: int,
     lam_presets: str,
     chat_template: str | None,
@@ -118,6 +127,7 @@ def serve(
         import uvicorn
 
         from ..server.app import create_app
+        from ..server.protocol import with_header_deadline
 
         server_class = _stopping_server_class()
     except ImportError:
@@ -162,7 +172,12 @@ def serve(
             err=True,
         )
         config = uvicorn.Config(
-            app, host=host, port=port, log_level="warning", timeout_graceful_shutdown=5
+            app,
+            host=host,
+            port=port,
+            http=with_header_deadline(header_timeout),
+            log_level="warning",
+            timeout_graceful_shutdown=5,
         )
         server_class(config, app.state.worker).run()
 
