@@ -95,6 +95,15 @@ class LoadedModel:
             llama_cpp.llama_model_free(self.ptr)
             self.ptr = None
 
+    @property
+    def can_drop_tail(self) -> bool:
+        """Whether a sequence's last positions can be dropped from its cache (rolling back
+        rejected drafts); recurrent and hybrid models keep only a running state."""
+        return not (
+            llama_cpp.llama_model_is_recurrent(self.ptr)
+            or llama_cpp.llama_model_is_hybrid(self.ptr)
+        )
+
     def train_context_length(self) -> int:
         return int(llama_cpp.llama_model_n_ctx_train(self.ptr))
 

@@ -38,6 +38,16 @@ from .guidance import Guidance, Term, mixture_terms
 from .logprobs import SequenceLogprobs, float_view
 from .sampling import SamplerChain, SamplingParams
 from .sequence import SequenceOutput
+from .speculative import (
+    AcceptRule,
+    DraftCounts,
+    Drafter,
+    DraftLength,
+    PromptLookup,
+    SpeculationParams,
+    sample_equals_draft,
+    verify_drafts,
+)
 
 
 @dataclass(eq=False)
@@ -47,6 +57,18 @@ class Lane:
     seq_id: int
     pending: list[int]  # prompt tokens still to read, or [last sampled token]
     position: int  # position of pending[0]
+
+
+@dataclass(eq=False)
+class Drafting:
+    """A slot's speculation: where its drafts come from, how many pay (DraftLength, from
+    the measured acceptance and step times), and what they came to."""
+
+    drafter: Drafter
+    controller: DraftLength
+    accept: AcceptRule
+    counts: DraftCounts = field(default_factory=DraftCounts)
+    drafts: list[int] = field(default_factory=list)  # in this step's batch, to verify
 
 
 @dataclass(eq=False)
@@ -66,6 +88,7 @@ class Slot:
     reused_prompt_tokens: int
     reused_negative_prompt_tokens: int | None = None
     tag: object = None  # the caller's handle (e.g. the server's job)
+    drafting: Drafting | None = None  # speculation, when admitted with it
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
 
@@ -111,6 +134,7 @@ class BatchDecoder:
         n_ctx_total: int | None = None,
         n_batch: int | None = None,
         prompts_per_slot: int = 1,
+        max_drafts: int = 0,
     ):
         if n_slots < 1:
             raise BadParameterError(
@@ -118,18 +142,26 @@ class BatchDecoder:
             )
         if prompts_per_slot not in (1, 2):
             raise BadParameterError(f"prompts_per_slot must be 1 or 2, got {prompts_per_slot}")
+        if max_drafts < 0:
+            raise BadParameterError(f"max_drafts must be >= 0, got {max_drafts}")
         self.models = models
         self.n_slots = n_slots
         self.n_ctx_per_slot = n_ctx_per_slot
         self.prompts_per_slot = prompts_per_slot
         n_sequences = n_slots * prompts_per_slot
-        self.n_batch = max(n_batch or models.n_batch, n_sequences)
+        # A speculating slot asks for logits at its last token and each draft, per lane.
+        rows = n_sequences * (1 + max_drafts)
+        self.n_batch = max(n_batch or models.n_batch, rows)
         self.contexts = models.open_source_contexts(
             n_ctx=n_ctx_total or n_sequences * n_ctx_per_slot,
             n_seq_max=n_sequences,
-            n_outputs_max=n_sequences,
+            n_outputs_max=rows,
             n_batch=self.n_batch,
         )
+        # Rejected drafts are dropped from the caches: not possible for recurrent models.
+        can_drop_tail = all(ctx.model.can_drop_tail for ctx in self.contexts)
+        self.opened_for_drafts = max_drafts
+        self.max_drafts = max_drafts if can_drop_tail else 0
         self.batch = TokenBatch(self.n_batch)
         self.cached: list[list[int]] = [[] for _ in range(n_sequences)]  # per sequence
         self.live: list[Slot] = []
@@ -185,9 +217,16 @@ class BatchDecoder:
         guidance: Guidance | None = None,
         tag: object = None,
         logits_observer=None,
+        speculation: SpeculationParams | None = None,
+        drafter: Drafter | None = None,
+        accept: AcceptRule = sample_equals_draft,
     ) -> Slot:
         """Starts a generation in a free slot; its prompts are read from the next step on.
-        logits_observer: a llama_sampler put first in its chain (tests, debugging)."""
+        logits_observer: a llama_sampler put first in its chain (tests, debugging).
+        speculation: draft and verify tokens for this slot (see speculative.py; up to the
+        decoder's max_drafts; drafter: the draft source, default prompt lookup over the
+        prompt; accept: the rule keeping a drafted token, for tests). It never changes
+        what is sampled, only how many steps it takes."""
         if not self.free_slots:
             raise RuntimeError("no free slot: admit only while free_slots > 0")
         prompts = [list(prompt_tokens)]
@@ -216,6 +255,7 @@ class BatchDecoder:
             max_tokens=max_tokens,
             stop=stop,
         )
+        drafting = self._drafting(speculation, drafter, accept, prompts[0])
         slot = Slot(
             lam=lam,
             guidance=guidance,
@@ -229,9 +269,29 @@ class BatchDecoder:
             reused_prompt_tokens=lanes[0].position,
             reused_negative_prompt_tokens=lanes[1].position if guidance else None,
             tag=tag,
+            drafting=drafting,
         )
         self.live.append(slot)
         return slot
+
+    def _drafting(
+        self,
+        speculation: SpeculationParams | None,
+        drafter: Drafter | None,
+        accept: AcceptRule,
+        prompt: list[int],
+    ) -> Drafting | None:
+        if speculation is None or not speculation.enabled or not self.max_drafts:
+            return None
+        if speculation.draft_max > self.max_drafts:
+            raise BadParameterError(
+                f"draft_max {speculation.draft_max} is more than this decoder was opened "
+                f"for ({self.max_drafts})",
+                cli_hint="lower --draft-max",
+            )
+        drafter = drafter or PromptLookup(speculation.ngram_min, speculation.ngram_max)
+        drafter.reset(prompt)  # a draft model reads the prompt here
+        return Drafting(drafter, DraftLength(speculation, drafter), accept)
 
     def _place(self, prompt: list[int]) -> tuple[int, int]:
         """Takes the free sequence with the longest cached common prefix for `prompt`
@@ -306,28 +366,38 @@ class BatchDecoder:
                 self._free.add(lane.seq_id)
 
     def step(self) -> list[Slot]:
-        """One batched decode of every live slot; returns the slots that sampled a token
-        (their `new_text` and `finish_reason` are fresh). Finished slots stay live until
-        the caller retires them."""
+        """One batched decode of every live slot; returns the slots that sampled (their
+        `new_text` and `finish_reason` are fresh; a speculating slot may have kept several
+        tokens). Finished slots stay live until the caller retires them."""
+        started = time.perf_counter()
         entries: list[tuple[int, int, int, bool]] = []
         fed: dict[Lane, int] = {}  # lane -> how many of its pending tokens this batch reads
-        sampled: list[tuple[Slot, list[int]]] = []  # slot, batch index of each lane's row
-        budget = self.n_batch
+        # slot, and per lane the batch index of each row to sample (1 + its drafts)
+        sampled: list[tuple[Slot, list[list[int]]]] = []
         running = [s for s in self.live if s.finish_reason is None]
+        decoding = [s for s in running if not s.prefilling]
+        # one token per lane first: running streams never wait; drafts share what is left
+        budget = self.n_batch - sum(len(s.lanes) for s in decoding)
 
-        def feed(lane: Lane, count: int, with_logits: bool) -> int:
-            """Adds `count` more of the lane's pending tokens; returns the last one's row."""
+        def feed(lane: Lane, count: int, logits: str) -> list[int]:
+            """Adds `count` more of the lane's pending tokens, with logits at the "last"
+            one, at "all" or at "none"; returns the batch indices of those rows."""
             start = fed.get(lane, 0)
+            rows = []
             for i in range(start, start + count):
-                wants = with_logits and i == start + count - 1
+                wants = logits == "all" or (logits == "last" and i == start + count - 1)
                 entries.append((lane.pending[i], lane.position + i, lane.seq_id, wants))
+                if wants:
+                    rows.append(len(entries) - 1)
             fed[lane] = start + count
-            return len(entries) - 1
+            return rows
 
-        for slot in running:  # one token per lane first: running streams never wait
-            if not slot.prefilling:
-                sampled.append((slot, [feed(lane, 1, True) for lane in slot.lanes]))
-                budget -= len(slot.lanes)
+        for slot in decoding:
+            drafts = self._draft(slot, budget // len(slot.lanes))
+            budget -= len(drafts) * len(slot.lanes)
+            for lane in slot.lanes:
+                lane.pending = lane.pending[:1] + drafts
+            sampled.append((slot, [feed(lane, 1 + len(drafts), "all") for lane in slot.lanes]))
         for slot in running:  # then prompt chunks, in arrival order, as room allows
             if not slot.prefilling:
                 continue
@@ -336,11 +406,11 @@ class BatchDecoder:
             for lane in slot.lanes:  # all but each prompt's last token
                 take = min(budget, len(lane.pending) - 1)
                 if take > 0:
-                    feed(lane, take, False)
+                    feed(lane, take, "none")
                     budget -= take
             unread = [len(lane.pending) - fed.get(lane, 0) for lane in slot.lanes]
             if all(n == 1 for n in unread) and budget >= len(slot.lanes):
-                sampled.append((slot, [feed(lane, 1, True) for lane in slot.lanes]))
+                sampled.append((slot, [feed(lane, 1, "last") for lane in slot.lanes]))
                 budget -= len(slot.lanes)
         if not entries:
             return []
@@ -352,15 +422,73 @@ class BatchDecoder:
             lane.pending = lane.pending[n:]
             lane.position += n
         for slot, rows in sampled:
-            token = self._sample(slot, rows)
-            if slot.first_token_at is None:
-                slot.first_token_at = time.perf_counter()
-            for lane in slot.lanes:
-                lane.pending = [token]
-            if slot.output.advance(token) is not None:
-                tail = slot.output.flush()  # the held-back end of the text
-                slot.output.new_text += tail
+            self._take_tokens(slot, rows, started)
         return [slot for slot, _ in sampled]
+
+    def _draft(self, slot: Slot, spare_rows: int) -> list[int]:
+        """The drafts a decoding slot verifies this step (none: one plain token)."""
+        drafting = slot.drafting
+        if drafting is None:
+            return []
+        # room: the batch, the slot's context (the drafts follow the last token in every
+        # lane) and max_tokens (a step keeps at most k + 1 tokens)
+        longest = max(lane.position for lane in slot.lanes)
+        room = min(self.max_drafts, spare_rows - 1, self.n_ctx_per_slot - 1 - longest)
+        tokens_left = slot.output.tokens_left
+        if tokens_left is not None:
+            room = min(room, tokens_left - 1)
+        controller = drafting.controller
+        limit = controller.draft_limit(room)
+        drafts = drafting.drafter.draft(limit) if limit > 0 else []
+        drafting.drafts = drafts[: controller.choose(len(drafts))]
+        return drafting.drafts
+
+    def _take_tokens(self, slot: Slot, rows: list[list[int]], started: float) -> None:
+        """Samples the slot's rows: one token, or a walk over its verified drafts (the
+        caches then drop the positions after the last kept token, in every lane)."""
+        texts: list[str] = []
+
+        def advance(token: int) -> str | None:
+            finish = slot.output.advance(token)
+            texts.append(slot.output.new_text)
+            return finish
+
+        drafting = slot.drafting
+        drafts = drafting.drafts if drafting is not None else []
+        if drafts:
+            kept, accepted, finish = verify_drafts(
+                lambda i: self._sample(slot, [lane_rows[i] for lane_rows in rows]),
+                drafts,
+                advance,
+                drafting.accept,
+            )
+            for lane in slot.lanes:  # the last token and the kept drafts stay cached
+                lane.position -= len(drafts) + 1 - len(kept)
+                for ctx in self.contexts:
+                    ctx.remove_positions(lane.seq_id, lane.position)
+                del self.cached[lane.seq_id][lane.position :]
+            counts = drafting.counts
+            counts.drafted += len(drafts)
+            counts.accepted += accepted
+            counts.verify_steps += 1
+            rejected = accepted < len(drafts) and finish is None
+            seconds = time.perf_counter() - started
+            drafting.controller.after_verify(len(drafts), accepted, rejected, seconds)
+            drafting.drafts = []
+        else:
+            kept = [self._sample(slot, [lane_rows[-1] for lane_rows in rows])]
+            finish = advance(kept[0])
+            if drafting is not None and not slot.prefilling:
+                drafting.controller.after_plain(time.perf_counter() - started)
+        if slot.first_token_at is None:
+            slot.first_token_at = time.perf_counter()
+        for lane in slot.lanes:
+            lane.pending = [kept[-1]]
+        if finish is not None:
+            texts.append(slot.output.flush())  # the held-back end of the text
+        elif drafting is not None:
+            drafting.drafter.extend(kept)
+        slot.output.new_text = "".join(texts)
 
     def _sample(self, slot: Slot, rows: list[int]) -> int:
         """Mixes the slot's terms into its first row (source 0, positive prompt) and
@@ -397,18 +525,28 @@ def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 class SlotRunner:
     """The one-slot decoder a model set keeps for generations that take the batched path
     (negative prompts; mixtures of more than two models): opened on first use and kept,
-    with its caches, for the next call; reopened with room for a second prompt when a
-    generation first brings one (the old caches are dropped then)."""
+    with its caches, for the next call; reopened with room for a second prompt, or for
+    more drafts, when a generation first asks for them (the old caches are dropped
+    then)."""
 
     def __init__(self, models) -> None:
         self.models = models
         self.decoder: BatchDecoder | None = None
 
-    def decoder_for(self, n_prompts: int) -> BatchDecoder:
-        if self.decoder is None or self.decoder.prompts_per_slot < n_prompts:
+    def decoder_for(self, n_prompts: int, max_drafts: int = 0) -> BatchDecoder:
+        decoder = self.decoder
+        if (
+            decoder is None
+            or decoder.prompts_per_slot < n_prompts
+            or decoder.opened_for_drafts < max_drafts
+        ):
             self.close()
             self.decoder = BatchDecoder(
-                self.models, 1, self.models.n_ctx, prompts_per_slot=n_prompts
+                self.models,
+                1,
+                self.models.n_ctx,
+                prompts_per_slot=n_prompts,
+                max_drafts=max_drafts,
             )
         return self.decoder
 

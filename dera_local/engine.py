@@ -183,28 +183,33 @@ class DeraPair(ModelSet):
         negative_prompt, cfg_scale: classifier-free guidance, h_neg + cfg_scale * (h_pos -
             h_neg) over the DeRa mixture of each prompt (see guidance.py); the negative
             prompt (text or ids) is read as a second sequence of the same batched
-            contexts. Guided generations do not speculate.
+            contexts; drafts are verified in both sequences at once.
         """
         prompt_tokens, lam, sampling = self._prepare(prompt, lam, sampling, max_tokens)
         guidance = guidance_for(self, negative_prompt, cfg_scale)
-        if guidance is not None:
-            return self._slot_stream(
-                self._slots,
-                prompt_tokens,
-                guidance,
-                lam=lam,
-                sampling=sampling,
-                max_tokens=max_tokens,
-                stop=stop,
-                logprobs=logprobs,
-                logits_observer=logits_observer,
-            )
         speculation = speculation or self.speculation
         if speculation.draft_max >= self.lockstep.max_rows:
             raise BadParameterError(
                 f"draft_max {speculation.draft_max} is more than this pair was loaded for "
                 f"({self.lockstep.max_rows - 1})",
                 cli_hint="raise --draft-max",
+            )
+        if guidance is not None:
+            if speculation.enabled and drafter is None:
+                drafter = self._default_drafter(speculation)
+            return self._slot_stream(
+                self._slots,
+                prompt_tokens,
+                guidance,
+                speculation,
+                lam=lam,
+                sampling=sampling,
+                max_tokens=max_tokens,
+                stop=stop,
+                logprobs=logprobs,
+                logits_observer=logits_observer,
+                drafter=drafter,
+                accept=accept,
             )
         return GenerationStream(
             self._lockstep(

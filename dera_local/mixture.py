@@ -35,6 +35,7 @@ from .mixing import LogitMixer
 from .model_set import ModelSet
 from .pair_guard import PairGuard
 from .sampling import SamplingParams
+from .speculative import AcceptRule, Drafter, SpeculationParams, sample_equals_draft
 from .stream import GenerationStream
 
 MAX_SOURCES = 8  # the kernel mixes up to 16 rows: 8 models, each with a negative prompt
@@ -240,6 +241,7 @@ def load_mixture(
     flash_attn: str = "off",
     hook: str | None = None,
     verbose: bool = False,
+    speculation: SpeculationParams | None = None,
 ) -> Mixture:
     """Loads a mixture with fixed weights: a spec string or file (see parse_mix), or a
     list of (weight, model path) / MixTerm. Warns when the weights sum to 0 (a contrast,
@@ -247,7 +249,7 @@ def load_mixture(
     terms = _merge_repeats(_as_terms(spec))
     warn_if_weights_cancel([t.weight for t in terms], "mixture")
     options = PairOptions(n_ctx, n_batch, n_threads, n_gpu_layers, flash_attn, verbose)
-    return Mixture(terms, options, LogitMixer(hook))
+    return Mixture(terms, options, LogitMixer(hook), speculation=speculation)
 
 
 def load_proxy(
@@ -264,6 +266,7 @@ def load_proxy(
     flash_attn: str = "off",
     hook: str | None = None,
     verbose: bool = False,
+    speculation: SpeculationParams | None = None,
 ) -> Mixture:
     """Proxy-tuning: `large` steered by the small (aligned, reference) pair, or by the
     reference plus `lora` (pass aligned=None): h = h_large + lam * (h_tuned - h_base), so
@@ -281,7 +284,9 @@ def load_proxy(
         MixTerm(Source(str(reference)), lam_weight=-1.0),
     ]
     options = PairOptions(n_ctx, n_batch, n_threads, n_gpu_layers, flash_attn, verbose)
-    return Mixture(terms, options, LogitMixer(hook), logprob_sources=(1, 2))
+    return Mixture(
+        terms, options, LogitMixer(hook), logprob_sources=(1, 2), speculation=speculation
+    )
 
 
 def _weight_text(weight: float, lam_weight: float) -> str:
@@ -303,6 +308,7 @@ class Mixture(ModelSet):
         mixer: LogitMixer,
         *,
         logprob_sources: tuple[int, int] | None = None,
+        speculation: SpeculationParams | None = None,
     ) -> None:
         if len(terms) > MAX_SOURCES:
             raise BadParameterError(
@@ -320,6 +326,8 @@ class Mixture(ModelSet):
         self.logprob_sources = logprob_sources or (0, 1 if len(terms) > 1 else 0)
         self.depends_on_lam = any(t.lam_weight for t in terms)
         self.guard = PairGuard()
+        # Prompt lookup drafts, verified in one batched step (see speculative.py).
+        self.speculation = speculation or SpeculationParams()
         self._slots = SlotRunner(self)
         self._scoring: list[Context] | None = None
 
@@ -391,14 +399,21 @@ class Mixture(ModelSet):
         negative_prompt: str | Sequence[int] | None = None,
         cfg_scale: float = 1.0,
         logits_observer=None,
+        speculation: SpeculationParams | None = None,
+        drafter: Drafter | None = None,
+        accept: AcceptRule = sample_equals_draft,
     ) -> GenerationStream:
         """Starts a generation; keywords as DeraPair.stream (lam is alpha for a proxy-tuned
-        model; a fixed-weight mixture takes only lam=1)."""
+        model; a fixed-weight mixture takes only lam=1). Drafts come from prompt lookup
+        unless a `drafter` is given."""
         prompt_tokens, lam, sampling = self._prepare(prompt, lam, sampling, max_tokens)
         return self._slot_stream(
             self._slots,
             prompt_tokens,
             guidance_for(self, negative_prompt, cfg_scale),
+            speculation or self.speculation,
+            drafter=drafter,
+            accept=accept,
             lam=lam,
             sampling=sampling,
             max_tokens=max_tokens,

@@ -86,10 +86,20 @@ class ModelSet:
         self.check_prompt(prompt_tokens)
         return prompt_tokens, lam, sampling
 
-    def _slot_stream(self, runner, prompt_tokens: list[int], guidance, **settings):
+    def _slot_stream(
+        self, runner, prompt_tokens: list[int], guidance, speculation, **settings
+    ) -> GenerationStream:
         """A generation as the one slot of `runner`'s decoder (batch.SlotRunner)."""
-        decoder = runner.decoder_for(1 if guidance is None else 2)
-        steps = slot_steps(decoder, self.guard, prompt_tokens, guidance=guidance, **settings)
+        max_drafts = speculation.draft_max if speculation.enabled else 0
+        decoder = runner.decoder_for(1 if guidance is None else 2, max_drafts)
+        steps = slot_steps(
+            decoder,
+            self.guard,
+            prompt_tokens,
+            guidance=guidance,
+            speculation=speculation,
+            **settings,
+        )
         return GenerationStream(steps, self.guard)
 
     def generate(self, prompt: str | Sequence[int], **kwargs):

@@ -63,6 +63,11 @@ class SequenceOutput:
             return self._end(FINISH_LENGTH)
         return None
 
+    @property
+    def tokens_left(self) -> int | None:
+        """How many more tokens max_tokens allows (None: no limit but the context)."""
+        return None if self._max_tokens < 0 else self._max_tokens - len(self.tokens)
+
     def _end(self, reason: str) -> str:
         self.finish_reason = reason
         return reason

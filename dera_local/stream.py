@@ -13,6 +13,7 @@ from .guidance import Guidance
 from .logprobs import SequenceLogprobs
 from .pair_guard import PairGuard
 from .sampling import SamplingParams
+from .speculative import AcceptRule, DraftCounts, Drafter, SpeculationParams, sample_equals_draft
 
 
 @dataclass
@@ -99,6 +100,9 @@ def slot_steps(
     stop: Sequence[str],
     logprobs: bool = False,
     logits_observer=None,
+    speculation: SpeculationParams | None = None,
+    drafter: Drafter | None = None,
+    accept: AcceptRule = sample_equals_draft,
 ) -> Generator[str, None, GenerationResult]:
     """One generation as the only slot of `decoder`: yields text, returns the result.
     The decoder keeps each sequence's cache afterwards, so a next prompt that starts
@@ -115,6 +119,9 @@ def slot_steps(
             logprobs=logprobs,
             guidance=guidance,
             logits_observer=logits_observer,
+            speculation=speculation,
+            drafter=drafter,
+            accept=accept,
         )
         try:
             while slot.finish_reason is None:
@@ -138,6 +145,7 @@ def slot_result(slot: Slot) -> GenerationResult:
     now = time.perf_counter()
     first = slot.first_token_at or now
     guidance = slot.guidance
+    counts = slot.drafting.counts if slot.drafting is not None else DraftCounts()
     return GenerationResult(
         text=slot.output.text,
         tokens=slot.output.tokens,
@@ -149,6 +157,9 @@ def slot_result(slot: Slot) -> GenerationResult:
         prompt_seconds=first - slot.started,
         generation_seconds=now - first,
         logprobs=slot.logprobs,
+        drafted=counts.drafted,
+        accepted=counts.accepted,
+        verify_steps=counts.verify_steps,
         negative_prompt_tokens=None if guidance is None else list(guidance.negative_tokens),
         cfg_scale=slot.cfg_scale,
         reused_negative_prompt_tokens=slot.reused_negative_prompt_tokens,

@@ -81,3 +81,32 @@ class LogitsRecorder:
     @property
     def sampler(self):
         return self._custom.get_sampler()
+
+
+def mixture_logits_stepwise(terms, prompts, generated):
+    """sum_i w_i * logits_i, float64, per step: terms are (weight, path, lora, prompt
+    index); each source runs alone (llama-cpp-python's Llama) on its prompt, then on the
+    generated tokens one at a time."""
+    steps = []
+    runs = {}
+    for _, path, lora, which in terms:
+        key = (str(path), str(lora), which)
+        if key not in runs:
+            runs[key] = solo_logits_stepwise(path, prompts[which], generated, lora)
+    for step in range(len(generated)):
+        total = sum(
+            weight * runs[(str(path), str(lora), which)][step].astype(np.float64)
+            for weight, path, lora, which in terms
+        )
+        steps.append(total)
+    return steps
+
+
+def assert_logits_seen(recorder, expected, tokens, greedy_check=True):
+    assert len(recorder.steps) == len(expected)
+    for step, (seen, want) in enumerate(zip(recorder.steps, expected, strict=True)):
+        np.testing.assert_allclose(
+            seen, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=f"step {step}"
+        )
+        if greedy_check:
+            assert tokens[step] == int(np.argmax(want)), f"step {step}"

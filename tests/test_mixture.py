@@ -9,7 +9,13 @@ import json
 
 import numpy as np
 import pytest
-from reference_impl import LogitsRecorder, solo_greedy, solo_logits, solo_logits_stepwise
+from reference_impl import (
+    LogitsRecorder,
+    assert_logits_seen,
+    mixture_logits_stepwise,
+    solo_greedy,
+    solo_logits,
+)
 from tiny_models import write_tiny_model
 
 import dera_local
@@ -24,35 +30,6 @@ NEGATIVE = "a dull grey dog"
 @pytest.fixture(scope="session")
 def third_path(model_dir):
     return write_tiny_model(model_dir / "third.gguf", seed=3)
-
-
-def _expected(terms, prompts, generated):
-    """sum_i w_i * logits_i, float64, per step: terms are (weight, path, lora, prompt
-    index); each source runs alone (llama-cpp-python's Llama) on its prompt, then on the
-    generated tokens one at a time."""
-    steps = []
-    cache = {}
-    for _, path, lora, which in terms:
-        key = (str(path), str(lora), which)
-        if key not in cache:
-            cache[key] = solo_logits_stepwise(path, prompts[which], generated, lora)
-    for step in range(len(generated)):
-        total = sum(
-            weight * cache[(str(path), str(lora), which)][step].astype(np.float64)
-            for weight, path, lora, which in terms
-        )
-        steps.append(total)
-    return steps
-
-
-def _assert_seen(recorder, expected, tokens, greedy_check=True):
-    assert len(recorder.steps) == len(expected)
-    for step, (seen, want) in enumerate(zip(recorder.steps, expected, strict=True)):
-        np.testing.assert_allclose(
-            seen, want, rtol=1e-4, atol=1e-4 * np.abs(want).max(), err_msg=f"step {step}"
-        )
-        if greedy_check:
-            assert tokens[step] == int(np.argmax(want)), f"step {step}"
 
 
 def _k_terms(aligned, reference, third, lora):
@@ -82,8 +59,10 @@ def test_sampler_sees_the_numpy_sum_of_k_sources_alone(
             prompt, sampling=greedy, max_tokens=STEPS, logits_observer=recorder.sampler
         )
     assert result.finish_reason == "length"
-    expected = _expected([(w, p, lo, 0) for w, p, lo in spec], [prompt], result.tokens)
-    _assert_seen(recorder, expected, result.tokens)
+    expected = mixture_logits_stepwise(
+        [(w, p, lo, 0) for w, p, lo in spec], [prompt], result.tokens
+    )
+    assert_logits_seen(recorder, expected, result.tokens)
 
 
 def test_a_seeded_mixture_samples_from_the_mixture(aligned_path, reference_path, third_path):
@@ -96,8 +75,10 @@ def test_a_seeded_mixture_samples_from_the_mixture(aligned_path, reference_path,
         result = mixture.generate(
             prompt, sampling=sampling, max_tokens=STEPS, logits_observer=recorder.sampler
         )
-    expected = _expected([(w, p, lo, 0) for w, p, lo in spec], [prompt], result.tokens)
-    _assert_seen(recorder, expected, result.tokens, greedy_check=False)
+    expected = mixture_logits_stepwise(
+        [(w, p, lo, 0) for w, p, lo in spec], [prompt], result.tokens
+    )
+    assert_logits_seen(recorder, expected, result.tokens, greedy_check=False)
 
 
 @pytest.mark.filterwarnings("ignore:lam=")
@@ -122,7 +103,9 @@ def test_cfg_over_dera_is_four_terms_of_two_prompts(
         ((1 - scale) * lam, aligned_path, None, 1),
         ((1 - scale) * (1 - lam), reference_path, None, 1),
     ]
-    _assert_seen(recorder, _expected(terms, [prompt, negative], result.tokens), result.tokens)
+    assert_logits_seen(
+        recorder, mixture_logits_stepwise(terms, [prompt, negative], result.tokens), result.tokens
+    )
     assert result.negative_prompt_tokens == negative and result.cfg_scale == scale
 
 
@@ -154,7 +137,9 @@ def test_one_model_steered_by_its_own_negative_prompt(aligned_path, greedy):
             logits_observer=recorder.sampler,
         )
     terms = [(2.5, aligned_path, None, 0), (-1.5, aligned_path, None, 1)]
-    _assert_seen(recorder, _expected(terms, [prompt, negative], result.tokens), result.tokens)
+    assert_logits_seen(
+        recorder, mixture_logits_stepwise(terms, [prompt, negative], result.tokens), result.tokens
+    )
 
 
 def test_proxy_tuning_is_large_plus_alpha_times_the_small_offset(
@@ -175,7 +160,9 @@ def test_proxy_tuning_is_large_plus_alpha_times_the_small_offset(
         (0.8, reference_path, lora_path, 0),
         (-0.8, reference_path, None, 0),
     ]
-    _assert_seen(recorder, _expected(terms, [prompt], result.tokens), result.tokens)
+    assert_logits_seen(
+        recorder, mixture_logits_stepwise(terms, [prompt], result.tokens), result.tokens
+    )
     assert result.tokens != at_0.tokens
 
 

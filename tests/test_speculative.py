@@ -10,6 +10,7 @@ import collections
 import numpy as np
 import pytest
 from reference_impl import LogitsRecorder, numpy_mix, solo_logits
+from scripted_drafter import ScriptedDrafter
 from tiny_models import write_tiny_model
 
 import dera_local
@@ -20,33 +21,6 @@ PLAIN = SpeculationParams(draft_max=0)
 # verification on every token.
 ALWAYS = SpeculationParams(draft_max=8, draft_min=1, adaptive=False)
 PROMPT = "the cat sat on the mat and the cat sat on the"
-
-
-class ScriptedDrafter:
-    """Drafts from a known continuation of the prompt: the truth (all right), the truth
-    shifted by one id (all wrong), or anything else a test scripts."""
-
-    cheap = True
-    source = "scripted"
-
-    def __init__(self, continuation: list[int], shift: int = 0, n_vocab: int = 263) -> None:
-        self.continuation = continuation
-        self.shift = shift
-        self.n_vocab = n_vocab
-        self.n_prompt = 0
-        self.history: list[int] = []
-
-    def reset(self, tokens) -> None:
-        self.history = list(tokens)
-        self.n_prompt = len(tokens)
-
-    def extend(self, tokens) -> None:
-        self.history.extend(tokens)
-
-    def draft(self, k: int) -> list[int]:
-        done = len(self.history) - self.n_prompt
-        upcoming = self.continuation[done : done + k]
-        return [(t + self.shift) % self.n_vocab for t in upcoming]
 
 
 def _plain(pair, prompt, **kwargs):
