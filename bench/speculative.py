@@ -4,6 +4,7 @@ temperature. Both paths give the same tokens (same seed), so the ratio is pure s
 
     python bench/speculative.py [--runs 3] [--tokens 160] [--pairs smollm2,qwen]
     python bench/speculative.py --draft-pair   # Qwen2.5-Coder 0.5B drafting for 1.5B x2
+    python bench/speculative.py --cfg          # with a negative prompt (the batched path)
 
 Workloads: an input-grounded one (correct the spelling of a ~300-token passage: the
 answer copies the input), a summary (copies some), and open chat (nothing to copy:
@@ -64,10 +65,14 @@ SPECULATIVE = SpeculationParams()
 PLAIN = SpeculationParams(draft_max=0)
 
 
+NEGATIVE = "Answer in one vague sentence."  # --cfg: steer away from it at scale 1.5
+GUIDED: dict = {}  # set by --cfg: generate's negative_prompt and cfg_scale
+
+
 def _tokens_per_second(pair, prompt, lam, sampling, tokens, speculation):
     pair.clear_cache()
     result = pair.generate(
-        prompt, lam=lam, sampling=sampling, max_tokens=tokens, speculation=speculation
+        prompt, lam=lam, sampling=sampling, max_tokens=tokens, speculation=speculation, **GUIDED
     )
     return result
 
@@ -80,6 +85,9 @@ def bench_pair(
     for workload in workloads:
         text = WORKLOADS[workload]
         prompt = template.tokens(pair, [{"role": "user", "content": text}])
+        if GUIDED:  # the same turn under a system message to steer away from (as chat does)
+            negative = [{"role": "system", "content": NEGATIVE}, {"role": "user", "content": text}]
+            GUIDED["negative_prompt"] = template.tokens(pair, negative)
         for lam in lams:
             for temperature in temperatures:
                 sampling = dera_local.SamplingParams(temperature=temperature, seed=1234)
@@ -132,6 +140,12 @@ def bench_pair(
 
 
 def _divergence(pair, prompt, lam, sampling, plain, fast, workload: str) -> str:
+    if GUIDED:  # divergence_gap replays plain DeRa, not the guided mixture
+        step = next(
+            (i for i, (a, b) in enumerate(zip(plain.tokens, fast.tokens, strict=False)) if a != b),
+            min(len(plain.tokens), len(fast.tokens)),
+        )
+        return f"{workload}, lam {lam:g}, temp {sampling.temperature:g}: parted at token {step}"
     found = divergence_gap(pair, prompt, lam, sampling, plain.tokens, fast.tokens)
     if found["gap"] is None:
         return f"{workload}, lam {lam:g}: one output ended at token {found['step']}"
@@ -158,13 +172,19 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--pairs", default="smollm2,qwen")
     parser.add_argument("--draft-pair", action="store_true")
+    parser.add_argument("--cfg", action="store_true", help="generate with a negative prompt")
     parser.add_argument(
         "--workloads", default="spelling,summary,open chat", help="comma-separated prefixes"
     )
     args = parser.parse_args()
     wanted = [p.strip() for p in args.workloads.split(",")]
     workloads = [w for w in WORKLOADS if any(w.startswith(p) for p in wanted)]
-    print(f"## Speculative DeRa\n\nMachine: {machine()}\n")
+    if args.cfg:
+        GUIDED["cfg_scale"] = 1.5
+    title = "Speculative DeRa" + (
+        f" with CFG (negative: {NEGATIVE!r}, scale 1.5)" if args.cfg else ""
+    )
+    print(f"## {title}\n\nMachine: {machine()}\n")
     if args.draft_pair:
         files = draft_pair_files()
         if files is None:

@@ -379,6 +379,8 @@ def test_cli_one_model_with_a_negative_prompt_reports_its_ids(monkeypatch, align
         (["generate", "hi", "--mix", "2*a.gguf", "-m", "b.gguf"], "--mix names every model"),
         (["sweep", "--prompts", "-", "--cfg-scales", "1,2"], "go together"),
         (["generate", "hi", "--cfg-negative-prompt", "x", "--cfg-scale", "inf"], "CFG scale"),
+        (["generate", "hi", "--mix", "2*a.gguf", "-md", "d.gguf"], "prompt lookup only"),
+        (["serve", "-md", "d.gguf"], "the server drafts by prompt lookup"),
     ],
 )
 def test_cli_bad_mixture_input_is_one_line(run, args, message):

@@ -114,6 +114,28 @@ def test_chat_matches_the_python_api(client, pair, greedy):
     assert details.rejected_prediction_tokens >= 0
 
 
+def test_requests_speculate_and_answer_as_plain_decoding(client, pair, greedy):
+    """Each slot drafts by prompt lookup and verifies in the shared batched step: on text
+    that repeats itself drafts are proposed, and the answer is plain decoding's."""
+    from dera_local.speculative import SpeculationParams
+
+    prompt = "the cat sat on the mat and the cat sat on the mat and the cat sat on the"
+    reply = client.completions.create(
+        model="m", prompt=prompt, max_tokens=60, temperature=0, extra_body={"dera_lambda": 0.5}
+    )
+    pair.clear_cache()
+    plain = pair.generate(
+        prompt,
+        lam=0.5,
+        sampling=greedy,
+        max_tokens=60,
+        speculation=SpeculationParams(draft_max=0),
+    )
+    assert reply.choices[0].text == plain.text
+    details = reply.usage.completion_tokens_details
+    assert details.accepted_prediction_tokens + details.rejected_prediction_tokens > 0
+
+
 def test_lam_zero_is_the_reference_alone(client, pair, reference_path):
     from reference_impl import solo_greedy
 

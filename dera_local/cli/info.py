@@ -165,10 +165,13 @@ def info(
     lines += extra_lines
     verdict_error = verdict_error or extra_error
     speculation = speculation_from(draft_max, draft_min)
-    if mix is not None or proxy_base is not None:
-        lines.append("speculation: off (mixtures beyond a pair decode one token per step)")
-    elif not speculation.enabled:
+    if not speculation.enabled:
         lines.append("speculation: off (--draft-max 0)")
+    elif draft_model and (mix is not None or proxy_base is not None):
+        verdict_error = verdict_error or DeraError(
+            "mixtures draft by prompt lookup only: drop -md"
+        )
+        lines.append("speculation: draft model NOT USED (mixtures draft by prompt lookup)")
     elif draft_model:
         draft = read_gguf(model_path(draft_model))
         lines.append(

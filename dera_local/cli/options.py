@@ -316,20 +316,23 @@ def open_pair(
                 "--mix names every model itself: drop -m/-mr/--lora/--pair/--proxy-base"
             )
         if draft_model:
-            raise DeraError("--mix does not speculate: drop -md")
-        return load_mixture(_resolved_mix(mix), **settings)
+            raise DeraError("--mix drafts by prompt lookup only: drop -md")
+        return load_mixture(
+            _resolved_mix(mix), speculation=speculation_from(draft_max, draft_min), **settings
+        )
     if aligned and not (reference or lora or pair) and one_model_ok and not proxy_base:
         reference = aligned  # the model alone: DeRa of a model with itself is that model
     aligned, reference, lora = resolve_models(aligned, reference, lora, pair, quant)
     if proxy_base is not None:
         if draft_model:
-            raise DeraError("proxy-tuning does not speculate: drop -md")
+            raise DeraError("proxy-tuning drafts by prompt lookup only: drop -md")
         return load_proxy(
             model_path(proxy_base),
             aligned,
             reference,
             lora=lora,
             lora_scale=lora_scale,
+            speculation=speculation_from(draft_max, draft_min),
             **settings,
         )
     return load_pair(

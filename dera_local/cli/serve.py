@@ -140,6 +140,11 @@ def serve(
             err=True,
         )
     presets = _parse_presets(lam_presets)
+    if kwargs.get("draft_model"):
+        raise BadParameterError(
+            "the server drafts by prompt lookup, per request (a draft model follows one "
+            "text at a time); drop -md"
+        )
     _check_port_free(host, port)  # before the models load: one line, not uvicorn's log
     model, _, _ = split_options(kwargs)
     if model.get("n_ctx"):

@@ -77,8 +77,15 @@ class GenerationWorker:
         self.stopping = False
         self._closed = False
         self.guided = guided
+        # Each slot drafts by prompt lookup over its own text (a draft model follows one
+        # text, so it cannot serve several slots) and verifies in the shared step.
+        self.speculation = pair.speculation
         self._decoder = BatchDecoder(
-            pair, parallel, self.n_ctx_per_slot, prompts_per_slot=2 if guided else 1
+            pair,
+            parallel,
+            self.n_ctx_per_slot,
+            prompts_per_slot=2 if guided else 1,
+            max_drafts=self.speculation.draft_max,
         )
         self._thread = threading.Thread(target=self._loop, name="dera-batch", daemon=True)
         self._thread.start()
@@ -207,6 +214,7 @@ class GenerationWorker:
                 max_tokens=settings["max_tokens"],
                 stop=settings.get("stop", ()),
                 tag=waiting,
+                speculation=self.speculation,
             )
         except BaseException as exc:  # handed to the request that asked
             self._release(job, "failed")
