@@ -144,11 +144,13 @@ def run_pairs(
             print(bench_pair(spec, args.tokens, args.threads, args.runs) + "\n", flush=True)
 
 
-def divergence_gap(pair, prompt, lam, sampling, solo_tokens, other_tokens) -> dict | None:
+def divergence_gap(
+    pair, prompt, lam, sampling, solo_tokens, other_tokens, **generate_kwargs
+) -> dict | None:
     """Where `other_tokens` first part from `solo_tokens` (what the pair generates alone,
-    one token per step), and the solo run's mixed-logit gap between the two tokens
-    there: batched decoding rounds differently, which can flip a near-tie. None when
-    they do not part."""
+    one token per step, with `generate_kwargs` such as a negative prompt), and the solo
+    run's mixed-logit gap between the two tokens there: batched decoding rounds
+    differently, which can flip a near-tie. None when they do not part."""
     from reference_impl import LogitsRecorder
 
     from dera_local.speculative import SpeculationParams
@@ -170,6 +172,7 @@ def divergence_gap(pair, prompt, lam, sampling, solo_tokens, other_tokens) -> di
         max_tokens=step + 1,
         speculation=SpeculationParams(draft_max=0),
         logits_observer=recorder.sampler,
+        **generate_kwargs,
     )
     logits = recorder.steps[step]
     return {

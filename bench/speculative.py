@@ -140,13 +140,7 @@ def bench_pair(
 
 
 def _divergence(pair, prompt, lam, sampling, plain, fast, workload: str) -> str:
-    if GUIDED:  # divergence_gap replays plain DeRa, not the guided mixture
-        step = next(
-            (i for i, (a, b) in enumerate(zip(plain.tokens, fast.tokens, strict=False)) if a != b),
-            min(len(plain.tokens), len(fast.tokens)),
-        )
-        return f"{workload}, lam {lam:g}, temp {sampling.temperature:g}: parted at token {step}"
-    found = divergence_gap(pair, prompt, lam, sampling, plain.tokens, fast.tokens)
+    found = divergence_gap(pair, prompt, lam, sampling, plain.tokens, fast.tokens, **GUIDED)
     if found["gap"] is None:
         return f"{workload}, lam {lam:g}: one output ended at token {found['step']}"
     return (

@@ -10,8 +10,11 @@ guidance (its positive and its negative prompt, one KV sequence each, in every s
 context: the weights are read once per step for both).
 
 Each `step()` builds one batch from every live slot's pending input (the next chunk of a
-prompt, or its last sampled token), decodes every source context once, then per slot
-mixes its K rows with the native hook, samples and advances. Slots join between steps
+prompt, its last sampled token, or that token and k drafted ones in each of its
+sequences), decodes every source context once, then per slot mixes its K rows with the
+native hook, samples and advances. A speculating slot walks its rows as the lockstep
+path does (speculative.verify_drafts) and drops the rejected positions from every
+sequence of every context. Slots join between steps
 (`admit`) and leave as soon as they end or are cancelled (`retire`), so the batch changes
 shape every step.
 
@@ -426,14 +429,15 @@ class BatchDecoder:
         return [slot for slot, _ in sampled]
 
     def _draft(self, slot: Slot, spare_rows: int) -> list[int]:
-        """The drafts a decoding slot verifies this step (none: one plain token)."""
+        """The drafts a decoding slot verifies this step (none: one plain token).
+        spare_rows: batch rows per lane left after every decoding lane's own token."""
         drafting = slot.drafting
         if drafting is None:
             return []
         # room: the batch, the slot's context (the drafts follow the last token in every
         # lane) and max_tokens (a step keeps at most k + 1 tokens)
         longest = max(lane.position for lane in slot.lanes)
-        room = min(self.max_drafts, spare_rows - 1, self.n_ctx_per_slot - 1 - longest)
+        room = min(self.max_drafts, spare_rows, self.n_ctx_per_slot - 1 - longest)
         tokens_left = slot.output.tokens_left
         if tokens_left is not None:
             room = min(room, tokens_left - 1)

@@ -168,9 +168,7 @@ def info(
     if not speculation.enabled:
         lines.append("speculation: off (--draft-max 0)")
     elif draft_model and (mix is not None or proxy_base is not None):
-        verdict_error = verdict_error or DeraError(
-            "mixtures draft by prompt lookup only: drop -md"
-        )
+        verdict_error = verdict_error or DeraError("mixtures draft by prompt lookup only: drop -md")
         lines.append("speculation: draft model NOT USED (mixtures draft by prompt lookup)")
     elif draft_model:
         draft = read_gguf(model_path(draft_model))
