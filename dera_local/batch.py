@@ -425,7 +425,7 @@ class BatchDecoder:
             lane.pending = lane.pending[n:]
             lane.position += n
         for slot, rows in sampled:
-            self._take_tokens(slot, rows, started)
+            self._take_tokens(slot, rows, started, sharing=len(decoding))
         return [slot for slot, _ in sampled]
 
     def _draft(self, slot: Slot, spare_rows: int) -> list[int]:
@@ -447,9 +447,10 @@ class BatchDecoder:
         drafting.drafts = drafts[: controller.choose(len(drafts))]
         return drafting.drafts
 
-    def _take_tokens(self, slot: Slot, rows: list[list[int]], started: float) -> None:
+    def _take_tokens(self, slot: Slot, rows: list[list[int]], started: float, sharing: int) -> None:
         """Samples the slot's rows: one token, or a walk over its verified drafts (the
-        caches then drop the positions after the last kept token, in every lane)."""
+        caches then drop the positions after the last kept token, in every lane).
+        sharing: the slots that decoded in this step (the draft cost model's weight)."""
         texts: list[str] = []
 
         def advance(token: int) -> str | None:
@@ -477,7 +478,9 @@ class BatchDecoder:
             counts.verify_steps += 1
             rejected = accepted < len(drafts) and finish is None
             seconds = time.perf_counter() - started
-            drafting.controller.after_verify(len(drafts), accepted, rejected, seconds)
+            drafting.controller.after_verify(
+                len(drafts), accepted, rejected, seconds, sharing=max(sharing, 1)
+            )
             drafting.drafts = []
         else:
             kept = [self._sample(slot, [lane_rows[-1] for lane_rows in rows])]

@@ -256,15 +256,21 @@ class DraftLength:
     def after_plain(self, seconds: float) -> None:
         self.plain_seconds = _smooth(self.plain_seconds, seconds, self.SMOOTHING)
 
-    def after_verify(self, drafted: int, accepted: int, rejected: bool, seconds: float) -> None:
+    def after_verify(
+        self, drafted: int, accepted: int, rejected: bool, seconds: float, sharing: int = 1
+    ) -> None:
         """rejected: the walk ended on a drafted token that was not kept (not at the
-        bonus row or a stop); seconds: drafting and verifying together."""
+        bonus row or a stop); seconds: drafting and verifying together. sharing: how many
+        generations decoded in the step (a batched decoder's slots): the drafts' extra
+        time delays every one of them, so it counts that many times. (Drafting pays for
+        the batch when the tokens it adds, E - 1, beat the tokens the others lose,
+        (sharing - 1) * c * k, plus its own c * k.)"""
         source = self.drafter.source
         for counts in (self._acceptance.setdefault(source, _Acceptance()), self._pooled):
             counts.accepted = counts.accepted * self.DECAY + accepted
             counts.judged = counts.judged * self.DECAY + accepted + rejected
         if self.plain_seconds:
-            extra = max(seconds / self.plain_seconds - 1.0, 0.0) / drafted
+            extra = sharing * max(seconds / self.plain_seconds - 1.0, 0.0) / drafted
             self.row_cost = _smooth(self.row_cost, extra, self.SMOOTHING)
         if self.best_k(source, self.params.draft_max) > 0:  # it pays (again)
             self._pause = self.FIRST_PAUSE

@@ -362,6 +362,26 @@ def test_draft_length_follows_measured_acceptance_and_cost():
     assert [control.draft_limit(16) for _ in range(32)] == [0] * 32
 
 
+def test_a_step_shared_by_many_generations_charges_drafts_for_all_of_them():
+    """In a batch of 8 slots one draft row adds 6% to the step: cheap for the slot, but it
+    delays all 8, so at 40% acceptance drafting loses tokens overall and must stop;
+    alone, the same rows and acceptance pay."""
+    from dera_local.speculative import DraftLength
+
+    def settle(sharing: int) -> int:
+        control = DraftLength(SpeculationParams(draft_max=16), _Drafter(cheap=True))
+        control.draft_limit(16)
+        control.after_plain(0.100)
+        for i in range(30):
+            accepted = 1 if i % 5 < 2 else 0  # 40% of single drafts kept
+            control.after_verify(1, accepted, not accepted, 0.106, sharing=sharing)
+        assert control.row_cost == pytest.approx(0.06 * sharing)
+        return control.best_k(control.drafter.source, 16)
+
+    assert settle(sharing=1) >= 1
+    assert settle(sharing=8) == 0
+
+
 def test_draft_length_decides_before_costly_drafting():
     from dera_local.speculative import DraftLength
 
