@@ -14,6 +14,7 @@ from common import PairSpec, median_of, run_pairs, table, timed
 import dera_local
 from dera_local.backend import TokenBatch
 from dera_local.score import score
+from dera_local.speculative import SpeculationParams
 from dera_local.sweep import LambdaSweep
 
 # lam < 1 keeps every sequence going for the demo pair (its adapter ends answers early)
@@ -79,15 +80,23 @@ def bench_pair(spec: PairSpec, n: int, threads: int, runs: int) -> str:
             counted["sequential"] = tokens
             return tokens / (time.perf_counter() - start)
 
-        with LambdaSweep(pair, SWEEP_GRID, max_tokens=n) as runner:
+        def batched(runner: LambdaSweep, key: str) -> float:
+            start = time.perf_counter()
+            rows = runner.run(prompt, sampling=greedy)
+            counted[key] = sum(len(r.tokens) for r in rows)
+            return counted[key] / (time.perf_counter() - start)
 
-            def batched() -> float:
-                start = time.perf_counter()
-                rows = runner.run(prompt, sampling=greedy)
-                counted["batched"] = sum(len(r.tokens) for r in rows)
-                return counted["batched"] / (time.perf_counter() - start)
-
-            batched_rate = median_of(runs, batched)
+        no_drafts = SpeculationParams(draft_max=0)
+        with (
+            LambdaSweep(pair, SWEEP_GRID, max_tokens=n) as runner,
+            LambdaSweep(pair, SWEEP_GRID, max_tokens=n, speculation=no_drafts) as plain,
+        ):
+            rates = {"batched": [], "batched, no drafts": []}
+            for _ in range(runs):  # alternating: drift hits both alike
+                rates["batched"].append(batched(runner, "batched"))
+                rates["batched, no drafts"].append(batched(plain, "batched, no drafts"))
+            batched_rate = statistics.median(rates["batched"])
+            plain_rate = statistics.median(rates["batched, no drafts"])
         sequential_rate = median_of(runs, sequential)
         score_one = median_of(runs, lambda: timed(lambda: score(pair, prompt, RESPONSE, [1.0])))
         score_grid = median_of(
@@ -109,6 +118,11 @@ def bench_pair(spec: PairSpec, n: int, threads: int, runs: int) -> str:
                         f"{batched_rate:.1f}",
                         f"**{batched_rate / sequential_rate:.2f}x**",
                     ],
+                    [
+                        "the same sweep without drafts (--draft-max 0), tokens/s",
+                        f"{plain_rate:.1f}",
+                        f"{plain_rate / sequential_rate:.2f}x",
+                    ],
                     ["score, 1 lam, ms", f"{score_one * 1000:.1f}", "1.00x"],
                     [
                         "score, 11-lam grid, ms",
@@ -117,8 +131,8 @@ def bench_pair(spec: PairSpec, n: int, threads: int, runs: int) -> str:
                     ],
                 ],
             ),
-            f"\n(tokens generated: batched {counted['batched']}, "
-            f"sequential {counted['sequential']})\n",
+            f"\n(tokens generated: batched {counted['batched']}, without drafts "
+            f"{counted['batched, no drafts']}, sequential {counted['sequential']})\n",
             table(
                 ["one decode step of the aligned model", "ms", "cost vs 1", "tokens/s vs 1"],
                 scaling,

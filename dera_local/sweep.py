@@ -19,6 +19,7 @@ from .errors import BadParameterError, DeraError
 from .guidance import guidance_for, validate_cfg_scale
 from .mixing import validate_lam
 from .sampling import SamplingParams
+from .speculative import DraftCounts, SpeculationParams
 
 
 def parse_lambdas(
@@ -89,7 +90,10 @@ class LambdaSweep:
         *,
         max_tokens: int = 256,
         cfg_scales: Sequence[float] | None = None,
+        speculation: SpeculationParams | None = None,
     ):
+        """speculation: drafts per slot (prompt lookup, verified in the shared step;
+        default the model set's; SpeculationParams(draft_max=0) turns it off)."""
         self.pair = pair
         self.lambdas = parse_lambdas(lambdas, pair.check_lam)  # a fixed mixture: lam 1 only
         self.cfg_scales = None if cfg_scales is None else parse_cfg_scales(cfg_scales)
@@ -99,15 +103,19 @@ class LambdaSweep:
         self.points = [(lam, s) for lam in self.lambdas for s in self.cfg_scales or [None]]
         n = len(self.points)
         prompts = 1 if self.cfg_scales is None else 2
+        self.speculation = speculation or pair.speculation
+        drafts = self.speculation.draft_max if self.speculation.enabled else 0
         # Room for one shared prompt (and one shared negative prompt) plus every
-        # sequence's own tokens.
+        # sequence's own tokens and the drafts it verifies past them.
         self.decoder = BatchDecoder(
             pair,
             n,
             n_ctx_per_slot=pair.n_ctx,
-            n_ctx_total=prompts * (pair.n_ctx + n * (max_tokens + 1)),
+            n_ctx_total=prompts * (pair.n_ctx + n * (max_tokens + 1 + drafts)),
             prompts_per_slot=prompts,
+            max_drafts=drafts,
         )
+        self.counts = DraftCounts()  # drafts over every run() so far
 
     def close(self) -> None:
         self.decoder.close()
@@ -163,10 +171,16 @@ class LambdaSweep:
                         guidance=None
                         if scale is None
                         else guidance_for(pair, negative_prompt, scale),
+                        speculation=self.speculation,
                     )
                 )
             while any(slot.finish_reason is None for slot in slots):
                 decoder.step()
+            for slot in slots:
+                if slot.drafting is not None:
+                    self.counts.drafted += slot.drafting.counts.drafted
+                    self.counts.accepted += slot.drafting.counts.accepted
+                    self.counts.verify_steps += slot.drafting.counts.verify_steps
         finally:
             for slot in slots:
                 decoder.retire(slot)
@@ -200,11 +214,14 @@ def sweep(
     reward: Callable[[str], float] | None = None,
     cfg_scales: Sequence[float] | None = None,
     negative_prompt: str | Sequence[int] | None = None,
+    speculation: SpeculationParams | None = None,
 ) -> Iterator[SweepRow]:
     """Yields rows for (prompt_id, prompt) pairs, every lam (and CFG scale) per prompt, in
     one batched set of contexts; `reward` (text -> float) fills each row's reward. An
     item may be (prompt_id, prompt, negative_prompt) to give each its own negative."""
-    with LambdaSweep(pair, lambdas, max_tokens=max_tokens, cfg_scales=cfg_scales) as runner:
+    with LambdaSweep(
+        pair, lambdas, max_tokens=max_tokens, cfg_scales=cfg_scales, speculation=speculation
+    ) as runner:
         for prompt_id, prompt, *own_negative in prompts:
             negative = own_negative[0] if own_negative else negative_prompt
             for row in runner.run(

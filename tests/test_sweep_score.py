@@ -42,6 +42,34 @@ def test_seeded_sampled_sweep_equals_generate(pair):
         )
 
 
+@pytest.mark.filterwarnings("ignore:lam=")
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_a_speculating_sweep_gives_the_rows_of_a_plain_one(pair, temperature):
+    """Every slot drafts by prompt lookup at every step (not adaptive), CFG points too:
+    the rows (tokens, text, log-probability sums) are those of the sweep without drafts."""
+    from dera_local.speculative import SpeculationParams
+
+    always = SpeculationParams(draft_max=6, draft_min=1, ngram_min=1, adaptive=False)
+    sampling = dera_local.SamplingParams(temperature=temperature, top_k=5, seed=7)
+    prompt = "the cat sat on the mat and the cat sat on the"
+    settings = dict(max_tokens=30, cfg_scales=[1.0, 2.0])
+    rows = {}
+    for name, speculation in (("plain", SpeculationParams(draft_max=0)), ("fast", always)):
+        with LambdaSweep(pair, [0.0, 0.5, 2.0], speculation=speculation, **settings) as runner:
+            rows[name] = runner.run(prompt, sampling=sampling, negative_prompt="a grey dog")
+            counts = runner.counts
+    assert counts.drafted > 0 and counts.verify_steps > 0
+    for plain, fast in zip(rows["plain"], rows["fast"], strict=True):
+        assert (fast.lam, fast.cfg_scale, fast.tokens, fast.text) == (
+            plain.lam,
+            plain.cfg_scale,
+            plain.tokens,
+            plain.text,
+        )
+        for key in ("logprob_mixture", "logprob_reference", "logprob_aligned"):
+            assert getattr(fast, key) == pytest.approx(getattr(plain, key), rel=1e-4, abs=1e-3)
+
+
 def test_sweep_on_a_lora_pair_equals_generate(reference_path, lora_path, greedy):
     with dera_local.load_pair(None, reference_path, lora=lora_path, n_ctx=256) as lora_pair:
         rows = list(
