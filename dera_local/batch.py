@@ -242,10 +242,9 @@ class BatchDecoder:
                 )
             prompts.append(list(guidance.negative_tokens))
             self.check_fits(prompts[1], "negative prompt")
-        lanes = []
-        for prompt in prompts:
-            seq_id, keep = self._place(prompt)
-            lanes.append(Lane(seq_id, prompt[keep:], keep))
+        # Everything that can refuse the request (a bad grammar, too many drafts) comes
+        # before its sequences are taken, so a refusal leaves the decoder as it was.
+        drafting = self._drafting(speculation, drafter, accept, prompts[0])
         model = self.models.model
         terms = mixture_terms(
             self.models.source_weights(lam), None if guidance is None else guidance.scale
@@ -258,13 +257,22 @@ class BatchDecoder:
             max_tokens=max_tokens,
             stop=stop,
         )
-        drafting = self._drafting(speculation, drafter, accept, prompts[0])
+        chain = SamplerChain(sampling, model.vocab, self.n_ctx_per_slot, logits_observer)
+        lanes = []
+        try:
+            for prompt in prompts:
+                seq_id, keep = self._place(prompt)
+                lanes.append(Lane(seq_id, prompt[keep:], keep))
+        except BaseException:
+            chain.close()
+            self._free.update(lane.seq_id for lane in lanes)
+            raise
         slot = Slot(
             lam=lam,
             guidance=guidance,
             terms=terms,
             prompt_tokens=prompts[0],
-            chain=SamplerChain(sampling, model.vocab, self.n_ctx_per_slot, logits_observer),
+            chain=chain,
             output=output,
             sampling=sampling,
             logprobs=SequenceLogprobs() if logprobs else None,

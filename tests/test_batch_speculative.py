@@ -224,4 +224,24 @@ def test_more_drafts_than_the_decoder_was_opened_for_is_one_clear_error(pair, gr
             decoder.admit(
                 pair.tokenize(PROMPT), lam=1.0, sampling=greedy, max_tokens=4, speculation=ALWAYS
             )
-        assert decoder.free_slots == 1  # nothing was admitted
+        assert decoder.free_slots == 1  # nothing was admitted, no sequence taken
+        assert decoder.free_sequences == [0]
+
+
+def test_a_refused_request_takes_no_sequence(pair, greedy):
+    """A bad grammar is refused when the sampler chain is built: the decoder keeps all its
+    sequences and serves the next request."""
+    bad = dera_local.SamplingParams(temperature=0, grammar="root ::= (")
+    with BatchDecoder(pair, 1, 256, prompts_per_slot=2) as decoder:
+        guidance = dera_local.guidance.Guidance(tuple(pair.tokenize(NEGATIVE)), 1.5)
+        with pytest.raises(BadParameterError, match="grammar"):
+            decoder.admit(
+                pair.tokenize(PROMPT), lam=1.0, sampling=bad, max_tokens=4, guidance=guidance
+            )
+        assert decoder.free_sequences == [0, 1]
+        slot = decoder.admit(
+            pair.tokenize(PROMPT), lam=1.0, sampling=greedy, max_tokens=4, guidance=guidance
+        )
+        while slot.finish_reason is None:
+            decoder.step()
+        assert len(slot.output.tokens) == 4
