@@ -487,7 +487,7 @@ class BatchDecoder:
             rejected = accepted < len(drafts) and finish is None
             seconds = time.perf_counter() - started
             drafting.controller.after_verify(
-                len(drafts), accepted, rejected, seconds, sharing=max(sharing, 1)
+                len(drafts), accepted, rejected, seconds, sharing=sharing
             )
             drafting.drafts = []
         else:

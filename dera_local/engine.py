@@ -195,8 +195,6 @@ class DeraPair(ModelSet):
                 cli_hint="raise --draft-max",
             )
         if guidance is not None:
-            if speculation.enabled and drafter is None:
-                drafter = self._default_drafter(speculation)
             return self._slot_stream(
                 self._slots,
                 prompt_tokens,
@@ -208,7 +206,7 @@ class DeraPair(ModelSet):
                 stop=stop,
                 logprobs=logprobs,
                 logits_observer=logits_observer,
-                drafter=drafter,
+                drafter=drafter or self._model_drafter,  # None: the decoder's prompt lookup
                 accept=accept,
             )
         return GenerationStream(

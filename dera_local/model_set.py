@@ -90,8 +90,7 @@ class ModelSet:
         self, runner, prompt_tokens: list[int], guidance, speculation, **settings
     ) -> GenerationStream:
         """A generation as the one slot of `runner`'s decoder (batch.SlotRunner)."""
-        max_drafts = speculation.draft_max if speculation.enabled else 0
-        decoder = runner.decoder_for(1 if guidance is None else 2, max_drafts)
+        decoder = runner.decoder_for(1 if guidance is None else 2, speculation.draft_max)
         steps = slot_steps(
             decoder,
             self.guard,

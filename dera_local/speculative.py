@@ -306,6 +306,11 @@ class DraftCounts:
     accepted: int = 0  # of those, kept in the output
     verify_steps: int = 0  # batched verifications (each also adds one token of its own)
 
+    def add(self, other: DraftCounts) -> None:
+        self.drafted += other.drafted
+        self.accepted += other.accepted
+        self.verify_steps += other.verify_steps
+
 
 class Drafter(Protocol):
     """A draft source: it follows the text (prompt, then each kept token) and proposes

@@ -104,7 +104,7 @@ class LambdaSweep:
         n = len(self.points)
         prompts = 1 if self.cfg_scales is None else 2
         self.speculation = speculation or pair.speculation
-        drafts = self.speculation.draft_max if self.speculation.enabled else 0
+        drafts = self.speculation.draft_max  # 0 when speculation is off
         # Room for one shared prompt (and one shared negative prompt) plus every
         # sequence's own tokens and the drafts it verifies past them.
         self.decoder = BatchDecoder(
@@ -178,9 +178,7 @@ class LambdaSweep:
                 decoder.step()
             for slot in slots:
                 if slot.drafting is not None:
-                    self.counts.drafted += slot.drafting.counts.drafted
-                    self.counts.accepted += slot.drafting.counts.accepted
-                    self.counts.verify_steps += slot.drafting.counts.verify_steps
+                    self.counts.add(slot.drafting.counts)
         finally:
             for slot in slots:
                 decoder.retire(slot)
