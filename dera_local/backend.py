@@ -258,6 +258,7 @@ class Context:
         self.n_ctx = int(llama_cpp.llama_n_ctx(ctx))
         self.n_batch = int(llama_cpp.llama_n_batch(ctx))  # llama.cpp caps it at n_ctx
         self.n_outputs_max = options.n_outputs_max or self.n_batch
+        self.n_seq_max = options.n_seq_max
         self.memory = llama_cpp.llama_get_memory(ctx)
         self.n_threads = threads
         self.flash_attn = options.flash_attn

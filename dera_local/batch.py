@@ -1,5 +1,6 @@
-"""Many mixture generations decoded together: the one batched step that generation with
-a negative prompt, the lam sweep and the server's continuous batching share.
+"""Mixture generations decoded together: the one batched step every way of generating
+shares (a single generation is one slot; a lam sweep, N; the server's continuous
+batching admits and retires slots between steps).
 
 A `BatchDecoder` owns one batched context per source model of a model set (a DeRa pair:
 aligned and reference; a proxy-tuned model: three; one model: one) with KV sequences
@@ -11,9 +12,10 @@ context: the weights are read once per step for both).
 
 Each `step()` builds one batch from every live slot's pending input (the next chunk of a
 prompt, its last sampled token, or that token and k drafted ones in each of its
-sequences), decodes every source context once, then per slot mixes its K rows with the
-native hook, samples and advances. A speculating slot walks its rows as the lockstep
-path does (speculative.verify_drafts) and drops the rejected positions from every
+sequences), decodes every source context once (overlapped in threads where the models
+sit on different devices: source_decodes.py), then per slot mixes its K rows with the
+native hook (slot_mixing.py), samples and advances. A speculating slot walks its rows
+(slot_drafts.py, speculative.verify_drafts) and drops the rejected positions from every
 sequence of every context. Slots join between steps
 (`admit`) and leave as soon as they end or are cancelled (`retire`), so the batch changes
 shape every step.
@@ -33,88 +35,18 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
-from .backend import TokenBatch
+from .backend import Context, TokenBatch
 from .errors import BadParameterError
-from .guidance import Guidance, Term, mixture_terms
-from .logprobs import SequenceLogprobs, float_view
+from .guidance import Guidance, mixture_terms
+from .logprobs import SequenceLogprobs
 from .sampling import SamplerChain, SamplingParams
 from .sequence import SequenceOutput
-from .speculative import (
-    AcceptRule,
-    DraftCounts,
-    Drafter,
-    DraftLength,
-    PromptLookup,
-    SpeculationParams,
-    sample_equals_draft,
-    verify_drafts,
-)
-
-
-@dataclass(eq=False)
-class Lane:
-    """One prompt of a slot in the KV cache: its sequence and what it still has to read."""
-
-    seq_id: int
-    pending: list[int]  # prompt tokens still to read, or [last sampled token]
-    position: int  # position of pending[0]
-
-
-@dataclass(eq=False)
-class Drafting:
-    """A slot's speculation: where its drafts come from, how many pay (DraftLength, from
-    the measured acceptance and step times), and what they came to."""
-
-    drafter: Drafter
-    controller: DraftLength
-    accept: AcceptRule
-    counts: DraftCounts = field(default_factory=DraftCounts)
-    drafts: list[int] = field(default_factory=list)  # in this step's batch, to verify
-
-
-@dataclass(eq=False)
-class Slot:
-    """One generation in the batch. `new_text` holds what its last step made safe to
-    show; `finish_reason` is set when it ended."""
-
-    lam: float
-    guidance: Guidance | None
-    terms: list[Term]
-    prompt_tokens: list[int]
-    chain: SamplerChain
-    output: SequenceOutput
-    sampling: SamplingParams
-    logprobs: SequenceLogprobs | None
-    lanes: list[Lane]  # lanes[0]: the prompt; lanes[1]: the negative prompt, if any
-    reused_prompt_tokens: int
-    reused_negative_prompt_tokens: int | None = None
-    tag: object = None  # the caller's handle (e.g. the server's job)
-    drafting: Drafting | None = None  # speculation, when admitted with it
-    started: float = field(default_factory=time.perf_counter)
-    first_token_at: float | None = None
-
-    @property
-    def seq_id(self) -> int:
-        return self.lanes[0].seq_id
-
-    @property
-    def prefilling(self) -> bool:
-        """Still reading its prompt (nothing sampled yet)."""
-        return self.first_token_at is None
-
-    @property
-    def finish_reason(self) -> str | None:
-        return self.output.finish_reason
-
-    @property
-    def new_text(self) -> str:
-        return self.output.new_text
-
-    @property
-    def cfg_scale(self) -> float | None:
-        return None if self.guidance is None else self.guidance.scale
+from .slot_drafts import drafting_for, plan_drafts, walk_drafts
+from .slot_mixing import sample_slot
+from .slots import Lane, Slot, common_prefix
+from .source_decodes import SourceDecodes
+from .speculative import AcceptRule, Drafter, SpeculationParams, sample_equals_draft
 
 
 class BatchDecoder:
@@ -126,6 +58,11 @@ class BatchDecoder:
     prompts (each slot may then hold two sequences). The KV cache holds `n_ctx_total`
     cells (default: every sequence its share; less where slots share a prefix, as a
     sweep's do).
+
+    `contexts`: source contexts opened by the caller (a pair's generation contexts,
+    opened at load), used instead of opening new ones and left open by close(). The
+    sources' decodes overlap in threads when the model set says so (`overlap_decodes`:
+    models on different devices).
     """
 
     def __init__(
@@ -138,6 +75,7 @@ class BatchDecoder:
         n_batch: int | None = None,
         prompts_per_slot: int = 1,
         max_drafts: int = 0,
+        contexts: list[Context] | None = None,
     ):
         if n_slots < 1:
             raise BadParameterError(
@@ -155,12 +93,17 @@ class BatchDecoder:
         # A speculating slot asks for logits at its last token and each draft, per lane.
         rows = n_sequences * (1 + max_drafts)
         self.n_batch = max(n_batch or models.n_batch, rows)
-        self.contexts = models.open_source_contexts(
-            n_ctx=n_ctx_total or n_sequences * n_ctx_per_slot,
-            n_seq_max=n_sequences,
-            n_outputs_max=rows,
-            n_batch=self.n_batch,
-        )
+        n_ctx = n_ctx_total or n_sequences * n_ctx_per_slot
+        self._owns_contexts = contexts is None
+        if contexts is None:
+            contexts = models.open_source_contexts(
+                n_ctx=n_ctx, n_seq_max=n_sequences, n_outputs_max=rows, n_batch=self.n_batch
+            )
+        else:  # their batch size bounds ours: drafts are cut to what fits a batch
+            self.n_batch = min(ctx.n_batch for ctx in contexts)
+            _check_borrowed(contexts, n_ctx, n_sequences, min(rows, self.n_batch))
+        self.contexts = contexts
+        self.decodes = SourceDecodes(contexts, models.overlap_decodes)
         # Rejected drafts are dropped from the caches: not possible for recurrent models.
         can_drop_tail = all(ctx.model.can_drop_tail for ctx in self.contexts)
         self.opened_for_drafts = max_drafts
@@ -174,8 +117,19 @@ class BatchDecoder:
         for slot in list(self.live):
             self.retire(slot)
         self.batch.close()
-        for ctx in self.contexts:
-            ctx.close()
+        self.decodes.close()
+        if self._owns_contexts:
+            for ctx in self.contexts:
+                ctx.close()
+        else:  # borrowed: left as a fresh context for the next user
+            self.forget_cached()
+
+    def forget_cached(self) -> None:
+        """Drops what every free sequence's cache holds: the next prompts read in full."""
+        for seq_id in self._free:
+            for ctx in self.contexts:
+                ctx.remove_positions(seq_id, 0)
+            self.cached[seq_id] = []
 
     def __enter__(self) -> BatchDecoder:
         return self
@@ -192,14 +146,15 @@ class BatchDecoder:
         return self.n_slots - len(self.live)
 
     def check_fits(self, prompt_tokens: Sequence[int], what: str = "prompt") -> None:
-        """A one-line error unless the prompt is valid and leaves room to answer."""
-        if len(prompt_tokens) >= self.n_ctx_per_slot and self.n_slots == 1:
+        """A one-line error unless the prompt is valid and fits (a prompt that fills the
+        slot exactly still gets one token: the last row's logits need no new position)."""
+        if len(prompt_tokens) > self.n_ctx_per_slot and self.n_slots == 1:
             raise BadParameterError(
                 f"the {what} has {len(prompt_tokens)} tokens but the context holds "
                 f"{self.n_ctx_per_slot} (prompt and answer); shorten the {what}",
                 cli_hint="or raise -c",
             )
-        if len(prompt_tokens) >= self.n_ctx_per_slot:
+        if len(prompt_tokens) > self.n_ctx_per_slot:
             raise BadParameterError(
                 f"the {what} has {len(prompt_tokens)} tokens but each of the {self.n_slots} "
                 f"parallel slots holds {self.n_ctx_per_slot} (prompt and answer); "
@@ -244,7 +199,8 @@ class BatchDecoder:
             self.check_fits(prompts[1], "negative prompt")
         # Everything that can refuse the request (a bad grammar, too many drafts) comes
         # before its sequences are taken, so a refusal leaves the decoder as it was.
-        drafting = self._drafting(speculation, drafter, accept, prompts[0])
+        started = time.perf_counter()  # a draft model reads the prompt now: count it
+        drafting = drafting_for(speculation, drafter, accept, prompts[0], self.max_drafts)
         model = self.models.model
         terms = mixture_terms(
             self.models.source_weights(lam), None if guidance is None else guidance.scale
@@ -281,33 +237,15 @@ class BatchDecoder:
             reused_negative_prompt_tokens=lanes[1].position if guidance else None,
             tag=tag,
             drafting=drafting,
+            started=started,
         )
         self.live.append(slot)
         return slot
 
-    def _drafting(
-        self,
-        speculation: SpeculationParams | None,
-        drafter: Drafter | None,
-        accept: AcceptRule,
-        prompt: list[int],
-    ) -> Drafting | None:
-        if speculation is None or not speculation.enabled or not self.max_drafts:
-            return None
-        if speculation.draft_max > self.max_drafts:
-            raise BadParameterError(
-                f"draft_max {speculation.draft_max} is more than this decoder was opened "
-                f"for ({self.max_drafts})",
-                cli_hint="lower --draft-max",
-            )
-        drafter = drafter or PromptLookup(speculation.ngram_min, speculation.ngram_max)
-        drafter.reset(prompt)  # a draft model reads the prompt here
-        return Drafting(drafter, DraftLength(speculation, drafter), accept)
-
     def _place(self, prompt: list[int]) -> tuple[int, int]:
         """Takes the free sequence with the longest cached common prefix for `prompt`
         and cuts it there; returns (sequence, cached tokens kept)."""
-        common = [_common_prefix(cached, prompt) for cached in self.cached]
+        common = [common_prefix(cached, prompt) for cached in self.cached]
         seq_id = max(self._free, key=lambda s: (common[s], -s))
         # Keep the cached prefix, but always read at least the last prompt token: its
         # logits are what the first answer token is sampled from.
@@ -353,8 +291,7 @@ class BatchDecoder:
         for start in range(0, len(tokens), chunk_size):
             chunk = tokens[start : start + chunk_size]
             self.batch.fill([(t, start + i, first, False) for i, t in enumerate(chunk)])
-            for ctx in self.contexts:
-                ctx.decode_batch(self.batch)
+            self.decodes.run(self.batch)
         self.cached[first] = tokens
         for seq_id in targets[1:]:
             for ctx in self.contexts:
@@ -404,7 +341,7 @@ class BatchDecoder:
             return rows
 
         for slot in decoding:
-            drafts = self._draft(slot, budget // len(slot.lanes))
+            drafts = self._drafts(slot, budget // len(slot.lanes))
             budget -= len(drafts) * len(slot.lanes)
             for lane in slot.lanes:
                 lane.pending = lane.pending[:1] + drafts
@@ -426,8 +363,7 @@ class BatchDecoder:
         if not entries:
             return []
         self.batch.fill(entries)
-        for ctx in self.contexts:
-            ctx.decode_batch(self.batch)
+        self.decodes.run(self.batch)
         for lane, n in fed.items():  # what the caches now hold
             self.cached[lane.seq_id].extend(lane.pending[:n])
             lane.pending = lane.pending[n:]
@@ -436,24 +372,16 @@ class BatchDecoder:
             self._take_tokens(slot, rows, started, sharing=len(decoding))
         return [slot for slot, _ in sampled]
 
-    def _draft(self, slot: Slot, spare_rows: int) -> list[int]:
+    def _drafts(self, slot: Slot, spare_rows: int) -> list[int]:
         """The drafts a decoding slot verifies this step (none: one plain token).
         spare_rows: batch rows per lane left after every decoding lane's own token."""
-        drafting = slot.drafting
-        if drafting is None:
+        if slot.drafting is None:
             return []
-        # room: the batch, the slot's context (the drafts follow the last token in every
-        # lane) and max_tokens (a step keeps at most k + 1 tokens)
+        # room: the batch and the slot's context (drafts follow the last token in every lane)
         longest = max(lane.position for lane in slot.lanes)
-        room = min(self.max_drafts, spare_rows, self.n_ctx_per_slot - 1 - longest)
-        tokens_left = slot.output.tokens_left
-        if tokens_left is not None:
-            room = min(room, tokens_left - 1)
-        controller = drafting.controller
-        limit = controller.draft_limit(room)
-        drafts = drafting.drafter.draft(limit) if limit > 0 else []
-        drafting.drafts = drafts[: controller.choose(len(drafts))]
-        return drafting.drafts
+        return plan_drafts(
+            slot, min(self.max_drafts, spare_rows, self.n_ctx_per_slot - 1 - longest)
+        )
 
     def _take_tokens(self, slot: Slot, rows: list[list[int]], started: float, sharing: int) -> None:
         """Samples the slot's rows: one token, or a walk over its verified drafts (the
@@ -467,29 +395,20 @@ class BatchDecoder:
             return finish
 
         drafting = slot.drafting
-        drafts = drafting.drafts if drafting is not None else []
-        if drafts:
-            kept, accepted, finish = verify_drafts(
+        if drafting is not None and drafting.drafts:
+            n_rows = len(drafting.drafts) + 1
+            kept, finish = walk_drafts(
+                slot,
                 lambda i: self._sample(slot, [lane_rows[i] for lane_rows in rows]),
-                drafts,
                 advance,
-                drafting.accept,
+                started,
+                sharing,
             )
             for lane in slot.lanes:  # the last token and the kept drafts stay cached
-                lane.position -= len(drafts) + 1 - len(kept)
+                lane.position -= n_rows - len(kept)
                 for ctx in self.contexts:
                     ctx.remove_positions(lane.seq_id, lane.position)
                 del self.cached[lane.seq_id][lane.position :]
-            counts = drafting.counts
-            counts.drafted += len(drafts)
-            counts.accepted += accepted
-            counts.verify_steps += 1
-            rejected = accepted < len(drafts) and finish is None
-            seconds = time.perf_counter() - started
-            drafting.controller.after_verify(
-                len(drafts), accepted, rejected, seconds, sharing=sharing
-            )
-            drafting.drafts = []
         else:
             kept = [self._sample(slot, [lane_rows[-1] for lane_rows in rows])]
             finish = advance(kept[0])
@@ -506,66 +425,14 @@ class BatchDecoder:
         slot.output.new_text = "".join(texts)
 
     def _sample(self, slot: Slot, rows: list[int]) -> int:
-        """Mixes the slot's terms into its first row (source 0, positive prompt) and
-        samples the chain there; records log-probabilities when the slot asked."""
-        n_vocab = self.models.n_vocab
-        contexts = self.contexts
-        out_address = contexts[0].logits_address(rows[0])
-        addresses = [contexts[t.source].logits_address(rows[t.prompt]) for t in slot.terms]
-        before = None
-        if slot.logprobs is not None:  # copies: the mix overwrites the first row
-            aligned, reference = self.models.logprob_sources
-            before = (
-                float_view(contexts[aligned].logits_address(rows[0]), n_vocab).copy(),
-                float_view(contexts[reference].logits_address(rows[0]), n_vocab).copy(),
+        return sample_slot(self.models, self.contexts, slot, rows)
+
+
+def _check_borrowed(contexts: list[Context], n_ctx: int, n_sequences: int, rows: int) -> None:
+    """Contexts handed to a decoder must have room for what it was asked to hold."""
+    for ctx in contexts:
+        if ctx.n_ctx < n_ctx or ctx.n_seq_max < n_sequences or ctx.n_outputs_max < rows:
+            raise ValueError(
+                f"a context of {ctx.n_ctx} cells, {ctx.n_seq_max} sequences and "
+                f"{ctx.n_outputs_max} output rows cannot hold {n_ctx}, {n_sequences} and {rows}"
             )
-        self.models.mixer.mix_terms_in_place(
-            out_address, addresses, [t.weight for t in slot.terms], n_vocab
-        )
-        token = slot.chain.sample_at(contexts[0].ptr, rows[0])
-        if before is not None:
-            slot.logprobs.add(token, before[0], before[1], float_view(out_address, n_vocab))
-        return token
-
-
-def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):  # noqa: B905 - lengths differ on purpose
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-class SlotRunner:
-    """The one-slot decoder a model set keeps for generations that take the batched path
-    (negative prompts; mixtures of more than two models): opened on first use and kept,
-    with its caches, for the next call; reopened with room for a second prompt, or for
-    more drafts, when a generation first asks for them (the old caches are dropped
-    then)."""
-
-    def __init__(self, models) -> None:
-        self.models = models
-        self.decoder: BatchDecoder | None = None
-
-    def decoder_for(self, n_prompts: int, max_drafts: int = 0) -> BatchDecoder:
-        decoder = self.decoder
-        if (
-            decoder is None
-            or decoder.prompts_per_slot < n_prompts
-            or decoder.opened_for_drafts < max_drafts
-        ):
-            self.close()
-            self.decoder = BatchDecoder(
-                self.models,
-                1,
-                self.models.n_ctx,
-                prompts_per_slot=n_prompts,
-                max_drafts=max_drafts,
-            )
-        return self.decoder
-
-    def close(self) -> None:
-        if self.decoder is not None:
-            self.decoder.close()
-            self.decoder = None

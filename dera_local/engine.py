@@ -1,45 +1,52 @@
-"""The lockstep DeRa engine: both models read the same tokens; at each step the aligned
-context's logits are replaced in place by lam * aligned + (1 - lam) * reference and
-llama.cpp's sampler chain picks the next token from them.
+"""A DeRa pair: an aligned and a reference model whose logits are mixed at every step,
+h = lam * aligned + (1 - lam) * reference, before llama.cpp's sampler chain picks the next
+token from h.
 
-Both KV caches always hold the same token prefix, so a later call whose prompt starts
-with what the caches hold (the next chat turn, the same prompt again) reads only the rest.
+Every generation is the one slot of a batched decoder (batch.BatchDecoder, the step that
+sweeps, the server, guided generations and mixtures share). A plain generation runs on
+the generation contexts opened at load, whose caches hold the last prompt and answer, so
+a later call whose prompt starts with them (the next chat turn, the same prompt again)
+reads only the rest.
 """
 
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Generator, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 from . import backend
 from .backend import Context, ContextOptions, LoadedModel
-from .batch import SlotRunner
 from .errors import BadParameterError
 from .guidance import guidance_for
-from .loading import LoadedPair, PairOptions, load_models
-from .lockstep import LockstepContexts
-from .logprobs import SequenceLogprobs
+from .loading import LoadedPair, PairOptions, load_models, overlap_by_default
 from .mixing import LogitMixer
 from .model_set import ModelSet
 from .pair_guard import PairGuard
-from .sampling import SamplerChain, SamplingParams
-from .sequence import SequenceOutput
+from .sampling import SamplingParams
+from .slot_runner import SlotRunner
 from .speculative import (
     AcceptRule,
-    DraftCounts,
     Drafter,
     ModelDrafter,
-    PromptLookup,
     SpeculationParams,
     sample_equals_draft,
-    speculative_steps,
 )
 from .stream import GenerationResult, GenerationStream
 
+__all__ = ["DeraPair", "GenerationResult", "GenerationStream", "load_pair"]
+
+
+class HeldPrefix(NamedTuple):
+    """The tokens a pair's generation contexts hold, and those contexts (they always
+    hold the same tokens, in lockstep)."""
+
+    cached: list[int]
+    contexts: list[Context]
+
 
 class DeraPair(ModelSet):
-    """An aligned and a reference model decoding in lockstep with DeRa mixing."""
+    """An aligned and a reference model decoded together, their logits mixed by DeRa."""
 
     kind = "pair"
 
@@ -54,16 +61,25 @@ class DeraPair(ModelSet):
         self.mixer = mixer
         self.n_ctx = loaded.aligned_ctx.n_ctx
         self.n_vocab = loaded.aligned_model.n_vocab
-        self.lockstep = LockstepContexts(loaded, mixer, overlap_decodes)
+        self.overlap_decodes = overlap_decodes
         self.guard = PairGuard()  # one generation at a time; nothing after close()
-        self.identical = self.lockstep.identical
+        # One model file and no adapter: the mixture equals that model for every lam, so
+        # there is one source context and nothing is mixed.
+        self.identical = loaded.aligned_model is loaded.reference_model and (
+            loaded.adapter_info is None
+        )
+        # Rows one decode may return: 1 + the most tokens one verification can draft.
+        self.max_rows = loaded.aligned_ctx.n_outputs_max
         # Speculation for streams that do not choose their own (draft_max 0 = off).
-        self.speculation = speculation or SpeculationParams(draft_max=self.lockstep.max_rows - 1)
+        self.speculation = speculation or SpeculationParams(draft_max=self.max_rows - 1)
         self._scoring: tuple[Context, Context] | None = None
         # One drafter per draft context, kept across generations with its cache.
         draft_ctx = loaded.draft_ctx
         self._model_drafter = ModelDrafter(draft_ctx) if draft_ctx is not None else None
-        self._slots = SlotRunner(self)  # guided generations (negative prompts)
+        generation_contexts = [loaded.aligned_ctx, loaded.reference_ctx]
+        if self.identical:
+            generation_contexts.pop()
+        self._slots = SlotRunner(self, generation_contexts, self.max_rows - 1)
 
     # -- lifecycle -----------------------------------------------------------------------
     def close(self) -> None:
@@ -71,7 +87,6 @@ class DeraPair(ModelSet):
         later calls raise PairClosedError. Closing twice is harmless."""
         if not self.guard.close():
             return
-        self.lockstep.close()
         self._slots.close()
         for ctx in self._scoring or ():
             ctx.close()
@@ -147,8 +162,14 @@ class DeraPair(ModelSet):
 
     def clear_cache(self) -> None:
         """Forgets the cached prefix: the next call re-reads its whole prompt."""
-        self.lockstep.clear()
-        self._slots.close()
+        self._slots.forget()
+
+    @property
+    def lockstep(self) -> HeldPrefix:
+        """What the generation contexts hold (after a plain generation: its prompt and
+        answer but the last token)."""
+        home = self._slots.home
+        return HeldPrefix(list(home.cached[0]), home.contexts)
 
     # -- generation -----------------------------------------------------------------------
     def stream(
@@ -188,126 +209,26 @@ class DeraPair(ModelSet):
         prompt_tokens, lam, sampling = self._prepare(prompt, lam, sampling, max_tokens)
         guidance = guidance_for(self, negative_prompt, cfg_scale)
         speculation = speculation or self.speculation
-        if speculation.draft_max >= self.lockstep.max_rows:
+        if speculation.draft_max >= self.max_rows:
             raise BadParameterError(
                 f"draft_max {speculation.draft_max} is more than this pair was loaded for "
-                f"({self.lockstep.max_rows - 1})",
+                f"({self.max_rows - 1})",
                 cli_hint="raise --draft-max",
             )
-        if guidance is not None:
-            return self._slot_stream(
-                self._slots,
-                prompt_tokens,
-                guidance,
-                speculation,
-                lam=lam,
-                sampling=sampling,
-                max_tokens=max_tokens,
-                stop=stop,
-                logprobs=logprobs,
-                logits_observer=logits_observer,
-                drafter=drafter or self._model_drafter,  # None: the decoder's prompt lookup
-                accept=accept,
-            )
-        return GenerationStream(
-            self._lockstep(
-                prompt_tokens,
-                lam,
-                sampling,
-                max_tokens,
-                stop,
-                logits_observer,
-                SequenceLogprobs() if logprobs else None,
-                speculation,
-                drafter,
-                accept,
-            ),
-            self.guard,
+        return self._slot_stream(
+            self._slots,
+            prompt_tokens,
+            guidance,
+            speculation,
+            lam=lam,
+            sampling=sampling,
+            max_tokens=max_tokens,
+            stop=stop,
+            logprobs=logprobs,
+            logits_observer=logits_observer,
+            drafter=drafter or self._model_drafter,  # None: the decoder's prompt lookup
+            accept=accept,
         )
-
-    def _lockstep(
-        self,
-        prompt_tokens: list[int],
-        lam: float,
-        sampling: SamplingParams,
-        max_tokens: int,
-        stop: Sequence[str],
-        logits_observer,
-        logprobs: SequenceLogprobs | None,
-        speculation: SpeculationParams,
-        drafter: Drafter | None,
-        accept: AcceptRule,
-    ) -> Generator[str, None, GenerationResult]:
-        model = self.loaded.aligned_model
-        contexts = self.lockstep
-        output = SequenceOutput(
-            model, n_prompt=len(prompt_tokens), n_ctx=self.n_ctx, max_tokens=max_tokens, stop=stop
-        )
-        counts = DraftCounts()
-        owner = object()  # this generation, for the pair's guard
-        self.guard.claim(owner)
-        try:
-            with SamplerChain(sampling, model.vocab, self.n_ctx, logits_observer) as chain:
-                started = time.perf_counter()
-                reused = contexts.prefill(prompt_tokens)
-                if not speculation.enabled:
-                    drafter = None
-                elif drafter is None:
-                    drafter = self._default_drafter(speculation)
-                if drafter is not None:
-                    drafter.reset(prompt_tokens)  # a draft model reads the prompt here
-                prefilled = time.perf_counter()
-                token = contexts.sample(-1, lam, chain, logprobs)
-                finish = output.advance(token)
-                if output.new_text:
-                    yield output.new_text
-                if finish is None and drafter is not None:
-                    drafter.extend([token])
-                    yield from speculative_steps(
-                        contexts,
-                        output,
-                        drafter,
-                        speculation,
-                        accept,
-                        counts,
-                        token,
-                        lam,
-                        chain,
-                        logprobs,
-                        max_tokens,
-                    )
-                    finish = output.finish_reason
-                while finish is None:
-                    contexts.decode([token])
-                    token = contexts.sample(-1, lam, chain, logprobs)
-                    finish = output.advance(token)
-                    if output.new_text:
-                        yield output.new_text
-                tail = output.flush()
-                if tail:
-                    yield tail
-            return GenerationResult(
-                text=output.text,
-                tokens=output.tokens,
-                prompt_tokens=prompt_tokens,
-                finish_reason=finish,
-                lam=lam,
-                seed=sampling.seed,
-                reused_prompt_tokens=reused,
-                prompt_seconds=prefilled - started,
-                generation_seconds=time.perf_counter() - prefilled,
-                logprobs=logprobs,
-                drafted=counts.drafted,
-                accepted=counts.accepted,
-                verify_steps=counts.verify_steps,
-            )
-        finally:
-            self.guard.release(owner)
-
-    def _default_drafter(self, speculation: SpeculationParams) -> Drafter:
-        if self._model_drafter is not None:
-            return self._model_drafter
-        return PromptLookup(speculation.ngram_min, speculation.ngram_max)
 
 
 def load_pair(
@@ -358,5 +279,5 @@ def load_pair(
         aligned, reference, options, lora=lora, lora_scale=lora_scale, draft=draft_model
     )
     if overlap_decodes is None:
-        overlap_decodes = loaded.load_options.n_gpu_layers != 0 and backend.supports_gpu_offload()
+        overlap_decodes = overlap_by_default(options)
     return DeraPair(loaded, mixer, overlap_decodes, speculation)

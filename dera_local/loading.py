@@ -78,6 +78,13 @@ def load_options_for(options: PairOptions, notes: list[str]) -> LoadOptions:
     return LoadOptions(n_gpu_layers=n_gpu_layers, use_extra_bufts=use_extra_bufts)
 
 
+def overlap_by_default(options: PairOptions) -> bool:
+    """Whether different models' decodes run in threads at the same time: where layers
+    are offloaded to a GPU they can overlap; on the CPU they would compete for the same
+    cores."""
+    return options.n_gpu_layers != 0 and backend.supports_gpu_offload()
+
+
 def check_vocab_sizes(model: LoadedModel, reference: LoadedModel) -> None:
     """What llama.cpp loaded must agree too (the headers were compared already)."""
     if model.n_vocab != reference.n_vocab:

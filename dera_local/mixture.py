@@ -26,15 +26,21 @@ import tomllib
 
 from . import backend, llama_log
 from .backend import Context, ContextOptions, LoadedModel, LoraAdapter
-from .batch import SlotRunner
 from .errors import BadParameterError
 from .gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
 from .guidance import guidance_for, warn_if_weights_cancel
-from .loading import PairOptions, check_vocab_sizes, load_options_for, read_lora
+from .loading import (
+    PairOptions,
+    check_vocab_sizes,
+    load_options_for,
+    overlap_by_default,
+    read_lora,
+)
 from .mixing import LogitMixer
 from .model_set import ModelSet
 from .pair_guard import PairGuard
 from .sampling import SamplingParams
+from .slot_runner import SlotRunner
 from .speculative import AcceptRule, Drafter, SpeculationParams, sample_equals_draft
 from .stream import GenerationStream
 
@@ -326,6 +332,7 @@ class Mixture(ModelSet):
         self.logprob_sources = logprob_sources or (0, 1 if len(terms) > 1 else 0)
         self.depends_on_lam = any(t.lam_weight for t in terms)
         self.guard = PairGuard()
+        self.overlap_decodes = overlap_by_default(options)
         # Prompt lookup drafts, verified in one batched step (see speculative.py).
         self.speculation = speculation or SpeculationParams()
         self._slots = SlotRunner(self)
@@ -349,7 +356,7 @@ class Mixture(ModelSet):
 
     def clear_cache(self) -> None:
         """Forgets the cached prompts: the next call reads its whole prompt."""
-        self._slots.close()
+        self._slots.forget()
 
     # -- the model-set interface BatchDecoder uses ----------------------------------------
     def source_weights(self, lam: float) -> list[float]:

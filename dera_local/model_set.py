@@ -3,7 +3,8 @@ one tokenizer, prompt checks, generate-from-stream, and the lifecycle guard.
 
 A subclass provides the interface the batched step (batch.BatchDecoder) reads:
 `model` (tokenizer, end tokens, chat template), `n_ctx`, `n_vocab`, `n_batch`, `mixer`,
-`source_weights(lam)`, `open_source_contexts(...)`, `logprob_sources`; and `stream()`.
+`source_weights(lam)`, `open_source_contexts(...)`, `logprob_sources`,
+`overlap_decodes`; and `stream()`.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ class ModelSet:
     model = None  # the LoadedModel whose tokenizer all sources share (set by subclasses)
     kind = "model set"  # for messages: "pair", "mixture"
     depends_on_lam = True  # False: fixed weights (a --mix spec), lam 1 only
+    overlap_decodes = False  # the sources' decodes run in threads at once (see source_decodes)
     n_ctx: int
     n_vocab: int
     guard: PairGuard
@@ -89,7 +91,7 @@ class ModelSet:
     def _slot_stream(
         self, runner, prompt_tokens: list[int], guidance, speculation, **settings
     ) -> GenerationStream:
-        """A generation as the one slot of `runner`'s decoder (batch.SlotRunner)."""
+        """A generation as the one slot of `runner`'s decoder (slot_runner.SlotRunner)."""
         decoder = runner.decoder_for(1 if guidance is None else 2, speculation.draft_max)
         steps = slot_steps(
             decoder,

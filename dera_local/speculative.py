@@ -17,18 +17,14 @@ rounding differences of batched decoding.
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 import numpy as np
 
 from .errors import BadParameterError
-from .lockstep import LockstepContexts
-from .logprobs import SequenceLogprobs, float_view
-from .sampling import SamplerChain
-from .sequence import SequenceOutput
+from .logprobs import float_view
 
 # Rule deciding whether a drafted token is kept, given the token the chain sampled for
 # that position. Tests swap in a wrong rule to show the distribution test can fail.
@@ -325,67 +321,6 @@ class Drafter(Protocol):
     def extend(self, tokens: Sequence[int]) -> None: ...
 
     def draft(self, k: int) -> list[int]: ...
-
-
-def speculative_steps(
-    contexts: LockstepContexts,
-    output: SequenceOutput,
-    drafter: Drafter,
-    params: SpeculationParams,
-    accept: AcceptRule,
-    counts: DraftCounts,
-    token: int,
-    lam: float,
-    chain: SamplerChain,
-    logprobs: SequenceLogprobs | None,
-    max_tokens: int,
-) -> Iterator[str]:
-    """Generates from `token` (sampled, not yet decoded) until `output` finishes,
-    verifying drafts where there are any and decoding one token where there are none;
-    yields the text as it becomes safe to show."""
-    controller = DraftLength(params, drafter)
-    n_ctx = contexts.loaded.aligned_ctx.n_ctx
-    texts: list[str] = []
-
-    def advance(kept: int) -> str | None:
-        finish = output.advance(kept)
-        if output.new_text:
-            texts.append(output.new_text)
-        return finish
-
-    def sample_row(row: int) -> int:
-        return contexts.sample(row, lam, chain, logprobs)
-
-    while True:
-        n_cached = len(contexts.cached)
-        room = min(contexts.max_rows - 1, n_ctx - 1 - n_cached)
-        if max_tokens > 0:  # a step keeps at most k + 1 tokens
-            room = min(room, max_tokens - len(output.tokens) - 1)
-        started = time.perf_counter()
-        limit = controller.draft_limit(room)
-        drafts = drafter.draft(limit) if limit > 0 else []
-        drafts = drafts[: controller.choose(len(drafts))]
-        if drafts:
-            contexts.decode_rows([token, *drafts])
-            kept, accepted, finish = verify_drafts(sample_row, drafts, advance, accept)
-            contexts.keep_rows(n_cached + len(kept))
-            counts.drafted += len(drafts)
-            counts.accepted += accepted
-            counts.verify_steps += 1
-            rejected = accepted < len(drafts) and finish is None
-            seconds = time.perf_counter() - started
-            controller.after_verify(len(drafts), accepted, rejected, seconds)
-        else:
-            contexts.decode([token])
-            kept = [sample_row(-1)]
-            finish = advance(kept[0])
-            controller.after_plain(time.perf_counter() - started)
-        yield from texts
-        texts.clear()
-        if finish is not None:
-            return
-        drafter.extend(kept)
-        token = kept[-1]
 
 
 def _smooth(old: float | None, new: float, weight: float) -> float:

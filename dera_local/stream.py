@@ -8,11 +8,12 @@ import time
 from collections.abc import Generator, Iterator, Sequence
 from dataclasses import asdict, dataclass
 
-from .batch import BatchDecoder, Slot
+from .batch import BatchDecoder
 from .guidance import Guidance
 from .logprobs import SequenceLogprobs
 from .pair_guard import PairGuard
 from .sampling import SamplingParams
+from .slots import Slot
 from .speculative import AcceptRule, DraftCounts, Drafter, SpeculationParams, sample_equals_draft
 
 

@@ -13,12 +13,13 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
-from .batch import BatchDecoder, Slot
+from .batch import BatchDecoder
 from .engine import DeraPair
 from .errors import BadParameterError, DeraError
 from .guidance import guidance_for, validate_cfg_scale
 from .mixing import validate_lam
 from .sampling import SamplingParams
+from .slots import Slot
 from .speculative import DraftCounts, SpeculationParams
 
 

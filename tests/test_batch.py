@@ -128,3 +128,48 @@ def test_a_prompt_borrows_a_shared_start_from_another_slot(pair, greedy):
         _run(decoder, [first, second])
         assert first.output.tokens == _alone(pair, first_prompt, 1.0, greedy, 10)
         assert second.output.tokens == _alone(pair, second_prompt, 0.5, greedy, 10)
+
+
+@pytest.mark.parametrize("seeded", [False, True])
+def test_a_single_generation_equals_the_same_request_among_four_slots(pair, greedy, seeded):
+    """`generate` is one slot of the batched step; the same request beside three others
+    in a 4-slot decoder gives the same tokens (f32 fixtures: no batched-rounding ties)."""
+    sampling = dera_local.SamplingParams(**PURE, seed=5) if seeded else greedy
+    prompt = pair.tokenize("The keeper climbed the stairs")
+    alone = pair.generate(prompt, lam=0.7, sampling=sampling, max_tokens=24)
+    others = [("hello", 0.0), ("A long prompt about the weather and the sea", 1.5), ("x", 1.0)]
+    with BatchDecoder(pair, 4, 256) as decoder:
+        neighbours = [
+            decoder.admit(pair.tokenize(text), lam=lam, sampling=greedy, max_tokens=30)
+            for text, lam in others[:2]
+        ]
+        mine = decoder.admit(prompt, lam=0.7, sampling=sampling, max_tokens=24)
+        neighbours.append(
+            decoder.admit(pair.tokenize(others[2][0]), lam=1.0, sampling=greedy, max_tokens=30)
+        )
+        _run(decoder, [mine, *neighbours])
+        assert mine.output.tokens == alone.tokens
+        assert mine.output.text == alone.text and mine.finish_reason == alone.finish_reason
+
+
+def test_overlapped_decodes_give_the_same_tokens_and_run_every_source(
+    aligned_path, reference_path, greedy
+):
+    """overlap_decodes (each source context decoded in its own thread, as on a GPU) is the
+    same computation: greedy and seeded tokens equal the one-after-another run's."""
+    seeded = dera_local.SamplingParams(**PURE, seed=3)
+    prompt = "Once upon a time"
+    results = {}
+    for overlap in (False, True):
+        with dera_local.load_pair(
+            aligned_path, reference_path, n_ctx=256, overlap_decodes=overlap
+        ) as loaded:
+            decodes = loaded._slots.home.decodes
+            assert decodes.overlap is overlap
+            decodes.recording = True
+            results[overlap] = [
+                loaded.generate(prompt, lam=0.5, sampling=s, max_tokens=20).tokens
+                for s in (greedy, seeded)
+            ]
+            assert sorted(index for index, _, _ in decodes.spans) == [0, 1]
+    assert results[True] == results[False]

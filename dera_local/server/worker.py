@@ -12,10 +12,11 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
-from ..batch import BatchDecoder, Slot
+from ..batch import BatchDecoder
 from ..engine import DeraPair, GenerationResult
 from ..errors import BadParameterError
 from ..guidance import Guidance
+from ..slots import Slot
 from ..stream import slot_result
 
 
