@@ -2,7 +2,8 @@
 pair through (a) classifier-free guidance at scale 1 (the negative prompt's terms have
 weight 0, so the mixture is plain DeRa, but the prompt is decoded in a two-sequence
 batch) and (b) the same two DeRa terms as a `Mixture` (one-slot batched decoder, K-term
-kernel), each against the lockstep DeRa path. Where an answer parts, the lockstep run's
+kernel), each against the pair's own generation (`DeraPair.generate`: one prompt per
+step, no negative sequence). Where an answer parts, the pair run's
 mixed-logit gap between the two tokens there says whether batched rounding flipped a
 near-tie.
 
@@ -68,9 +69,9 @@ def main() -> None:
             parted["cfg"] += cfg_parted
             parted["mix"] += mix_parted
             rows.append([question, f"{lam:g}", cfg_where, mix_where])
-    print(f"## General path vs lockstep, greedy, up to {args.tokens} tokens, SmolLM2 pair\n")
+    print(f"## Guided and Mixture vs the pair, greedy, up to {args.tokens} tokens, SmolLM2\n")
     print(f"Machine: {machine()}\n")
-    headers = ["question", "lam", "CFG scale 1 vs lockstep", "two-term Mixture vs lockstep"]
+    headers = ["question", "lam", "CFG scale 1 vs the pair", "two-term Mixture vs the pair"]
     print(table(headers, rows))
     print(
         f"\nCFG at scale 1: {parted['cfg']} of {len(rows)} answers part; two-term Mixture: "

@@ -125,17 +125,29 @@ def machine() -> str:
 
 
 def run_pairs(
-    title: str, bench_pair: Callable[[PairSpec, int, int, int], str], doc: str, tokens: int
+    title: str,
+    bench_pair: Callable[[PairSpec, int, int, int], str],
+    doc: str,
+    tokens: int,
+    baseline: list | None = None,
 ) -> None:
-    """The command line every pair benchmark shares: --runs, --tokens, --threads, --pairs."""
+    """The command line every pair benchmark shares: --runs, --tokens, --threads, --pairs;
+    with a `baseline` list, also --baseline-checkout (the list then gets the imported
+    module and the checkout's path, see baseline.py)."""
     import argparse
+
+    from baseline import add_argument, load_baseline
 
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--tokens", type=int, default=tokens)
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--pairs", default="tiny,smollm2,qwen")
+    if baseline is not None:
+        add_argument(parser)
     args = parser.parse_args()
+    if baseline is not None and args.baseline_checkout:
+        baseline += [load_baseline(args.baseline_checkout), args.baseline_checkout]
     makers = {"tiny": tiny_pair, "smollm2": smollm2_pair, "qwen": qwen_pair}
     print(f"## {title}\n\nMachine: {machine()}\n")
     for name in args.pairs.split(","):

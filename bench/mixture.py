@@ -1,6 +1,7 @@
 """What K-term mixtures cost: classifier-free guidance on one model (two sequences of ONE
 batched context) against one model alone and against two separate contexts, and
-two-term DeRa through the general K-term path against the lockstep DeRa path.
+two-term DeRa as a `Mixture` against the same two terms as a `DeraPair` (both one slot
+of the batched decoder since every generation runs on it: what differs is the model set).
 
     python bench/mixture.py [--runs 5] [--tokens 64] [--threads N] [--pairs smollm2,qwen]
     python bench/mixture.py --steps-only A.gguf B.gguf ...   # table 1 for any models
@@ -12,7 +13,7 @@ contexts (CFG without batching).
 
 Table 2, generation (ms per generated token, greedy, median of --runs; tokens/s =
 1000 / ms): the model alone; CFG on that model (negative prompt, scale 1.5); DeRa at
-lam 0.5 on the lockstep path (speculation off) and the same two terms as a Mixture
+lam 0.5 through `DeraPair` (speculation off) and the same two terms as a Mixture
 (BatchDecoder slot + the K-term kernel). All rows run alternately in one process.
 """
 
@@ -104,7 +105,7 @@ def bench(spec: PairSpec, tokens: int, threads: int, runs: int) -> str:
             "CFG on the model (one context, 2 sequences)": lambda: alone.generate(
                 PROMPT, negative_prompt=NEGATIVE, cfg_scale=1.5, **settings
             ),
-            "DeRa lam 0.5, lockstep path": lambda: pair.generate(
+            "DeRa lam 0.5, DeraPair": lambda: pair.generate(
                 PROMPT, lam=0.5, speculation=NO_DRAFTS, **settings
             ),
             "DeRa lam 0.5, general K-term path": lambda: mixture.generate(PROMPT, **settings),
@@ -134,13 +135,13 @@ def bench(spec: PairSpec, tokens: int, threads: int, runs: int) -> str:
         ],
     )  # fmt: skip
     base = ms["model alone"]
-    lockstep = ms["DeRa lam 0.5, lockstep path"]
+    pair_ms = ms["DeRa lam 0.5, DeraPair"]
     rows = []
     for name, value in ms.items():
         ratio = value / base
         versus = ""
         if name.endswith("general K-term path"):
-            versus = f"{lockstep / value:.3f}x the lockstep path's tokens/s"
+            versus = f"{pair_ms / value:.3f}x the DeraPair's tokens/s"
         rows.append([name, f"{value:.2f}", f"{1000 / value:.1f}", f"{ratio:.2f}", versus])
     table2 = table(["generation", "ms/token", "tokens/s", "x model alone", ""], rows)
     return f"### {spec.name}, {threads} threads, {tokens} tokens\n\n{table1}\n\n{table2}"

@@ -5,6 +5,7 @@ temperature. Both paths give the same tokens (same seed), so the ratio is pure s
     python bench/speculative.py [--runs 3] [--tokens 160] [--pairs smollm2,qwen]
     python bench/speculative.py --draft-pair   # Qwen2.5-Coder 0.5B drafting for 1.5B x2
     python bench/speculative.py --cfg          # with a negative prompt (the batched path)
+    python bench/speculative.py --baseline-checkout /tmp/before  # and another checkout's
 
 Workloads: an input-grounded one (correct the spelling of a ~300-token passage: the
 answer copies the input), a summary (copies some), and open chat (nothing to copy:
@@ -14,10 +15,12 @@ the adaptive off-switch must keep it at today's speed).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
 
+from baseline import add_argument, load_baseline
 from common import assembled_gguf, divergence_gap, machine, qwen_pair, smollm2_pair, table
 
 import dera_local
@@ -67,6 +70,7 @@ PLAIN = SpeculationParams(draft_max=0)
 
 NEGATIVE = "Answer in one vague sentence."  # --cfg: steer away from it at scale 1.5
 GUIDED: dict = {}  # set by --cfg: generate's negative_prompt and cfg_scale
+BASELINE: list = []  # with --baseline-checkout: [the checkout's dera_local module, its path]
 
 
 def _tokens_per_second(pair, prompt, lam, sampling, tokens, speculation):
@@ -78,10 +82,19 @@ def _tokens_per_second(pair, prompt, lam, sampling, tokens, speculation):
 
 
 def bench_pair(
-    pair, name: str, tokens: int, runs: int, lams, temperatures, workloads=tuple(WORKLOADS)
+    pair,
+    name: str,
+    tokens: int,
+    runs: int,
+    lams,
+    temperatures,
+    workloads=tuple(WORKLOADS),
+    before=None,
 ) -> str:
+    """before: the same pair loaded by another checkout (--baseline-checkout), measured in
+    the same rotation; its rows compare the two checkouts' tokens/s, plain and speculative."""
     template = ChatTemplate.for_pair(pair)
-    rows, divergences = [], []
+    rows, divergences, versus = [], [], []
     for workload in workloads:
         text = WORKLOADS[workload]
         prompt = template.tokens(pair, [{"role": "user", "content": text}])
@@ -92,7 +105,10 @@ def bench_pair(
             for temperature in temperatures:
                 sampling = dera_local.SamplingParams(temperature=temperature, seed=1234)
                 plain_speeds, fast_speeds, fast = [], [], None
+                old_speeds: dict = {"plain": [], "speculative": []}
                 _tokens_per_second(pair, prompt, lam, sampling, tokens, PLAIN)  # warm-up
+                if before is not None:
+                    _tokens_per_second(before, prompt, lam, sampling, tokens, PLAIN)
                 for _ in range(runs):  # in rotation: drift hits both alike
                     plain = _tokens_per_second(pair, prompt, lam, sampling, tokens, PLAIN)
                     fast = _tokens_per_second(pair, prompt, lam, sampling, tokens, SPECULATIVE)
@@ -102,6 +118,18 @@ def bench_pair(
                         divergences.append(
                             _divergence(pair, prompt, lam, sampling, plain, fast, workload)
                         )
+                    if before is not None:
+                        for key, params, new in (
+                            ("plain", PLAIN, plain),
+                            ("speculative", SPECULATIVE, fast),
+                        ):
+                            old = _tokens_per_second(before, prompt, lam, sampling, tokens, params)
+                            old_speeds[key].append(old.tokens_per_second)
+                            if old.tokens != new.tokens:
+                                divergences.append(
+                                    f"{workload}, lam {lam:g}, temp {temperature:g}, {key}: "
+                                    "the checkouts' tokens differ"
+                                )
                 plain_median = statistics.median(plain_speeds)
                 fast_median = statistics.median(fast_speeds)
                 rate = fast.accepted / fast.drafted if fast.drafted else 0.0
@@ -120,6 +148,23 @@ def bench_pair(
                     ]
                 )
                 print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+                if before is not None:
+                    old_plain = statistics.median(old_speeds["plain"])
+                    old_fast = statistics.median(old_speeds["speculative"])
+                    versus.append(
+                        [
+                            workload,
+                            f"{lam:g}",
+                            f"{temperature:g}",
+                            f"{old_plain:.1f}",
+                            f"{plain_median:.1f}",
+                            f"**{plain_median / old_plain:.3f}x**",
+                            f"{old_fast:.1f}",
+                            f"{fast_median:.1f}",
+                            f"**{fast_median / old_fast:.3f}x**",
+                        ]
+                    )
+                    print(" | ".join(versus[-1]), file=sys.stderr, flush=True)
     headers = [
         "workload",
         "lam",
@@ -132,6 +177,21 @@ def bench_pair(
         "accepted per step",
     ]
     report = f"### {name}\n\n" + table(headers, rows)
+    if versus:
+        report += f"\n\nThis checkout against {BASELINE[1]}, same rotation:\n\n" + table(
+            [
+                "workload",
+                "lam",
+                "temp",
+                "before plain tok/s",
+                "new plain tok/s",
+                "new/before",
+                "before speculative tok/s",
+                "new speculative tok/s",
+                "new/before",
+            ],
+            versus,
+        )
     if divergences:
         report += "\n\nWhere speculative output differed from plain decoding:\n" + "\n".join(
             f"- {d}" for d in divergences
@@ -170,7 +230,10 @@ def main() -> None:
     parser.add_argument(
         "--workloads", default="spelling,summary,open chat", help="comma-separated prefixes"
     )
+    add_argument(parser)
     args = parser.parse_args()
+    if args.baseline_checkout:
+        BASELINE.extend([load_baseline(args.baseline_checkout), args.baseline_checkout])
     wanted = [p.strip() for p in args.workloads.split(",")]
     workloads = [w for w in WORKLOADS if any(w.startswith(p) for p in wanted)]
     if args.cfg:
@@ -195,11 +258,15 @@ def main() -> None:
         spec = makers[key]()
         if spec is None:
             continue
-        with dera_local.load_pair(
-            spec.aligned, spec.reference, lora=spec.lora, n_ctx=2048, n_threads=args.threads
-        ) as pair:
+        files = dict(lora=spec.lora, n_ctx=2048, n_threads=args.threads)
+        with contextlib.ExitStack() as stack:
+            pair = stack.enter_context(dera_local.load_pair(spec.aligned, spec.reference, **files))
+            before = None
+            if BASELINE:
+                load_before = BASELINE[0].load_pair
+                before = stack.enter_context(load_before(spec.aligned, spec.reference, **files))
             grid = ([0.5, 1.0], [0.0, 0.7])
-            print(bench_pair(pair, spec.name, args.tokens, args.runs, *grid, workloads))
+            print(bench_pair(pair, spec.name, args.tokens, args.runs, *grid, workloads, before))
             print()
 
 

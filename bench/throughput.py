@@ -2,17 +2,21 @@
 dera-local against what users would run instead, on each available pair.
 
     python bench/throughput.py [--runs 5] [--tokens 64] [--threads N] [--pairs tiny,smollm2,qwen]
+                               [--baseline-checkout DIR]
 
 Rows (tokens per second, median of --runs after one warm-up, greedy, fixed prompt):
   (a) the aligned model alone through llama-cpp-python's Llama (the floor)
   (b) the serial bound 1 / (1/t_aligned + 1/t_reference), both measured like (a)
   (c) dera-local (lam = 0.5)
   (d) two Llama objects, the reference evaluated in a Python logits_processor
+  (c0) with --baseline-checkout: dera-local of another checkout (bench/baseline.py),
+       imported in this process and measured in the same rotation as (c)
 Ratios are computed within this run.
 """
 
 from __future__ import annotations
 
+import contextlib
 import statistics
 import time
 
@@ -24,6 +28,7 @@ import dera_local
 from dera_local.sampling import SamplerChain
 
 LAM = 0.5
+BASELINE: list = []  # with --baseline-checkout: [the checkout's dera_local module, its path]
 GREEDY = dera_local.SamplingParams(temperature=0)
 PROMPT = (
     "Write a long, detailed story about a lighthouse keeper who finds a message in a "
@@ -110,9 +115,9 @@ def measure_interleaved(
     drift in machine speed hits all of them alike; the first round is a warm-up."""
     aligned = _llama(*spec.aligned_alone, threads)
     reference = _llama(spec.reference, None, threads)
-    with dera_local.load_pair(
-        spec.aligned, spec.reference, lora=spec.lora, n_ctx=1024, n_threads=threads
-    ) as pair:
+    files = dict(lora=spec.lora, n_ctx=1024, n_threads=threads)
+    with contextlib.ExitStack() as stack:
+        pair = stack.enter_context(dera_local.load_pair(spec.aligned, spec.reference, **files))
         measures = {
             "a": lambda: _llama_per_token(aligned, prompt, n),
             "r": lambda: _llama_per_token(reference, prompt, n),
@@ -122,6 +127,12 @@ def measure_interleaved(
             "prefill r": lambda: _llama_prefill(reference, prompt),
             "ttft": lambda: _dera_first_token(pair, prompt),
         }
+        if BASELINE:
+            before = stack.enter_context(
+                BASELINE[0].load_pair(spec.aligned, spec.reference, **files)
+            )
+            measures["c0"] = lambda: _dera_per_token(before, prompt, n)
+            measures["ttft0"] = lambda: _dera_first_token(before, prompt)
         samples: dict[str, list[float]] = {key: [] for key in measures}
         for round_ in range(runs + 1):
             for key, measure in measures.items():
@@ -136,8 +147,11 @@ def measure_interleaved(
 
 
 def breakdown(pair, prompt: list[int], n: int, runs: int) -> dict:
-    """Milliseconds per token of each part of one lockstep step, timed separately."""
-    loaded = pair.loaded
+    """Milliseconds per token of each part of one decode step, timed separately on the
+    pair's generation contexts (what the engine does per token, minus its bookkeeping)."""
+    contexts = pair.lockstep.contexts  # [aligned, reference], or one for a model alone
+    model = contexts[0].model
+    addresses = lambda: [ctx.logits_address(-1) for ctx in contexts]  # noqa: E731
     parts = {
         "aligned decode": [],
         "reference decode": [],
@@ -147,27 +161,25 @@ def breakdown(pair, prompt: list[int], n: int, runs: int) -> dict:
     }
     for _ in range(runs):
         pair.clear_cache()
-        pair.lockstep.prefill(prompt)
-        chain = SamplerChain(GREEDY, loaded.aligned_model.vocab, pair.n_ctx)
+        for ctx in contexts:
+            ctx.decode(prompt)
+        chain = SamplerChain(GREEDY, model.vocab, pair.n_ctx)
         sums = dict.fromkeys(parts, 0.0)
         for _ in range(n):
             t0 = time.perf_counter()
-            pair.mixer.mix_in_place(
-                loaded.aligned_ctx.logits_address(-1),
-                loaded.reference_ctx.logits_address(-1),
-                pair.n_vocab,
-                LAM,
-            )
+            if len(contexts) > 1:
+                rows = addresses()
+                pair.mixer.mix_terms_in_place(rows[0], rows, [LAM, 1 - LAM], pair.n_vocab)
             t1 = time.perf_counter()
-            token = chain.sample_at(loaded.aligned_ctx.ptr, -1)
+            token = chain.sample_at(contexts[0].ptr, -1)
             t2 = time.perf_counter()
-            loaded.aligned_model.token_bytes(token)
-            loaded.aligned_model.is_end_of_generation(token)
+            model.token_bytes(token)
+            model.is_end_of_generation(token)
             t3 = time.perf_counter()
-            loaded.aligned_ctx.decode([token])
+            contexts[0].decode([token])
             t4 = time.perf_counter()
-            if not pair.lockstep.identical:
-                loaded.reference_ctx.decode([token])
+            for ctx in contexts[1:]:
+                ctx.decode([token])
             t5 = time.perf_counter()
             for key, value in (
                 ("mixing", t1 - t0),
@@ -191,6 +203,16 @@ def bench_pair(spec: PairSpec, n: int, threads: int, runs: int) -> str:
     a = {"per_token": m["a"], "prefill": m["prefill a"]}
     r = {"per_token": m["r"], "prefill": m["prefill r"]}
     c = {"per_token": m["c"], "ttft": m["ttft"], "breakdown": m["breakdown"]}
+    before = []
+    if "c0" in m:
+        rate_before = 1 / m["c0"]
+        before = [
+            [
+                f"(c0) dera-local before ({BASELINE[1]})",
+                f"{rate_before:.1f}",
+                f"{rate_before * a['per_token'] + rate_before * r['per_token']:.3f}x",
+            ]
+        ]
     d = m["d"]
     rate = {
         "a": 1 / a["per_token"],
@@ -213,6 +235,7 @@ def bench_pair(spec: PairSpec, n: int, threads: int, runs: int) -> str:
                 ],
                 ["(b) serial bound 1/(1/t_a + 1/t_r)", f"{rate['b']:.1f}", "1.00x"],
                 ["(c) dera-local", f"{rate['c']:.1f}", f"**{rate['c'] / rate['b']:.3f}x**"],
+                *before,
                 [
                     "(d) two Llama + Python logits_processor",
                     f"{rate['d']:.1f}",
@@ -236,9 +259,19 @@ def bench_pair(spec: PairSpec, n: int, threads: int, runs: int) -> str:
                     "dera-local time to first token",
                     f"{c['ttft'] * 1000:.1f} ({c['ttft'] / bound_ttft:.2f}x target basis)",
                 ],
+                *(
+                    [[f"dera-local before ({BASELINE[1]}), first token", f"{m['ttft0'] * 1e3:.1f}"]]
+                    if "ttft0" in m
+                    else []
+                ),
             ],
         )
     )
+    if "c0" in m:
+        out.append(
+            f"\nNew path / before: tokens/s **{m['c0'] / m['c']:.3f}x**, "
+            f"time to first token **{m['ttft'] / m['ttft0']:.3f}x**"
+        )
     parts = c["breakdown"]
     engine_ms = c["per_token"] * 1000
     overhead = engine_ms - sum(parts.values())
@@ -252,7 +285,7 @@ def bench_pair(spec: PairSpec, n: int, threads: int, runs: int) -> str:
 
 
 def main() -> None:
-    run_pairs("Decode throughput", bench_pair, __doc__, tokens=64)
+    run_pairs("Decode throughput", bench_pair, __doc__, tokens=64, baseline=BASELINE)
 
 
 if __name__ == "__main__":
