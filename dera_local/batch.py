@@ -28,7 +28,7 @@ batch's logits.
 
 Each sequence remembers the tokens its KV cache holds; `admit` gives each prompt the
 free sequence with the longest common prefix (a conversation's next turn lands where its
-last turn is cached) and reads only the rest.
+last turn is cached) and reads only the rest (kv_sequences.py).
 """
 
 from __future__ import annotations
@@ -39,12 +39,13 @@ from collections.abc import Sequence
 from .backend import Context, TokenBatch
 from .errors import BadParameterError
 from .guidance import Guidance, mixture_terms
+from .kv_sequences import KVSequences
 from .logprobs import SequenceLogprobs
 from .sampling import SamplerChain, SamplingParams
 from .sequence import SequenceOutput
 from .slot_drafts import drafting_for, plan_drafts, walk_drafts
 from .slot_mixing import sample_slot
-from .slots import Lane, Slot, common_prefix
+from .slots import Lane, Slot
 from .source_decodes import SourceDecodes
 from .speculative import AcceptRule, Drafter, SpeculationParams, sample_equals_draft
 
@@ -109,9 +110,8 @@ class BatchDecoder:
         self.opened_for_drafts = max_drafts
         self.max_drafts = max_drafts if can_drop_tail else 0
         self.batch = TokenBatch(self.n_batch)
-        self.cached: list[list[int]] = [[] for _ in range(n_sequences)]  # per sequence
+        self.sequences = KVSequences(contexts, n_sequences)
         self.live: list[Slot] = []
-        self._free = set(range(n_sequences))
 
     def close(self) -> None:
         for slot in list(self.live):
@@ -126,10 +126,12 @@ class BatchDecoder:
 
     def forget_cached(self) -> None:
         """Drops what every free sequence's cache holds: the next prompts read in full."""
-        for seq_id in self._free:
-            for ctx in self.contexts:
-                ctx.remove_positions(seq_id, 0)
-            self.cached[seq_id] = []
+        self.sequences.forget_free()
+
+    @property
+    def cached(self) -> list[list[int]]:
+        """The tokens each sequence's KV cache holds."""
+        return self.sequences.cached
 
     def __enter__(self) -> BatchDecoder:
         return self
@@ -139,7 +141,7 @@ class BatchDecoder:
 
     @property
     def free_sequences(self) -> list[int]:
-        return sorted(self._free)
+        return sorted(self.sequences.free)
 
     @property
     def free_slots(self) -> int:
@@ -217,11 +219,12 @@ class BatchDecoder:
         lanes = []
         try:
             for prompt in prompts:
-                seq_id, keep = self._place(prompt)
+                seq_id, keep = self.sequences.take(prompt)
                 lanes.append(Lane(seq_id, prompt[keep:], keep))
         except BaseException:
             chain.close()
-            self._free.update(lane.seq_id for lane in lanes)
+            for lane in lanes:
+                self.sequences.release(lane.seq_id)
             raise
         slot = Slot(
             lam=lam,
@@ -242,62 +245,15 @@ class BatchDecoder:
         self.live.append(slot)
         return slot
 
-    def _place(self, prompt: list[int]) -> tuple[int, int]:
-        """Takes the free sequence with the longest cached common prefix for `prompt`
-        and cuts it there; returns (sequence, cached tokens kept)."""
-        common = [common_prefix(cached, prompt) for cached in self.cached]
-        seq_id = max(self._free, key=lambda s: (common[s], -s))
-        # Keep the cached prefix, but always read at least the last prompt token: its
-        # logits are what the first answer token is sampled from.
-        keep = min(common[seq_id], len(prompt) - 1)
-        if not all(ctx.remove_positions(seq_id, keep) for ctx in self.contexts):
-            keep = 0  # a model that cannot drop a tail (recurrent): start the sequence over
-            for ctx in self.contexts:
-                ctx.remove_positions(seq_id, 0)
-        self.cached[seq_id] = prompt[:keep]
-        keep = self._borrow_prefix(seq_id, prompt, keep, common)
-        self._free.discard(seq_id)
-        return seq_id, keep
-
-    def _borrow_prefix(self, seq_id: int, prompt: list[int], keep: int, common: list[int]) -> int:
-        """Where another sequence (free or running) holds a longer start of `prompt` (a
-        chat template's system prompt, a shared document), shares those positions into
-        `seq_id` (already cut to `keep`) instead of reading them again: in a unified KV
-        cache the cells are tagged with both sequences, nothing is computed or copied.
-        `common`: each sequence's cached prefix length in common with the prompt.
-        Returns the new keep."""
-        donor = max(range(len(self.cached)), key=common.__getitem__)
-        shared = min(common[donor], len(prompt) - 1)  # the last prompt token is always read
-        if donor == seq_id or shared <= keep:
-            return keep
-        for ctx in self.contexts:
-            ctx.copy_sequence(donor, seq_id, keep, shared)
-        self.cached[seq_id] = prompt[:shared]
-        return shared
-
     def share_prefix(self, tokens: Sequence[int], sequences: Sequence[int] | None = None) -> None:
         """Reads `tokens` once into the first of `sequences` (default: every free one)
         and shares them with the rest (a unified KV cache stores them once): prompts
         that start with them then read only the rest (a lam sweep over one prompt, and
         over its negative prompt in other sequences)."""
         tokens = list(tokens)
-        targets = sorted(self._free) if sequences is None else list(sequences)
-        if not tokens or not targets:
-            return
-        first = targets[0]
-        for ctx in self.contexts:
-            ctx.remove_positions(first, 0)
-        chunk_size = self.n_batch
-        for start in range(0, len(tokens), chunk_size):
-            chunk = tokens[start : start + chunk_size]
-            self.batch.fill([(t, start + i, first, False) for i, t in enumerate(chunk)])
-            self.decodes.run(self.batch)
-        self.cached[first] = tokens
-        for seq_id in targets[1:]:
-            for ctx in self.contexts:
-                ctx.remove_positions(seq_id, 0)
-                ctx.copy_sequence(first, seq_id)
-            self.cached[seq_id] = list(tokens)
+        targets = self.free_sequences if sequences is None else list(sequences)
+        if tokens and targets:
+            self.sequences.share_prefix(tokens, targets, self.batch, self.decodes)
 
     def retire(self, slot: Slot, *, forget: bool = False) -> None:
         """Ends a slot (finished or cancelled) and frees its sequences for the next one;
@@ -307,11 +263,7 @@ class BatchDecoder:
             self.live.remove(slot)
             slot.chain.close()
             for lane in slot.lanes:
-                if forget:
-                    for ctx in self.contexts:
-                        ctx.remove_positions(lane.seq_id, 0)
-                    self.cached[lane.seq_id] = []
-                self._free.add(lane.seq_id)
+                self.sequences.release(lane.seq_id, forget=forget)
 
     def step(self) -> list[Slot]:
         """One batched decode of every live slot; returns the slots that sampled (their
@@ -364,8 +316,9 @@ class BatchDecoder:
             return []
         self.batch.fill(entries)
         self.decodes.run(self.batch)
+        cached = self.sequences.cached
         for lane, n in fed.items():  # what the caches now hold
-            self.cached[lane.seq_id].extend(lane.pending[:n])
+            cached[lane.seq_id].extend(lane.pending[:n])
             lane.pending = lane.pending[n:]
             lane.position += n
         for slot, rows in sampled:
@@ -406,9 +359,7 @@ class BatchDecoder:
             )
             for lane in slot.lanes:  # the last token and the kept drafts stay cached
                 lane.position -= n_rows - len(kept)
-                for ctx in self.contexts:
-                    ctx.remove_positions(lane.seq_id, lane.position)
-                del self.cached[lane.seq_id][lane.position :]
+                self.sequences.cut(lane.seq_id, lane.position)
         else:
             kept = [self._sample(slot, [lane_rows[-1] for lane_rows in rows])]
             finish = advance(kept[0])

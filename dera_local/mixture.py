@@ -14,15 +14,10 @@ the same batch, and the native hook mixes the K rows before llama.cpp's sampler 
 
 from __future__ import annotations
 
-import json
-import math
 import os
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-
-import tomllib
 
 from . import backend, llama_log
 from .backend import Context, ContextOptions, LoadedModel, LoraAdapter
@@ -36,6 +31,7 @@ from .loading import (
     overlap_by_default,
     read_lora,
 )
+from .mix_spec import MixTerm, Source, as_terms, merge_repeats, parse_mix
 from .mixing import LogitMixer
 from .model_set import ModelSet
 from .pair_guard import PairGuard
@@ -44,115 +40,9 @@ from .slot_runner import SlotRunner
 from .speculative import AcceptRule, Drafter, SpeculationParams, sample_equals_draft
 from .stream import GenerationStream
 
+__all__ = ["MixTerm", "Mixture", "Source", "load_mixture", "load_proxy", "parse_mix"]
+
 MAX_SOURCES = 8  # the kernel mixes up to 16 rows: 8 models, each with a negative prompt
-
-
-@dataclass(frozen=True)
-class Source:
-    """A model file, optionally with a LoRA adapter applied in its context."""
-
-    model: str
-    lora: str | None = None
-    lora_scale: float = 1.0
-
-    @property
-    def label(self) -> str:
-        name = Path(self.model).name
-        return name if self.lora is None else f"{name}+{Path(self.lora).name}"
-
-
-@dataclass(frozen=True)
-class MixTerm:
-    """One source of a mixture; its weight is `weight + lam_weight * lam`."""
-
-    source: Source
-    weight: float = 0.0
-    lam_weight: float = 0.0
-
-
-# -- the --mix spec ---------------------------------------------------------------------
-_OPERATOR = re.compile(r"\s+([+-])\s+")  # operators need spaces: file names hold - and +
-_TERM = re.compile(r"^(?:(?P<weight>[^*]+?)\s*\*\s*)?(?P<source>[^*\s][^*]*)$")
-
-
-def parse_mix(spec: str) -> list[MixTerm]:
-    """A mixture spec: '1.5*aligned.gguf - 0.5*reference.gguf' (weights default to 1;
-    operators between terms need spaces around them; BASE.gguf+ADAPTER.gguf is a base
-    with a LoRA adapter), or the path of a .json/.toml file:
-    {"terms": [{"model": "a.gguf", "weight": 1.5, "lora": "x.gguf", "lora_scale": 1.0}]}
-    (paths relative to the file). Raises BadParameterError with one line."""
-    text = spec.strip()
-    if text.endswith((".json", ".toml")) and not _OPERATOR.search(text):
-        return _parse_mix_file(Path(text).expanduser())
-    if not text:
-        raise BadParameterError("the mixture spec is empty; give e.g. '1.5*a.gguf - 0.5*b.gguf'")
-    parts = _OPERATOR.split(text)
-    signs = ["+"] + parts[1::2]
-    terms = []
-    for sign, part in zip(signs, parts[0::2], strict=True):
-        negative = sign == "-"
-        if part.startswith("-") and not Path(part).exists():  # a leading '-0.5*a.gguf'
-            negative, part = not negative, part[1:].lstrip()
-        match = _TERM.match(part)
-        if match is None:
-            raise BadParameterError(f"mixture term {part!r} names no model")
-        weight = _weight(match["weight"] or "1", part)
-        model, lora = _split_lora(match["source"].strip())
-        terms.append(MixTerm(Source(model, lora), -weight if negative else weight))
-    return terms
-
-
-def _weight(text: str, term: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise BadParameterError(
-            f"mixture term {term!r}: {text!r} is not a number (write WEIGHT*MODEL.gguf)"
-        ) from None
-    if not math.isfinite(value) or abs(value) > 1000:
-        raise BadParameterError(f"mixture term {term!r}: the weight must be finite and <= 1000")
-    return value
-
-
-def _split_lora(source: str) -> tuple[str, str | None]:
-    if "+" in source and not Path(source).exists():
-        model, lora = source.split("+", 1)
-        return model, lora
-    return source, None
-
-
-def _parse_mix_file(path: Path) -> list[MixTerm]:
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise BadParameterError(f"cannot read the mixture file {path}: {exc.strerror}") from None
-    try:
-        data = tomllib.loads(raw.decode()) if path.suffix == ".toml" else json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise BadParameterError(f"the mixture file {path} does not parse: {detail}") from None
-    entries = data.get("terms") if isinstance(data, dict) else data
-    if not isinstance(entries, list) or not entries:
-        raise BadParameterError(f"the mixture file {path} has no list of terms")
-    terms = []
-    for index, entry in enumerate(entries):
-        if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
-            raise BadParameterError(f'term {index} of {path} needs a "model" path')
-        unknown = set(entry) - {"model", "weight", "lora", "lora_scale"}
-        if unknown:
-            raise BadParameterError(f"term {index} of {path}: unknown key {sorted(unknown)[0]!r}")
-        label = f"term {index} of {path.name}"
-        weight = _weight(str(entry.get("weight", 1)), label)
-        lora = entry.get("lora")
-        if lora is not None and not isinstance(lora, str):
-            raise BadParameterError(f'{label}: "lora" must be a path')
-        source = Source(
-            str(path.parent / entry["model"]),
-            None if lora is None else str(path.parent / lora),
-            _weight(str(entry.get("lora_scale", 1)), label),
-        )
-        terms.append(MixTerm(source, weight))
-    return terms
 
 
 # -- loading ----------------------------------------------------------------------------
@@ -162,35 +52,6 @@ class LoadedSource:
     info: GGUFInfo
     model: LoadedModel
     adapter: LoraAdapter | None
-
-
-def _as_terms(spec) -> list[MixTerm]:
-    if isinstance(spec, str):
-        return parse_mix(spec)
-    terms = []
-    for item in spec:
-        if isinstance(item, MixTerm):
-            terms.append(item)
-        else:
-            weight, model = item
-            terms.append(MixTerm(Source(str(model)), float(weight)))
-    if not terms:
-        raise BadParameterError("the mixture has no terms")
-    return terms
-
-
-def _merge_repeats(terms: list[MixTerm]) -> list[MixTerm]:
-    """A source named twice is one context with the summed weight."""
-    merged: dict[Source, MixTerm] = {}
-    for term in terms:
-        seen = merged.get(term.source)
-        if seen is None:
-            merged[term.source] = term
-        else:
-            merged[term.source] = MixTerm(
-                term.source, seen.weight + term.weight, seen.lam_weight + term.lam_weight
-            )
-    return list(merged.values())
 
 
 def _load_sources(terms: list[MixTerm], options: PairOptions) -> list[LoadedSource]:
@@ -252,7 +113,7 @@ def load_mixture(
     """Loads a mixture with fixed weights: a spec string or file (see parse_mix), or a
     list of (weight, model path) / MixTerm. Warns when the weights sum to 0 (a contrast,
     not a distribution-preserving mixture)."""
-    terms = _merge_repeats(_as_terms(spec))
+    terms = merge_repeats(as_terms(spec))
     warn_if_weights_cancel([t.weight for t in terms], "mixture")
     options = PairOptions(n_ctx, n_batch, n_threads, n_gpu_layers, flash_attn, verbose)
     return Mixture(terms, options, LogitMixer(hook), speculation=speculation)

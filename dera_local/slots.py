@@ -4,7 +4,6 @@ in the KV cache per prompt, and its speculation state (`Drafting`)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from .guidance import Guidance, Term
@@ -80,13 +79,3 @@ class Slot:
     @property
     def cfg_scale(self) -> float | None:
         return None if self.guidance is None else self.guidance.scale
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """How many leading tokens a and b share."""
-    n = 0
-    for x, y in zip(a, b):  # noqa: B905 - lengths differ on purpose
-        if x != y:
-            break
-        n += 1
-    return n

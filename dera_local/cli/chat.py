@@ -12,11 +12,11 @@ from ..chat import ChatSession
 from ..errors import DeraError
 from ..guidance import validate_cfg_scale
 from ..mixing import validate_lam
+from .open_models import open_pair
 from .options import (
     cfg_options,
     model_options,
     negative_prompt_from,
-    open_pair,
     read_text_file,
     sampling_from,
     sampling_options,

@@ -8,11 +8,11 @@ import sys
 import click
 
 from ..errors import DeraError
+from .open_models import open_pair
 from .options import (
     cfg_options,
     model_options,
     negative_prompt_from,
-    open_pair,
     read_text_file,
     sampling_from,
     sampling_options,

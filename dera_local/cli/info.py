@@ -12,7 +12,8 @@ from ..gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
 from ..mixing import LogitMixer
 from ..mixture import parse_mix
 from ..resolve import model_path, resolve_models
-from .options import draft_options, hook_option, model_source_options, speculation_from
+from .open_models import speculation_from
+from .options import draft_options, hook_option, model_source_options
 
 
 def _describe(role: str, info: GGUFInfo) -> list[str]:

@@ -9,13 +9,9 @@ import typing
 from collections.abc import Callable
 
 import click
-from click.core import ParameterSource
 
 from ..catalog import DEFAULT_QUANT
-from ..engine import DeraPair, load_pair
 from ..errors import DeraError
-from ..mixture import MixTerm, Mixture, Source, load_mixture, load_proxy, parse_mix
-from ..resolve import model_path, resolve_models
 from ..sampling import SamplingParams
 from ..speculative import SpeculationParams
 
@@ -287,89 +283,6 @@ def lam_grid(models, grid: list[float] | None) -> list[float]:
     return list(DEFAULT_LAM_GRID) if models.depends_on_lam else [1.0]
 
 
-def speculation_from(draft_max: int, draft_min: int) -> SpeculationParams:
-    return SpeculationParams(draft_max=draft_max, draft_min=min(draft_min, draft_max))
-
-
-def open_pair(
-    aligned: str | None,
-    reference: str | None,
-    lora: str | None,
-    lora_scale: float,
-    pair: str | None,
-    quant: str,
-    draft_model: str | None,
-    draft_max: int,
-    draft_min: int,
-    proxy_base: str | None = None,
-    mix: str | None = None,
-    one_model_ok: bool = False,
-    **settings,
-) -> DeraPair | Mixture:
-    """Loads what the flags name: a pair (see resolve_models; no flags: the demo pair), a
-    proxy-tuned model (--proxy-base) or a mixture (--mix). `one_model_ok`: -m alone is
-    that model by itself (it is steered by a negative prompt)."""
-    if mix is not None:
-        given = {"aligned": aligned, "reference": reference, "lora": lora, "pair": pair}
-        if proxy_base or any(value and _from_flag(name) for name, value in given.items()):
-            raise DeraError(
-                "--mix names every model itself: drop -m/-mr/--lora/--pair/--proxy-base"
-            )
-        if draft_model:
-            raise DeraError("--mix drafts by prompt lookup only: drop -md")
-        return load_mixture(
-            _resolved_mix(mix), speculation=speculation_from(draft_max, draft_min), **settings
-        )
-    if aligned and not (reference or lora or pair) and one_model_ok and not proxy_base:
-        reference = aligned  # the model alone: DeRa of a model with itself is that model
-    aligned, reference, lora = resolve_models(aligned, reference, lora, pair, quant)
-    if proxy_base is not None:
-        if draft_model:
-            raise DeraError("proxy-tuning drafts by prompt lookup only: drop -md")
-        return load_proxy(
-            model_path(proxy_base),
-            aligned,
-            reference,
-            lora=lora,
-            lora_scale=lora_scale,
-            speculation=speculation_from(draft_max, draft_min),
-            **settings,
-        )
-    return load_pair(
-        aligned,
-        reference,
-        lora=lora,
-        lora_scale=lora_scale,
-        draft_model=model_path(draft_model) if draft_model else None,
-        speculation=speculation_from(draft_max, draft_min),
-        **settings,
-    )
-
-
-def _from_flag(name: str) -> bool:
-    """Whether an option was typed rather than taken from its DERA_* variable (an
-    environment default gives way to --mix)."""
-    ctx = click.get_current_context(silent=True)
-    return ctx is None or ctx.get_parameter_source(name) != ParameterSource.ENVIRONMENT
-
-
-def _resolved_mix(spec: str) -> list[MixTerm]:
-    """The spec's terms with hub names (owner/repo:file.gguf) fetched to local paths."""
-    terms = parse_mix(spec)
-    return [
-        MixTerm(
-            Source(
-                model_path(t.source.model),
-                model_path(t.source.lora) if t.source.lora else None,
-                t.source.lora_scale,
-            ),
-            t.weight,
-            t.lam_weight,
-        )
-        for t in terms
-    ]
-
-
 def open_output(path: str | None):
     """The file to write rows to (stdout when no path is given)."""
     if path is None:
@@ -427,7 +340,6 @@ __all__ = [
     "model_options",
     "model_source_options",
     "sampling_options",
-    "open_pair",
     "read_text_file",
     "sampling_from",
     "split_options",

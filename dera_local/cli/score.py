@@ -12,13 +12,13 @@ from ..datafiles import read_pairs
 from ..engine import DeraPair
 from ..score import score, score_mixture
 from ..sweep import parse_lambdas
+from .open_models import open_pair
 from .options import (
     cfg_options,
     lam_grid,
     model_options,
     negative_prompt_from,
     open_output,
-    open_pair,
     split_options,
 )
 from .prompts import chat_options, negative_for, prompt_encoder

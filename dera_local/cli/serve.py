@@ -10,7 +10,8 @@ import click
 from ..errors import BadParameterError, DeraError
 from ..mixing import validate_lam
 from ..sweep import parse_lambdas
-from .options import lam_option, model_options, open_pair, split_options
+from .open_models import open_pair
+from .options import lam_option, model_options, split_options
 
 
 def _check_port_free(host: str, port: int) -> None:

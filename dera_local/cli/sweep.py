@@ -12,13 +12,13 @@ from ..datafiles import load_reward, read_prompts
 from ..errors import DeraError
 from ..report import plot, summarize, write_csv
 from ..sweep import parse_cfg_scales, parse_lambdas, sweep
+from .open_models import open_pair
 from .options import (
     lam_grid,
     model_options,
     negative_prompt_from,
     negative_prompt_options,
     open_output,
-    open_pair,
     sampling_from,
     sampling_options,
     split_options,

@@ -13,9 +13,7 @@ import importlib.resources
 import json
 import secrets
 import sys
-import time
 import traceback
-import uuid
 from collections.abc import AsyncIterator, Sequence
 
 from starlette.applications import Starlette
@@ -29,12 +27,12 @@ from ..engine import DeraPair, GenerationResult
 from ..errors import ContextFullError, DeraError, RuntimeFailure
 from .requests import (
     MODEL_ID,
-    ParsedRequest,
     RequestError,
     chat_messages,
     completion_prompt,
     parse_common,
 )
+from .responses import ChatShape, CompletionShape, event
 from .worker import GenerationWorker, Job, QueueFull, ShuttingDown
 
 DEFAULT_LAM_PRESETS = (0.0, 0.5, 1.0, 1.5, 2.0)
@@ -198,7 +196,7 @@ def create_app(
         except DeraError as exc:
             return dera_error_response(exc)
         job = Job(prompt, parsed.settings, negative_prompt if negative is not None else None)
-        shape = _ChatShape(parsed) if chat else _CompletionShape(parsed)
+        shape = ChatShape(parsed) if chat else CompletionShape(parsed)
         chunks = worker.run(job)
         try:
             first = await chunks.__anext__()
@@ -304,123 +302,22 @@ def _closing(worker: GenerationWorker):
 async def _sse(shape, first, chunks: AsyncIterator) -> AsyncIterator[str]:
     """Server-sent events in OpenAI's chunk format; closing it (client gone) cancels."""
     try:
-        yield _event(shape.opening())
+        yield event(shape.opening())
         item = first
         while True:
             if isinstance(item, GenerationResult):
-                yield _event(shape.closing(item))
+                yield event(shape.closing(item))
                 if shape.parsed.include_usage:
-                    yield _event(shape.usage_chunk(item))
+                    yield event(shape.usage_chunk(item))
                 break
-            yield _event(shape.delta(item))
+            yield event(shape.delta(item))
             try:
                 item = await chunks.__anext__()
             except StopAsyncIteration:  # ended without a result: the server is stopping
-                yield _event(
+                yield event(
                     {"error": {"message": "the server is shutting down", "type": "server_error"}}
                 )
                 break
         yield "data: [DONE]\n\n"
     finally:
         await chunks.aclose()
-
-
-def _event(payload: dict | None) -> str:
-    return "" if payload is None else f"data: {json.dumps(payload, ensure_ascii=False)}\n\n"
-
-
-def _usage(result: GenerationResult) -> dict:
-    n_prompt = len(result.prompt_tokens)
-    return {
-        "prompt_tokens": n_prompt,
-        "completion_tokens": len(result.tokens),
-        "total_tokens": n_prompt + len(result.tokens),
-        # OpenAI's names for drafted tokens that were kept or thrown away (its "predicted
-        # outputs"); here the drafts come from speculative decoding.
-        "completion_tokens_details": {
-            "accepted_prediction_tokens": result.accepted,
-            "rejected_prediction_tokens": result.drafted - result.accepted,
-        },
-    }
-
-
-class _Shape:
-    def __init__(self, parsed: ParsedRequest) -> None:
-        self.parsed = parsed
-        self.id = f"{self.prefix}-{uuid.uuid4().hex[:24]}"
-        self.created = int(time.time())
-
-    def _envelope(self, choices: list[dict], **extra) -> dict:
-        return {
-            "id": self.id,
-            "object": self.object,
-            "created": self.created,
-            "model": self.parsed.model,
-            "choices": choices,
-            **extra,
-        }
-
-    def usage_chunk(self, result: GenerationResult) -> dict:
-        return {**self._envelope([]), "usage": _usage(result)}
-
-
-class _ChatShape(_Shape):
-    prefix, object = "chatcmpl", "chat.completion.chunk"
-
-    def opening(self) -> dict:
-        return self._envelope(
-            [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
-        )
-
-    def delta(self, text: str) -> dict:
-        return self._envelope([{"index": 0, "delta": {"content": text}, "finish_reason": None}])
-
-    def closing(self, result: GenerationResult) -> dict:
-        return self._envelope([{"index": 0, "delta": {}, "finish_reason": result.finish_reason}])
-
-    def whole(self, result: GenerationResult) -> dict:
-        message = {"role": "assistant", "content": result.text}
-        body = self._envelope(
-            [
-                {
-                    "index": 0,
-                    "message": message,
-                    "finish_reason": result.finish_reason,
-                    "logprobs": None,
-                }
-            ],
-            usage=_usage(result),
-        )
-        body["object"] = "chat.completion"
-        body["dera_lambda"] = result.lam
-        return body
-
-
-class _CompletionShape(_Shape):
-    prefix, object = "cmpl", "text_completion"
-
-    def opening(self) -> None:
-        return None
-
-    def delta(self, text: str) -> dict:
-        return self._envelope([{"index": 0, "text": text, "finish_reason": None, "logprobs": None}])
-
-    def closing(self, result: GenerationResult) -> dict:
-        return self._envelope(
-            [{"index": 0, "text": "", "finish_reason": result.finish_reason, "logprobs": None}]
-        )
-
-    def whole(self, result: GenerationResult) -> dict:
-        body = self._envelope(
-            [
-                {
-                    "index": 0,
-                    "text": result.text,
-                    "finish_reason": result.finish_reason,
-                    "logprobs": None,
-                }
-            ],
-            usage=_usage(result),
-        )
-        body["dera_lambda"] = result.lam
-        return body
