@@ -4,8 +4,10 @@ the file and line; loading a user's reward function from "module:function"."""
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import json
 from collections.abc import Callable
+from importlib import resources
 from pathlib import Path
 
 from .errors import BadParameterError, DeraError
@@ -104,11 +106,21 @@ def read_pairs(path: str | Path) -> list[tuple[str, Prompt, str]]:
     return pairs
 
 
+# Rewards known by name: the built-in pair's own reward, as its model card defines it.
+BUILTIN_REWARDS = {"conciseness": ("smollm2-concise-dpo/reward.py", "reward")}
+
+
 def load_reward(spec: str) -> Callable[[str], float]:
-    """'package.module:function' -> the function (text -> float)."""
+    """'package.module:function' -> the function (text -> float); or a built-in name:
+    'conciseness' is the built-in pair's reward (minus the answer's words)."""
+    if spec in BUILTIN_REWARDS:
+        return _bundled_reward(*BUILTIN_REWARDS[spec])
     module_name, _, function_name = spec.partition(":")
     if not module_name or not function_name:
-        raise BadParameterError(f"a reward is named as module:function, got {spec!r}")
+        names = ", ".join(BUILTIN_REWARDS)
+        raise BadParameterError(
+            f"a reward is named as module:function (or built in: {names}), got {spec!r}"
+        )
     try:
         module = importlib.import_module(module_name)
     except Exception as exc:
@@ -117,3 +129,13 @@ def load_reward(spec: str) -> Callable[[str], float]:
     if not callable(function):
         raise DeraError(f"{module_name!r} has no function {function_name!r}")
     return function
+
+
+def _bundled_reward(relative_path: str, function_name: str) -> Callable[[str], float]:
+    """A reward function from a model's folder shipped with dera-local (the folder's name
+    is not a Python identifier, so the file is loaded by path)."""
+    path = Path(str(resources.files("dera_local.bundled_models") / relative_path))
+    spec = importlib.util.spec_from_file_location(f"dera_local_reward_{path.parent.name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return getattr(module, function_name)

@@ -425,3 +425,15 @@ def test_plot_draws_other_policies_as_labelled_markers(tmp_path, monkeypatch):
     assert legend == ["DeRa λ grid", "retrained β=0.05"]
     assert axes.get_title() == "t"
     assert (tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_built_in_pairs_reward_is_known_by_name(tmp_path):
+    """`--reward conciseness` is the model card's reward (minus the words of an answer),
+    loaded from the file that ships beside the adapter; other names stay module:function."""
+    from dera_local.datafiles import load_reward
+    from dera_local.errors import BadParameterError
+
+    conciseness = load_reward("conciseness")
+    assert conciseness("one two  three\nfour") == -4.0 and conciseness("") == 0.0
+    with pytest.raises(BadParameterError, match="built in: conciseness"):
+        load_reward("brevity")
