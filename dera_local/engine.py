@@ -12,25 +12,19 @@ reads only the rest.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from typing import NamedTuple
 
 from . import backend
 from .backend import Context, ContextOptions, LoadedModel
 from .errors import BadParameterError
-from .guidance import guidance_for
 from .loading import LoadedPair, PairOptions, load_models, overlap_by_default
 from .mixing import LogitMixer
 from .model_set import ModelSet
 from .pair_guard import PairGuard
-from .sampling import SamplingParams
 from .slot_runner import SlotRunner
 from .speculative import (
-    AcceptRule,
-    Drafter,
     ModelDrafter,
     SpeculationParams,
-    sample_equals_draft,
 )
 from .stream import GenerationResult, GenerationStream
 
@@ -75,7 +69,7 @@ class DeraPair(ModelSet):
         self._scoring: tuple[Context, Context] | None = None
         # One drafter per draft context, kept across generations with its cache.
         draft_ctx = loaded.draft_ctx
-        self._model_drafter = ModelDrafter(draft_ctx) if draft_ctx is not None else None
+        self.default_drafter = ModelDrafter(draft_ctx) if draft_ctx is not None else None
         generation_contexts = [loaded.aligned_ctx, loaded.reference_ctx]
         if self.identical:
             generation_contexts.pop()
@@ -171,64 +165,15 @@ class DeraPair(ModelSet):
         home = self._slots.home
         return HeldPrefix(list(home.cached[0]), home.contexts)
 
-    # -- generation -----------------------------------------------------------------------
-    def stream(
-        self,
-        prompt: str | Sequence[int],
-        *,
-        lam: float = 1.0,
-        sampling: SamplingParams | None = None,
-        max_tokens: int = 256,
-        stop: Sequence[str] = (),
-        logprobs: bool = False,
-        speculation: SpeculationParams | None = None,
-        drafter: Drafter | None = None,
-        accept: AcceptRule = sample_equals_draft,
-        logits_observer=None,
-        negative_prompt: str | Sequence[int] | None = None,
-        cfg_scale: float = 1.0,
-    ) -> GenerationStream:
-        """Starts a DeRa generation from a prompt (text, or token ids fed as they are).
-
-        lam: 1 = aligned model, 0 = reference, between = weaker alignment, > 1 extrapolates.
-        max_tokens: at most this many new tokens (-1: until the context is full).
-        stop: strings that end generation; they are not part of the text.
-        logprobs: record each sampled token's log-probability under the aligned model,
-            the reference and the mixture (result.logprobs); costs a copy per step.
-        speculation: how many tokens to draft and verify per step (default: the pair's,
-            see load_pair; SpeculationParams(draft_max=0) turns it off). Speculation
-            never changes what is sampled, only how many decodes it takes.
-        drafter: a draft source instead of the pair's (prompt lookup, or the draft model
-            given to load_pair); accept: the rule keeping a drafted token (tests).
-        logits_observer: a llama_sampler put first in the chain (for tests and debugging).
-        negative_prompt, cfg_scale: classifier-free guidance, h_neg + cfg_scale * (h_pos -
-            h_neg) over the DeRa mixture of each prompt (see guidance.py); the negative
-            prompt (text or ids) is read as a second sequence of the same batched
-            contexts; drafts are verified in both sequences at once.
-        """
-        prompt_tokens, lam, sampling = self._prepare(prompt, lam, sampling, max_tokens)
-        guidance = guidance_for(self, negative_prompt, cfg_scale)
-        speculation = speculation or self.speculation
+    # -- generation (stream, generate: ModelSet's) --------------------------------------
+    def check_speculation(self, speculation: SpeculationParams) -> SpeculationParams:
         if speculation.draft_max >= self.max_rows:
             raise BadParameterError(
                 f"draft_max {speculation.draft_max} is more than this pair was loaded for "
                 f"({self.max_rows - 1})",
                 cli_hint="raise --draft-max",
             )
-        return self._slot_stream(
-            self._slots,
-            prompt_tokens,
-            guidance,
-            speculation,
-            lam=lam,
-            sampling=sampling,
-            max_tokens=max_tokens,
-            stop=stop,
-            logprobs=logprobs,
-            logits_observer=logits_observer,
-            drafter=drafter or self._model_drafter,  # None: the decoder's prompt lookup
-            accept=accept,
-        )
+        return speculation
 
 
 def load_pair(

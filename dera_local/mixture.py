@@ -15,7 +15,6 @@ the same batch, and the native hook mixes the K rows before llama.cpp's sampler 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from . import backend, llama_log
 from .backend import Context, ContextOptions, LoadedModel, LoraAdapter
 from .errors import BadParameterError
 from .gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
-from .guidance import guidance_for, warn_if_weights_cancel
+from .guidance import warn_if_weights_cancel
 from .loading import (
     PairOptions,
     check_vocab_sizes,
@@ -35,10 +34,8 @@ from .mix_spec import MixTerm, Source, as_terms, merge_repeats, parse_mix
 from .mixing import LogitMixer
 from .model_set import ModelSet
 from .pair_guard import PairGuard
-from .sampling import SamplingParams
 from .slot_runner import SlotRunner
-from .speculative import AcceptRule, Drafter, SpeculationParams, sample_equals_draft
-from .stream import GenerationStream
+from .speculative import SpeculationParams
 
 __all__ = ["MixTerm", "Mixture", "Source", "load_mixture", "load_proxy", "parse_mix"]
 
@@ -253,42 +250,6 @@ class Mixture(ModelSet):
         if self._scoring is None:
             self._scoring = self.open_source_contexts(self.n_ctx, 1, self.n_batch)
         return self._scoring
-
-    # -- generation -----------------------------------------------------------------------
-    def stream(
-        self,
-        prompt: str | Sequence[int],
-        *,
-        lam: float = 1.0,
-        sampling: SamplingParams | None = None,
-        max_tokens: int = 256,
-        stop: Sequence[str] = (),
-        logprobs: bool = False,
-        negative_prompt: str | Sequence[int] | None = None,
-        cfg_scale: float = 1.0,
-        logits_observer=None,
-        speculation: SpeculationParams | None = None,
-        drafter: Drafter | None = None,
-        accept: AcceptRule = sample_equals_draft,
-    ) -> GenerationStream:
-        """Starts a generation; keywords as DeraPair.stream (lam is alpha for a proxy-tuned
-        model; a fixed-weight mixture takes only lam=1). Drafts come from prompt lookup
-        unless a `drafter` is given."""
-        prompt_tokens, lam, sampling = self._prepare(prompt, lam, sampling, max_tokens)
-        return self._slot_stream(
-            self._slots,
-            prompt_tokens,
-            guidance_for(self, negative_prompt, cfg_scale),
-            speculation or self.speculation,
-            drafter=drafter,
-            accept=accept,
-            lam=lam,
-            sampling=sampling,
-            max_tokens=max_tokens,
-            stop=stop,
-            logprobs=logprobs,
-            logits_observer=logits_observer,
-        )
 
     def check_lam(self, lam: float) -> float:
         lam = super().check_lam(lam)

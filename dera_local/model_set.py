@@ -4,7 +4,8 @@ one tokenizer, prompt checks, generate-from-stream, and the lifecycle guard.
 A subclass provides the interface the batched step (batch.BatchDecoder) reads:
 `model` (tokenizer, end tokens, chat template), `n_ctx`, `n_vocab`, `n_batch`, `mixer`,
 `source_weights(lam)`, `open_source_contexts(...)`, `logprob_sources`,
-`overlap_decodes`; and `stream()`.
+`overlap_decodes`; and for `stream()`: `speculation` (the default) and `_slots` (the
+slot_runner.SlotRunner every single generation runs on).
 """
 
 from __future__ import annotations
@@ -12,9 +13,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .errors import BadParameterError
+from .guidance import guidance_for
 from .mixing import validate_lam
 from .pair_guard import PairClosedError, PairGuard
 from .sampling import SamplingParams
+from .speculative import AcceptRule, Drafter, SpeculationParams, sample_equals_draft
 from .stream import GenerationStream, slot_steps
 
 
@@ -23,14 +26,13 @@ class ModelSet:
     kind = "model set"  # for messages: "pair", "mixture"
     depends_on_lam = True  # False: fixed weights (a --mix spec), lam 1 only
     overlap_decodes = False  # the sources' decodes run in threads at once (see source_decodes)
+    default_drafter: Drafter | None = None  # None: prompt lookup (a pair: its draft model)
     n_ctx: int
     n_vocab: int
     guard: PairGuard
+    speculation: SpeculationParams
 
     def close(self) -> None:  # pragma: no cover - every subclass frees its own
-        raise NotImplementedError
-
-    def stream(self, prompt, **kwargs):  # pragma: no cover - every subclass decodes its own
         raise NotImplementedError
 
     def __enter__(self):
@@ -88,18 +90,67 @@ class ModelSet:
         self.check_prompt(prompt_tokens)
         return prompt_tokens, lam, sampling
 
-    def _slot_stream(
-        self, runner, prompt_tokens: list[int], guidance, speculation, **settings
+    def check_speculation(self, speculation: SpeculationParams) -> SpeculationParams:
+        """The settings a stream may use (a pair refuses more drafts than it was loaded
+        for)."""
+        return speculation
+
+    # -- generation -----------------------------------------------------------------------
+    def stream(
+        self,
+        prompt: str | Sequence[int],
+        *,
+        lam: float = 1.0,
+        sampling: SamplingParams | None = None,
+        max_tokens: int = 256,
+        stop: Sequence[str] = (),
+        logprobs: bool = False,
+        speculation: SpeculationParams | None = None,
+        drafter: Drafter | None = None,
+        accept: AcceptRule = sample_equals_draft,
+        logits_observer=None,
+        negative_prompt: str | Sequence[int] | None = None,
+        cfg_scale: float = 1.0,
     ) -> GenerationStream:
-        """A generation as the one slot of `runner`'s decoder (slot_runner.SlotRunner)."""
-        decoder = runner.decoder_for(1 if guidance is None else 2, speculation.draft_max)
+        """Starts a generation from a prompt (text, or token ids fed as they are): the one
+        slot of a batched decoder kept with its caches (a next prompt that starts the same
+        way, such as the next chat turn, reads only the rest).
+
+        lam: 1 = aligned model, 0 = reference, between = weaker alignment, > 1 extrapolates
+            (a proxy-tuned model: alpha; a fixed-weight mixture takes only lam=1).
+        max_tokens: at most this many new tokens (-1: until the context is full).
+        stop: strings that end generation; they are not part of the text.
+        logprobs: record each sampled token's log-probability under the aligned model,
+            the reference and the mixture (result.logprobs); costs a copy per step.
+        speculation: how many tokens to draft and verify per step (default: the model
+            set's, see load_pair; SpeculationParams(draft_max=0) turns it off).
+            Speculation never changes what is sampled, only how many decodes it takes.
+        drafter: a draft source (default: a pair's draft model if it has one, else prompt
+            lookup); accept: the rule keeping a drafted token (tests).
+        logits_observer: a llama_sampler put first in the chain (for tests and debugging).
+        negative_prompt, cfg_scale: classifier-free guidance, h_neg + cfg_scale * (h_pos -
+            h_neg) over the mixture of each prompt (see guidance.py); the negative prompt
+            (text or ids) is read as a second sequence of the same batched contexts;
+            drafts are verified in both sequences at once.
+        """
+        prompt_tokens, lam, sampling = self._prepare(prompt, lam, sampling, max_tokens)
+        guidance = guidance_for(self, negative_prompt, cfg_scale)
+        speculation = self.check_speculation(speculation or self.speculation)
+        decoder = self._slots.decoder_for(1 if guidance is None else 2, speculation.draft_max)
         steps = slot_steps(
             decoder,
             self.guard,
             prompt_tokens,
+            lam=lam,
             guidance=guidance,
+            sampling=sampling,
+            max_tokens=max_tokens,
+            stop=stop,
+            logprobs=logprobs,
+            logits_observer=logits_observer,
             speculation=speculation,
-            **settings,
+            drafter=drafter or self.default_drafter,
+            accept=accept,
         )
         return GenerationStream(steps, self.guard)
 
