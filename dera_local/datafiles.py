@@ -10,6 +10,7 @@ from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
+from .default_pair import ADAPTER_DIR
 from .errors import BadParameterError, DeraError
 
 
@@ -107,7 +108,7 @@ def read_pairs(path: str | Path) -> list[tuple[str, Prompt, str]]:
 
 
 # Rewards known by name: the built-in pair's own reward, as its model card defines it.
-BUILTIN_REWARDS = {"conciseness": ("smollm2-concise-dpo/reward.py", "reward")}
+BUILTIN_REWARDS = {"conciseness": (f"{ADAPTER_DIR}/reward.py", "reward")}
 
 
 def load_reward(spec: str) -> Callable[[str], float]:

@@ -22,10 +22,7 @@ from .mixing import LogitMixer
 from .model_set import ModelSet
 from .pair_guard import PairGuard
 from .slot_runner import SlotRunner
-from .speculative import (
-    ModelDrafter,
-    SpeculationParams,
-)
+from .speculative import ModelDrafter, SpeculationParams
 from .stream import GenerationResult, GenerationStream
 
 __all__ = ["DeraPair", "GenerationResult", "GenerationStream", "load_pair"]

@@ -44,11 +44,9 @@ def drafting_for(
 
 
 def plan_drafts(slot: Slot, room: int) -> list[int]:
-    """The drafts a decoding slot verifies this step (none: one plain token). room: the
-    most that fit its batch share, its context and its max_tokens."""
+    """The drafts a speculating slot verifies this step (none: one plain token). room:
+    the most that fit its batch share and its context; max_tokens is applied here."""
     drafting = slot.drafting
-    if drafting is None:
-        return []
     tokens_left = slot.output.tokens_left
     if tokens_left is not None:  # a step keeps at most k + 1 tokens
         room = min(room, tokens_left - 1)
