@@ -15,8 +15,9 @@ from pathlib import Path
 
 import llama_cpp
 
-from . import llama_log
+from . import ggml_devices, llama_log, placement, rpc_faults
 from .errors import BadParameterError, ContextFullError, ModelFileError, RuntimeFailure
+from .placement import LayerMap, Placement
 
 
 @cache
@@ -37,8 +38,10 @@ def built_with_amx() -> bool:
 
 
 def supports_gpu_offload() -> bool:
+    """Whether this machine has a GPU llama.cpp can offload layers to. (Not
+    llama_supports_gpu_offload: that is also true for any build with the RPC backend.)"""
     _init_backend()
-    return bool(llama_cpp.llama_supports_gpu_offload())
+    return bool(ggml_devices.offload_devices())
 
 
 MAX_THREADS = max(64, 4 * (os.cpu_count() or 1))
@@ -62,25 +65,63 @@ def default_threads() -> int:
 
 @dataclass(frozen=True)
 class LoadOptions:
-    """How to load a model: GPU layers (-1 = all that fit the build) and buffer types."""
+    """How to load a model: layers offloaded (-1 = all; None = all where there is a
+    GPU or an RPC worker to take them, else none) and buffer types."""
 
-    n_gpu_layers: int = 0
+    n_gpu_layers: int | None = 0
     use_extra_bufts: bool = True
+    # Only plan: llama.cpp places every layer and sizes every buffer, loads no weights.
+    no_alloc: bool = False
 
 
 class LoadedModel:
-    """One llama.cpp model and its vocabulary."""
+    """One llama.cpp model and its vocabulary, on this machine or on RPC workers."""
 
-    def __init__(self, path: Path, options: LoadOptions) -> None:
+    def __init__(self, path: Path, options: LoadOptions, where: Placement | None = None) -> None:
         _init_backend()
+        where = where or Placement()
+        if where.remote and options.n_gpu_layers == 0:
+            raise BadParameterError(
+                "no layers are offloaded, so the RPC workers would hold none of the model",
+                cli_hint="drop -ngl 0 or --rpc",
+            )
+        offload = placement.prepare(where)
+        self.placement = where
+        self.calls = offload.calls  # None: this machine only, plain calls
         params = llama_cpp.llama_model_default_params()
-        params.n_gpu_layers = options.n_gpu_layers if options.n_gpu_layers >= 0 else 999
+        n_gpu_layers = options.n_gpu_layers
+        if n_gpu_layers is None:
+            n_gpu_layers = -1 if where.remote or supports_gpu_offload() else 0
+        params.n_gpu_layers = n_gpu_layers if n_gpu_layers >= 0 else 999
         params.use_extra_bufts = options.use_extra_bufts
+        params.no_alloc = options.no_alloc
+        if options.no_alloc:
+            params.load_mode = 0  # LLAMA_LOAD_MODE_NONE: llama.cpp plans only without mmap
+        if offload.devices is not None:
+            params.devices = offload.devices_pointer()
+        if self.calls is not None:
+            # Uploading weights to a worker can take minutes: each tensor loaded moves
+            # the deadline of the remote call, so only a stalled upload times out.
+            calls = self.calls
+            self._on_progress = llama_cpp.llama_progress_callback(
+                lambda fraction, data: calls.progress() or True
+            )
+            params.progress_callback = self._on_progress
         llama_log.recent_problem()  # forget older lines: only this load's matter below
-        model = llama_cpp.llama_model_load_from_file(str(path).encode("utf-8"), params)
+        llama_log.start_load_capture()
+        try:
+            model = self._call(
+                llama_cpp.llama_model_load_from_file, str(path).encode("utf-8"), params
+            )
+        finally:
+            lines = llama_log.load_lines()
         if not model:
             reason = llama_log.recent_problem() or "llama.cpp could not load it"
             raise ModelFileError(f"{path}: {reason}")
+        self.layers: LayerMap = placement.layer_map_from(lines)
+        self.devices = offload.devices or []
+        self.worker_devices = offload.worker_devices
+        placement.connected(where)
         self.path = path
         self.ptr = model
         self.vocab = llama_cpp.llama_model_get_vocab(model)
@@ -90,10 +131,17 @@ class LoadedModel:
         self._pieces: dict[int, bytes] = {}
         self._end_of_generation: dict[int, bool] = {}
 
+    def _call(self, function, *args):
+        """A llama.cpp call that may talk to this model's workers (see rpc_faults)."""
+        return function(*args) if self.calls is None else self.calls(function, *args)
+
     def close(self) -> None:
         if self.ptr:
-            llama_cpp.llama_model_free(self.ptr)
-            self.ptr = None
+            ptr, self.ptr = self.ptr, None
+            if _remote_lost(self.calls):
+                return  # freeing would wait on a lost worker: the memory stays held
+            self._call(llama_cpp.llama_model_free, ptr)
+            placement.disconnected(self.placement)
 
     @property
     def can_drop_tail(self) -> bool:
@@ -199,12 +247,28 @@ class TokenBatch:
             self.struct = None
 
 
+def _decode_and_wait(ctx, batch) -> int:
+    """llama_decode, then the wait for its results. With RPC devices llama_decode may
+    return before the workers answer; the wait would otherwise happen in whatever reads
+    the logits next, outside the deadline of the remote call."""
+    status = llama_cpp.llama_decode(ctx, batch)
+    llama_cpp.llama_synchronize(ctx)
+    return status
+
+
+def _remote_lost(calls: rpc_faults.RemoteCalls | None) -> bool:
+    return calls is not None and rpc_faults.fault() is not None
+
+
 class LoraAdapter:
-    """A LoRA adapter loaded for one model; llama.cpp frees it with the model."""
+    """A LoRA adapter loaded for one model (on the model's devices); llama.cpp frees it
+    with the model."""
 
     def __init__(self, model: LoadedModel, path: Path) -> None:
         llama_log.recent_problem()
-        adapter = llama_cpp.llama_adapter_lora_init(model.ptr, str(path).encode("utf-8"))
+        adapter = model._call(
+            llama_cpp.llama_adapter_lora_init, model.ptr, str(path).encode("utf-8")
+        )
         if not adapter:
             reason = llama_log.recent_problem() or "llama.cpp could not load it"
             raise ModelFileError(f"{path}: {reason}")
@@ -246,7 +310,12 @@ class Context:
         params.n_threads_batch = threads
         params.no_perf = True
         params.flash_attn_type = FLASH_ATTN_TYPES[options.flash_attn]
-        ctx = llama_cpp.llama_init_from_model(model.ptr, params)
+        # A context of a model on RPC workers makes its remote calls in a thread of its
+        # own, so that two contexts' decodes overlap (see source_decodes).
+        self.calls = None
+        if model.calls is not None:
+            self.calls = rpc_faults.RemoteCalls(model.placement.endpoints, model.calls.timeout)
+        ctx = self._call(llama_cpp.llama_init_from_model, model.ptr, params)
         if not ctx:
             reason = llama_log.recent_problem() or "out of memory?"
             raise RuntimeFailure(
@@ -264,10 +333,15 @@ class Context:
         self.flash_attn = options.flash_attn
         self.adapter: LoraAdapter | None = None
 
+    def _call(self, function, *args):
+        """A llama.cpp call that may talk to the model's workers (see rpc_faults)."""
+        return function(*args) if self.calls is None else self.calls(function, *args)
+
     def close(self) -> None:
         if self.ptr:
-            llama_cpp.llama_free(self.ptr)
-            self.ptr = None
+            ptr, self.ptr = self.ptr, None
+            if not _remote_lost(self.calls):
+                self._call(llama_cpp.llama_free, ptr)
 
     def attach_lora(self, adapter: LoraAdapter, scale: float) -> None:
         """Applies the adapter in this context only (other contexts of the model keep the
@@ -285,7 +359,7 @@ class Context:
     def truncate(self, n_keep: int) -> None:
         """Drops every cached position from n_keep on; clears all if the model cannot."""
         if not llama_cpp.llama_memory_seq_rm(self.memory, 0, n_keep, -1):
-            llama_cpp.llama_memory_clear(self.memory, True)
+            self.clear()
 
     def decode(self, tokens: list[int]) -> None:
         """Feeds tokens after the cached ones, in n_batch chunks; logits of the last remain."""
@@ -293,14 +367,17 @@ class Context:
             chunk = tokens[start : start + self.n_batch]
             array = (llama_cpp.llama_token * len(chunk))(*chunk)
             # `array` stays referenced until llama_decode returns: the batch only points at it.
-            status = llama_cpp.llama_decode(
-                self.ptr, llama_cpp.llama_batch_get_one(array, len(chunk))
-            )
+            status = self._decode(llama_cpp.llama_batch_get_one(array, len(chunk)))
             self._check_decode(status)
 
     def decode_batch(self, batch: TokenBatch) -> None:
         """Decodes a prepared multi-sequence batch (see TokenBatch)."""
-        self._check_decode(llama_cpp.llama_decode(self.ptr, batch.struct))
+        self._check_decode(self._decode(batch.struct))
+
+    def _decode(self, batch) -> int:
+        if self.calls is None:
+            return llama_cpp.llama_decode(self.ptr, batch)
+        return self.calls(_decode_and_wait, self.ptr, batch)
 
     def _check_decode(self, status: int) -> None:
         # llama_decode: 0 = done, 1 = no KV slot for the batch, 2 = aborted, < 0 = error.
@@ -329,4 +406,5 @@ class Context:
         llama_cpp.llama_memory_seq_cp(self.memory, source, target, start, end)
 
     def clear(self) -> None:
-        llama_cpp.llama_memory_clear(self.memory, True)
+        # Zeroing the cache's buffers is a remote call when they live on a worker.
+        self._call(llama_cpp.llama_memory_clear, self.memory, True)

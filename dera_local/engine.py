@@ -17,10 +17,17 @@ from typing import NamedTuple
 from . import backend
 from .backend import Context, ContextOptions, LoadedModel
 from .errors import BadParameterError
-from .loading import LoadedPair, PairOptions, load_models, overlap_by_default
+from .loading import (
+    LoadedPair,
+    PairOptions,
+    check_overlap,
+    load_models,
+    overlap_by_default,
+)
 from .mixing import LogitMixer
 from .model_set import ModelSet
 from .pair_guard import PairGuard
+from .placement import DEFAULT_RPC_TIMEOUT, RpcPlacement
 from .slot_runner import SlotRunner
 from .speculative import ModelDrafter, SpeculationParams
 from .stream import GenerationResult, GenerationStream
@@ -155,6 +162,11 @@ class DeraPair(ModelSet):
         """Forgets the cached prefix: the next call re-reads its whole prompt."""
         self._slots.forget()
 
+    def loaded_models(self) -> list[LoadedModel]:
+        loaded = self.loaded
+        models = (loaded.aligned_model, loaded.reference_model, loaded.draft_model)
+        return list({id(m): m for m in models if m is not None}.values())
+
     @property
     def lockstep(self) -> HeldPrefix:
         """What the generation contexts hold (after a plain generation: its prompt and
@@ -189,6 +201,11 @@ def load_pair(
     draft_model: str | os.PathLike[str] | None = None,
     speculation: SpeculationParams | None = None,
     verbose: bool = False,
+    rpc: str | list[str] | None = None,
+    rpc_aligned: str | list[str] | None = None,
+    rpc_reference: str | list[str] | None = None,
+    rpc_draft: str | list[str] | None = None,
+    rpc_timeout: float = DEFAULT_RPC_TIMEOUT,
 ) -> DeraPair:
     """Loads an aligned and a reference GGUF model for DeRa decoding.
 
@@ -203,6 +220,14 @@ def load_pair(
     speculative decoding (default: drafts come from prompt lookup, which needs no model).
     speculation: the default for every stream (SpeculationParams(); draft_max=0: off);
     its draft_max also sizes the contexts' output rows.
+    rpc: llama.cpp RPC workers ('HOST:PORT,HOST:PORT' or a list; start them with
+    `dera-local worker`) that hold the layers of every model, split as llama.cpp splits
+    them; rpc_aligned / rpc_reference / rpc_draft: one model's own workers instead
+    ('local' or [] = this machine). With the models on different workers their decodes
+    overlap. A LoRA pair is one copy of the base on the reference's workers, unless
+    rpc_aligned places the aligned side elsewhere: then each side has its own copy.
+    rpc_timeout: seconds a call to a worker may go without an answer before the worker
+    counts as lost (WorkerError).
     """
     if flash_attn not in ("on", "off", "auto"):
         raise BadParameterError(f"flash_attn must be 'on', 'off' or 'auto', got {flash_attn!r}")
@@ -215,11 +240,15 @@ def load_pair(
         flash_attn,
         verbose,
         max_rows=speculation.draft_max + 1,
+        rpc=RpcPlacement.parse(rpc, rpc_aligned, rpc_reference, rpc_draft, rpc_timeout),
     )
     mixer = LogitMixer(hook)
     loaded = load_models(
         aligned, reference, options, lora=lora, lora_scale=lora_scale, draft=draft_model
     )
+    sources = [loaded.aligned_model, loaded.reference_model]
     if overlap_decodes is None:
-        overlap_decodes = overlap_by_default(options)
+        overlap_decodes = overlap_by_default(options, sources)
+    elif overlap_decodes:
+        check_overlap(sources)
     return DeraPair(loaded, mixer, overlap_decodes, speculation)

@@ -51,3 +51,8 @@ class RuntimeFailure(DeraError):
 
 class ContextFullError(RuntimeFailure):
     """The KV cache had no room for the batch; retrying later (or with less) can work."""
+
+
+class WorkerError(RuntimeFailure):
+    """An RPC worker (a machine serving layers over llama.cpp's RPC) cannot be reached,
+    speaks another protocol version, or stopped answering."""

@@ -14,6 +14,10 @@ _GGML_LOG_LEVEL_ERROR = 4
 
 _verbose = False
 _recent: collections.deque[tuple[int, str]] = collections.deque(maxlen=40)
+# Lines kept while a model loads: where llama.cpp put each layer and how big each
+# device's share of the weights is (see placement.py).
+_LOAD_SIGNS = ("assigned to device", "model buffer size")
+_load_lines: list[str] | None = None
 
 
 @llama_cpp.llama_log_callback
@@ -24,6 +28,8 @@ def _on_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
         sys.stderr.flush()
     if level in (_GGML_LOG_LEVEL_WARN, _GGML_LOG_LEVEL_ERROR) and message.strip():
         _recent.append((level, message.strip()))
+    if _load_lines is not None and any(sign in message for sign in _LOAD_SIGNS):
+        _load_lines.append(message)
 
 
 def install(verbose: bool = False) -> None:
@@ -48,3 +54,17 @@ def recent_problem() -> str | None:
         return None
     # "llama_model_load: error loading model: <cause>" -> "<cause>"
     return found.rsplit("error loading model: ", 1)[-1]
+
+
+def start_load_capture() -> None:
+    """Keeps llama.cpp's "layer N assigned to device X" and "X model buffer size = N MiB"
+    lines until load_lines()."""
+    global _load_lines
+    _load_lines = []
+
+
+def load_lines() -> list[str]:
+    """The lines kept since start_load_capture(); stops keeping them."""
+    global _load_lines
+    lines, _load_lines = _load_lines or [], None
+    return lines

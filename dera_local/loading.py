@@ -15,6 +15,7 @@ from . import backend, llama_log
 from .backend import Context, ContextOptions, LoadedModel, LoadOptions, LoraAdapter
 from .errors import BadParameterError, IncompatibleModelsError, ModelFileError
 from .gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
+from .placement import RpcPlacement
 
 DEFAULT_N_CTX = 4096
 
@@ -26,12 +27,14 @@ class PairOptions:
     n_ctx: int = DEFAULT_N_CTX  # 0 = the models' training context
     n_batch: int = 512
     n_threads: int = 0  # 0 = all cores (up to 16)
-    n_gpu_layers: int | None = None  # None = all layers when the build can offload, else 0
+    n_gpu_layers: int | None = None  # None = all layers where a GPU or worker takes them
     flash_attn: str = "off"  # "on", "off" or "auto" (see backend.ContextOptions)
     verbose: bool = False
     # Logits rows one generation decode may return: 1 + the most drafted tokens verified
     # at once (llama.cpp sizes each context's output buffer by it).
     max_rows: int = 17
+    # Which llama.cpp RPC workers hold each model's layers (default: none, this machine).
+    rpc: RpcPlacement = RpcPlacement()
 
 
 @dataclass
@@ -64,9 +67,6 @@ class LoadedPair:
 
 
 def load_options_for(options: PairOptions, notes: list[str]) -> LoadOptions:
-    n_gpu_layers = options.n_gpu_layers
-    if n_gpu_layers is None:
-        n_gpu_layers = -1 if backend.supports_gpu_offload() else 0
     use_extra_bufts = True
     if backend.built_with_amx():
         use_extra_bufts = False
@@ -75,14 +75,44 @@ def load_options_for(options: PairOptions, notes: list[str]) -> LoadOptions:
             "(use_extra_bufts=False) to avoid the AMX crash on quantized batches; "
             "see the README for faster build flags"
         )
-    return LoadOptions(n_gpu_layers=n_gpu_layers, use_extra_bufts=use_extra_bufts)
+    return LoadOptions(n_gpu_layers=options.n_gpu_layers, use_extra_bufts=use_extra_bufts)
 
 
-def overlap_by_default(options: PairOptions) -> bool:
+def overlap_by_default(options: PairOptions, source_models: list[LoadedModel]) -> bool:
     """Whether different models' decodes run in threads at the same time: where layers
-    are offloaded to a GPU they can overlap; on the CPU they would compete for the same
-    cores."""
-    return options.n_gpu_layers != 0 and backend.supports_gpu_offload()
+    are offloaded to a GPU or to RPC workers they can overlap; on this machine's CPU
+    they would compete for the same cores. Never where two sources share an RPC worker
+    (see check_overlap). `source_models`: the model of each source context."""
+    if options.n_gpu_layers == 0 or shared_worker_device(source_models):
+        return False
+    remote = any(m.placement.remote for m in source_models)
+    return remote or backend.supports_gpu_offload()
+
+
+def shared_worker_device(source_models: list[LoadedModel]) -> str | None:
+    """An RPC worker device that two source contexts would both compute on, if any.
+    llama.cpp's RPC client keeps per-device state (the id of the last graph sent, to
+    resend only "recompute") that two threads race on: overlapped, one context can
+    recompute the other's graph. Measured here: a pair split over two shared workers
+    gave other tokens than on this machine when overlapped, the same ones when not."""
+    seen: dict[int, int] = {}
+    for index, model in enumerate(source_models):
+        for device in model.worker_devices:
+            first = seen.setdefault(device.handle, index)
+            if first != index:
+                return f"{device.name} ({device.description})"
+    return None
+
+
+def check_overlap(source_models: list[LoadedModel]) -> None:
+    """Raises BadParameterError when overlapping these sources' decodes would race."""
+    shared = shared_worker_device(source_models)
+    if shared:
+        raise BadParameterError(
+            f"two models share the RPC worker device {shared}: llama.cpp's RPC client "
+            "cannot run two decodes on one worker device at once; leave overlap_decodes "
+            "at its default or give each model its own workers"
+        )
 
 
 def check_vocab_sizes(model: LoadedModel, reference: LoadedModel) -> None:
@@ -177,14 +207,19 @@ def load_models(
         for note in notes:
             print(f"dera-local: {note}", file=sys.stderr)
 
+    where = options.rpc
     opened: list = []
     try:
-        reference_model = LoadedModel(Path(reference_info.path), load_options)
+        reference_model = LoadedModel(
+            Path(reference_info.path), load_options, where.of("reference")
+        )
         opened.append(reference_model)
-        if aligned_info is reference_info:
-            aligned_model = reference_model  # one copy of the weights serves both contexts
+        if aligned_info is reference_info and where.of("aligned") == where.of("reference"):
+            # One copy of the weights serves both contexts (a LoRA pair: the adapter
+            # applies in the aligned context only). Placed apart, each side gets a copy.
+            aligned_model = reference_model
         else:
-            aligned_model = LoadedModel(Path(aligned_info.path), load_options)
+            aligned_model = LoadedModel(Path(aligned_info.path), load_options, where.of("aligned"))
             opened.append(aligned_model)
         check_vocab_sizes(aligned_model, reference_model)
         n_ctx = _context_size(options.n_ctx, aligned_model, reference_model)
@@ -200,11 +235,11 @@ def load_models(
         reference_ctx = Context(reference_model, context_options)
         opened.append(reference_ctx)
         if adapter_info is not None:
-            adapter = LoraAdapter(reference_model, adapter_info.path)
+            adapter = LoraAdapter(aligned_model, adapter_info.path)
             aligned_ctx.attach_lora(adapter, lora_scale)
         draft_model = draft_ctx = None
         if draft_info is not None:
-            draft_model = LoadedModel(Path(draft_info.path), load_options)
+            draft_model = LoadedModel(Path(draft_info.path), load_options, where.of("draft"))
             opened.append(draft_model)
             check_vocab_sizes(draft_model, reference_model)
             draft_options = ContextOptions(

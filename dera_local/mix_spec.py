@@ -12,15 +12,18 @@ from pathlib import Path
 import tomllib
 
 from .errors import BadParameterError
+from .rpc_endpoints import parse_endpoints
 
 
 @dataclass(frozen=True)
 class Source:
-    """A model file, optionally with a LoRA adapter applied in its context."""
+    """A model file, optionally with a LoRA adapter applied in its context, and the RPC
+    workers holding its layers (None: the mixture's default; (): this machine)."""
 
     model: str
     lora: str | None = None
     lora_scale: float = 1.0
+    rpc: tuple[str, ...] | None = None
 
     @property
     def label(self) -> str:
@@ -45,9 +48,11 @@ _TERM = re.compile(r"^(?:(?P<weight>[^*]+?)\s*\*\s*)?(?P<source>[^*\s][^*]*)$")
 def parse_mix(spec: str) -> list[MixTerm]:
     """A mixture spec: '1.5*aligned.gguf - 0.5*reference.gguf' (weights default to 1;
     operators between terms need spaces around them; BASE.gguf+ADAPTER.gguf is a base
-    with a LoRA adapter), or the path of a .json/.toml file:
-    {"terms": [{"model": "a.gguf", "weight": 1.5, "lora": "x.gguf", "lora_scale": 1.0}]}
-    (paths relative to the file). Raises BadParameterError with one line."""
+    with a LoRA adapter; MODEL.gguf@HOST:PORT[,HOST:PORT] puts that model's layers on
+    llama.cpp RPC workers, @local on this machine), or the path of a .json/.toml file:
+    {"terms": [{"model": "a.gguf", "weight": 1.5, "lora": "x.gguf", "lora_scale": 1.0,
+    "rpc": "HOST:PORT"}]} (paths relative to the file). Raises BadParameterError with
+    one line."""
     text = spec.strip()
     if text.endswith((".json", ".toml")) and not _OPERATOR.search(text):
         return _parse_mix_file(Path(text).expanduser())
@@ -64,8 +69,9 @@ def parse_mix(spec: str) -> list[MixTerm]:
         if match is None:
             raise BadParameterError(f"mixture term {part!r} names no model")
         weight = _weight(match["weight"] or "1", part)
-        model, lora = _split_lora(match["source"].strip())
-        terms.append(MixTerm(Source(model, lora), -weight if negative else weight))
+        text, rpc = _split_rpc(match["source"].strip(), part)
+        model, lora = _split_lora(text)
+        terms.append(MixTerm(Source(model, lora, rpc=rpc), -weight if negative else weight))
     return terms
 
 
@@ -79,6 +85,14 @@ def _weight(text: str, term: str) -> float:
     if not math.isfinite(value) or abs(value) > 1000:
         raise BadParameterError(f"mixture term {term!r}: the weight must be finite and <= 1000")
     return value
+
+
+def _split_rpc(source: str, term: str) -> tuple[str, tuple[str, ...] | None]:
+    """'MODEL@HOST:PORT,...' -> (MODEL, endpoints); a file whose name holds '@' stays."""
+    if "@" not in source or Path(source).exists():
+        return source, None
+    model, endpoints = source.rsplit("@", 1)
+    return model, parse_endpoints(endpoints, f"mixture term {term!r}")
 
 
 def _split_lora(source: str) -> tuple[str, str | None]:
@@ -105,7 +119,7 @@ def _parse_mix_file(path: Path) -> list[MixTerm]:
     for index, entry in enumerate(entries):
         if not isinstance(entry, dict) or not isinstance(entry.get("model"), str):
             raise BadParameterError(f'term {index} of {path} needs a "model" path')
-        unknown = set(entry) - {"model", "weight", "lora", "lora_scale"}
+        unknown = set(entry) - {"model", "weight", "lora", "lora_scale", "rpc"}
         if unknown:
             raise BadParameterError(f"term {index} of {path}: unknown key {sorted(unknown)[0]!r}")
         label = f"term {index} of {path.name}"
@@ -113,10 +127,14 @@ def _parse_mix_file(path: Path) -> list[MixTerm]:
         lora = entry.get("lora")
         if lora is not None and not isinstance(lora, str):
             raise BadParameterError(f'{label}: "lora" must be a path')
+        rpc = entry.get("rpc")
+        if rpc is not None and not isinstance(rpc, (str, list)):
+            raise BadParameterError(f'{label}: "rpc" must be "HOST:PORT,..." or a list')
         source = Source(
             str(path.parent / entry["model"]),
             None if lora is None else str(path.parent / lora),
             _weight(str(entry.get("lora_scale", 1)), label),
+            None if rpc is None else parse_endpoints(rpc, label),
         )
         terms.append(MixTerm(source, weight))
     return terms

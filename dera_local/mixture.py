@@ -34,6 +34,7 @@ from .mix_spec import MixTerm, Source, as_terms, merge_repeats, parse_mix
 from .mixing import LogitMixer
 from .model_set import ModelSet
 from .pair_guard import PairGuard
+from .placement import DEFAULT_RPC_TIMEOUT, Placement, RpcPlacement
 from .slot_runner import SlotRunner
 from .speculative import SpeculationParams
 
@@ -58,11 +59,16 @@ def _load_sources(terms: list[MixTerm], options: PairOptions) -> list[LoadedSour
     infos: dict[str, GGUFInfo] = {}
     headers = []
     for term in terms:
-        key = os.path.realpath(term.source.model)
-        info = infos.get(key) or read_gguf(term.source.model)
-        infos[key] = info
+        path = os.path.realpath(term.source.model)
+        info = infos.get(path) or read_gguf(term.source.model)
+        infos[path] = info
         adapter = None if term.source.lora is None else read_lora(term.source.lora, info)
-        headers.append((key, info, adapter))
+        # A file is loaded once per placement: on other workers it is another copy.
+        where = Placement(
+            options.rpc.every if term.source.rpc is None else term.source.rpc,
+            options.rpc.timeout,
+        )
+        headers.append(((path, where), info, adapter))
     first = headers[0][1]
     for _, info, _ in headers[1:]:
         if info is not first:
@@ -75,12 +81,12 @@ def _load_sources(terms: list[MixTerm], options: PairOptions) -> list[LoadedSour
     for info in infos.values():
         info.tokens, info.token_types = [], None  # as in load_models: out of peak RSS
     load_options = load_options_for(options, [])
-    models: dict[str, LoadedModel] = {}
+    models: dict[tuple[str, Placement], LoadedModel] = {}
     loaded: list[LoadedSource] = []
     try:
         for term, (key, info, adapter_info) in zip(terms, headers, strict=True):
             if key not in models:
-                models[key] = LoadedModel(Path(info.path), load_options)
+                models[key] = LoadedModel(Path(info.path), load_options, key[1])
             model = models[key]
             if loaded:
                 check_vocab_sizes(model, loaded[0].model)
@@ -106,13 +112,24 @@ def load_mixture(
     hook: str | None = None,
     verbose: bool = False,
     speculation: SpeculationParams | None = None,
+    rpc: str | list[str] | None = None,
+    rpc_timeout: float = DEFAULT_RPC_TIMEOUT,
 ) -> Mixture:
     """Loads a mixture with fixed weights: a spec string or file (see parse_mix), or a
     list of (weight, model path) / MixTerm. Warns when the weights sum to 0 (a contrast,
-    not a distribution-preserving mixture)."""
+    not a distribution-preserving mixture). rpc: the llama.cpp RPC workers of every term
+    without its own (see load_pair)."""
     terms = merge_repeats(as_terms(spec))
     warn_if_weights_cancel([t.weight for t in terms], "mixture")
-    options = PairOptions(n_ctx, n_batch, n_threads, n_gpu_layers, flash_attn, verbose)
+    options = PairOptions(
+        n_ctx,
+        n_batch,
+        n_threads,
+        n_gpu_layers,
+        flash_attn,
+        verbose,
+        rpc=RpcPlacement.parse(rpc, timeout=rpc_timeout),
+    )
     return Mixture(terms, options, LogitMixer(hook), speculation=speculation)
 
 
@@ -131,23 +148,35 @@ def load_proxy(
     hook: str | None = None,
     verbose: bool = False,
     speculation: SpeculationParams | None = None,
+    rpc: str | list[str] | None = None,
+    rpc_aligned: str | list[str] | None = None,
+    rpc_reference: str | list[str] | None = None,
+    rpc_timeout: float = DEFAULT_RPC_TIMEOUT,
 ) -> Mixture:
     """Proxy-tuning: `large` steered by the small (aligned, reference) pair, or by the
     reference plus `lora` (pass aligned=None): h = h_large + lam * (h_tuned - h_base), so
-    lam is the paper's alpha (0: the large model alone, 1: the full offset)."""
+    lam is the paper's alpha (0: the large model alone, 1: the full offset). RPC workers
+    as in load_pair: `rpc` for every model (the large one takes only it), rpc_aligned
+    for the small tuned model, rpc_reference for the small base."""
     if (aligned is None) == (lora is None):
         raise BadParameterError(
             "give the small tuned model either as a model file or as a LoRA adapter of "
             "the small base model, not both and not neither",
             cli_hint="-m/--aligned or --lora",
         )
-    tuned = Source(str(reference), str(lora), lora_scale) if lora else Source(str(aligned))
+    where = RpcPlacement.parse(rpc, rpc_aligned, rpc_reference, timeout=rpc_timeout)
+    tuned_rpc = where.of("aligned").endpoints
+    tuned = (
+        Source(str(reference), str(lora), lora_scale, tuned_rpc)
+        if lora
+        else Source(str(aligned), rpc=tuned_rpc)
+    )
     terms = [
         MixTerm(Source(str(large)), weight=1.0),
         MixTerm(tuned, lam_weight=1.0),
-        MixTerm(Source(str(reference)), lam_weight=-1.0),
+        MixTerm(Source(str(reference), rpc=where.of("reference").endpoints), lam_weight=-1.0),
     ]
-    options = PairOptions(n_ctx, n_batch, n_threads, n_gpu_layers, flash_attn, verbose)
+    options = PairOptions(n_ctx, n_batch, n_threads, n_gpu_layers, flash_attn, verbose, rpc=where)
     return Mixture(
         terms, options, LogitMixer(hook), logprob_sources=(1, 2), speculation=speculation
     )
@@ -190,7 +219,7 @@ class Mixture(ModelSet):
         self.logprob_sources = logprob_sources or (0, 1 if len(terms) > 1 else 0)
         self.depends_on_lam = any(t.lam_weight for t in terms)
         self.guard = PairGuard()
-        self.overlap_decodes = overlap_by_default(options)
+        self.overlap_decodes = overlap_by_default(options, [s.model for s in self.sources])
         # Prompt lookup drafts, verified in one batched step (see speculative.py).
         self.speculation = speculation or SpeculationParams()
         self._slots = SlotRunner(self)
@@ -215,6 +244,9 @@ class Mixture(ModelSet):
     def clear_cache(self) -> None:
         """Forgets the cached prompts: the next call reads its whole prompt."""
         self._slots.forget()
+
+    def loaded_models(self) -> list[LoadedModel]:
+        return list({id(s.model): s.model for s in self.sources}.values())
 
     # -- the model-set interface BatchDecoder uses ----------------------------------------
     def source_weights(self, lam: float) -> list[float]:

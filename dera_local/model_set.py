@@ -35,6 +35,15 @@ class ModelSet:
     def close(self) -> None:  # pragma: no cover - every subclass frees its own
         raise NotImplementedError
 
+    def loaded_models(self) -> list:  # pragma: no cover - every subclass lists its own
+        """Each distinct LoadedModel of the set (for placement reports)."""
+        raise NotImplementedError
+
+    @property
+    def is_remote(self) -> bool:
+        """Whether any model's layers live on llama.cpp RPC workers."""
+        return any(m.placement.remote for m in self.loaded_models())
+
     def __enter__(self):
         return self
 

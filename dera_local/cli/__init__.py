@@ -17,6 +17,7 @@ from .info import info
 from .score import score_command
 from .serve import serve
 from .sweep import sweep_command
+from .worker import worker
 
 
 def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -58,6 +59,7 @@ cli.add_command(score_command)
 cli.add_command(serve)
 cli.add_command(list_command)
 cli.add_command(pull_command)
+cli.add_command(worker)
 
 
 def main() -> None:

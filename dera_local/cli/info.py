@@ -11,9 +11,11 @@ from ..errors import DeraError
 from ..gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
 from ..mixing import LogitMixer
 from ..mixture import parse_mix
+from ..placement import Placement, RpcPlacement
 from ..resolve import model_path, resolve_models
+from ..rpc_report import placement_lines
 from .open_models import speculation_from
-from .options import draft_options, hook_option, model_source_options
+from .options import draft_options, hook_option, model_source_options, rpc_options
 
 
 def _describe(role: str, info: GGUFInfo) -> list[str]:
@@ -80,10 +82,39 @@ def _mixture_lines(mix: str | None, proxy_base: str | None, reference) -> tuple[
     return lines, None
 
 
+def _placed_models(
+    aligned, reference, lora, draft_model, mix, proxy_base, where: RpcPlacement
+) -> list[tuple[str, str, Placement]]:
+    """(role, model path, placement) for every model the flags name."""
+    if mix is not None:
+        return [
+            (
+                f"term {index} ({term.source.label})",
+                model_path(term.source.model),
+                Placement(
+                    where.every if term.source.rpc is None else term.source.rpc, where.timeout
+                ),
+            )
+            for index, term in enumerate(parse_mix(mix))
+        ]
+    models = []
+    if proxy_base is not None:
+        models.append(("proxy base", model_path(proxy_base), where.of("every")))
+    if aligned and not lora:
+        models.append(("aligned", aligned, where.of("aligned")))
+    if reference:
+        role = "reference (with the LoRA: the aligned model too)" if lora else "reference"
+        models.append((role, reference, where.of("reference")))
+    if draft_model:
+        models.append(("draft", model_path(draft_model), where.of("draft")))
+    return models
+
+
 @click.command()
 @model_source_options
 @draft_options
 @hook_option
+@rpc_options
 def info(
     aligned: str | None,
     reference: str | None,
@@ -96,11 +127,18 @@ def info(
     hook: str | None,
     proxy_base: str | None,
     mix: str | None,
+    rpc: str | None,
+    rpc_aligned: str | None,
+    rpc_reference: str | None,
+    rpc_draft: str | None,
+    rpc_timeout: float,
 ) -> None:
     """Show both models, the compatibility verdict, the mixing path and llama.cpp's build.
 
     With no model flags, shows the built-in demo pair when it is installed; with --mix,
-    every model of the mixture; with --proxy-base, the steered model too."""
+    every model of the mixture; with --proxy-base, the steered model too. With --rpc
+    (or the per-model --rpc-* flags): each worker's protocol and free memory, and the
+    layers llama.cpp would put on each device."""
     import llama_cpp
 
     if mix is not None:
@@ -190,6 +228,13 @@ def info(
             f"speculation: prompt lookup ({speculation.ngram_min}-{speculation.ngram_max}-grams), "
             f"{speculation.draft_min}-{speculation.draft_max} tokens per step, adaptive "
             "(switches off where it does not pay)"
+        )
+    where = RpcPlacement.parse(rpc, rpc_aligned, rpc_reference, rpc_draft, rpc_timeout)
+    if where.any_remote or any(
+        term.source.rpc for term in (parse_mix(mix) if mix is not None else ())
+    ):
+        lines += placement_lines(
+            _placed_models(aligned, reference, lora, draft_model, mix, proxy_base, where)
         )
     click.echo("\n".join(lines))
     if verdict_error is not None:

@@ -43,6 +43,7 @@ def open_pair(
             )
         if draft_model:
             raise DeraError("--mix drafts by prompt lookup only: drop -md")
+        _refuse_roles(settings, ("rpc_aligned", "rpc_reference", "rpc_draft"), "--mix")
         return load_mixture(
             _resolved_mix(mix), speculation=speculation_from(draft_max, draft_min), **settings
         )
@@ -52,6 +53,7 @@ def open_pair(
     if proxy_base is not None:
         if draft_model:
             raise DeraError("proxy-tuning drafts by prompt lookup only: drop -md")
+        _refuse_roles(settings, ("rpc_draft",), "--proxy-base")
         return load_proxy(
             model_path(proxy_base),
             aligned,
@@ -70,6 +72,16 @@ def open_pair(
         speculation=speculation_from(draft_max, draft_min),
         **settings,
     )
+
+
+def _refuse_roles(settings: dict, names: tuple[str, ...], mode: str) -> None:
+    """Per-model placement flags that do not apply in `mode` are refused if given, and
+    dropped from the settings either way."""
+    for name in names:
+        if settings.pop(name, None) is not None:
+            flag = "--" + name.replace("_", "-")
+            where = "place a term with MODEL.gguf@HOST:PORT" if mode == "--mix" else "no draft"
+            raise DeraError(f"{flag} does not apply with {mode} ({where})")
 
 
 def _from_flag(name: str) -> bool:

@@ -12,6 +12,7 @@ import click
 
 from ..catalog import DEFAULT_QUANT
 from ..errors import DeraError
+from ..placement import DEFAULT_RPC_TIMEOUT
 from ..sampling import SamplingParams
 from ..speculative import SpeculationParams
 
@@ -78,6 +79,43 @@ hook_option = click.option(
     default=None,
     envvar="DERA_HOOK",
     help="Force the mixing path (default: native if built).",
+)
+
+rpc_options = _stack(
+    click.option(
+        "--rpc",
+        metavar="HOST:PORT[,...]",
+        envvar="DERA_RPC",
+        default=None,
+        help="llama.cpp RPC workers (dera-local worker) holding every model's layers, "
+        "split as llama.cpp splits them. Env: DERA_RPC.",
+    ),
+    click.option(
+        "--rpc-aligned",
+        metavar="HOST:PORT[,...]",
+        default=None,
+        help="The aligned model's own workers ('local' = this machine); with "
+        "--proxy-base, the small tuned model's.",
+    ),
+    click.option(
+        "--rpc-reference",
+        metavar="HOST:PORT[,...]",
+        default=None,
+        help="The reference model's own workers ('local' = this machine).",
+    ),
+    click.option(
+        "--rpc-draft",
+        metavar="HOST:PORT[,...]",
+        default=None,
+        help="The draft model's own workers ('local' = this machine).",
+    ),
+    click.option(
+        "--rpc-timeout",
+        type=click.FloatRange(min=0, min_open=True),
+        default=DEFAULT_RPC_TIMEOUT,
+        show_default=True,
+        help="Seconds a worker may take to answer before it counts as lost.",
+    ),
 )
 
 draft_options = _stack(
@@ -159,6 +197,7 @@ model_options = _stack(
     ),
     hook_option,
     click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log on stderr."),
+    rpc_options,
 )
 
 
@@ -341,6 +380,7 @@ __all__ = [
     "model_source_options",
     "sampling_options",
     "read_text_file",
+    "rpc_options",
     "sampling_from",
     "split_options",
 ]

@@ -22,9 +22,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from .. import rpc_faults
 from ..chat import ChatTemplate
 from ..engine import DeraPair, GenerationResult
-from ..errors import ContextFullError, DeraError, RuntimeFailure
+from ..errors import ContextFullError, DeraError, RuntimeFailure, WorkerError
 from .requests import (
     MODEL_ID,
     RequestError,
@@ -63,11 +64,20 @@ class _BodyTooLarge(Exception):
     pass
 
 
+def _error_type(exc: DeraError) -> str:
+    if isinstance(exc, WorkerError):
+        return "worker_unavailable"
+    return "server_error" if isinstance(exc, RuntimeFailure) else "invalid_request_error"
+
+
 def dera_error_response(exc: DeraError) -> JSONResponse:
-    """The caller's fault is 400; a full KV cache 503 (retry later); any other runtime
+    """The caller's fault is 400; a full KV cache 503 (retry later); a lost RPC worker
+    503 (nothing works until it is back and the server restarted); any other runtime
     failure 500."""
     if isinstance(exc, ContextFullError):
         return error_response(503, str(exc), "server_busy", headers={"Retry-After": "1"})
+    if isinstance(exc, WorkerError):
+        return error_response(503, str(exc), _error_type(exc))
     if isinstance(exc, RuntimeFailure):
         return error_response(500, str(exc), "server_error")
     return error_response(400, str(exc), param=getattr(exc, "param", None))
@@ -131,6 +141,7 @@ def create_app(
     for a second sequence (the KV cache is twice as large).
     """
     worker = GenerationWorker(pair, max_queue, parallel=parallel, guided=guided)
+    pair_is_remote = pair.is_remote
     template = ChatTemplate.for_pair(pair, chat_template)
 
     async def read_json(request: Request):
@@ -218,11 +229,14 @@ def create_app(
         if parsed.stream:
             return StreamingResponse(_sse(shape, first, chunks), media_type="text/event-stream")
         result = first
-        async for item in chunks:
-            result = item  # text chunks, then the GenerationResult
-            if await request.is_disconnected():  # nobody to answer: stop at this token
-                await chunks.aclose()
-                return Response(status_code=499)
+        try:
+            async for item in chunks:
+                result = item  # text chunks, then the GenerationResult
+                if await request.is_disconnected():  # nobody to answer: stop at this token
+                    await chunks.aclose()
+                    return Response(status_code=499)
+        except DeraError as exc:  # failed after it started (an RPC worker lost)
+            return dera_error_response(exc)
         if not isinstance(result, GenerationResult):  # stopped by a shutdown
             return error_response(503, "the server is shutting down", "server_shutting_down")
         return JSONResponse(shape.whole(result))
@@ -256,15 +270,18 @@ def create_app(
 
     async def health(request: Request) -> Response:
         counters = worker.counters
+        lost = rpc_faults.fault() if pair_is_remote else None
         return JSONResponse(
             {
-                "status": "ok",
+                # A lost RPC worker: every new request would fail, so health says so.
+                **({"status": "ok"} if lost is None else {"status": "unavailable", "reason": lost}),
                 "in_flight": worker.in_flight,
                 "completed": counters.completed,
                 "cancelled": counters.cancelled,
                 "failed": counters.failed,
                 "rejected": counters.rejected,
-            }
+            },
+            status_code=200 if lost is None else 503,
         )
 
     async def not_found(request: Request, exc) -> Response:
@@ -317,6 +334,9 @@ async def _sse(shape, first, chunks: AsyncIterator) -> AsyncIterator[str]:
                 yield event(
                     {"error": {"message": "the server is shutting down", "type": "server_error"}}
                 )
+                break
+            except DeraError as exc:  # failed mid-stream (an RPC worker lost): say so, end
+                yield event({"error": {"message": str(exc), "type": _error_type(exc)}})
                 break
         yield "data: [DONE]\n\n"
     finally:
