@@ -7,9 +7,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 import urllib.error
 import urllib.request
 
@@ -114,7 +116,9 @@ def test_each_model_on_its_own_worker_overlaps_the_two_decodes(
         assert set(reference.layers.devices) == {reference.devices[0].name}
 
 
-def test_a_lora_pair_on_a_worker_or_split_over_two_places_gives_the_local_tokens(reference_path, lora_path):
+def test_a_lora_pair_on_a_worker_or_split_over_two_places_gives_the_local_tokens(
+    reference_path, lora_path
+):
     with dera_local.load_pair(None, reference_path, lora=lora_path, n_ctx=256, n_threads=1) as pair:
         local = _outputs(pair, lam=2.0)
     with workers(1) as (one,):
@@ -185,6 +189,19 @@ def test_a_worker_of_another_protocol_version_is_refused(aligned_path, reference
     refused = pytest.raises(WorkerError, match=r"speaks protocol 6\.0\.0, this llama\.cpp 7\.")
     with fake_worker((6, 0, 0)) as endpoint, refused:
         dera_local.load_pair(aligned_path, reference_path, rpc_reference=endpoint)
+
+
+def test_a_worker_that_never_answers_the_handshake_is_named_not_waited_on(
+    aligned_path, reference_path
+):
+    """What a worker busy with another host looks like: the connection is accepted (the
+    listen backlog), the handshake is never answered; llama.cpp would wait forever."""
+    silent = socket.create_server(("127.0.0.1", 0))  # listens, never accepts
+    endpoint = f"127.0.0.1:{silent.getsockname()[1]}"
+    started = time.monotonic()
+    with silent, pytest.raises(WorkerError, match="did not answer within 1 s"):
+        dera_local.load_pair(aligned_path, reference_path, rpc=endpoint, rpc_timeout=1)
+    assert time.monotonic() - started < 5
 
 
 def test_a_worker_bound_beyond_loopback_warns_and_bad_worker_input_is_one_line():

@@ -49,7 +49,10 @@ def worker(host: str, port: int, n_threads: int, devices: str, cache_dir: str | 
     Stop it with Ctrl-C.
     """
     names = tuple(name.strip() for name in devices.split(",") if name.strip())
-    serve(
-        WorkerSettings(host, port, n_threads, names, cache_dir),
-        on_warning=lambda text: click.echo(f"warning: {text}", err=True),
-    )
+    try:
+        serve(
+            WorkerSettings(host, port, n_threads, names, cache_dir),
+            on_warning=lambda text: click.echo(f"warning: {text}", err=True),
+        )
+    except KeyboardInterrupt:  # Ctrl-C is how a worker is meant to stop
+        click.echo("worker stopped", err=True)
