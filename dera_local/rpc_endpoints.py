@@ -7,7 +7,6 @@ with a timeout: connect, send the protocol's HELLO, read the version back.
 
 from __future__ import annotations
 
-import ipaddress
 import re
 import socket
 import struct
@@ -61,16 +60,6 @@ def _checked_endpoint(item: str, what: str) -> str:
     if not port_text.isdigit() or not 0 < int(port_text) < 65536:
         raise BadParameterError(f"{what}: {item!r}: the port must be a number from 1 to 65535")
     return f"{host}:{int(port_text)}"
-
-
-def is_loopback(host: str) -> bool:
-    """Whether `host` only reaches this machine (127.0.0.0/8, ::1, localhost)."""
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @cache

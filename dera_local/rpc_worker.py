@@ -16,7 +16,8 @@ from pathlib import Path
 
 from . import backend, ggml_devices
 from .errors import BadParameterError, RuntimeFailure
-from .rpc_endpoints import DEFAULT_PORT, is_loopback, parse_endpoints
+from .loopback import is_loopback
+from .rpc_endpoints import DEFAULT_PORT, parse_endpoints
 
 EXPOSED_WARNING = (
     "the RPC worker listens on {host}, not on loopback: llama.cpp's RPC protocol has no "

@@ -24,8 +24,9 @@ import dera_local
 import dera_local.ggml_devices
 from dera_local.cli import cli
 from dera_local.errors import BadParameterError, WorkerError
+from dera_local.loopback import is_loopback
 from dera_local.mixture import load_mixture
-from dera_local.rpc_endpoints import is_loopback, parse_endpoints
+from dera_local.rpc_endpoints import parse_endpoints
 
 pytestmark = pytest.mark.skipif(
     not dera_local.ggml_devices.has_rpc(), reason="llama.cpp built without GGML_RPC"

@@ -519,10 +519,10 @@ def test_serve_checks_its_host_and_lam():
     from click.testing import CliRunner
 
     from dera_local.cli import cli
-    from dera_local.cli.serve import _is_loopback
+    from dera_local.loopback import is_loopback
 
-    assert _is_loopback("127.0.0.1") and _is_loopback("::1") and _is_loopback("localhost")
-    assert not _is_loopback("0.0.0.0")
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
+    assert not is_loopback("0.0.0.0")
     result = CliRunner().invoke(cli, ["serve", "--lam", "nan", "-m", "x", "-mr", "y"])
     assert result.exit_code == 1 and "lam must be finite" in result.stderr
 

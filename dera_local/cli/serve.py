@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 import socket
 
 import click
 
 from ..errors import BadParameterError, DeraError
+from ..loopback import is_loopback
 from ..mixing import validate_lam
 from ..sweep import parse_lambdas
 from .open_models import open_pair
@@ -37,15 +37,6 @@ def _parse_presets(text: str) -> list[float]:
         return parse_lambdas(text)
     except DeraError as exc:
         raise BadParameterError(f"--lam-presets {text!r}: {exc}") from None
-
-
-def _is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
 
 
 @click.command("serve")
@@ -134,7 +125,7 @@ def serve(
     except ImportError:
         raise DeraError("serve needs the server extra: pip install 'dera-local[server]'") from None
     lam = validate_lam(lam)
-    if not _is_loopback(host) and not api_key:
+    if not is_loopback(host) and not api_key:
         click.echo(
             f"warning: serving on {host} without --api-key: anyone who can reach "
             "this port can use the models",
