@@ -5,6 +5,7 @@ with dera-local (the aligned side). Works offline."""
 from __future__ import annotations
 
 import importlib.util
+import os
 from importlib import resources
 from pathlib import Path
 
@@ -40,3 +41,20 @@ def demo_adapter_path() -> Path:
 def demo_pair() -> tuple[Path, Path]:
     """(reference, adapter) of the built-in default pair."""
     return demo_reference_path(), demo_adapter_path()
+
+
+# The built-in pair's model card: at lam 2 and 3 its answers are short but often broken,
+# so its presets stop at 1.5. Other pairs get the whole 0..2 grid.
+BUILT_IN_LAMS = (0.0, 0.5, 1.0, 1.5)
+DEFAULT_LAMS = (0.0, 0.5, 1.0, 1.5, 2.0)
+
+
+def recommended_lams(model_set) -> tuple[float, ...]:
+    """The lams worth offering for a loaded model set (the server's presets)."""
+    loaded = getattr(model_set, "loaded", None)
+    adapter = getattr(loaded, "adapter_info", None)
+    try:
+        built_in = adapter is not None and os.path.samefile(adapter.path, demo_adapter_path())
+    except (OSError, DeraError):
+        built_in = False
+    return BUILT_IN_LAMS if built_in else DEFAULT_LAMS

@@ -2,8 +2,11 @@
 and the DeRa mixture: what KL(pi_lam || pi_ref) estimates and reward/KL sweeps need.
 
 The mixture is softmax(lam * a + (1 - lam) * r) before temperature and truncation, i.e.
-the distribution DeRa defines; sample at temperature 1 with no top-k/top-p/min-p to make
-the sampled sequences draws from it.
+the distribution DeRa defines (with a negative prompt or a --mix spec: the row the
+sampler chain receives, before its logit bias, grammar, penalties, temperature and
+truncation). That one definition is what results, the API's `logprobs` and `score`
+report. Sample at temperature 1 with no top-k/top-p/min-p to make the sampled sequences
+draws from it.
 """
 
 from __future__ import annotations
@@ -12,6 +15,8 @@ import ctypes
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .errors import BadParameterError
 
 
 def float_view(address: int, n: int) -> np.ndarray:
@@ -26,13 +31,36 @@ def log_softmax_at(logits: np.ndarray, token: int) -> float:
     return float(logits[token]) - float(peak) - float(np.log(total))
 
 
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit
+
+
+def check_top_logprobs(n: int) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= MAX_TOP_LOGPROBS:
+        raise BadParameterError(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}")
+    return n
+
+
+def top_logprobs(logits: np.ndarray, n: int) -> list[tuple[int, float]]:
+    """The n most likely tokens under softmax(logits), most likely first, with their
+    log-probabilities (the normalizer as in log_softmax_at)."""
+    peak = logits.max()
+    log_total = float(np.log(np.exp(logits - peak).sum(dtype=np.float64)))
+    best = np.argpartition(-logits, n - 1)[:n] if n < len(logits) else np.arange(len(logits))
+    best = best[np.argsort(-logits[best], kind="stable")]
+    # The same expression as log_softmax_at, so the chosen token's values agree exactly.
+    return [(int(t), float(logits[t]) - float(peak) - log_total) for t in best]
+
+
 @dataclass
 class SequenceLogprobs:
-    """Log-probabilities of each sampled token, including a final end-of-generation token."""
+    """Log-probabilities of each sampled token, including a final end-of-generation token;
+    with `top_n`, also the top_n most likely tokens of the mixture at each step."""
 
     aligned: list[float] = field(default_factory=list)
     reference: list[float] = field(default_factory=list)
     mixture: list[float] = field(default_factory=list)
+    top_n: int = 0
+    top: list[list[tuple[int, float]]] = field(default_factory=list)
 
     def add(
         self, token: int, aligned: np.ndarray, reference: np.ndarray, mixed: np.ndarray
@@ -40,6 +68,34 @@ class SequenceLogprobs:
         self.aligned.append(log_softmax_at(aligned, token))
         self.reference.append(log_softmax_at(reference, token))
         self.mixture.append(log_softmax_at(mixed, token))
+        if self.top_n:
+            self.top.append(top_logprobs(mixed, self.top_n))
+
+    def slice(self, start: int, end: int) -> SequenceLogprobs:
+        """The entries of tokens start..end-1 (a streamed chunk's)."""
+        return SequenceLogprobs(
+            self.aligned[start:end],
+            self.reference[start:end],
+            self.mixture[start:end],
+            self.top_n,
+            self.top[start:end],
+        )
+
+    def kl_to_reference(self) -> float:
+        """One-sample estimate of KL(pi_lam || pi_ref) for this answer: log pi_lam(y) -
+        log pi_ref(y), summed over its tokens (the end-of-generation token included)."""
+        return float(sum(self.mixture)) - float(sum(self.reference))
+
+    def summary(self) -> dict[str, float]:
+        """What DeRa knows about the answer: its summed log-probability under each
+        model and the mixture, and the KL estimate (as a sweep row has them)."""
+        sums = self.sums()
+        return {
+            "logprob_aligned": sums["aligned"],
+            "logprob_reference": sums["reference"],
+            "logprob_mixture": sums["mixture"],
+            "kl_to_reference": self.kl_to_reference(),
+        }
 
     def sums(self) -> dict[str, float]:
         return {

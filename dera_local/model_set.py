@@ -14,11 +14,13 @@ from collections.abc import Sequence
 
 from .errors import BadParameterError
 from .guidance import guidance_for
+from .logprobs import check_top_logprobs
 from .mixing import validate_lam
 from .pair_guard import PairClosedError, PairGuard
 from .sampling import SamplingParams
 from .speculative import AcceptRule, Drafter, SpeculationParams, sample_equals_draft
 from .stream import GenerationStream, slot_steps
+from .structured import with_json_schema
 
 
 class ModelSet:
@@ -114,6 +116,8 @@ class ModelSet:
         max_tokens: int = 256,
         stop: Sequence[str] = (),
         logprobs: bool = False,
+        top_logprobs: int = 0,
+        json_schema: str | dict | None = None,
         speculation: SpeculationParams | None = None,
         drafter: Drafter | None = None,
         accept: AcceptRule = sample_equals_draft,
@@ -130,7 +134,15 @@ class ModelSet:
         max_tokens: at most this many new tokens (-1: until the context is full).
         stop: strings that end generation; they are not part of the text.
         logprobs: record each sampled token's log-probability under the aligned model,
-            the reference and the mixture (result.logprobs); costs a copy per step.
+            the reference and the mixture (result.logprobs), and the answer's summary
+            (result.to_dict()["dera"]: the sums and the KL estimate to the reference);
+            costs a copy per step. The mixture is the row the sampler chain receives,
+            before its bias, grammar, penalties, temperature and truncation.
+        top_logprobs: also the N (up to 20) most likely tokens of the mixture at each step
+            (result.logprobs.top); implies logprobs.
+        json_schema: constrain the answer to JSON matching this schema (text or parsed;
+            {} = any JSON object), as a grammar (see structured.py); not with a grammar
+            in `sampling`.
         speculation: how many tokens to draft and verify per step (default: the model
             set's, see load_pair; SpeculationParams(draft_max=0) turns it off).
             Speculation never changes what is sampled, only how many decodes it takes.
@@ -143,6 +155,8 @@ class ModelSet:
             drafts are verified in both sequences at once.
         """
         prompt_tokens, lam, sampling = self._prepare(prompt, lam, sampling, max_tokens)
+        sampling = with_json_schema(sampling, json_schema)
+        check_top_logprobs(top_logprobs)
         guidance = guidance_for(self, negative_prompt, cfg_scale)
         speculation = self.check_speculation(speculation or self.speculation)
         decoder = self._slots.decoder_for(1 if guidance is None else 2, speculation.draft_max)
@@ -156,6 +170,7 @@ class ModelSet:
             max_tokens=max_tokens,
             stop=stop,
             logprobs=logprobs,
+            top_logprobs=top_logprobs,
             logits_observer=logits_observer,
             speculation=speculation,
             drafter=drafter or self.default_drafter,

@@ -30,6 +30,9 @@ class SamplingParams:
     presence_penalty: float = 0.0
     seed: int | None = None  # None: a fresh random seed per call
     grammar: str | None = None  # GBNF, root rule "root"
+    # (token id, bias) pairs added to the mixed logits first in the chain, as OpenAI's
+    # logit_bias; -100 bans the token (it becomes -inf), as OpenAI documents.
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
         checks = [
@@ -43,6 +46,11 @@ class SamplingParams:
         for ok, message in checks:
             if not ok:
                 raise BadParameterError(message)
+        for token, bias in self.logit_bias:
+            if isinstance(token, bool) or not isinstance(token, int) or token < 0:
+                raise BadParameterError(f"logit_bias: {token!r} is not a token id")
+            if not (isinstance(bias, (int, float)) and -100 <= bias <= 100):
+                raise BadParameterError(f"logit_bias of token {token}: a number from -100 to 100")
         for name in (
             "temperature",
             "top_p",
@@ -114,6 +122,18 @@ class SamplerChain:
 
     @staticmethod
     def _samplers(params: SamplingParams, vocab, n_ctx: int):
+        n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        if params.logit_bias:
+            bad = [t for t, _ in params.logit_bias if t >= n_vocab]
+            if bad:
+                raise BadParameterError(
+                    f"logit_bias: token {bad[0]} is outside the vocabulary (0..{n_vocab - 1})"
+                )
+            entries = (llama_cpp.llama_logit_bias * len(params.logit_bias))()
+            for entry, (token, bias) in zip(entries, params.logit_bias, strict=True):
+                entry.token = token
+                entry.bias = -math.inf if bias <= -100 else float(bias)
+            yield llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(entries), entries)
         if params.grammar is not None:
             # llama.cpp prints parse errors straight to stderr (fprintf, not its log):
             # catch them, so that the user sees one line that includes the reason.

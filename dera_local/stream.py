@@ -51,8 +51,10 @@ class GenerationResult:
             for key in ("negative_prompt_tokens", "cfg_scale", "reused_negative_prompt_tokens"):
                 del data[key]
         data["tokens_per_second"] = self.tokens_per_second
+        del data["logprobs"]  # per token: see logprob_format (it needs the tokenizer)
         if self.logprobs is not None:
             data["logprob_sums"] = self.logprobs.sums()
+            data["dera"] = self.logprobs.summary()
         return data
 
 
@@ -100,6 +102,7 @@ def slot_steps(
     max_tokens: int,
     stop: Sequence[str],
     logprobs: bool = False,
+    top_logprobs: int = 0,
     logits_observer=None,
     speculation: SpeculationParams | None = None,
     drafter: Drafter | None = None,
@@ -118,6 +121,7 @@ def slot_steps(
             max_tokens=max_tokens,
             stop=stop,
             logprobs=logprobs,
+            top_logprobs=top_logprobs,
             guidance=guidance,
             logits_observer=logits_observer,
             speculation=speculation,

@@ -55,6 +55,9 @@ def _parse_grid(values, validate, what: str, example: str) -> list[float]:
     return grid
 
 
+MAX_SEQUENCES = 256  # llama.cpp's limit on the sequences of one context (LLAMA_MAX_SEQ)
+
+
 @dataclass
 class SweepRow:
     """One lam's answer to one prompt, with summed log-probabilities of its tokens
@@ -102,8 +105,11 @@ class LambdaSweep:
             raise BadParameterError("max_tokens must be positive for a sweep")
         self.max_tokens = max_tokens
         self.points = [(lam, s) for lam in self.lambdas for s in self.cfg_scales or [None]]
-        n = len(self.points)
         prompts = 1 if self.cfg_scales is None else 2
+        # A context holds at most MAX_SEQUENCES sequences: a finer grid runs in chunks of
+        # points, each decoded together (rows stay in grid order).
+        self.chunk = MAX_SEQUENCES // prompts
+        n = min(len(self.points), self.chunk)
         self.speculation = speculation or pair.speculation
         drafts = self.speculation.draft_max  # 0 when speculation is off
         # Room for one shared prompt (and one shared negative prompt) plus every
@@ -148,19 +154,25 @@ class LambdaSweep:
                 "needs CFG scales to sweep",
                 cli_hint="give both --cfg-negative-prompt and --cfg-scales",
             )
-        decoder = self.decoder
-        guides = {}
+        rows = []
+        for start in range(0, len(self.points), self.chunk):
+            points = self.points[start : start + self.chunk]
+            rows += self._run_points(points, tokens, sampling, stop, prompt_id, negative_prompt)
+        return rows
+
+    def _run_points(self, points, tokens, sampling, stop, prompt_id, negative_prompt):
+        """One batched run of the prompt at `points` (at most self.chunk of them)."""
+        pair, decoder = self.pair, self.decoder
         if self.cfg_scales is not None:
-            guides = {s: guidance_for(pair, negative_prompt, s) for s in self.cfg_scales}
-            negative_tokens = list(guides[self.cfg_scales[0]].negative_tokens)
-            free, n = decoder.free_sequences, len(self.points)
+            guide = guidance_for(pair, negative_prompt, self.cfg_scales[0])
+            free, n = decoder.free_sequences, len(points)
             decoder.share_prefix(tokens[:-1], free[:n])
-            decoder.share_prefix(negative_tokens[:-1], free[n:])
+            decoder.share_prefix(list(guide.negative_tokens)[:-1], free[n:])
         else:
             decoder.share_prefix(tokens[:-1])
         slots = []
         try:
-            for lam, scale in self.points:
+            for lam, scale in points:
                 slots.append(
                     decoder.admit(
                         tokens,

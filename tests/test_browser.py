@@ -80,16 +80,19 @@ def browser():
     driver.quit()
 
 
-def _api_answer(base: str, question: str, lam: float, **extra) -> str:
+def _api_reply(base: str, question: str, lam: float, **extra):
     client = openai.OpenAI(base_url=f"{base}/v1", api_key="x", max_retries=0)
-    reply = client.chat.completions.create(
+    return client.chat.completions.create(
         model="dera-local",
         messages=[{"role": "user", "content": question}],
         temperature=0,
         max_tokens=MAX_TOKENS,
         extra_body={"dera_lambda": lam, **extra},
     )
-    return reply.choices[0].message.content
+
+
+def _api_answer(base: str, question: str, lam: float, **extra) -> str:
+    return _api_reply(base, question, lam, **extra).choices[0].message.content
 
 
 def _set(browser, element_id: str, value: str) -> None:
@@ -169,6 +172,21 @@ def test_chat_page_streams_carries_the_slider_lam_and_compares(browser, page_ser
     columns = _wait_done(browser, ".compare-column", 3)
     answers = {float(c.get_attribute("data-lam")): _text(c) for c in columns}
     assert answers == expected
+    # Under each answer: its tokens, tokens/s and the KL to the reference, the API's own.
+    for column in columns:
+        lam = float(column.get_attribute("data-lam"))
+        stats = column.find_element(By.CSS_SELECTOR, ".stats")
+        reply = _api_reply(page_server, question, lam)
+        kl = reply.model_extra["dera"]["kl_to_reference"]
+        # The page's three answers were decoded in one batch, the API's alone: the same
+        # tokens, float32 rounding apart (~1e-8 relative here).
+        assert float(stats.get_attribute("data-kl")) == pytest.approx(kl, rel=1e-6)
+        assert f"KL to the reference {kl:.3f} nats" in stats.text
+        assert int(stats.get_attribute("data-tokens")) == reply.usage.completion_tokens
+        assert "tokens/s" in stats.text
+    # The slider spans the server's lam range.
+    slider = browser.find_element(By.ID, "lam")
+    assert (slider.get_attribute("min"), slider.get_attribute("max")) == ("0", "2")
 
     ARTIFACTS.mkdir(exist_ok=True)
     assert browser.save_screenshot(str(ARTIFACTS / "chat-page-compare.png"))

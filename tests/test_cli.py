@@ -144,6 +144,7 @@ def test_every_sampling_setting_has_a_flag_that_reaches_it(run, monkeypatch):
     args = ["--temp", "0.5", "--top-k", "7", "--top-p", "0.9", "--min-p", "0.1"]
     args += ["--repeat-penalty", "1.1", "--repeat-last-n", "32", "--frequency-penalty", "0.2"]
     args += ["--presence-penalty", "0.3", "-s", "42", "--grammar", 'root ::= "x"']
+    args += ["--logit-bias", "5+1.5", "--logit-bias", "7-inf"]
     run("generate", "hi", *args)
     assert seen == {
         "temperature": 0.5,
@@ -157,7 +158,11 @@ def test_every_sampling_setting_has_a_flag_that_reaches_it(run, monkeypatch):
         "seed": 42,
         "grammar": 'root ::= "x"',
         "grammar_file": None,
+        "json_schema": None,
+        "json_schema_file": None,
+        "logit_bias": ("5+1.5", "7-inf"),
     }
+    assert options.parse_logit_bias(("5+1.5", "7-inf")) == ((5, 1.5), (7, -100.0))
 
 
 def test_generate_chat_renders_the_prompt_as_a_user_turn(run, pair, greedy):

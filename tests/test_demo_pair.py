@@ -79,3 +79,10 @@ def test_cli_without_demo_says_how_to_install(monkeypatch):
     assert result.exit_code == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and "pip install 'dera-local[demo]'" in lines[0]
+
+
+def test_the_built_in_pair_offers_the_lams_its_model_card_vouches_for(demo, pair):
+    """Its card: at lam 2 the answers are short but often broken, so presets stop at 1.5;
+    any other pair gets 0..2."""
+    assert default_pair.recommended_lams(demo[0]) == (0.0, 0.5, 1.0, 1.5)
+    assert default_pair.recommended_lams(pair) == (0.0, 0.5, 1.0, 1.5, 2.0)

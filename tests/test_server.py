@@ -38,6 +38,8 @@ def server(aligned_path, reference_path):
             API_KEY,
             "--lam",
             "1",
+            "--lam-range",  # the exactness tests go past the default 0:2
+            "-1:3",
             "--max-queue",
             "64",
             "--max-body-bytes",

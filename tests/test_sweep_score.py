@@ -437,3 +437,30 @@ def test_the_built_in_pairs_reward_is_known_by_name(tmp_path):
     assert conciseness("one two  three\nfour") == -4.0 and conciseness("") == 0.0
     with pytest.raises(BadParameterError, match="built in: conciseness"):
         load_reward("brevity")
+
+
+def test_a_grid_finer_than_a_context_holds_runs_in_chunks_with_the_same_rows(pair, greedy):
+    """300 lams (llama.cpp holds 256 sequences per context): two chunks, rows in grid
+    order, each equal to the same lam decoded in a small sweep of its own."""
+    grid = [round(i / 100, 2) for i in range(300)]
+    with LambdaSweep(pair, grid, max_tokens=3, speculation=dera_local.SpeculationParams(
+            draft_max=0)) as runner:  # fmt: skip
+        assert runner.chunk == 256 and runner.decoder.n_slots == 256
+        rows = runner.run("Once upon a time", sampling=greedy)
+    assert [row.lam for row in rows] == grid
+    probes = [0.0, 1.37, 2.55, 2.99]  # in the first chunk and in the second
+    alone = list(sweep(pair, [("0", "Once upon a time")], probes, sampling=greedy,
+                       max_tokens=3))  # fmt: skip
+    by_lam = {row.lam: row for row in rows}
+    for row in alone:
+        assert by_lam[row.lam].tokens == row.tokens
+        assert by_lam[row.lam].logprob_mixture == pytest.approx(row.logprob_mixture, abs=1e-4)
+
+
+def test_a_sweep_that_cannot_start_says_one_line_and_nothing_else(run, tmp_path):
+    prompts = tmp_path / "long.txt"
+    prompts.write_text("word " * 400 + "\n")
+    result = run("sweep", "--prompts", str(prompts), "-c", "128", "-n", "2")
+    assert result.exit_code == 1
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error:"), result.stderr

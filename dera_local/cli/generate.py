@@ -8,6 +8,7 @@ import sys
 import click
 
 from ..errors import DeraError
+from ..logprob_format import chat_content
 from .open_models import open_pair
 from .options import (
     cfg_options,
@@ -49,7 +50,17 @@ def _read_prompt(prompt: str | None, file: str | None) -> str:
     "as_json",
     is_flag=True,
     help="Print one JSON object: text, tokens, prompt_tokens, finish_reason, lam, "
-    "tokens_per_second, ...",
+    "tokens_per_second, ..., and `dera`: the answer's log-probability under each model "
+    "and the mixture, and its KL estimate to the reference.",
+)
+@click.option(
+    "--logprobs",
+    "top_logprobs",
+    type=click.IntRange(0, 20),
+    default=None,
+    metavar="N",
+    help="With --json: each token's log-probability under the mixture and its N most "
+    "likely alternatives, in OpenAI's chat format (`logprobs.content`).",
 )
 @chat_options
 @cfg_options
@@ -59,6 +70,7 @@ def generate(
     prompt: str | None,
     file: str | None,
     as_json: bool,
+    top_logprobs: int | None,
     chat: bool | None,
     system: str | None,
     negative_prompt: str | None,
@@ -78,6 +90,8 @@ def generate(
         text.encode("utf-8")
     except UnicodeEncodeError:  # argv bytes that were not UTF-8 (surrogate escapes)
         raise DeraError("the prompt is not UTF-8 text") from None
+    if top_logprobs is not None and not as_json:
+        raise DeraError("--logprobs goes with --json (it adds to the JSON object)")
     params = sampling_from(**sampling)
     with open_pair(**model, one_model_ok=negative is not None) as pair:
         encode = prompt_encoder(pair, chat, system, [text])
@@ -90,11 +104,18 @@ def generate(
             stop=rest["stop"],
             negative_prompt=negative_for(encode, chat, text, negative),
             cfg_scale=cfg_scale,
+            logprobs=as_json,
+            top_logprobs=top_logprobs or 0,
         )
         if as_json:
             for _ in stream:
                 pass
-            click.echo(json.dumps(stream.result.to_dict(), ensure_ascii=False))
+            result = stream.result
+            data = result.to_dict()
+            if top_logprobs is not None:
+                pieces = lambda token: pair.model.token_bytes(token, special=True)  # noqa: E731
+                data["logprobs"] = {"content": chat_content(result.tokens, result.logprobs, pieces)}
+            click.echo(json.dumps(data, ensure_ascii=False))
         else:
             for chunk in stream:
                 click.echo(chunk, nl=False)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import re
 import sys
 import typing
 from collections.abc import Callable
@@ -15,6 +16,7 @@ from ..errors import DeraError
 from ..placement import DEFAULT_RPC_TIMEOUT
 from ..sampling import SamplingParams
 from ..speculative import SpeculationParams
+from ..structured import json_schema_grammar
 
 
 def _stack(*decorators: Callable) -> Callable:
@@ -247,8 +249,26 @@ def _sampling_field_option(field: dataclasses.Field) -> Callable:
     )
 
 
-SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
-SAMPLING_KEYS = (*SAMPLING_FIELDS, "grammar_file")
+# Flags generated from the dataclass; logit_bias has its own (llama.cpp's syntax).
+GENERATED_FIELDS = tuple(
+    f.name for f in dataclasses.fields(SamplingParams) if f.name in _SAMPLING_FLAGS
+)
+SAMPLING_FIELDS = (*GENERATED_FIELDS, "logit_bias")
+SAMPLING_KEYS = (*SAMPLING_FIELDS, "grammar_file", "json_schema", "json_schema_file")
+_BIAS = re.compile(r"^(\d+)([+-])(\d+(?:\.\d+)?|inf)$")
+
+
+def parse_logit_bias(items: tuple[str, ...]) -> tuple[tuple[int, float], ...]:
+    """llama.cpp's --logit-bias TOKEN_ID(+|-)BIAS, e.g. 15043+1 or 15043-inf (a ban)."""
+    pairs = []
+    for item in items:
+        match = _BIAS.match(item.strip())
+        if match is None:
+            raise DeraError(f"--logit-bias {item!r}: write TOKEN_ID+BIAS or TOKEN_ID-BIAS")
+        size = 100.0 if match[3] == "inf" else min(float(match[3]), 100.0)
+        pairs.append((int(match[1]), size if match[2] == "+" else -size))
+    return tuple(pairs)
+
 
 sampling_options = _stack(
     lam_option("DeRa strength: 1 = aligned, 0 = reference, >1 extrapolates. Env: DERA_LAMBDA."),
@@ -261,12 +281,37 @@ sampling_options = _stack(
         show_default=True,
         help="Maximum new tokens (-1 = until the context is full).",
     ),
-    *(_sampling_field_option(f) for f in dataclasses.fields(SamplingParams)),
+    *(
+        _sampling_field_option(f)
+        for f in dataclasses.fields(SamplingParams)
+        if f.name in _SAMPLING_FLAGS
+    ),
+    click.option(
+        "--logit-bias",
+        "logit_bias",
+        multiple=True,
+        metavar="ID(+|-)BIAS",
+        help="Add BIAS to token ID's logit, e.g. 15043+1; 15043-inf bans it (repeatable).",
+    ),
     click.option(
         "--grammar-file",
         type=click.Path(dir_okay=False),
         default=None,
         help="Read the GBNF grammar from a file.",
+    ),
+    click.option(
+        "-j",
+        "--json-schema",
+        metavar="SCHEMA",
+        default=None,
+        help="Constrain the output to JSON matching this JSON schema (e.g. '{}' for any "
+        "JSON object); turned into a grammar.",
+    ),
+    click.option(
+        "--json-schema-file",
+        type=click.Path(dir_okay=False),
+        default=None,
+        help="Read the JSON schema from a file.",
     ),
     click.option("--stop", multiple=True, help="Stop string (repeatable)."),
 )
@@ -342,11 +387,26 @@ def read_text_file(path: str, what: str) -> str:
         raise DeraError(f"{what} {path} is not UTF-8 text") from None
 
 
-def sampling_from(grammar_file: str | None = None, **fields) -> SamplingParams:
-    """SamplingParams from the sampling flags (--grammar-file read into grammar)."""
+def sampling_from(
+    grammar_file: str | None = None,
+    json_schema: str | None = None,
+    json_schema_file: str | None = None,
+    logit_bias: tuple[str, ...] = (),
+    **fields,
+) -> SamplingParams:
+    """SamplingParams from the sampling flags (--grammar-file read into grammar; a JSON
+    schema, given or read from its file, turned into the grammar)."""
     if grammar_file:
         fields["grammar"] = read_text_file(grammar_file, "grammar file")
-    return SamplingParams(**fields)
+    if json_schema_file:
+        if json_schema is not None:
+            raise DeraError("give the JSON schema as text or as a file, not both")
+        json_schema = read_text_file(json_schema_file, "JSON schema file")
+    if json_schema is not None:
+        if fields.get("grammar"):
+            raise DeraError("give a grammar or a JSON schema, not both")
+        fields["grammar"] = json_schema_grammar(json_schema)
+    return SamplingParams(**fields, logit_bias=parse_logit_bias(logit_bias))
 
 
 def _option_names(decorator: Callable) -> tuple[str, ...]:

@@ -6,9 +6,11 @@ import socket
 
 import click
 
+from ..default_pair import recommended_lams
 from ..errors import BadParameterError, DeraError
 from ..loopback import is_loopback
 from ..mixing import validate_lam
+from ..server.lam_range import LamRange
 from ..sweep import parse_lambdas
 from .open_models import open_pair
 from .options import lam_option, model_options, split_options
@@ -85,9 +87,16 @@ def _parse_presets(text: str) -> list[float]:
 )
 @click.option(
     "--lam-presets",
-    default="0,0.5,1,1.5,2",
+    default=None,
+    help="lams that /v1/models offers as model ids dera-local@<lam> (default: the "
+    "pair's recommended ones; the built-in pair's stop at 1.5, where its answers still hold).",
+)
+@click.option(
+    "--lam-range",
+    default="0:2",
     show_default=True,
-    help="lams that /v1/models offers as model ids dera-local@<lam>.",
+    help="lams requests may ask for, MIN:MAX. Below 0 the mixture reverses the aligned "
+    "model's alignment; widen it only on purpose.",
 )
 @click.option("--chat-template", default=None, help="Jinja chat template text to use.")
 @click.option(
@@ -109,7 +118,8 @@ def serve(
     body_timeout: float,
     header_timeout: float,
     parallel: int,
-    lam_presets: str,
+    lam_presets: str | None,
+    lam_range: str,
     chat_template: str | None,
     guided: bool,
     **kwargs,
@@ -131,7 +141,14 @@ def serve(
             "this port can use the models",
             err=True,
         )
-    presets = _parse_presets(lam_presets)
+    presets = _parse_presets(lam_presets) if lam_presets is not None else None
+    bounds = LamRange.parse(lam_range)
+    for value in (lam, *(presets or ())):
+        if not bounds.holds(value):  # before the models load: one line, at once
+            raise BadParameterError(
+                f"lam {value:g} is outside the server's lam range {bounds}",
+                cli_hint="widen --lam-range or change --lam/--lam-presets",
+            )
     if kwargs.get("draft_model"):
         raise BadParameterError(
             "the server drafts by prompt lookup, per request (a draft model follows one "
@@ -149,6 +166,8 @@ def serve(
             )
         model["n_ctx"] = share
     with open_pair(**model) as pair:
+        if presets is None:
+            presets = [p for p in recommended_lams(pair) if bounds.holds(p)]
         if not pair.depends_on_lam:  # a fixed --mix: no lam to pick
             presets, lam = (), validate_lam(1.0)
         app = create_app(
@@ -162,6 +181,7 @@ def serve(
             parallel=parallel,
             lam_presets=presets,
             guided=guided,
+            lam_range=bounds,
         )
         click.echo(
             f"dera-local: serving on http://{host}:{port}/v1 (lam {lam:g}; {parallel} parallel "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 from dataclasses import asdict
@@ -105,10 +106,14 @@ def sweep_command(
             stop=rest["stop"],
             reward=reward_fn,
         )
+        # The first row before the progress bar: a sweep that cannot start fails with its
+        # one line, not after a bar's label.
+        first = next(generator, None)
+        rest_rows = generator if first is None else itertools.chain([first], generator)
         with click.progressbar(
             length=len(prompts) * len(grid) * len(scales or [1]), label="sweep", file=sys.stderr
         ) as bar:
-            for row in generator:
+            for row in rest_rows:
                 rows.append(row)
                 record = asdict(row)
                 record["kl_to_reference"] = row.kl_to_reference

@@ -25,7 +25,8 @@ from starlette.routing import Route
 from .. import rpc_faults
 from ..chat import ChatTemplate
 from ..engine import DeraPair, GenerationResult
-from ..errors import ContextFullError, DeraError, RuntimeFailure, WorkerError
+from ..errors import BadParameterError, ContextFullError, DeraError, RuntimeFailure, WorkerError
+from .lam_range import LamRange, describe_lam
 from .requests import (
     MODEL_ID,
     RequestError,
@@ -132,6 +133,7 @@ def create_app(
     parallel: int = 4,
     lam_presets: Sequence[float] = DEFAULT_LAM_PRESETS,
     guided: bool = True,
+    lam_range: LamRange | None = None,
 ) -> Starlette:
     """The ASGI app serving `pair`; run it with uvicorn (see cli/serve.py).
 
@@ -140,8 +142,19 @@ def create_app(
     guided: accept negative prompts (dera_negative_prompt); each slot then has room
     for a second sequence (the KV cache is twice as large).
     """
+    lam_range = lam_range or LamRange()
+    outside = [lam for lam in (default_lam, *lam_presets) if not lam_range.holds(lam)]
+    if outside and pair.depends_on_lam:
+        raise BadParameterError(
+            f"lam {outside[0]:g} is outside the server's lam range {lam_range}",
+            cli_hint="widen --lam-range or change --lam/--lam-presets",
+        )
     worker = GenerationWorker(pair, max_queue, parallel=parallel, guided=guided)
     pair_is_remote = pair.is_remote
+
+    def token_bytes(token: int) -> bytes:
+        return pair.model.token_bytes(token, special=True)
+
     template = ChatTemplate.for_pair(pair, chat_template)
 
     async def read_json(request: Request):
@@ -169,7 +182,9 @@ def create_app(
     async def respond(request: Request, chat: bool) -> Response:
         try:
             body = await read_json(request)
-            parsed = parse_common(body, default_lam)
+            parsed = parse_common(
+                body, default_lam, chat=chat, lam_range=lam_range if pair.depends_on_lam else None
+            )
             negative = parsed.settings.pop("negative_prompt", None)
             if negative is not None and not worker.guided:
                 raise RequestError(
@@ -207,7 +222,7 @@ def create_app(
         except DeraError as exc:
             return dera_error_response(exc)
         job = Job(prompt, parsed.settings, negative_prompt if negative is not None else None)
-        shape = ChatShape(parsed) if chat else CompletionShape(parsed)
+        shape = (ChatShape if chat else CompletionShape)(parsed, token_bytes)
         chunks = worker.run(job)
         try:
             first = await chunks.__anext__()
@@ -248,16 +263,24 @@ def create_app(
         return await respond(request, chat=False)
 
     async def models(request: Request) -> Response:
-        ids = [MODEL_ID] + [f"{MODEL_ID}@{lam:g}" for lam in lam_presets]
-        return JSONResponse(
-            {
-                "object": "list",
-                "data": [
-                    {"id": model_id, "object": "model", "created": 0, "owned_by": "dera-local"}
-                    for model_id in ids
-                ],
-            }
-        )
+        entries = [(MODEL_ID, default_lam)] + [(f"{MODEL_ID}@{lam:g}", lam) for lam in lam_presets]
+        body = {
+            "object": "list",
+            "data": [
+                {
+                    "id": model_id,
+                    "object": "model",
+                    "created": 0,
+                    "owned_by": "dera-local",
+                    "dera_lambda": lam,
+                    "description": describe_lam(lam, default=model_id == MODEL_ID),
+                }
+                for model_id, lam in entries
+            ],
+        }
+        if pair.depends_on_lam:
+            body["dera_lam_range"] = [lam_range.low, lam_range.high]
+        return JSONResponse(body)
 
     async def page(request: Request) -> Response:
         name = request.path_params.get("name", "index.html")

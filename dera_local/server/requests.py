@@ -9,8 +9,12 @@ from typing import Any
 
 from ..errors import BadParameterError, DeraError
 from ..guidance import MAX_CFG_SCALE
+from ..logprobs import MAX_TOP_LOGPROBS
 from ..mixing import validate_lam
 from ..sampling import SamplingParams
+from ..structured import JSON_OBJECT_GRAMMAR, json_schema_grammar
+from .fields import check_fields
+from .lam_range import LamRange
 
 DEFAULT_MAX_TOKENS = 256
 
@@ -95,11 +99,15 @@ def lam_of_model(model: str, default_lam: float) -> float:
         ) from None
 
 
-def parse_common(body: Any, default_lam: float) -> ParsedRequest:
+def parse_common(
+    body: Any, default_lam: float, *, chat: bool = True, lam_range: LamRange | None = None
+) -> ParsedRequest:
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
-    if body.get("n", 1) != 1:
-        raise RequestError("only n = 1 is supported", "n")
+    refused = check_fields(body, chat)
+    if refused is not None:
+        name, reason = refused
+        raise RequestError(f"'{name}': {reason}", name)
     stream = body.get("stream", False)
     if not isinstance(stream, bool):
         raise RequestError("'stream' must be true or false", "stream")
@@ -116,6 +124,9 @@ def parse_common(body: Any, default_lam: float) -> ParsedRequest:
         lam = validate_lam(lam)
     except DeraError as exc:
         raise RequestError(f"'dera_lambda': {exc}", "dera_lambda") from None
+    if lam_range is not None and not lam_range.holds(lam):
+        param = "dera_lambda" if "dera_lambda" in body else "model"
+        raise RequestError(f"lam {lam:g} is outside this server's range {lam_range}", param)
     max_tokens = _integer(body, "max_completion_tokens", 1, 1_000_000)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", 1, 1_000_000) or DEFAULT_MAX_TOKENS
@@ -125,19 +136,88 @@ def parse_common(body: Any, default_lam: float) -> ParsedRequest:
     sampling = SamplingParams(
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 1e-9, 1.0),
-        top_k=0,
-        min_p=0.0,
+        top_k=_integer(body, "top_k", 0, 1_000_000) or 0,
+        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+        repeat_penalty=_number(body, "repeat_penalty", 1.0, 1e-3, 10.0),
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         seed=None if seed is None else seed & 0x7FFFFFFF,
+        grammar=_response_format(body) if chat else None,
+        logit_bias=_logit_bias(body),
     )
     settings = {"lam": lam, "sampling": sampling, "max_tokens": max_tokens, "stop": _stop(body)}
+    settings.update(_logprobs(body, chat))
     settings.update(_guidance(body))
     return ParsedRequest(
         stream=stream,
         include_usage=bool(options.get("include_usage", False)),
         model=model,
         settings=settings,
+    )
+
+
+def _logprobs(body: dict, chat: bool) -> dict:
+    """Per-token log-probabilities asked for: chat's logprobs (true/false) and
+    top_logprobs (0-20), or the completions API's logprobs (0-20 alternatives)."""
+    if chat:
+        wanted = body.get("logprobs") or False
+        if not isinstance(wanted, bool):
+            raise RequestError("'logprobs' must be true or false", "logprobs")
+        top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
+        if top is not None and not wanted:
+            raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+        return {"per_token": wanted, "top_logprobs": top or 0}
+    top = _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS)
+    return {"per_token": top is not None, "top_logprobs": top or 0}
+
+
+def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
+    """OpenAI's {"token id": bias} map (bias -100..100; -100 bans the token)."""
+    bias = body.get("logit_bias")
+    if bias is None:
+        return ()
+    if not isinstance(bias, dict) or len(bias) > 1024:
+        raise RequestError("'logit_bias' must map token ids to numbers", "logit_bias")
+    pairs = []
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.isdigit()):
+            raise RequestError(f"'logit_bias': {key!r} is not a token id", "logit_bias")
+        if (
+            isinstance(value, bool)
+            or not isinstance(value, (int, float))
+            or not (-100 <= value <= 100)
+        ):
+            raise RequestError(
+                f"'logit_bias' of token {key}: a number from -100 to 100", "logit_bias"
+            )
+        pairs.append((int(key), float(value)))
+    return tuple(pairs)
+
+
+def _response_format(body: dict) -> str | None:
+    """response_format as a grammar: text (none), json_object, or json_schema."""
+    spec = body.get("response_format")
+    if spec is None:
+        return None
+    kind = spec.get("type") if isinstance(spec, dict) else None
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return JSON_OBJECT_GRAMMAR
+    if kind == "json_schema":
+        inner = spec.get("json_schema")
+        schema = inner.get("schema", {}) if isinstance(inner, dict) else None
+        if not isinstance(schema, dict):
+            raise RequestError(
+                '\'response_format\': json_schema needs {"json_schema": {"schema": {...}}}',
+                "response_format",
+            )
+        try:
+            return json_schema_grammar(schema)
+        except DeraError as exc:
+            raise RequestError(f"'response_format': {exc}", "response_format") from None
+    raise RequestError(
+        "'response_format' type must be text, json_object or json_schema", "response_format"
     )
 
 

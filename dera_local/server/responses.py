@@ -8,7 +8,9 @@ import time
 import uuid
 
 from ..engine import GenerationResult
+from ..logprob_format import TokenBytes, chat_content, completion_logprobs
 from .requests import ParsedRequest
+from .worker import TextChunk
 
 
 def event(payload: dict | None) -> str:
@@ -30,11 +32,33 @@ def usage(result: GenerationResult) -> dict:
     }
 
 
+def dera(result: GenerationResult, per_token: bool = False) -> dict:
+    """What DeRa knows about the answer (beside `usage`): its lam, its summed
+    log-probability under the aligned model, the reference and the mixture, and the
+    one-sample estimate of KL(pi_lam || pi_ref), the end-of-generation token included;
+    with per-token log-probabilities asked for, the three per token too."""
+    logprobs = result.logprobs
+    if logprobs is None:
+        return {"lam": result.lam}
+    body = {"lam": result.lam, **logprobs.summary()}
+    if per_token:
+        body["token_logprobs"] = {
+            "aligned": logprobs.aligned,
+            "reference": logprobs.reference,
+            "mixture": logprobs.mixture,
+        }
+    return body
+
+
 class Shape:
-    def __init__(self, parsed: ParsedRequest) -> None:
+    def __init__(self, parsed: ParsedRequest, token_bytes: TokenBytes) -> None:
         self.parsed = parsed
+        self.token_bytes = token_bytes
+        self.per_token = parsed.settings.get("per_token", False)
         self.id = f"{self.prefix}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
+        self.reported = 0  # tokens whose log-probabilities a stream has sent
+        self.text_length = 0  # characters a stream has sent
 
     def _envelope(self, choices: list[dict], **extra) -> dict:
         return {
@@ -47,7 +71,25 @@ class Shape:
         }
 
     def usage_chunk(self, result: GenerationResult) -> dict:
-        return {**self._envelope([]), "usage": usage(result)}
+        return {**self._envelope([]), "usage": usage(result), "dera": dera(result, self.per_token)}
+
+    def _stream_logprobs(self, tokens, logprobs):
+        """The next streamed tokens' entries (None when not asked for)."""
+        if not self.per_token or logprobs is None:
+            return None
+        entries = self._format(tokens, logprobs, 0, self.text_length)
+        self.reported += len(tokens)
+        return entries
+
+    def _rest(self, result: GenerationResult):
+        """Entries of the tokens a stream has not reported yet (held-back text)."""
+        if not self.per_token or result.logprobs is None:
+            return None
+        tokens = result.tokens[self.reported :]
+        if not tokens:
+            return None
+        part = result.logprobs.slice(self.reported, len(result.tokens))
+        return self._format(tokens, part, 0, self.text_length)
 
 
 class ChatShape(Shape):
@@ -58,27 +100,43 @@ class ChatShape(Shape):
             [{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]
         )
 
-    def delta(self, text: str) -> dict:
-        return self._envelope([{"index": 0, "delta": {"content": text}, "finish_reason": None}])
+    def _format(self, tokens, logprobs, start, text_offset):
+        return {"content": chat_content(tokens, logprobs, self.token_bytes, start)}
+
+    def delta(self, chunk: TextChunk) -> dict:
+        choice = {"index": 0, "delta": {"content": chunk.text}, "finish_reason": None}
+        entries = self._stream_logprobs(chunk.tokens, chunk.logprobs)
+        if entries is not None:
+            choice["logprobs"] = entries
+        self.text_length += len(chunk.text)
+        return self._envelope([choice])
 
     def closing(self, result: GenerationResult) -> dict:
-        return self._envelope([{"index": 0, "delta": {}, "finish_reason": result.finish_reason}])
+        choice = {"index": 0, "delta": {}, "finish_reason": result.finish_reason}
+        rest = self._rest(result)
+        if rest is not None:
+            choice["logprobs"] = rest
+        return {**self._envelope([choice]), "dera": dera(result, self.per_token)}
 
     def whole(self, result: GenerationResult) -> dict:
         message = {"role": "assistant", "content": result.text}
+        logprobs = None
+        if self.per_token and result.logprobs is not None:
+            logprobs = self._format(result.tokens, result.logprobs, 0, 0)
         body = self._envelope(
             [
                 {
                     "index": 0,
                     "message": message,
                     "finish_reason": result.finish_reason,
-                    "logprobs": None,
+                    "logprobs": logprobs,
                 }
             ],
             usage=usage(result),
         )
         body["object"] = "chat.completion"
         body["dera_lambda"] = result.lam
+        body["dera"] = dera(result, self.per_token)
         return body
 
 
@@ -88,25 +146,40 @@ class CompletionShape(Shape):
     def opening(self) -> None:
         return None
 
-    def delta(self, text: str) -> dict:
-        return self._envelope([{"index": 0, "text": text, "finish_reason": None, "logprobs": None}])
+    def _format(self, tokens, logprobs, start, text_offset):
+        return completion_logprobs(tokens, logprobs, self.token_bytes, start, text_offset)
 
-    def closing(self, result: GenerationResult) -> dict:
+    def delta(self, chunk: TextChunk) -> dict:
+        entries = self._stream_logprobs(chunk.tokens, chunk.logprobs)
+        self.text_length += len(chunk.text)
         return self._envelope(
-            [{"index": 0, "text": "", "finish_reason": result.finish_reason, "logprobs": None}]
+            [{"index": 0, "text": chunk.text, "finish_reason": None, "logprobs": entries}]
         )
 
+    def closing(self, result: GenerationResult) -> dict:
+        choice = {
+            "index": 0,
+            "text": "",
+            "finish_reason": result.finish_reason,
+            "logprobs": self._rest(result),
+        }
+        return {**self._envelope([choice]), "dera": dera(result, self.per_token)}
+
     def whole(self, result: GenerationResult) -> dict:
+        logprobs = None
+        if self.per_token and result.logprobs is not None:
+            logprobs = self._format(result.tokens, result.logprobs, 0, 0)
         body = self._envelope(
             [
                 {
                     "index": 0,
                     "text": result.text,
                     "finish_reason": result.finish_reason,
-                    "logprobs": None,
+                    "logprobs": logprobs,
                 }
             ],
             usage=usage(result),
         )
         body["dera_lambda"] = result.lam
+        body["dera"] = dera(result, self.per_token)
         return body

@@ -16,6 +16,7 @@ from ..batch import BatchDecoder
 from ..engine import DeraPair, GenerationResult
 from ..errors import BadParameterError
 from ..guidance import Guidance
+from ..logprobs import SequenceLogprobs
 from ..slots import Slot
 from ..stream import slot_result
 
@@ -47,10 +48,29 @@ class Counters:
     rejected: int = 0  # 503: the queue was full
 
 
+@dataclass
+class TextChunk:
+    """What one step made safe to show, and the tokens sampled since the last chunk with
+    their log-probabilities (when the request asked for them per token)."""
+
+    text: str
+    tokens: list[int]
+    logprobs: SequenceLogprobs | None = None
+
+
 @dataclass(eq=False)
 class _Waiting:
     job: Job
-    deliver: Callable[[object], None]  # thread-safe: text, a result, an error, or None
+    deliver: Callable[[object], None]  # thread-safe: a TextChunk, a result, an error, None
+    delivered_tokens: int = 0
+
+    def chunk(self, slot: Slot) -> TextChunk:
+        start, end = self.delivered_tokens, len(slot.output.tokens)
+        self.delivered_tokens = end
+        logprobs = None
+        if self.job.settings.get("per_token") and slot.logprobs is not None:
+            logprobs = slot.logprobs.slice(start, end)
+        return TextChunk(slot.new_text, slot.output.tokens[start:end], logprobs)
 
 
 class GenerationWorker:
@@ -131,8 +151,8 @@ class GenerationWorker:
             self._jobs.discard(job)
             setattr(self.counters, outcome, getattr(self.counters, outcome) + 1)
 
-    async def run(self, job: Job) -> AsyncIterator[str | GenerationResult]:
-        """Yields text chunks, then the GenerationResult. Raises QueueFull when full,
+    async def run(self, job: Job) -> AsyncIterator[TextChunk | GenerationResult]:
+        """Yields TextChunks, then the GenerationResult. Raises QueueFull when full,
         or the generation's own error (e.g. a prompt longer than a slot). Closing the
         iterator early (a client that went away) cancels the generation."""
         self._admit(job)
@@ -192,7 +212,7 @@ class GenerationWorker:
             return
         for slot in decoder.step():
             if slot.new_text:
-                slot.tag.deliver(slot.new_text)
+                slot.tag.deliver(slot.tag.chunk(slot))
             if slot.finish_reason is not None:
                 self._finish(slot, "completed", last=slot_result(slot))
 
@@ -216,6 +236,9 @@ class GenerationWorker:
                 stop=settings.get("stop", ()),
                 tag=waiting,
                 speculation=self.speculation,
+                # Always: every answer carries its log-probabilities and KL (`dera`).
+                logprobs=True,
+                top_logprobs=settings.get("top_logprobs", 0),
             )
         except BaseException as exc:  # handed to the request that asked
             self._release(job, "failed")

@@ -37,6 +37,15 @@ ui.form.addEventListener("submit", (event) => {
   (ui.compare.checked ? compare(text) : chat(text)).finally(() => setBusy(false));
 });
 
+// The slider spans the lams this server accepts (serve --lam-range); the page keeps its
+// own range when /v1/models cannot be read (an API key not entered yet).
+fetch("/v1/models").then((r) => (r.ok ? r.json() : null)).then((models) => {
+  const range = models?.dera_lam_range;
+  if (!range) return;
+  [ui.lam.min, ui.lam.max] = range.map(String);
+  ui.lam.dispatchEvent(new Event("input"));
+}).catch(() => {});
+
 function setBusy(value) { busy = value; ui.send.disabled = value; }
 function setStatus(text) { ui.status.textContent = text; }
 
@@ -66,6 +75,7 @@ function requestBody(messages, lam) {
     model: "dera-local",
     messages: withSystem(messages),
     stream: true,
+    stream_options: { include_usage: true }, // the last chunk: usage and `dera`
     dera_lambda: lam,
     temperature: Number(ui.temperature.value),
     max_tokens: Number(ui.maxTokens.value),
@@ -80,7 +90,24 @@ function requestBody(messages, lam) {
   return body;
 }
 
-// Streams one completion into `target` (a .text span); returns the whole answer.
+// Under an answer: what it cost and how far it sits from the reference.
+function showStats(node, stats) {
+  if (!stats.dera || !stats.usage) return;
+  const kl = stats.dera.kl_to_reference;
+  const tokens = stats.usage.completion_tokens;
+  const perSecond = stats.seconds > 0 ? tokens / stats.seconds : 0;
+  const line = document.createElement("span");
+  line.className = "stats";
+  line.dataset.kl = String(kl);
+  line.dataset.tokens = String(tokens);
+  line.textContent = `${tokens} tokens · ${perSecond.toFixed(1)} tokens/s · ` +
+    `KL to the reference ${kl.toFixed(3)} nats`;
+  line.title = "KL(π_λ ‖ π_ref) of this answer: log π_λ(answer) − log π_ref(answer)";
+  node.append(line);
+}
+
+// Streams one completion into `target` (a .text span); returns the whole answer and its
+// stats (usage, the `dera` object, seconds from the first token to the last).
 async function stream(body, target) {
   const headers = { "Content-Type": "application/json" };
   if (ui.apiKey.value) headers.Authorization = `Bearer ${ui.apiKey.value}`;
@@ -98,7 +125,12 @@ async function stream(body, target) {
     throw new Error(error.error?.message || `the server answered ${response.status}`);
   }
   const reader = response.body.pipeThrough(new TextDecoderStream()).getReader();
-  let buffer = "", answer = "";
+  let buffer = "", answer = "", first = null;
+  const stats = { dera: null, usage: null, seconds: 0 };
+  const finish = () => {
+    stats.seconds = first === null ? 0 : (performance.now() - first) / 1000;
+    return { answer, stats };
+  };
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
@@ -108,16 +140,19 @@ async function stream(body, target) {
       const event = buffer.slice(0, end);
       buffer = buffer.slice(end + 2);
       const data = event.replace(/^data: ?/, "");
-      if (data === "[DONE]") return answer;
+      if (data === "[DONE]") return finish();
       const chunk = JSON.parse(data);
       if (chunk.error) throw new Error(chunk.error.message);
+      if (chunk.dera) stats.dera = chunk.dera;
+      if (chunk.usage) stats.usage = chunk.usage;
       const delta = chunk.choices?.[0]?.delta?.content || "";
+      if (delta && first === null) first = performance.now();
       answer += delta;
       target.textContent = answer;
       ui.messages.lastElementChild?.scrollIntoView({ block: "end" });
     }
   }
-  return answer;
+  return finish();
 }
 
 async function chat(text) {
@@ -130,8 +165,9 @@ async function chat(text) {
   ui.messages.append(reply);
   setStatus(`generating at λ ${lam}…`);
   try {
-    const answer = await stream(requestBody(history, lam), reply.querySelector(".text"));
+    const { answer, stats } = await stream(requestBody(history, lam), reply.querySelector(".text"));
     history.push({ role: "assistant", content: answer });
+    showStats(reply, stats);
     reply.dataset.done = "true";
     setStatus("");
   } catch (error) {
@@ -168,7 +204,8 @@ async function compare(text) {
     column.dataset.lam = String(lam);
     row.append(column);
     try {
-      await stream(requestBody(messages, lam), column.querySelector(".text"));
+      const { stats } = await stream(requestBody(messages, lam), column.querySelector(".text"));
+      showStats(column, stats);
       column.dataset.done = "true";
     } catch (error) {
       column.classList.add("error");
