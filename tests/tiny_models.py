@@ -157,3 +157,50 @@ def write_tiny_lora(path: str | Path, seed: int, *, rank: int = 4, alpha: float 
     writer.write_tensors_to_file()
     writer.close()
     return path
+
+
+def write_merged(
+    reference: str | Path,
+    adapter: str | Path,
+    path: str | Path,
+    *,
+    matrix_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
+    norm_shift: float = 0.0,
+) -> Path:
+    """The reference with a LoRA adapter merged into its weights, W + (alpha / r) * B A,
+    as a full model (its matrices stored as `matrix_type`): a "fully fine-tuned" model
+    whose difference from the reference is exactly low-rank. `norm_shift` is added to
+    every vector (the norm weights), which a full fine-tune also changes."""
+    from gguf.quants import dequantize, quantize
+
+    path = Path(path)
+    base = gguf.GGUFReader(str(reference))
+    lora = gguf.GGUFReader(str(adapter))
+    alpha = float(lora.fields[gguf.Keys.Adapter.LORA_ALPHA].contents())
+    deltas = {}
+    lora_tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in lora.tensors}
+    for name, a in lora_tensors.items():
+        if name.endswith(".lora_a"):
+            target = name.removesuffix(".lora_a")
+            b = lora_tensors[f"{target}.lora_b"]
+            deltas[target] = (alpha / a.shape[0]) * (b @ a)
+    writer = gguf.GGUFWriter(str(path), base.fields["general.architecture"].contents())
+    for key, field in base.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub_type=sub_type)
+    for tensor in base.tensors:
+        values = np.array(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
+        values += deltas.get(tensor.name, 0.0)
+        if values.ndim == 1:
+            values += norm_shift
+        if values.ndim == 2 and matrix_type != gguf.GGMLQuantizationType.F32:
+            writer.add_tensor(tensor.name, quantize(values, matrix_type), raw_dtype=matrix_type)
+        else:
+            writer.add_tensor(tensor.name, values)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path

@@ -12,6 +12,7 @@ import click
 from ..errors import DeraError
 from .catalog_commands import list_command, pull_command
 from .chat import chat
+from .extract import extract_command
 from .generate import generate
 from .info import info
 from .score import score_command
@@ -60,6 +61,7 @@ cli.add_command(serve)
 cli.add_command(list_command)
 cli.add_command(pull_command)
 cli.add_command(worker)
+cli.add_command(extract_command)
 
 
 def main() -> None:
