@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -43,20 +42,21 @@ GREEDY = dera_local.SamplingParams(temperature=0)
 
 
 def extract_in_child(aligned: Path, reference: Path, out: Path, rank: int) -> dict:
-    """Runs the extraction in a child process: its report, and the child's peak RSS."""
+    """Runs the extraction in a child process: its report, and the child's own peak RSS
+    (VmHWM, read in the child: the rusage of a forked child also counts the parent's
+    pages it held before exec)."""
     code = (
-        "import json, sys; from dera_local.extract import extract; "
+        "import json, re; from dera_local.extract import extract; "
         f"r = extract({str(aligned)!r}, {str(reference)!r}, {str(out)!r}, rank={rank}); "
+        "hwm = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read())[1]); "
         "print(json.dumps({'kept': r.kept_share, 'seconds': r.seconds, "
-        "'bytes': r.adapter_bytes, 'not_carried': len(r.not_carried)}))"
+        "'bytes': r.adapter_bytes, 'not_carried': len(r.not_carried), 'peak_kib': hwm}))"
     )
-    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(child.pid, 0)
-    report = json.loads(child.stdout.read())
-    child.stdout.close()
-    if status != 0:
-        raise SystemExit(f"extraction at rank {rank} failed")
-    report["peak_mib"] = usage.ru_maxrss / 1024
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if run.returncode != 0:
+        raise SystemExit(f"extraction at rank {rank} failed: {run.stderr[-500:]}")
+    report = json.loads(run.stdout)
+    report["peak_mib"] = report.pop("peak_kib") / 1024
     return report
 
 

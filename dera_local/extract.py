@@ -103,6 +103,7 @@ def truncated_svd(matrix: np.ndarray, rank: int, seed: int = 0):
     from scipy import linalg
 
     rank = min(rank, *matrix.shape)
+    matrix = matrix.astype(np.float64)  # one matrix at a time: precision is cheap here
     if min(matrix.shape) <= FULL_SVD_LIMIT:
         u, s, vt = linalg.svd(matrix, full_matrices=False, lapack_driver="gesdd")
     else:
@@ -179,7 +180,8 @@ def extract(
         writer.add_name(f"{aligned_info.path.name} - {reference_info.path.name}, rank {rank}")
         kind = np.float16 if dtype == "f16" else np.float32
         for name, r_tensor in r_tensors.items():
-            difference = _dequantized(a_tensors[name]) - _dequantized(r_tensor)
+            difference = np.array(_dequantized(a_tensors[name]))  # writable, not the map
+            difference -= _dequantized(r_tensor)  # in place: one matrix less at the peak
             entry = TensorDifference(
                 name, tuple(int(n) for n in difference.shape), float(np.linalg.norm(difference))
             )
@@ -190,7 +192,7 @@ def extract(
             elif why_not is not None:
                 entry.carried, entry.why_not = False, why_not
             else:
-                left, right = truncated_svd(difference.astype(np.float64), rank)
+                left, right = truncated_svd(difference, rank)
                 entry.kept_norm = float(np.linalg.norm(left @ right))
                 if name == "token_embd.weight":  # llama.cpp's flipped form for embeddings
                     tensors = {"lora_a": left, "lora_b": right.T}

@@ -138,3 +138,18 @@ def test_bad_input_is_one_line_and_leaves_no_file(tmp_path, model_dir, reference
                                       str(out)])  # fmt: skip
     assert result.exit_code == 1 and len(result.output.strip().splitlines()) == 1
     assert "Traceback" not in result.output and not out.exists()
+
+
+def test_large_matrices_take_the_randomized_svd_and_it_finds_their_rank():
+    """Above FULL_SVD_LIMIT on both sides the randomized SVD runs: an exactly rank-5
+    matrix comes back to float precision."""
+    from dera_local.extract import FULL_SVD_LIMIT, truncated_svd
+
+    pytest.importorskip("sklearn")
+    rng = np.random.default_rng(0)
+    n = FULL_SVD_LIMIT + 52
+    matrix = rng.standard_normal((n, 5)) @ rng.standard_normal((5, n))
+    left, right = truncated_svd(matrix.astype(np.float32), 5)
+    assert left.shape == (n, 5) and right.shape == (5, n)
+    error = np.linalg.norm(left @ right - matrix) / np.linalg.norm(matrix)
+    assert error < 1e-5
