@@ -142,6 +142,8 @@ class LoadedModel:
                 return  # freeing would wait on a lost worker: the memory stays held
             self._call(llama_cpp.llama_model_free, ptr)
             placement.disconnected(self.placement)
+            if self.calls is not None:
+                self.calls.close()
 
     @property
     def can_drop_tail(self) -> bool:
@@ -342,6 +344,8 @@ class Context:
             ptr, self.ptr = self.ptr, None
             if not _remote_lost(self.calls):
                 self._call(llama_cpp.llama_free, ptr)
+                if self.calls is not None:
+                    self.calls.close()
 
     def attach_lora(self, adapter: LoraAdapter, scale: float) -> None:
         """Applies the adapter in this context only (other contexts of the model keep the

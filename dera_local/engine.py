@@ -247,8 +247,12 @@ def load_pair(
         aligned, reference, options, lora=lora, lora_scale=lora_scale, draft=draft_model
     )
     sources = [loaded.aligned_model, loaded.reference_model]
-    if overlap_decodes is None:
-        overlap_decodes = overlap_by_default(options, sources)
-    elif overlap_decodes:
-        check_overlap(sources)
-    return DeraPair(loaded, mixer, overlap_decodes, speculation)
+    try:
+        if overlap_decodes is None:
+            overlap_decodes = overlap_by_default(options, sources)
+        elif overlap_decodes:
+            check_overlap(sources)
+        return DeraPair(loaded, mixer, overlap_decodes, speculation)
+    except BaseException:
+        loaded.close()  # a refused pair holds nothing (on a worker, nothing remote either)
+        raise

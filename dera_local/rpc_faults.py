@@ -122,9 +122,18 @@ class RemoteCalls:
             raise value
         return value
 
+    def close(self) -> None:
+        """Ends the calls thread once its queue is done (nothing remote runs after)."""
+        if self._thread is not None:
+            self._jobs.put(None)
+            self._thread = None
+
     def _serve(self) -> None:
         while True:
-            function, args, done, outcome = self._jobs.get()
+            job = self._jobs.get()
+            if job is None:
+                return
+            function, args, done, outcome = job
             try:
                 outcome.append(("value", function(*args)))
             except BaseException as exc:  # handed to the caller, raised there

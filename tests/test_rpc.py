@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 import urllib.error
 import urllib.request
@@ -107,6 +108,8 @@ def test_each_model_on_its_own_worker_overlaps_the_two_decodes(
         decodes = pair._slots.home.decodes
         decodes.recording = True
         assert _outputs(pair) == local_outputs
+        threads = {t for t in threading.enumerate() if t.name == "dera-rpc-calls"}
+        assert threads  # the remote calls run in their own threads...
         (first, start_a, end_a), (second, start_b, end_b) = sorted(decodes.spans)
         assert (first, second) == (0, 1)
         assert start_a < end_b and start_b < end_a  # the two decodes ran at once
@@ -115,6 +118,9 @@ def test_each_model_on_its_own_worker_overlaps_the_two_decodes(
         assert reference.placement.endpoints == (two.endpoint,)
         assert set(aligned.layers.devices) == {aligned.devices[0].name}
         assert set(reference.layers.devices) == {reference.devices[0].name}
+    for thread in threads:  # ...which end with the models: load/close cycles leak none
+        thread.join(timeout=5)
+        assert not thread.is_alive()
 
 
 def test_a_lora_pair_on_a_worker_or_split_over_two_places_gives_the_local_tokens(
