@@ -19,7 +19,6 @@ interrupted run leaves no partial adapter.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import time
@@ -31,6 +30,7 @@ import numpy as np
 
 from .errors import BadParameterError, DeraError, IncompatibleModelsError
 from .gguf_inspect import check_same_tokenizer, read_gguf
+from .hub import file_sha256
 
 FULL_SVD_LIMIT = 2048  # short side up to which a full (exact) SVD is used
 _LAYER = re.compile(r"^blk\.(\d+)\.")
@@ -119,14 +119,6 @@ def _dequantized(tensor) -> np.ndarray:
     return np.asarray(dequantize(tensor.data, tensor.tensor_type), dtype=np.float32)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def extract(
     aligned: str | os.PathLike[str],
     reference: str | os.PathLike[str],
@@ -205,9 +197,9 @@ def extract(
         report.seconds = time.perf_counter() - started
         for key, value in (
             ("dera.extract.aligned", aligned_info.path.name),
-            ("dera.extract.aligned.sha256", _sha256(aligned_info.path)),
+            ("dera.extract.aligned.sha256", file_sha256(aligned_info.path)),
             ("dera.extract.reference", reference_info.path.name),
-            ("dera.extract.reference.sha256", _sha256(reference_info.path)),
+            ("dera.extract.reference.sha256", file_sha256(reference_info.path)),
         ):
             writer.add_string(key, value)
         writer.add_uint32("dera.extract.rank", rank)

@@ -16,7 +16,6 @@ from .errors import RuntimeFailure
 
 # enum ggml_backend_dev_type (ggml-backend.h)
 CPU, GPU, IGPU, ACCEL, META = range(5)
-_TYPE_NAMES = {CPU: "CPU", GPU: "GPU", IGPU: "iGPU", ACCEL: "accelerator", META: "meta"}
 
 ABORT_CALLBACK = ctypes.CFUNCTYPE(None, ctypes.c_char_p)  # ggml_abort_callback_t
 
@@ -109,10 +108,6 @@ class Device:
     name: str
     description: str
     kind: int
-
-    @property
-    def kind_name(self) -> str:
-        return _TYPE_NAMES.get(self.kind, str(self.kind))
 
     def memory(self) -> tuple[int, int]:
         """(free, total) bytes; for an RPC device, asked of the worker."""

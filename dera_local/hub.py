@@ -54,7 +54,8 @@ def cached_path(remote: RemoteFile) -> Path | None:
     return Path(found) if isinstance(found, str) else None
 
 
-def _sha256(path: Path) -> str:
+def file_sha256(path: Path) -> str:
+    """The sha256 of a file, read in 1 MiB blocks."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -151,7 +152,7 @@ def download(remote: RemoteFile) -> Path:
             f"{remote}: {size} bytes, expected {remote.size}; removed the file, "
             "run dera-local pull again"
         )
-    if expected is not None and _sha256(local) != expected:
+    if expected is not None and file_sha256(local) != expected:
         _remove_from_cache(local)
         raise DeraError(
             f"{remote}: checksum mismatch (sha256 differs from {expected[:12]}...); "

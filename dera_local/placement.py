@@ -72,8 +72,8 @@ class RpcPlacement:
         )
 
     def of(self, role: str) -> Placement:
-        """A model's placement by role: aligned, reference, draft, or every."""
-        own = None if role == "every" else getattr(self, role)
+        """A model's placement by role: aligned, reference or draft."""
+        own = getattr(self, role)
         return Placement(self.every if own is None else own, self.timeout)
 
     @property
@@ -140,9 +140,6 @@ class LayerMap:
 
     devices: list[str] = field(default_factory=list)
     buffers_mib: dict[str, float] = field(default_factory=dict)
-
-    def counts(self) -> dict[str, int]:
-        return dict(collections.Counter(self.devices))
 
     def describe(self) -> str:
         """e.g. 'RPC0 16 layers, RPC1 15 + output; RPC0[...] 120.3 MiB, CPU 24.0 MiB'."""

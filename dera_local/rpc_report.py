@@ -21,10 +21,10 @@ def worker_lines(endpoints: list[str], timeout: float) -> list[str]:
         offload = prepare(Placement((endpoint,), timeout))
         memory = [
             f"{d.name} {free // MIB} MiB free of {total // MIB} MiB"
-            for d in offload.devices or []
-            if d.description == endpoint
+            for d in offload.worker_devices
             for free, total in [offload.calls(d.memory)]
         ]
+        offload.calls.close()
         lines.append(f"worker {endpoint}: protocol {version}; " + ", ".join(memory))
     return lines
 

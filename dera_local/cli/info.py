@@ -99,7 +99,7 @@ def _placed_models(
         ]
     models = []
     if proxy_base is not None:
-        models.append(("proxy base", model_path(proxy_base), where.of("every")))
+        models.append(("proxy base", model_path(proxy_base), Placement(where.every, where.timeout)))
     if aligned and not lora:
         models.append(("aligned", aligned, where.of("aligned")))
     if reference:

@@ -60,6 +60,16 @@ def sequence_logps(model: TorchLlama, batch: list[tuple[list[int], int]]) -> tor
     return (logps * mask).sum(-1)
 
 
+def dpo_loss(model, pairs, batch, reference_logps, eot, beta):
+    """(DPO loss, per-pair margins) of the pairs `batch` indexes; the reference
+    log-probabilities were taken before training."""
+    flat = [seq for i in batch for seq in sequences(pairs[i], eot)]
+    policy = sequence_logps(model, flat).view(len(batch), 2)
+    reference = torch.stack([reference_logps[i] for i in batch])
+    margin = (policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1])
+    return -torch.nn.functional.logsigmoid(beta * margin).mean(), margin
+
+
 def export(model: TorchLlama, path: Path, meta: dict) -> None:
     writer = gguf.GGUFWriter(str(path), "llama")
     writer.add_type(gguf.GGUFType.ADAPTER)
@@ -117,11 +127,7 @@ def main() -> None:
     started = time.time() - elapsed
     while step < len(batches):
         batch = batches[step]
-        flat = [seq for i in batch for seq in sequences(pairs[i], eot)]
-        policy = sequence_logps(model, flat).view(len(batch), 2)
-        reference = torch.stack([reference_logps[i] for i in batch])
-        margin = (policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1])
-        loss = -torch.nn.functional.logsigmoid(args.beta * margin).mean()
+        loss, margin = dpo_loss(model, pairs, batch, reference_logps, eot, args.beta)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

@@ -29,7 +29,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 from torch_llama import PROJECTIONS, TorchLlama  # noqa: E402
-from train import END_OF_TURN, _token_id, sequence_logps, sequences  # noqa: E402
+from train import END_OF_TURN, _token_id, dpo_loss, sequence_logps, sequences  # noqa: E402
 
 from dera_local.default_pair import demo_reference_path  # noqa: E402
 
@@ -125,11 +125,7 @@ def main() -> None:
     batches = [order[i : i + args.batch_pairs] for i in range(0, len(order), args.batch_pairs)]
     started = time.time()
     for step, batch in enumerate(batches, start=1):
-        flat = [seq for i in batch for seq in sequences(pairs[i], eot)]
-        policy = sequence_logps(model, flat).view(len(batch), 2)
-        reference = torch.stack([reference_logps[i] for i in batch])
-        margin = (policy[:, 0] - reference[:, 0]) - (policy[:, 1] - reference[:, 1])
-        loss = -torch.nn.functional.logsigmoid(args.beta * margin).mean()
+        loss, margin = dpo_loss(model, pairs, batch, reference_logps, eot, args.beta)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
