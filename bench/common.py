@@ -105,21 +105,27 @@ def table(headers: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+_ISAS = (("avx512f", "AVX-512"), ("avx2", "AVX2 without AVX-512"), ("asimd", "NEON"))
+
+
 def machine() -> str:
     import platform
 
     import llama_cpp
 
-    cpu = "unknown CPU"
+    cpu, isa = "unknown CPU", ""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
+            if line.startswith("model name") and cpu == "unknown CPU":
                 cpu = line.split(":", 1)[1].strip()
-                break
+            if line.startswith("flags") and not isa:
+                flags = line.split(":", 1)[1].split()
+                isa = next((name for flag, name in _ISAS if flag in flags), "no AVX2")
     except OSError:
         pass
     return (
-        f"{cpu}, {os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
+        f"{cpu} ({isa or 'ISA unknown'}), {os.cpu_count()} cores, "
+        f"{platform.system()} {platform.machine()}, "
         f"Python {platform.python_version()}, llama-cpp-python {llama_cpp.__version__}"
     )
 

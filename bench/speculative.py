@@ -6,6 +6,7 @@ temperature. Both paths give the same tokens (same seed), so the ratio is pure s
     python bench/speculative.py --draft-pair   # Qwen2.5-Coder 0.5B drafting for 1.5B x2
     python bench/speculative.py --cfg          # with a negative prompt (the batched path)
     python bench/speculative.py --baseline-checkout /tmp/before  # and another checkout's
+    python bench/speculative.py --fresh 10     # each run a fresh process (see speculative_fresh)
 
 Workloads: an input-grounded one (correct the spelling of a ~300-token passage: the
 answer copies the input), a summary (copies some), and open chat (nothing to copy:
@@ -19,7 +20,9 @@ import contextlib
 import os
 import statistics
 import sys
+from pathlib import Path
 
+import speculative_fresh
 from baseline import add_argument, load_baseline
 from common import assembled_gguf, divergence_gap, machine, qwen_pair, smollm2_pair, table
 
@@ -230,8 +233,25 @@ def main() -> None:
     parser.add_argument(
         "--workloads", default="spelling,summary,open chat", help="comma-separated prefixes"
     )
+    parser.add_argument(
+        "--fresh",
+        type=int,
+        metavar="N",
+        help="run each configuration (plain, adaptive, fixed k) in N fresh generate processes",
+    )
+    parser.add_argument("--grid", default="1-8", help="with --fresh: the fixed k to try")
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=speculative_fresh.DEFAULT_RESULTS,
+        help="with --fresh: the JSONL file of runs (resumable)",
+    )
     add_argument(parser)
     args = parser.parse_args()
+    if args.fresh:
+        grid = speculative_fresh.parse_grid(args.grid)
+        speculative_fresh.main(args.fresh, args.pairs, grid, args.results, args.threads)
+        return
     if args.baseline_checkout:
         BASELINE.extend([load_baseline(args.baseline_checkout), args.baseline_checkout])
     wanted = [p.strip() for p in args.workloads.split(",")]

@@ -48,6 +48,7 @@ from .slot_mixing import sample_slot
 from .slots import Lane, Slot
 from .source_decodes import SourceDecodes
 from .speculative import AcceptRule, Drafter, SpeculationParams, sample_equals_draft
+from .step_costs import StepCosts
 
 
 class BatchDecoder:
@@ -112,6 +113,8 @@ class BatchDecoder:
         self.batch = TokenBatch(self.n_batch)
         self.sequences = KVSequences(contexts, n_sequences)
         self.live: list[Slot] = []
+        # What a decode step costs by its rows, for every speculating slot's draft length.
+        self.step_costs = StepCosts()
 
     def close(self) -> None:
         for slot in list(self.live):
@@ -203,7 +206,15 @@ class BatchDecoder:
         # Everything that can refuse the request (a bad grammar, too many drafts) comes
         # before its sequences are taken, so a refusal leaves the decoder as it was.
         started = time.perf_counter()  # a draft model reads the prompt now: count it
-        drafting = drafting_for(speculation, drafter, accept, prompts[0], self.max_drafts)
+        drafting = drafting_for(
+            speculation,
+            drafter,
+            accept,
+            prompts[0],
+            self.max_drafts,
+            self.step_costs,
+            lanes=len(prompts),
+        )
         model = self.models.model
         terms = mixture_terms(
             self.models.source_weights(lam), None if guidance is None else guidance.scale
@@ -278,7 +289,10 @@ class BatchDecoder:
         running = [s for s in self.live if s.finish_reason is None]
         decoding = [s for s in running if not s.prefilling]
         # one token per lane first: running streams never wait; drafts share what is left
-        budget = self.n_batch - sum(len(s.lanes) for s in decoding)
+        decoding_rows = sum(len(s.lanes) for s in decoding)
+        budget = self.n_batch - decoding_rows
+        drafting_seconds = 0.0
+        reads_prompts = False  # prompt rows make a step's time no guide to a draft's cost
 
         def feed(lane: Lane, count: int, logits: str) -> list[int]:
             """Adds `count` more of the lane's pending tokens, with logits at the "last"
@@ -294,7 +308,11 @@ class BatchDecoder:
             return rows
 
         for slot in decoding:
-            drafts = self._drafts(slot, budget // len(slot.lanes))
+            rows_so_far = self.n_batch - budget  # this step's rows before the slot's drafts
+            drafts, seconds = self._drafts(
+                slot, budget // len(slot.lanes), rows_so_far, len(decoding)
+            )
+            drafting_seconds += seconds
             budget -= len(drafts) * len(slot.lanes)
             for lane in slot.lanes:
                 lane.pending = lane.pending[:1] + drafts
@@ -304,6 +322,7 @@ class BatchDecoder:
                 continue
             if budget <= 0:
                 break
+            reads_prompts = True
             for lane in slot.lanes:  # all but each prompt's last token
                 take = min(budget, len(lane.pending) - 1)
                 if take > 0:
@@ -323,24 +342,29 @@ class BatchDecoder:
             lane.pending = lane.pending[n:]
             lane.position += n
         for slot, rows in sampled:
-            self._take_tokens(slot, rows, started, sharing=len(decoding))
+            self._take_tokens(slot, rows)
+        if not reads_prompts:
+            seconds = time.perf_counter() - started - drafting_seconds
+            self.step_costs.record(len(entries), seconds)
         return [slot for slot, _ in sampled]
 
-    def _drafts(self, slot: Slot, spare_rows: int) -> list[int]:
-        """The drafts a decoding slot verifies this step (none: one plain token).
-        spare_rows: batch rows per lane left after every decoding lane's own token."""
+    def _drafts(
+        self, slot: Slot, spare_rows: int, base_rows: int, sharing: int
+    ) -> tuple[list[int], float]:
+        """The drafts a decoding slot verifies this step (none: one plain token), and the
+        seconds drafting took. spare_rows: batch rows per lane left after every decoding
+        lane's own token; base_rows: the step's rows before these drafts; sharing: the
+        slots decoding in the step."""
         if slot.drafting is None:
-            return []
+            return [], 0.0
         # room: the batch and the slot's context (drafts follow the last token in every lane)
         longest = max(lane.position for lane in slot.lanes)
-        return plan_drafts(
-            slot, min(self.max_drafts, spare_rows, self.n_ctx_per_slot - 1 - longest)
-        )
+        room = min(self.max_drafts, spare_rows, self.n_ctx_per_slot - 1 - longest)
+        return plan_drafts(slot, room, base_rows, sharing)
 
-    def _take_tokens(self, slot: Slot, rows: list[list[int]], started: float, sharing: int) -> None:
+    def _take_tokens(self, slot: Slot, rows: list[list[int]]) -> None:
         """Samples the slot's rows: one token, or a walk over its verified drafts (the
-        caches then drop the positions after the last kept token, in every lane).
-        sharing: the slots that decoded in this step (the draft cost model's weight)."""
+        caches then drop the positions after the last kept token, in every lane)."""
         texts: list[str] = []
 
         def advance(token: int) -> str | None:
@@ -355,8 +379,6 @@ class BatchDecoder:
                 slot,
                 lambda i: self._sample(slot, [lane_rows[i] for lane_rows in rows]),
                 advance,
-                started,
-                sharing,
             )
             for lane in slot.lanes:  # the last token and the kept drafts stay cached
                 lane.position -= n_rows - len(kept)
@@ -364,8 +386,6 @@ class BatchDecoder:
         else:
             kept = [self._sample(slot, [lane_rows[-1] for lane_rows in rows])]
             finish = advance(kept[0])
-            if drafting is not None and not slot.prefilling:
-                drafting.controller.after_plain(time.perf_counter() - started)
         if slot.first_token_at is None:
             slot.first_token_at = time.perf_counter()
         for lane in slot.lanes:

@@ -19,6 +19,7 @@ from .mixing import validate_lam
 from .pair_guard import PairClosedError, PairGuard
 from .sampling import SamplingParams
 from .speculative import AcceptRule, Drafter, SpeculationParams, sample_equals_draft
+from .step_costs import StepCosts
 from .stream import GenerationStream, slot_steps
 from .structured import with_json_schema
 
@@ -177,6 +178,12 @@ class ModelSet:
             accept=accept,
         )
         return GenerationStream(steps, self.guard)
+
+    def step_costs(self, speculation: SpeculationParams | None = None) -> StepCosts:
+        """What a decode step of single generations costs here, by its rows, as measured
+        so far (the table the adaptive draft length decides from; see step_costs)."""
+        draft_max = (speculation or self.speculation).draft_max
+        return self._slots.decoder_for(1, draft_max).step_costs
 
     def generate(self, prompt: str | Sequence[int], **kwargs):
         """Generates to the end and returns the GenerationResult; keywords as for stream()."""

@@ -1,23 +1,19 @@
 """Speculation per slot of the batched step: a slot's drafter proposes tokens after its
 last one (prompt lookup, or a draft model), the step decodes them in every sequence of
 the slot at once, and the walk below keeps the drafts the chain would have sampled
-anyway (speculative.verify_drafts), feeding the adaptive draft length what it cost."""
+anyway (speculative.verify_drafts), telling the adaptive draft length what was kept
+and what drafting cost (the decoder times the steps)."""
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable
 
+from .draft_length import DraftLength
 from .errors import BadParameterError
 from .slots import Drafting, Slot
-from .speculative import (
-    AcceptRule,
-    Drafter,
-    DraftLength,
-    PromptLookup,
-    SpeculationParams,
-    verify_drafts,
-)
+from .speculative import AcceptRule, Drafter, PromptLookup, SpeculationParams, verify_drafts
+from .step_costs import StepCosts
 
 
 def drafting_for(
@@ -26,10 +22,13 @@ def drafting_for(
     accept: AcceptRule,
     prompt: list[int],
     max_drafts: int,
+    costs: StepCosts,
+    lanes: int = 1,
 ) -> Drafting | None:
     """A new slot's speculation (None: it decodes one token per step). The drafter
     (default: prompt lookup over the prompt) starts following the prompt here; a draft
-    model reads it now."""
+    model reads it now. costs: the decoder's step costs; lanes: the slot's sequences
+    (each carries the drafts)."""
     if speculation is None or not speculation.enabled or not max_drafts:
         return None
     if speculation.draft_max > max_drafts:
@@ -40,35 +39,37 @@ def drafting_for(
         )
     drafter = drafter or PromptLookup(speculation.ngram_min, speculation.ngram_max)
     drafter.reset(prompt)
-    return Drafting(drafter, DraftLength(speculation, drafter), accept)
+    return Drafting(drafter, DraftLength(speculation, drafter, costs, lanes), accept)
 
 
-def plan_drafts(slot: Slot, room: int) -> list[int]:
-    """The drafts a speculating slot verifies this step (none: one plain token). room:
-    the most that fit its batch share and its context; max_tokens is applied here."""
+def plan_drafts(slot: Slot, room: int, base_rows: int, sharing: int) -> tuple[list[int], float]:
+    """The drafts a speculating slot verifies this step (none: one plain token), and the
+    seconds drafting took. room: the most that fit its batch share and its context
+    (max_tokens is applied here); base_rows: the rows the step carries without them;
+    sharing: the slots decoding in the step."""
     drafting = slot.drafting
     tokens_left = slot.output.tokens_left
     if tokens_left is not None:  # a step keeps at most k + 1 tokens
         room = min(room, tokens_left - 1)
     controller = drafting.controller
-    limit = controller.draft_limit(room)
+    limit = controller.draft_limit(room, base_rows, sharing)
+    started = time.perf_counter()
     drafts = drafting.drafter.draft(limit) if limit > 0 else []
+    seconds = time.perf_counter() - started
+    controller.after_drafting(len(drafts), seconds)
     drafting.drafts = drafts[: controller.choose(len(drafts))]
-    return drafting.drafts
+    return drafting.drafts, seconds
 
 
 def walk_drafts(
     slot: Slot,
     sample_row: Callable[[int], int],
     advance: Callable[[int], str | None],
-    started: float,
-    sharing: int,
 ) -> tuple[list[int], str | None]:
     """Samples the slot's verification rows in order (row i follows the i-th input token)
-    and keeps drafts while the chain agrees; counts them and tells the draft length what
-    the step cost. Returns the kept tokens and the finish reason. The caller drops the
-    cached positions after the last kept token. sharing: the slots that decoded in this
-    step (the cost model's weight)."""
+    and keeps drafts while the chain agrees; counts them and tells the draft length how
+    many were kept. Returns the kept tokens and the finish reason. The caller drops the
+    cached positions after the last kept token."""
     drafting = slot.drafting
     assert drafting is not None and drafting.drafts
     drafts = drafting.drafts
@@ -78,7 +79,6 @@ def walk_drafts(
     counts.accepted += accepted
     counts.verify_steps += 1
     rejected = accepted < len(drafts) and finish is None
-    seconds = time.perf_counter() - started
-    drafting.controller.after_verify(len(drafts), accepted, rejected, seconds, sharing=sharing)
+    drafting.controller.after_verify(len(drafts), accepted, rejected)
     drafting.drafts = []
     return kept, finish

@@ -6,11 +6,12 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass, field
 
+from .draft_length import DraftLength
 from .guidance import Guidance, Term
 from .logprobs import SequenceLogprobs
 from .sampling import SamplerChain, SamplingParams
 from .sequence import SequenceOutput
-from .speculative import AcceptRule, DraftCounts, Drafter, DraftLength
+from .speculative import AcceptRule, DraftCounts, Drafter
 
 
 @dataclass(eq=False)

@@ -16,7 +16,6 @@ rounding differences of batched decoding.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -156,122 +155,6 @@ class ModelDrafter:
         self._cached.extend(self.history[keep:])
 
 
-@dataclass
-class _Acceptance:
-    """Decayed counts of accepted and judged drafted tokens of one draft source."""
-
-    accepted: float = 0.0
-    judged: float = 0.0
-
-    @property
-    def rate(self) -> float:
-        # Laplace's rule: 1/2 with no evidence, then the observed rate.
-        return (self.accepted + 1.0) / (self.judged + 2.0)
-
-
-class DraftLength:
-    """Chooses how many drafted tokens to verify, from a cost model measured as it goes.
-
-    A verification of k drafts keeps 1 + a + a^2 + ... + a^k tokens on average, where a
-    is the chance that a drafted token is accepted (tracked per draft source: prompt
-    lookup by match length, or the draft model), and costs 1 + c*k plain steps, where c
-    is the measured cost of one more drafted token (one more batch row, about 0.45 of a
-    plain step on a 2-core CPU and near 0 on a GPU, plus its drafting for a draft
-    model). The k with the best tokens per cost wins if it beats a plain step by a
-    margin (a source not seen yet starts from all sources' record; the very first draft
-    is always tried); when nothing pays, speculation pauses (8
-    tokens, doubling up to 256) and then probes with one draft, so text with nothing to
-    copy costs little more than plain decoding."""
-
-    DECAY = 0.8  # weight of the evidence so far at each new verification
-    SMOOTHING = 0.3
-    PRIOR_ROW_COST = 0.5  # plain steps per drafted token, until measured
-    REQUIRED_GAIN = 1.05  # expected tokens per unit cost that drafting must beat
-    FIRST_PAUSE = 8
-    MAX_PAUSE = 256
-
-    def __init__(self, params: SpeculationParams, drafter: Drafter) -> None:
-        self.params = params
-        self.drafter = drafter
-        self.plain_seconds: float | None = None
-        self.row_cost: float | None = None  # measured, in plain steps per drafted token
-        self._acceptance: dict[object, _Acceptance] = {}
-        self._pooled = _Acceptance()  # all sources together
-        self._pause_left = 1 if params.adaptive else 0  # measure one plain step first
-        self._pause = self.FIRST_PAUSE
-        self._probe = False  # the next draft is a probe after a pause
-
-    def draft_limit(self, room: int) -> int:
-        """How many tokens to ask the drafter for now (0: decode one token plainly)."""
-        if not self.params.enabled or room <= 0:
-            return 0
-        limit = min(self.params.draft_max, room)
-        if not self.params.adaptive:
-            return limit
-        if self._pause_left > 0:
-            self._pause_left -= 1
-            self._probe = self._pause_left == 0
-            return 0
-        if self.drafter.cheap:  # draft as much as fits; choose() keeps what pays
-            return limit
-        # Drafting costs decodes here: decide before drafting.
-        return self._verdict(self.drafter.source, limit)
-
-    def choose(self, proposed: int) -> int:
-        """How many of the proposed drafts to verify (0: none; decode one plainly)."""
-        if proposed < max(self.params.draft_min, 1):
-            return 0
-        if not self.params.adaptive:
-            return proposed
-        return self._verdict(self.drafter.source, proposed)
-
-    def _verdict(self, source: object, limit: int) -> int:
-        k = self.best_k(source, limit)
-        if self._probe or not self._pooled.judged:
-            self._probe = False
-            return k or 1  # a probe, or a first look at drafting at all
-        if k == 0:
-            self._pause_left = self._pause
-            self._pause = min(self._pause * 2, self.MAX_PAUSE)
-        return k
-
-    def best_k(self, source: object, limit: int) -> int:
-        # A source not seen yet (a longer n-gram match, say) starts from what all
-        # sources have shown so far.
-        a = min((self._acceptance.get(source) or self._pooled).rate, 0.999)
-        cost = self.row_cost if self.row_cost is not None else self.PRIOR_ROW_COST
-        # A plain step gives one token per unit cost; drafting must promise clearly more,
-        # because the estimates are noisy and a wrong "yes" costs real time.
-        best, best_value = 0, self.REQUIRED_GAIN
-        for k in range(1, limit + 1):
-            value = (1 - a ** (k + 1)) / (1 - a) / (1 + cost * k)
-            if value > best_value:
-                best, best_value = k, value
-        return best
-
-    def after_plain(self, seconds: float) -> None:
-        self.plain_seconds = _smooth(self.plain_seconds, seconds, self.SMOOTHING)
-
-    def after_verify(
-        self, drafted: int, accepted: int, rejected: bool, seconds: float, sharing: int = 1
-    ) -> None:
-        """rejected: the walk ended on a drafted token that was not kept (not at the
-        bonus row or a stop); seconds: drafting and verifying together. sharing: how many
-        generations decoded in the step (a batched decoder's slots): the drafts' extra
-        time delays every one of them, so it counts that many times. (Drafting pays for
-        the batch when the tokens it adds, E - 1, beat the tokens the others lose,
-        (sharing - 1) * c * k, plus its own c * k.)"""
-        source = self.drafter.source
-        for counts in (self._acceptance.setdefault(source, _Acceptance()), self._pooled):
-            counts.accepted = counts.accepted * self.DECAY + accepted
-            counts.judged = counts.judged * self.DECAY + accepted + rejected
-        if self.plain_seconds:
-            extra = sharing * max(seconds / self.plain_seconds - 1.0, 0.0) / drafted
-            self.row_cost = _smooth(self.row_cost, extra, self.SMOOTHING)
-        if self.best_k(source, self.params.draft_max) > 0:  # it pays (again)
-            self._pause = self.FIRST_PAUSE
-
-
 def verify_drafts(
     sample_row: Callable[[int], int],
     drafts: Sequence[int],
@@ -321,9 +204,3 @@ class Drafter(Protocol):
     def extend(self, tokens: Sequence[int]) -> None: ...
 
     def draft(self, k: int) -> list[int]: ...
-
-
-def _smooth(old: float | None, new: float, weight: float) -> float:
-    if old is None or not math.isfinite(old):
-        return new
-    return (1 - weight) * old + weight * new

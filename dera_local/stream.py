@@ -34,6 +34,9 @@ class GenerationResult:
     drafted: int = 0  # tokens proposed by speculation
     accepted: int = 0  # of those, kept (the rest cost one batched row each)
     verify_steps: int = 0  # batched decodes that verified drafts
+    # What the adaptive draft length measured and decided (DraftLength.report), when
+    # the generation speculated: step costs by rows, acceptance per source, decisions.
+    speculation: dict | None = None
     # With a negative prompt (classifier-free guidance): its ids and the scale.
     negative_prompt_tokens: list[int] | None = None
     cfg_scale: float | None = None
@@ -165,6 +168,7 @@ def slot_result(slot: Slot) -> GenerationResult:
         drafted=counts.drafted,
         accepted=counts.accepted,
         verify_steps=counts.verify_steps,
+        speculation=slot.drafting.controller.report() if slot.drafting is not None else None,
         negative_prompt_tokens=None if guidance is None else list(guidance.negative_tokens),
         cfg_scale=slot.cfg_scale,
         reused_negative_prompt_tokens=slot.reused_negative_prompt_tokens,

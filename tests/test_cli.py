@@ -216,6 +216,55 @@ def test_speculation_flags_json_counts_and_info(run, other_vocab_path):
     assert bad.exit_code == 2 and "--draft-max" in bad.stderr
 
 
+def test_speculation_says_what_it_measured_and_decided(run):
+    prompt = "the cat sat on the mat and the cat sat on the mat and the cat sat on the"
+    greedy_json = ["--json", "--temp", "0", "-n", "30", "--lam", "0.5"]
+    data = _json(run("generate", prompt, *greedy_json))
+    report = data["speculation"]
+    assert report["adaptive"] is True
+    decisions = report["decisions"]
+    assert decisions[0]["why"] == "timing a plain step first"
+    # every decode step decided once (the first token comes from reading the prompt);
+    # the verified drafts are the drafted tokens
+    steps = len(data["tokens"]) - data["accepted"] - 1
+    assert sum(d["steps"] for d in decisions) in (steps, steps + 1)  # + an end token
+    assert sum(d["k"] * d["steps"] for d in decisions) == data["drafted"] > 0
+    assert "1" in report["step_ms_by_rows"] and report["acceptance"]
+    verbose = run("generate", prompt, "--temp", "0", "-n", "30", "--lam", "0.5", "-v")
+    assert "speculation: step ms by rows: 1: " in verbose.stderr
+    assert "speculation: steps 1-2: plain (timing a plain step first)" in verbose.stderr
+    # a fixed draft length: the same tokens, every verification as long as lookup allows
+    fixed = _json(run("generate", prompt, *greedy_json, "--draft-max", "3", "--draft-fixed"))
+    assert fixed["tokens"] == data["tokens"]
+    whys = {d["why"] for d in fixed["speculation"]["decisions"]}
+    assert whys <= {"fixed draft length", "nothing to draft", "no room for drafts"}
+    assert all(d["k"] <= 3 for d in fixed["speculation"]["decisions"])
+    measured = run("info", "--measure-speculation")
+    assert measured.exit_code == 0, measured.stderr
+    lines = measured.stdout.split("speculation measured on this machine:\n")[1].splitlines()
+    assert lines[0].startswith("  step cost by rows, in plain steps of")
+    assert [row.split(":")[0] for row in lines[0].split("ms: ")[1].split(", ")] == [
+        str(rows) for rows in range(2, 10)
+    ]
+    assert "pays from about" in measured.stdout or "measured not to pay" in measured.stdout
+
+
+def test_info_says_when_speculation_never_pays():
+    from dera_local.draft_costs import DraftCostReport
+
+    dear_rows = DraftCostReport(
+        step_ms={1: 10.0, 2: 19.0, 3: 28.0}, gains={1: 1.0, 2: 0.97}, break_even=None
+    )
+    assert not dear_rows.pays
+    assert (
+        "speculation measured not to pay on this machine for this model: at 90% acceptance "
+        "the best is k=1, 1.00x" in "\n".join(dear_rows.lines())
+    )
+    cheap_rows = DraftCostReport(step_ms={1: 10.0, 2: 11.0}, gains={1: 1.7, 2: 2.2}, break_even=0.3)
+    assert cheap_rows.pays and cheap_rows.best_k == 2
+    assert cheap_rows.lines()[-1] == "  pays from about 30% acceptance"
+
+
 @pytest.mark.parametrize(
     "spec, what",
     [

@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from ..draft_length import report_lines
 from ..errors import DeraError
 from ..logprob_format import chat_content
 from .open_models import open_pair
@@ -120,4 +121,6 @@ def generate(
             for chunk in stream:
                 click.echo(chunk, nl=False)
             click.echo()
+        if model["verbose"] and stream.result.speculation is not None:
+            click.echo("\n".join(report_lines(stream.result.speculation)), err=True)
         hint_if_raw_prompts_ended_at_once(pair, chat, int(not stream.result.tokens))

@@ -7,6 +7,7 @@ import click
 
 from .. import backend
 from ..catalog import find_pair
+from ..draft_costs import measure_draft_costs
 from ..errors import DeraError
 from ..gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
 from ..mixing import LogitMixer
@@ -14,7 +15,7 @@ from ..mixture import parse_mix
 from ..placement import Placement, RpcPlacement
 from ..resolve import model_path, resolve_models
 from ..rpc_report import placement_lines
-from .open_models import speculation_from
+from .open_models import open_pair, speculation_from
 from .options import draft_options, hook_option, model_source_options, rpc_options
 
 
@@ -115,6 +116,13 @@ def _placed_models(
 @draft_options
 @hook_option
 @rpc_options
+@click.option(
+    "--measure-speculation",
+    is_flag=True,
+    help="Load the models and time decode steps of 1 to 9 rows here (a few seconds), "
+    "then say whether speculative decoding can pay on this machine, and from what "
+    "acceptance.",
+)
 def info(
     aligned: str | None,
     reference: str | None,
@@ -124,6 +132,7 @@ def info(
     draft_model: str | None,
     draft_max: int,
     draft_min: int,
+    draft_fixed: bool,
     hook: str | None,
     proxy_base: str | None,
     mix: str | None,
@@ -132,15 +141,18 @@ def info(
     rpc_reference: str | None,
     rpc_draft: str | None,
     rpc_timeout: float,
+    measure_speculation: bool,
 ) -> None:
     """Show both models, the compatibility verdict, the mixing path and llama.cpp's build.
 
     With no model flags, shows the built-in demo pair when it is installed; with --mix,
     every model of the mixture; with --proxy-base, the steered model too. With --rpc
     (or the per-model --rpc-* flags): each worker's protocol and free memory, and the
-    layers llama.cpp would put on each device."""
+    layers llama.cpp would put on each device. With --measure-speculation: what a
+    verification of k drafts costs here, and what it can gain."""
     import llama_cpp
 
+    flags = dict(aligned=aligned, reference=reference, lora=lora, pair=pair, quant=quant)
     if mix is not None:
         aligned = reference = lora = None
     else:
@@ -203,7 +215,7 @@ def info(
     extra_lines, extra_error = _mixture_lines(mix, proxy_base, infos.get("reference"))
     lines += extra_lines
     verdict_error = verdict_error or extra_error
-    speculation = speculation_from(draft_max, draft_min)
+    speculation = speculation_from(draft_max, draft_min, draft_fixed)
     if not speculation.enabled:
         lines.append("speculation: off (--draft-max 0)")
     elif draft_model and (mix is not None or proxy_base is not None):
@@ -239,3 +251,24 @@ def info(
     click.echo("\n".join(lines))
     if verdict_error is not None:
         raise verdict_error
+    if measure_speculation:
+        rpc_settings = dict(
+            rpc=rpc,
+            rpc_aligned=rpc_aligned,
+            rpc_reference=rpc_reference,
+            rpc_draft=rpc_draft,
+            rpc_timeout=rpc_timeout,
+        )
+        with open_pair(
+            **flags,
+            lora_scale=1.0,
+            draft_model=None,
+            draft_max=draft_max,
+            draft_min=draft_min,
+            proxy_base=proxy_base,
+            mix=mix,
+            hook=hook,
+            **rpc_settings,
+        ) as models:
+            report = measure_draft_costs(models)
+        click.echo("speculation measured on this machine:\n" + "\n".join(report.lines()))

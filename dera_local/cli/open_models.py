@@ -13,8 +13,12 @@ from ..resolve import model_path, resolve_models
 from ..speculative import SpeculationParams
 
 
-def speculation_from(draft_max: int, draft_min: int) -> SpeculationParams:
-    return SpeculationParams(draft_max=draft_max, draft_min=min(draft_min, draft_max))
+def speculation_from(
+    draft_max: int, draft_min: int, draft_fixed: bool = False
+) -> SpeculationParams:
+    return SpeculationParams(
+        draft_max=draft_max, draft_min=min(draft_min, draft_max), adaptive=not draft_fixed
+    )
 
 
 def open_pair(
@@ -27,6 +31,7 @@ def open_pair(
     draft_model: str | None,
     draft_max: int,
     draft_min: int,
+    draft_fixed: bool = False,
     proxy_base: str | None = None,
     mix: str | None = None,
     one_model_ok: bool = False,
@@ -35,6 +40,7 @@ def open_pair(
     """Loads what the flags name: a pair (see resolve_models; no flags: the demo pair), a
     proxy-tuned model (--proxy-base) or a mixture (--mix). `one_model_ok`: -m alone is
     that model by itself (it is steered by a negative prompt)."""
+    speculation = speculation_from(draft_max, draft_min, draft_fixed)
     if mix is not None:
         given = {"aligned": aligned, "reference": reference, "lora": lora, "pair": pair}
         if proxy_base or any(value and _from_flag(name) for name, value in given.items()):
@@ -44,9 +50,7 @@ def open_pair(
         if draft_model:
             raise DeraError("--mix drafts by prompt lookup only: drop -md")
         _refuse_roles(settings, ("rpc_aligned", "rpc_reference", "rpc_draft"), "--mix")
-        return load_mixture(
-            _resolved_mix(mix), speculation=speculation_from(draft_max, draft_min), **settings
-        )
+        return load_mixture(_resolved_mix(mix), speculation=speculation, **settings)
     if aligned and not (reference or lora or pair) and one_model_ok and not proxy_base:
         reference = aligned  # the model alone: DeRa of a model with itself is that model
     aligned, reference, lora = resolve_models(aligned, reference, lora, pair, quant)
@@ -60,7 +64,7 @@ def open_pair(
             reference,
             lora=lora,
             lora_scale=lora_scale,
-            speculation=speculation_from(draft_max, draft_min),
+            speculation=speculation,
             **settings,
         )
     return load_pair(
@@ -69,7 +73,7 @@ def open_pair(
         lora=lora,
         lora_scale=lora_scale,
         draft_model=model_path(draft_model) if draft_model else None,
-        speculation=speculation_from(draft_max, draft_min),
+        speculation=speculation,
         **settings,
     )
 

@@ -144,6 +144,12 @@ draft_options = _stack(
         show_default=True,
         help="Fewest drafted tokens per verification step.",
     ),
+    click.option(
+        "--draft-fixed",
+        is_flag=True,
+        help="Verify every draft up to --draft-max instead of choosing the draft length "
+        "from measured step costs and acceptance (to compare draft lengths).",
+    ),
 )
 
 model_options = _stack(
@@ -198,7 +204,13 @@ model_options = _stack(
         help="Flash attention (off matches llama-cpp-python's Llama numerics).",
     ),
     hook_option,
-    click.option("-v", "--verbose", is_flag=True, help="Show llama.cpp's log on stderr."),
+    click.option(
+        "-v",
+        "--verbose",
+        is_flag=True,
+        help="Show llama.cpp's log on stderr (generate: then what speculation measured "
+        "and decided).",
+    ),
     rpc_options,
 )
 
