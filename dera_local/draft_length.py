@@ -10,7 +10,7 @@ it beats a plain step by a margin; when no k pays, that source pauses and then p
 Decisions must not hang on luck in the first steps (one slow timing once switched
 speculation off for a whole answer while every draft was accepted), so: timings are
 robust (StepCosts drops each shape's first timing, takes medians and fits a line); a
-slot decodes plainly until its plain step is timed, and re-times it now and then; a
+slot re-times its plain step now and then when no step with nothing to draft did; a
 probe that is kept halves the next pause and doubles the next probe, and only a
 rejected probe doubles the pause (zero acceptance stays paused, text that starts to
 copy resumes drafting within a few probes). Every decision is kept in `trace`
@@ -94,13 +94,14 @@ class DraftLength:
     FIRST_PAUSE = 8
     MAX_PAUSE = 256
     MAX_PROBE = 8  # the most drafts a probe verifies
-    TIMING_STEPS = 2  # most plain steps a new slot takes to get its plain step timed
     # Until the plain step has this many kept timings, every RETIME_EVERY-th step is
-    # plain, then every RETIME_LATER-th: one timing (taken once, at the start) is too
-    # noisy to decide from for long, costs drift as the context grows, and while
-    # drafting pays nothing else re-times the plain step every other cost is relative to.
-    PLAIN_TIMINGS = 5
-    RETIME_EVERY = 8
+    # plain, then every RETIME_LATER-th: every other cost is relative to it, costs drift
+    # as the context grows, and while drafting pays (text that copies throughout) no
+    # other step times it. Most text has steps with nothing to draft, which time it for
+    # free; until then the prior stands in (a plain step taken up front costs the
+    # drafts of the answer's first steps, where copying is most reliable).
+    PLAIN_TIMINGS = 3
+    RETIME_EVERY = 16
     RETIME_LATER = 64
     TRACE_LIMIT = 256
 
@@ -120,7 +121,6 @@ class DraftLength:
         self._sources: dict[object, _SourceState] = {}
         self._pooled = Acceptance()  # all sources together
         self._draft_seconds: deque[float] = deque(maxlen=StepCosts.WINDOW)  # per token
-        self._timing_left = self.TIMING_STEPS if params.adaptive else 0
         self._probing: object = None  # the source whose probe is being verified
         self._asked = False  # the drafter was asked for drafts in this step
         self._decided: int | None = None  # a costly drafter's k, decided before drafting
@@ -147,11 +147,6 @@ class DraftLength:
             self._note(0, "no room for drafts")
             return 0
         limit = min(self.params.draft_max, room)
-        if self.params.adaptive and self._timing_left > 0:
-            self._timing_left -= 1
-            if not self.costs.is_measured(self._base_rows):
-                self._note(0, "timing a plain step first")
-                return 0
         few = self.costs.timings(self._base_rows) < self.PLAIN_TIMINGS
         if (
             self.params.adaptive
