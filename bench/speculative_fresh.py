@@ -90,7 +90,8 @@ def _steps(data: dict) -> list[list[int]]:
 
 def cost_table(key: str, results: Path, done: dict) -> dict[int, float]:
     """Seconds per decode step by rows (1..17) for this pair, measured once in this
-    process (dera_local.draft_costs, 10 timed steps per shape) and kept in the results
+    process (dera_local.draft_costs, 20 timed steps per shape; read off StepCosts, so
+    one row's median and the line through the wider shapes) and kept in the results
     file: every run's steps are priced with it, so configurations compare by what they
     decided, free of the noise between processes."""
     if ("cost table", key) in done:
@@ -100,8 +101,9 @@ def cost_table(key: str, results: Path, done: dict) -> dict[int, float]:
 
     spec = smollm2_pair() if key == "smollm2" else qwen_pair()
     with dera_local.load_pair(spec.aligned, spec.reference, lora=spec.lora, n_ctx=2048) as pair:
-        measure_draft_costs(pair, max_k=16, steps=10)
-        seconds = pair.step_costs().measured()
+        measure_draft_costs(pair, max_k=16, steps=20)
+        costs = pair.step_costs()
+        seconds = {rows: costs.seconds(rows) for rows in range(1, 18)}
     record = {"cost table": key, "seconds": seconds}
     with results.open("a") as out:
         out.write(json.dumps(record) + "\n")
