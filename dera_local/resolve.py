@@ -39,6 +39,16 @@ def pulled_pair(name: str, quant: str = DEFAULT_QUANT) -> tuple[str, str]:
     return paths[0], paths[1]
 
 
+def pulled_quants(name: str) -> list[str]:
+    """The quantizations of catalog pair NAME whose both sides are in the cache."""
+    entry = find_pair(name)
+    return [
+        quant
+        for quant in entry.quants
+        if all(any(map(hub.cached_path, side)) for side in entry.candidates(quant))
+    ]
+
+
 @dataclass
 class PulledFile:
     """One side of a pulled pair: the file used and the repositories that were gone."""

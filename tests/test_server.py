@@ -536,8 +536,12 @@ def test_errors_map_to_whose_fault_they_are():
         ModelFileError,
         RuntimeFailure,
     )
-    from dera_local.server.app import dera_error_response
+    from dera_local.server.app import failure_response
+    from dera_local.server.jobs import failure_of
     from dera_local.server.requests import RequestError
+
+    def dera_error_response(error):
+        return failure_response(failure_of(error))
 
     def answer(error):
         response = dera_error_response(error)

@@ -216,6 +216,7 @@ def info(
     lines += extra_lines
     verdict_error = verdict_error or extra_error
     speculation = speculation_from(draft_max, draft_min, draft_fixed)
+    mode = "adaptive" if speculation.adaptive else "fixed (--draft-fixed)"
     if not speculation.enabled:
         lines.append("speculation: off (--draft-max 0)")
     elif draft_model and (mix is not None or proxy_base is not None):
@@ -225,7 +226,7 @@ def info(
         draft = read_gguf(model_path(draft_model))
         lines.append(
             f"speculation: draft model {draft.path.name} ({draft.name}), "
-            f"{speculation.draft_min}-{speculation.draft_max} tokens per step, adaptive"
+            f"{speculation.draft_min}-{speculation.draft_max} tokens per step, {mode}"
         )
         if "reference" in infos:
             try:
@@ -238,9 +239,9 @@ def info(
     else:
         lines.append(
             f"speculation: prompt lookup ({speculation.ngram_min}-{speculation.ngram_max}-grams), "
-            f"{speculation.draft_min}-{speculation.draft_max} tokens per step, adaptive "
-            "(switches off where it does not pay)"
+            f"{speculation.draft_min}-{speculation.draft_max} tokens per step, {mode}"
         )
+        lines.append("  (info --measure-speculation: whether it can pay on this machine)")
     where = RpcPlacement.parse(rpc, rpc_aligned, rpc_reference, rpc_draft, rpc_timeout)
     if where.any_remote or any(
         term.source.rpc for term in (parse_mix(mix) if mix is not None else ())

@@ -184,7 +184,8 @@ def serve(
             lam_range=bounds,
         )
         click.echo(
-            f"dera-local: serving on http://{host}:{port}/v1 (lam {lam:g}; {parallel} parallel "
+            f"dera-local: serving on http://{host}:{port}/v1 (OpenAI API) and /api (Ollama API) "
+            f"(lam {lam:g}; {parallel} parallel "
             f"slots of {pair.n_ctx} tokens); chat page at http://{host}:{port}/",
             err=True,
         )

@@ -1,4 +1,5 @@
-"""The Starlette app: /v1/chat/completions, /v1/completions, /v1/models, /health.
+"""The Starlette app: /v1/chat/completions, /v1/completions, /v1/models, /health, and
+Ollama's API under /api/ (see ollama.py).
 
 Per-request lam comes in the extra body field `dera_lambda` (what the openai client's
 `extra_body` sends). Errors are OpenAI-style JSON objects; nothing answers with a
@@ -7,10 +8,8 @@ traceback.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import importlib.resources
-import json
 import secrets
 import sys
 import traceback
@@ -25,8 +24,10 @@ from starlette.routing import Route
 from .. import rpc_faults
 from ..chat import ChatTemplate
 from ..engine import DeraPair, GenerationResult
-from ..errors import BadParameterError, ContextFullError, DeraError, RuntimeFailure, WorkerError
+from ..errors import BadParameterError, DeraError
+from .jobs import Failure, error_kind, failure_of, finish, read_json, start
 from .lam_range import LamRange, describe_lam
+from .ollama import ollama_error, ollama_routes
 from .requests import (
     MODEL_ID,
     RequestError,
@@ -35,7 +36,7 @@ from .requests import (
     parse_common,
 )
 from .responses import ChatShape, CompletionShape, event
-from .worker import GenerationWorker, Job, QueueFull, ShuttingDown
+from .worker import GenerationWorker, Job
 
 DEFAULT_LAM_PRESETS = (0.0, 0.5, 1.0, 1.5, 2.0)
 # The chat page at /: three small files shipped in the package, read once.
@@ -61,27 +62,14 @@ def error_response(
     return JSONResponse(body, status_code=status, headers=headers)
 
 
-class _BodyTooLarge(Exception):
-    pass
+def _ollama_error(status: int, message: str, kind: str = "", headers=None) -> JSONResponse:
+    return ollama_error(status, message, headers)
 
 
-def _error_type(exc: DeraError) -> str:
-    if isinstance(exc, WorkerError):
-        return "worker_unavailable"
-    return "server_error" if isinstance(exc, RuntimeFailure) else "invalid_request_error"
-
-
-def dera_error_response(exc: DeraError) -> JSONResponse:
-    """The caller's fault is 400; a full KV cache 503 (retry later); a lost RPC worker
-    503 (nothing works until it is back and the server restarted); any other runtime
-    failure 500."""
-    if isinstance(exc, ContextFullError):
-        return error_response(503, str(exc), "server_busy", headers={"Retry-After": "1"})
-    if isinstance(exc, WorkerError):
-        return error_response(503, str(exc), _error_type(exc))
-    if isinstance(exc, RuntimeFailure):
-        return error_response(500, str(exc), "server_error")
-    return error_response(400, str(exc), param=getattr(exc, "param", None))
+def failure_response(failure: Failure) -> JSONResponse:
+    return error_response(
+        failure.status, failure.message, failure.kind, failure.param, failure.headers
+    )
 
 
 class _Guard:
@@ -98,11 +86,14 @@ class _Guard:
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or [])
-        if self.api_key and scope["path"].startswith("/v1/"):
+        path = scope["path"]
+        # Ollama's endpoints answer errors in Ollama's shape: {"error": "..."}
+        error = _ollama_error if path.startswith("/api/") else error_response
+        if self.api_key and path.startswith(("/v1/", "/api/")):
             given = headers.get(b"authorization", b"").decode("latin-1")
             expected = f"Bearer {self.api_key}"
             if not secrets.compare_digest(given.encode(), expected.encode()):
-                await error_response(
+                await error(
                     401,
                     "missing or wrong API key (Authorization: Bearer ...)",
                     "authentication_error",
@@ -110,15 +101,13 @@ class _Guard:
                 return
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            await error_response(413, f"request body over {self.max_body_bytes} bytes")(
-                scope, receive, send
-            )
+            await error(413, f"request body over {self.max_body_bytes} bytes")(scope, receive, send)
             return
         try:
             await self.app(scope, receive, send)
         except Exception:
             traceback.print_exc(file=sys.stderr)
-            await error_response(500, "internal server error", "server_error")(scope, receive, send)
+            await error(500, "internal server error", "server_error")(scope, receive, send)
 
 
 def create_app(
@@ -157,31 +146,9 @@ def create_app(
 
     template = ChatTemplate.for_pair(pair, chat_template)
 
-    async def read_json(request: Request):
-        # Counted while it arrives: a chunked body has no Content-Length to check first.
-        # A deadline for all of it: a client trickling (or never finishing) its body
-        # would otherwise hold the connection forever (uvicorn times out idle
-        # connections between requests, not a request body that stalls).
-        chunks = []
-
-        async def collect() -> None:
-            total = 0
-            async for chunk in request.stream():
-                total += len(chunk)
-                if total > max_body_bytes:
-                    raise _BodyTooLarge()
-                chunks.append(chunk)
-
-        await asyncio.wait_for(collect(), body_timeout)
-        try:
-            return json.loads(b"".join(chunks))
-        except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, huge ints, deep nesting
-            reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
-            raise RequestError(f"malformed JSON: {reason}") from None
-
     async def respond(request: Request, chat: bool) -> Response:
         try:
-            body = await read_json(request)
+            body = await read_json(request, max_body_bytes, body_timeout)
             parsed = parse_common(
                 body, default_lam, chat=chat, lam_range=lam_range if pair.depends_on_lam else None
             )
@@ -211,49 +178,19 @@ def create_app(
 
                 def negative_prompt() -> list[int]:
                     return pair.tokenize(negative)
-        except _BodyTooLarge:
-            return error_response(413, f"request body over {max_body_bytes} bytes")
-        except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
-            return error_response(
-                408,
-                f"request body not received within {body_timeout:g} s",
-                headers={"Connection": "close"},
-            )
+
+            job = Job(prompt, parsed.settings, negative_prompt if negative is not None else None)
+            shape = (ChatShape if chat else CompletionShape)(parsed, token_bytes)
+            first, chunks = await start(worker, job)
+            if parsed.stream:
+                return StreamingResponse(_sse(shape, first, chunks), media_type="text/event-stream")
+            result = await finish(request, first, chunks)
         except DeraError as exc:
-            return dera_error_response(exc)
-        job = Job(prompt, parsed.settings, negative_prompt if negative is not None else None)
-        shape = (ChatShape if chat else CompletionShape)(parsed, token_bytes)
-        chunks = worker.run(job)
-        try:
-            first = await chunks.__anext__()
-        except QueueFull:
-            return error_response(
-                503,
-                "the server is busy; retry shortly",
-                "server_busy",
-                headers={"Retry-After": "1"},
-            )
-        except ShuttingDown:
-            return error_response(503, "the server is shutting down", "server_shutting_down")
-        except StopAsyncIteration:
-            if worker.stopping:
-                return error_response(503, "the server is shutting down", "server_shutting_down")
-            return error_response(500, "generation ended without a result", "server_error")
-        except DeraError as exc:
-            return dera_error_response(exc)
-        if parsed.stream:
-            return StreamingResponse(_sse(shape, first, chunks), media_type="text/event-stream")
-        result = first
-        try:
-            async for item in chunks:
-                result = item  # text chunks, then the GenerationResult
-                if await request.is_disconnected():  # nobody to answer: stop at this token
-                    await chunks.aclose()
-                    return Response(status_code=499)
-        except DeraError as exc:  # failed after it started (an RPC worker lost)
-            return dera_error_response(exc)
-        if not isinstance(result, GenerationResult):  # stopped by a shutdown
-            return error_response(503, "the server is shutting down", "server_shutting_down")
+            return failure_response(failure_of(exc))
+        except Failure as failure:
+            return failure_response(failure)
+        if result is None:  # the client went away
+            return Response(status_code=499)
         return JSONResponse(shape.whole(result))
 
     async def chat_completions(request: Request) -> Response:
@@ -308,10 +245,25 @@ def create_app(
         )
 
     async def not_found(request: Request, exc) -> Response:
+        if request.url.path.startswith("/api/"):
+            return ollama_error(404, f"no route {request.url.path}")
         return error_response(404, f"no route {request.url.path}", "not_found_error")
 
     async def wrong_method(request: Request, exc) -> Response:
+        if request.url.path.startswith("/api/"):
+            return ollama_error(405, f"{request.method} is not allowed here")
         return error_response(405, f"{request.method} is not allowed here")
+
+    ollama = ollama_routes(
+        pair,
+        worker,
+        template,
+        default_lam=default_lam,
+        lam_presets=lam_presets,
+        lam_range=lam_range,
+        max_body_bytes=max_body_bytes,
+        body_timeout=body_timeout,
+    )
 
     app = Starlette(
         routes=[
@@ -319,6 +271,7 @@ def create_app(
             Route("/v1/completions", completions, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
             Route("/health", health, methods=["GET"]),
+            *ollama,
             Route("/", page, methods=["GET"]),
             Route("/{name:str}", page_or_404, methods=["GET"]),
         ],
@@ -359,7 +312,7 @@ async def _sse(shape, first, chunks: AsyncIterator) -> AsyncIterator[str]:
                 )
                 break
             except DeraError as exc:  # failed mid-stream (an RPC worker lost): say so, end
-                yield event({"error": {"message": str(exc), "type": _error_type(exc)}})
+                yield event({"error": {"message": str(exc), "type": error_kind(exc)}})
                 break
         yield "data: [DONE]\n\n"
     finally:

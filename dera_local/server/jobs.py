@@ -1,0 +1,123 @@
+"""What every API of the server shares to run one request on the batching worker: the
+body read under a size limit and a deadline, the job started (or refused: queue full,
+shutting down, a bad prompt), its chunks followed to the end, and every failure as one
+`Failure` (status, message, kind) that each API writes in its own error shape (OpenAI's
+error object, Ollama's error string)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+
+from starlette.requests import Request
+
+from ..engine import GenerationResult
+from ..errors import ContextFullError, DeraError, RuntimeFailure, WorkerError
+from .worker import GenerationWorker, Job, QueueFull, ShuttingDown
+
+
+class Failure(Exception):
+    """A request that cannot be answered: HTTP status, message, OpenAI-style kind, the
+    field at fault, extra headers."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        kind: str = "invalid_request_error",
+        param: str | None = None,
+        headers: dict | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+        self.param, self.headers = param, headers
+
+
+def error_kind(exc: DeraError) -> str:
+    if isinstance(exc, WorkerError):
+        return "worker_unavailable"
+    return "server_error" if isinstance(exc, RuntimeFailure) else "invalid_request_error"
+
+
+def failure_of(exc: DeraError) -> Failure:
+    """The caller's fault is 400; a full KV cache 503 (retry later); a lost RPC worker
+    503 (nothing works until it is back and the server restarted); any other runtime
+    failure 500."""
+    if isinstance(exc, ContextFullError):
+        return Failure(503, str(exc), "server_busy", headers={"Retry-After": "1"})
+    if isinstance(exc, WorkerError):
+        return Failure(503, str(exc), error_kind(exc))
+    if isinstance(exc, RuntimeFailure):
+        return Failure(500, str(exc), "server_error")
+    return Failure(400, str(exc), param=getattr(exc, "param", None))
+
+
+def shutting_down() -> Failure:
+    return Failure(503, "the server is shutting down", "server_shutting_down")
+
+
+async def read_json(request: Request, max_bytes: int, timeout: float):
+    """The request body as JSON. Counted while it arrives (a chunked body has no
+    Content-Length to check first), under one deadline for all of it: a client
+    trickling (or never finishing) its body would otherwise hold the connection forever
+    (uvicorn times out idle connections between requests, not a stalled body)."""
+    chunks = []
+
+    async def collect() -> None:
+        total = 0
+        async for chunk in request.stream():
+            total += len(chunk)
+            if total > max_bytes:
+                raise Failure(413, f"request body over {max_bytes} bytes")
+            chunks.append(chunk)
+
+    try:
+        await asyncio.wait_for(collect(), timeout)
+    except asyncio.TimeoutError:  # not the builtin TimeoutError before Python 3.11
+        raise Failure(
+            408, f"request body not received within {timeout:g} s", headers={"Connection": "close"}
+        ) from None
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, huge ints, deep nesting
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else exc
+        raise Failure(400, f"malformed JSON: {reason}") from None
+
+
+async def start(worker: GenerationWorker, job: Job) -> tuple[object, AsyncIterator]:
+    """Queues the job and waits for its first item (a text chunk, or the result); the
+    rest follow from the returned iterator. Refusals are Failures."""
+    chunks = worker.run(job)
+    try:
+        return await chunks.__anext__(), chunks
+    except QueueFull:
+        raise Failure(
+            503, "the server is busy; retry shortly", "server_busy", headers={"Retry-After": "1"}
+        ) from None
+    except ShuttingDown:
+        raise shutting_down() from None
+    except StopAsyncIteration:
+        if worker.stopping:
+            raise shutting_down() from None
+        raise Failure(500, "generation ended without a result", "server_error") from None
+    except DeraError as exc:
+        raise failure_of(exc) from None
+
+
+async def finish(request: Request, first, chunks: AsyncIterator) -> GenerationResult | None:
+    """Follows a started job to its result; None when the client went away (it is
+    stopped at that token). A failure after the start (an RPC worker lost) or a
+    shutdown is a Failure."""
+    result = first
+    try:
+        async for item in chunks:
+            result = item  # text chunks, then the GenerationResult
+            if await request.is_disconnected():  # nobody to answer: stop at this token
+                await chunks.aclose()
+                return None
+    except DeraError as exc:
+        raise failure_of(exc) from None
+    if not isinstance(result, GenerationResult):  # stopped by a shutdown
+        raise shutting_down()
+    return result

@@ -1,0 +1,321 @@
+"""Ollama's API beside /v1, for desktop apps and editor extensions that speak only
+Ollama: GET /api/tags, /api/ps and /api/version, POST /api/show, /api/chat and
+/api/generate (NDJSON streaming by default, `stream: false` for one object). The lam
+presets are Ollama model names (`dera-local:0.5`; `dera-local` or `dera-local:latest`
+is the server's lam); `options.lam` picks any other. Requests run on the same batching
+worker as /v1, under the same limits and API key; errors are Ollama's `{"error": ...}`."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import json
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..chat import ChatTemplate
+from ..engine import GenerationResult
+from ..errors import DeraError
+from ..gguf_inspect import read_gguf
+from .jobs import Failure, failure_of, finish, read_json, start
+from .lam_range import LamRange, describe_lam
+from .ollama_requests import DEFAULTS, chat_messages, generate_prompt, lam_of_name, parse_ollama
+from .requests import MODEL_ID, RequestError
+from .responses import dera
+from .worker import GenerationWorker, Job
+
+# The Ollama API level these endpoints mirror (structured outputs, `format` as a schema,
+# came with Ollama 0.5); clients that check a minimum version read this.
+OLLAMA_API_VERSION = "0.5.0"
+
+
+def ollama_error(status: int, message: str, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+
+
+@dataclass
+class ModelCard:
+    """What /api/tags, /api/show and /api/ps say about the loaded models."""
+
+    size: int
+    digest: str
+    modified_at: str
+    details: dict
+    info: dict
+
+    @classmethod
+    def of(cls, pair) -> ModelCard:
+        infos = [read_gguf(model.path) for model in pair.loaded_models()]
+        main = infos[0]
+        stats = [model.path.stat() for model in pair.loaded_models()]
+        # A digest of the files' names, sizes and times, not of their contents (hashing
+        # gigabytes at every start would delay the server for nothing an app needs).
+        files = zip(pair.loaded_models(), stats, strict=True)
+        fingerprint = json.dumps([[str(m.path), s.st_size, s.st_mtime_ns] for m, s in files])
+        modified = datetime.fromtimestamp(max(s.st_mtime for s in stats), timezone.utc)
+        return cls(
+            size=sum(s.st_size for s in stats),
+            digest=hashlib.sha256(fingerprint.encode()).hexdigest(),
+            modified_at=modified.isoformat().replace("+00:00", "Z"),
+            details={
+                "parent_model": "",
+                "format": "gguf",
+                "family": main.architecture,
+                "families": sorted({info.architecture for info in infos}),
+                "parameter_size": "",
+                "quantization_level": main.quantization,
+            },
+            info={
+                "general.architecture": main.architecture,
+                "general.name": main.name,
+                "dera.models": [str(model.path) for model in pair.loaded_models()],
+                "dera.context_length": pair.n_ctx,
+            },
+        )
+
+    def entry(self, name: str) -> dict:
+        return {
+            "name": name,
+            "model": name,
+            "modified_at": self.modified_at,
+            "size": self.size,
+            "digest": self.digest,
+            "details": self.details,
+        }
+
+
+def ollama_routes(
+    pair,
+    worker: GenerationWorker,
+    template: ChatTemplate,
+    *,
+    default_lam: float,
+    lam_presets: Sequence[float],
+    lam_range: LamRange,
+    max_body_bytes: int,
+    body_timeout: float,
+) -> list[Route]:
+    card = ModelCard.of(pair)
+    names = [(f"{MODEL_ID}:latest", default_lam)] + [
+        (f"{MODEL_ID}:{lam:g}", lam) for lam in lam_presets
+    ]
+    depends_on_lam = pair.depends_on_lam
+
+    async def tags(request: Request) -> Response:
+        models = []
+        for name, lam in names:
+            entry = card.entry(name)
+            entry["dera_lambda"] = lam
+            entry["description"] = describe_lam(lam, default=name.endswith(":latest"))
+            models.append(entry)
+        return JSONResponse({"models": models})
+
+    async def ps(request: Request) -> Response:
+        entry = card.entry(names[0][0])
+        # Loaded for as long as the server runs: Ollama's clients read a far expiry.
+        entry.update(expires_at="9999-12-31T23:59:59Z", size_vram=0)
+        return JSONResponse({"models": [entry]})
+
+    async def version(request: Request) -> Response:
+        return JSONResponse({"version": OLLAMA_API_VERSION, "dera_local": _own_version()})
+
+    async def show(request: Request) -> Response:
+        try:
+            body = await read_json(request, max_body_bytes, body_timeout)
+            if not isinstance(body, dict):
+                raise RequestError("the request body must be a JSON object")
+            name = body.get("model", body.get("name"))  # older clients send "name"
+            if name is None:
+                raise RequestError("'model' is required (see /api/tags)", "model")
+            lam = lam_of_name(name, default_lam)
+        except DeraError as exc:
+            return _failure(failure_of(exc))
+        except Failure as failure:
+            return _failure(failure)
+        if lam is None:
+            return _not_found(name)
+        parameters = "\n".join(f"{key} {value:g}" for key, value in DEFAULTS.items())
+        return JSONResponse(
+            {
+                "license": "",
+                "modelfile": f"# dera-local serve: the DeRa mixture at lam {lam:g}\n",
+                "parameters": parameters + f"\nlam {lam:g}",
+                "template": "",  # the model's own chat template (GGUF metadata) is used
+                "details": card.details,
+                "model_info": {**card.info, "dera.lambda": lam},
+                "capabilities": ["completion"],
+                "modified_at": card.modified_at,
+            }
+        )
+
+    async def answer(request: Request, chat: bool) -> Response:
+        started = time.perf_counter()
+        try:
+            body = await read_json(request, max_body_bytes, body_timeout)
+            stream, lam, settings = parse_ollama(
+                body,
+                default_lam,
+                chat=chat,
+                lam_range=lam_range if depends_on_lam else None,
+                n_ctx=pair.n_ctx,
+            )
+            if lam is None:
+                return _not_found(body["model"])
+            negative = settings.pop("negative_prompt", None)
+            if negative is not None and not worker.guided:
+                raise RequestError(
+                    "this server was started with --no-cfg: negative prompts are off", "options"
+                )
+            prompt, negative_prompt, load_only = _prompts(body, chat, negative, pair, template)
+            if load_only:  # Ollama: an empty prompt loads the model and answers at once
+                return JSONResponse(_final(body["model"], chat, "", "load", None, started))
+            job = Job(prompt, settings, negative_prompt)
+            first, chunks = await start(worker, job)
+            if stream:
+                lines = _ndjson(body["model"], chat, first, chunks, started)
+                return StreamingResponse(lines, media_type="application/x-ndjson")
+            result = await finish(request, first, chunks)
+        except DeraError as exc:
+            return _failure(failure_of(exc))
+        except Failure as failure:
+            return _failure(failure)
+        if result is None:
+            return Response(status_code=499)
+        return JSONResponse(
+            _final(body["model"], chat, result.text, result.finish_reason, result, started)
+        )
+
+    async def chat_endpoint(request: Request) -> Response:
+        return await answer(request, chat=True)
+
+    async def generate_endpoint(request: Request) -> Response:
+        return await answer(request, chat=False)
+
+    return [
+        Route("/api/tags", tags, methods=["GET"]),
+        Route("/api/ps", ps, methods=["GET"]),
+        Route("/api/version", version, methods=["GET"]),
+        Route("/api/show", show, methods=["POST"]),
+        Route("/api/chat", chat_endpoint, methods=["POST"]),
+        Route("/api/generate", generate_endpoint, methods=["POST"]),
+    ]
+
+
+def _prompts(
+    body: dict, chat: bool, negative: str | None, pair, template: ChatTemplate
+) -> tuple[Callable, Callable | None, bool]:
+    """The job's prompt and negative prompt makers (run on the worker thread), and
+    whether the request only asks to load the model (an empty /api/generate prompt)."""
+    if chat:
+        messages = turns = chat_messages(body)
+    else:
+        text, system_text, raw = generate_prompt(body)
+        if not text:
+            return (lambda: []), None, True
+        if raw:  # fed as it is, no template
+            return (
+                lambda: pair.tokenize(text),
+                None if negative is None else (lambda: pair.tokenize(negative)),
+                False,
+            )
+        system = [] if system_text is None else [{"role": "system", "content": system_text}]
+        turns = [{"role": "user", "content": text}]
+        messages = system + turns
+
+    def prompt() -> list[int]:
+        return template.tokens(pair, messages)
+
+    def negative_prompt() -> list[int]:  # the same turns under its own system message
+        rest = [m for m in turns if m["role"] != "system"]
+        return template.tokens(pair, [{"role": "system", "content": negative}] + rest)
+
+    return prompt, (None if negative is None else negative_prompt), False
+
+
+def _own_version() -> str:
+    try:
+        return importlib.metadata.version("dera-local")
+    except importlib.metadata.PackageNotFoundError:  # run from a checkout, not installed
+        return "unknown"
+
+
+def _failure(failure: Failure) -> JSONResponse:
+    return ollama_error(failure.status, failure.message, failure.headers)
+
+
+def _not_found(name) -> JSONResponse:
+    return ollama_error(
+        404,
+        f"model {name!r} not found: this server has {MODEL_ID} (its lam), or "
+        f"{MODEL_ID}:<lam> for any lam in its range (see /api/tags)",
+    )
+
+
+def _chunk(model: str, chat: bool, text: str, done: bool) -> dict:
+    body = {"model": model, "created_at": _now()}
+    if chat:
+        body["message"] = {"role": "assistant", "content": text}
+    else:
+        body["response"] = text
+    body["done"] = done
+    return body
+
+
+def _final(
+    model: str,
+    chat: bool,
+    text: str,
+    reason: str,
+    result: GenerationResult | None,
+    started: float,
+) -> dict:
+    """The last object of a stream (text "") or the whole answer: done, why, and
+    Ollama's counts and durations (nanoseconds), with DeRa's `dera` object."""
+    body = _chunk(model, chat, text, True)
+    body["done_reason"] = reason
+    body["total_duration"] = int((time.perf_counter() - started) * 1e9)
+    body["load_duration"] = 0  # loaded once, when the server started
+    if result is not None:
+        body["prompt_eval_count"] = len(result.prompt_tokens) - result.reused_prompt_tokens
+        body["prompt_eval_duration"] = int(result.prompt_seconds * 1e9)
+        body["eval_count"] = len(result.tokens)
+        body["eval_duration"] = int(result.generation_seconds * 1e9)
+        body["dera"] = dera(result)
+    return body
+
+
+async def _ndjson(
+    model: str, chat: bool, first, chunks: AsyncIterator, started: float
+) -> AsyncIterator[str]:
+    """One JSON object per line; closing it (client gone) cancels the job."""
+    try:
+        item = first
+        while True:
+            if isinstance(item, GenerationResult):
+                yield _line(_final(model, chat, "", item.finish_reason, item, started))
+                break
+            yield _line(_chunk(model, chat, item.text, False))
+            try:
+                item = await chunks.__anext__()
+            except StopAsyncIteration:  # ended without a result: the server is stopping
+                yield _line({"error": "the server is shutting down"})
+                break
+            except DeraError as exc:  # failed mid-stream (an RPC worker lost): say so, end
+                yield _line({"error": str(exc)})
+                break
+    finally:
+        await chunks.aclose()
+
+
+def _line(body: dict) -> str:
+    return json.dumps(body, ensure_ascii=False) + "\n"

@@ -1,0 +1,287 @@
+"""Ollama-style request bodies (/api/chat, /api/generate) into the same generation
+settings the OpenAI endpoints make (requests.parse_common's): model names as
+`dera-local:<lam>`, `options` with Ollama's defaults and names, `format` as a grammar.
+Every field is honoured, harmless, or refused with the reason; nothing is dropped
+silently. Problems are RequestErrors (400)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from ..errors import DeraError
+from ..guidance import MAX_CFG_SCALE
+from ..mixing import validate_lam
+from ..sampling import SamplingParams
+from ..structured import JSON_OBJECT_GRAMMAR, json_schema_grammar
+from .lam_range import LamRange
+from .requests import MODEL_ID, RequestError
+
+# Ollama's defaults for what a request leaves out (its Modelfile PARAMETER defaults),
+# so an app gets what it gets from Ollama; num_predict -1: until the end or the context.
+DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1}
+DEFAULT_REPEAT_LAST_N = 64
+
+# options: name -> (low, high, integer?) for the numbers honoured
+NUMBERS = {
+    "temperature": (0.0, 2.0, False),
+    "top_p": (1e-9, 1.0, False),
+    "top_k": (0, 1_000_000, True),
+    "min_p": (0.0, 1.0, False),
+    "repeat_penalty": (1e-3, 10.0, False),
+    "repeat_last_n": (-1, 1_000_000, True),
+    "presence_penalty": (-2.0, 2.0, False),
+    "frequency_penalty": (-2.0, 2.0, False),
+    "seed": (-(2**63), 2**63 - 1, True),
+    "num_predict": (-2, 1_000_000, True),
+    "lam": (-math.inf, math.inf, False),  # dera-local's own; checked by validate_lam
+    "cfg_scale": (-MAX_CFG_SCALE, MAX_CFG_SCALE, False),
+}
+# How the model runs, not what it answers: accepted and not used (the models are loaded
+# once by `dera-local serve`, with its flags).
+HARMLESS_OPTIONS = {
+    "num_thread", "num_gpu", "main_gpu", "use_mmap", "use_mlock", "num_batch", "low_vram",
+    "numa", "vocab_only", "num_keep", "f16_kv", "logits_all",
+}  # fmt: skip
+REFUSED_OPTIONS = {
+    "mirostat": "mirostat sampling is not supported (0 = off is)",
+    "mirostat_eta": "mirostat sampling is not supported",
+    "mirostat_tau": "mirostat sampling is not supported",
+    "tfs_z": "tail-free sampling is not supported (1 = off is)",
+    "typical_p": "typical sampling is not supported (1 = off is)",
+    "penalize_newline": "penalize_newline is not supported",
+}
+_NEUTRAL_OPTIONS = {"mirostat": 0, "tfs_z": 1.0, "typical_p": 1.0}
+
+# Top-level fields: shared, per endpoint, harmless, refused.
+COMMON = {"model", "stream", "format", "options", "keep_alive"}
+CHAT = {"messages"}
+GENERATE = {"prompt", "system", "raw"}
+HARMLESS = {"keep_alive"}
+REFUSED = {
+    "tools": "tool calls are not supported",
+    "think": "this model has no thinking mode",
+    "images": "images are not supported (text models only)",
+    "suffix": "fill-in-the-middle (suffix) is not supported",
+    "template": "prompt templates are the model's own; a custom 'template' is not supported",
+    "context": "'context' (token ids of an earlier answer) is not supported: send the "
+    "conversation as /api/chat messages",
+    "logprobs": "log-probabilities are served by /v1/chat/completions (logprobs: true)",
+    "top_logprobs": "log-probabilities are served by /v1/chat/completions (top_logprobs)",
+}
+
+
+def lam_of_name(name: Any, default_lam: float) -> float | None:
+    """`dera-local` / `dera-local:latest` -> the server's lam; `dera-local:0.5` -> 0.5;
+    anything else -> None (not a model this server has)."""
+    if not isinstance(name, str):
+        raise RequestError("'model' must be a string", "model")
+    base, _, tag = name.partition(":")
+    if base != MODEL_ID:
+        return None
+    if tag in ("", "latest"):
+        return default_lam
+    try:
+        return validate_lam(float(tag))
+    except (ValueError, DeraError):
+        return None
+
+
+def parse_ollama(
+    body: Any,
+    default_lam: float,
+    *,
+    chat: bool,
+    lam_range: LamRange | None,
+    n_ctx: int,
+) -> tuple[bool, float | None, dict]:
+    """(stream, lam from the model name or None when it names no model here, settings
+    for DeraPair.stream plus `negative_prompt` when options asked for guidance)."""
+    if not isinstance(body, dict):
+        raise RequestError("the request body must be a JSON object")
+    _check_fields(body, chat)
+    if "model" not in body:
+        raise RequestError("'model' is required (see /api/tags)", "model")
+    lam = lam_of_name(body["model"], default_lam)
+    stream = body.get("stream", True)
+    if not isinstance(stream, bool):
+        raise RequestError("'stream' must be true or false", "stream")
+    options = body.get("options") or {}
+    if not isinstance(options, dict):
+        raise RequestError("'options' must be an object", "options")
+    values = _options(options, n_ctx)
+    if lam is not None and "lam" in values:
+        lam = _lam(values["lam"])
+    if lam is not None and lam_range is not None and not lam_range.holds(lam):
+        raise RequestError(f"lam {lam:g} is outside this server's range {lam_range}", "lam")
+    seed = values.get("seed")
+    sampling = SamplingParams(
+        temperature=values.get("temperature", DEFAULTS["temperature"]),
+        top_k=int(values.get("top_k", DEFAULTS["top_k"])),
+        top_p=values.get("top_p", DEFAULTS["top_p"]),
+        min_p=values.get("min_p", DEFAULTS["min_p"]),
+        repeat_penalty=values.get("repeat_penalty", DEFAULTS["repeat_penalty"]),
+        repeat_last_n=_repeat_last_n(values.get("repeat_last_n"), n_ctx),
+        presence_penalty=values.get("presence_penalty", 0.0),
+        frequency_penalty=values.get("frequency_penalty", 0.0),
+        seed=None if seed is None else int(seed) & 0x7FFFFFFF,
+        grammar=_format(body.get("format")),
+    )
+    num_predict = int(values.get("num_predict", -1))
+    settings: dict = {
+        "lam": lam,
+        "sampling": sampling,
+        # Ollama: -1 = until the end, -2 = until the context is full; both end there here
+        "max_tokens": -1 if num_predict < 0 else num_predict,
+        "stop": _stop(options.get("stop")),
+    }
+    settings.update(_guidance(options, values))
+    return stream, lam, settings
+
+
+def chat_messages(body: dict) -> list[dict]:
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise RequestError("'messages' must be a non-empty list", "messages")
+    out = []
+    for index, message in enumerate(messages):
+        if not isinstance(message, dict):
+            raise RequestError(f"messages[{index}] must be an object", "messages")
+        for name, value in message.items():
+            if name in ("role", "content") or value in (None, [], "", {}):
+                continue
+            if name in ("images", "tool_calls", "thinking", "tool_name"):
+                reason = "images" if name == "images" else "tool calls and thinking"
+                raise RequestError(f"messages[{index}]: {reason} are not supported", "messages")
+            raise RequestError(f"messages[{index}]: unknown field '{name}'", "messages")
+        role, content = message.get("role"), message.get("content", "")
+        if role not in ("system", "user", "assistant"):
+            raise RequestError(
+                f"messages[{index}]: role must be system, user or assistant", "messages"
+            )
+        if not isinstance(content, str):
+            raise RequestError(f"messages[{index}] needs string 'content'", "messages")
+        out.append({"role": role, "content": _text(content, "messages")})
+    return out
+
+
+def generate_prompt(body: dict) -> tuple[str, str | None, bool]:
+    """(prompt, system, raw) of an /api/generate body; an empty prompt only loads."""
+    prompt = body.get("prompt", "")
+    system = body.get("system")
+    raw = body.get("raw", False)
+    if not isinstance(prompt, str):
+        raise RequestError("'prompt' must be a string", "prompt")
+    if system is not None and not isinstance(system, str):
+        raise RequestError("'system' must be a string", "system")
+    if not isinstance(raw, bool):
+        raise RequestError("'raw' must be true or false", "raw")
+    return _text(prompt, "prompt"), system and _text(system, "system"), raw
+
+
+def _check_fields(body: dict, chat: bool) -> None:
+    known = COMMON | (CHAT if chat else GENERATE) | HARMLESS
+    for name, value in body.items():
+        if value is None or value == [] or value == {} or value is False or value == "":
+            continue  # "tools": [] / "think": false / "suffix": "" ask for nothing
+        if name in REFUSED:
+            raise RequestError(f"'{name}': {REFUSED[name]}", name)
+        if name not in known:
+            other = "/api/generate" if chat else "/api/chat"
+            where = f" (it belongs to {other})" if name in (GENERATE if chat else CHAT) else ""
+            raise RequestError(f"'{name}': unknown field{where}", name)
+
+
+def _options(options: dict, n_ctx: int) -> dict:
+    values = {}
+    for name, value in options.items():
+        if name in NUMBERS:
+            low, high, integer = NUMBERS[name]
+            if value is None:
+                continue
+            if (
+                isinstance(value, bool)
+                or not isinstance(value, (int, float))
+                or (integer and not float(value).is_integer())
+                or not math.isfinite(value)
+                or not low <= value <= high
+            ):
+                kind = "an integer" if integer else "a number"
+                bounds = "" if math.isinf(low) else f" from {low:g} to {high:g}"
+                raise RequestError(f"option '{name}' must be {kind}{bounds}", "options")
+            values[name] = value
+        elif name == "num_ctx":
+            if value is not None and (not isinstance(value, int) or value > n_ctx):
+                raise RequestError(
+                    f"option 'num_ctx': this server's context is {n_ctx} tokens per request "
+                    "(start it with a larger -c)",
+                    "options",
+                )
+        elif name in ("stop", "negative_prompt") or name in HARMLESS_OPTIONS:
+            continue
+        elif name in REFUSED_OPTIONS:
+            if value not in (None, _NEUTRAL_OPTIONS.get(name)):
+                raise RequestError(f"option '{name}': {REFUSED_OPTIONS[name]}", "options")
+        else:
+            raise RequestError(f"option '{name}' is unknown", "options")
+    return values
+
+
+def _lam(value: float) -> float:
+    try:
+        return validate_lam(value)
+    except DeraError as exc:
+        raise RequestError(f"option 'lam': {exc}", "options") from None
+
+
+def _repeat_last_n(value: float | None, n_ctx: int) -> int:
+    if value is None:
+        return DEFAULT_REPEAT_LAST_N
+    return n_ctx if value == -1 else int(value)
+
+
+def _stop(stop: Any) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise RequestError("option 'stop' must be a string or a list of strings", "options")
+    return [_text(s, "options") for s in stop if s]
+
+
+def _format(spec: Any) -> str | None:
+    """format: "json" (any JSON object) or a JSON schema object."""
+    if spec in (None, ""):
+        return None
+    if spec == "json":
+        return JSON_OBJECT_GRAMMAR
+    if isinstance(spec, dict):
+        try:
+            return json_schema_grammar(spec)
+        except DeraError as exc:
+            raise RequestError(f"'format': {exc}", "format") from None
+    raise RequestError("'format' must be \"json\" or a JSON schema object", "format")
+
+
+def _guidance(options: dict, values: dict) -> dict:
+    """options.negative_prompt (text; for chat, the negative sequence's system message)
+    and options.cfg_scale (default 1): classifier-free guidance, as dera_negative_prompt
+    and dera_cfg_scale on /v1."""
+    negative = options.get("negative_prompt")
+    scale = values.get("cfg_scale", 1.0)
+    if negative is None:
+        if scale != 1.0:
+            raise RequestError("option 'cfg_scale' needs a 'negative_prompt'", "options")
+        return {}
+    if not isinstance(negative, str):
+        raise RequestError("option 'negative_prompt' must be a string", "options")
+    return {"negative_prompt": _text(negative, "options"), "cfg_scale": float(scale)}
+
+
+def _text(value: str, param: str) -> str:
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"'{param}' is not valid Unicode (a lone surrogate)", param) from None
+    return value
