@@ -15,7 +15,7 @@ from ..mixing import validate_lam
 from ..sampling import SamplingParams
 from ..structured import JSON_OBJECT_GRAMMAR, json_schema_grammar
 from .lam_range import LamRange
-from .requests import MODEL_ID, RequestError
+from .requests import MODEL_ID, RequestError, unicode_text
 
 # Ollama's defaults for what a request leaves out (its Modelfile PARAMETER defaults),
 # so an app gets what it gets from Ollama; num_predict -1: until the end or the context.
@@ -161,7 +161,7 @@ def chat_messages(body: dict) -> list[dict]:
             )
         if not isinstance(content, str):
             raise RequestError(f"messages[{index}] needs string 'content'", "messages")
-        out.append({"role": role, "content": _text(content, "messages")})
+        out.append({"role": role, "content": unicode_text(content, "messages")})
     return out
 
 
@@ -176,7 +176,7 @@ def generate_prompt(body: dict) -> tuple[str, str | None, bool]:
         raise RequestError("'system' must be a string", "system")
     if not isinstance(raw, bool):
         raise RequestError("'raw' must be true or false", "raw")
-    return _text(prompt, "prompt"), system and _text(system, "system"), raw
+    return unicode_text(prompt, "prompt"), system and unicode_text(system, "system"), raw
 
 
 def _check_fields(body: dict, chat: bool) -> None:
@@ -247,7 +247,7 @@ def _stop(stop: Any) -> list[str]:
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise RequestError("option 'stop' must be a string or a list of strings", "options")
-    return [_text(s, "options") for s in stop if s]
+    return [unicode_text(s, "options") for s in stop if s]
 
 
 def _format(spec: Any) -> str | None:
@@ -276,12 +276,4 @@ def _guidance(options: dict, values: dict) -> dict:
         return {}
     if not isinstance(negative, str):
         raise RequestError("option 'negative_prompt' must be a string", "options")
-    return {"negative_prompt": _text(negative, "options"), "cfg_scale": float(scale)}
-
-
-def _text(value: str, param: str) -> str:
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        raise RequestError(f"'{param}' is not valid Unicode (a lone surrogate)", param) from None
-    return value
+    return {"negative_prompt": unicode_text(negative, "options"), "cfg_scale": float(scale)}

@@ -63,7 +63,7 @@ def _integer(body: dict, name: str, low: int, high: int) -> int | None:
     return value
 
 
-def _text(value: str, param: str) -> str:
+def unicode_text(value: str, param: str) -> str:
     """JSON may carry lone surrogates (\\ud800), which no tokenizer can encode."""
     try:
         value.encode("utf-8")
@@ -80,7 +80,7 @@ def _stop(body: dict) -> list[str]:
         stop = [stop]
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
         raise RequestError("'stop' must be a string or a list of up to 4 strings", "stop")
-    return [_text(s, "stop") for s in stop if s]
+    return [unicode_text(s, "stop") for s in stop if s]
 
 
 def lam_of_model(model: str, default_lam: float) -> float:
@@ -235,7 +235,7 @@ def _guidance(body: dict) -> dict:
                 "dera_negative_prompt",
             )
         return {}
-    return {"negative_prompt": _text(negative, "dera_negative_prompt"), "cfg_scale": scale}
+    return {"negative_prompt": unicode_text(negative, "dera_negative_prompt"), "cfg_scale": scale}
 
 
 def chat_messages(body: dict) -> list[dict]:
@@ -254,9 +254,8 @@ def chat_messages(body: dict) -> list[dict]:
             content = "".join(parts)
         if not isinstance(content, str):
             raise RequestError(f"messages[{index}] needs string 'content'", "messages")
-        out.append(
-            {"role": _text(message["role"], "messages"), "content": _text(content, "messages")}
-        )
+        role = unicode_text(message["role"], "messages")
+        out.append({"role": role, "content": unicode_text(content, "messages")})
     return out
 
 
@@ -265,7 +264,7 @@ def completion_prompt(body: dict) -> str | list[int]:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
     if isinstance(prompt, str) and prompt:
-        return _text(prompt, "prompt")
+        return unicode_text(prompt, "prompt")
     if (
         isinstance(prompt, list)
         and prompt
