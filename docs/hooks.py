@@ -14,6 +14,7 @@ EXTERNAL = {
     "model-card.md": "models/smollm2-concise-dpo/README.md",
     "realignment/index.md": "experiments/realignment/README.md",
     "realignment/results/realignment.png": "experiments/realignment/results/realignment.png",
+    "realignment/lam-meaning.md": "experiments/lam_meaning/README.md",
     "performance/benchmarks.md": "bench/README.md",
 }
 

@@ -51,12 +51,18 @@ SHIPPED_BETA = 0.1
 
 def adapter_paths(folder: Path) -> dict[str, Path]:
     """Adapter name -> file; "0.1" is the shipped adapter, "0.1 rerun" the same recipe
-    trained again here (how far apart two runs of one beta land: the noise floor)."""
+    and seed trained again here (how exactly training reproduces), "0.1 seed 1" the same
+    recipe with another seed (how far apart two runs of one beta land: the noise floor)."""
     paths = {"0.1": demo_adapter_path()}
-    for name in ("0.05", "0.2", "0.1"):
-        path = folder / f"beta-{name}.lora.gguf"
+    for name, file in (
+        ("0.05", "beta-0.05"),
+        ("0.2", "beta-0.2"),
+        ("0.1 rerun", "beta-0.1"),
+        ("0.1 seed 1", "beta-0.1-seed1"),
+    ):
+        path = folder / f"{file}.lora.gguf"
         if path.exists():
-            paths["0.1 rerun" if name == "0.1" else name] = path
+            paths[name] = path
     return paths
 
 
@@ -76,6 +82,7 @@ def policies(adapters: dict[str, Path]) -> list[Policy]:
         Policy("DeRa λ=2", "0.1", 2.0, SHIPPED_BETA / 2.0),
         Policy("retrained β=0.2", "0.2", 1.0, 0.2),
         Policy("retrained β=0.1 (rerun)", "0.1 rerun", 1.0, 0.1),
+        Policy("retrained β=0.1 (seed 1)", "0.1 seed 1", 1.0, 0.1),
         Policy("retrained β=0.05", "0.05", 1.0, 0.05),
     ]
     return [p for p in compared if p.adapter in adapters]
@@ -234,7 +241,14 @@ def report(args, compared: list[Policy]) -> None:
         own = [s for s in scores if s["source"] == source.name]
         cells = []
         for target in compared:
-            per_token = [s["kl"][target.name] / s["n_tokens"] for s in own]
+            # Answers scored before a policy joined have no KL to it (scoring is
+            # resumable per answer): such a cell is left out, not filled in.
+            per_token = [
+                s["kl"][target.name] / s["n_tokens"] for s in own if target.name in s["kl"]
+            ]
+            if not per_token:
+                cells.append("not scored")
+                continue
             mean, se = mean_se(per_token)
             matrix.setdefault(source.name, {})[target.name] = mean
             cells.append(f"{mean:.3f} ± {se:.3f}")
@@ -273,7 +287,12 @@ def training_table(folder: Path) -> list[str]:
         "|---|---|---|---|---|---|",
     ]
     for log in sorted(folder.glob("beta-*.train.log")):
-        beta = float(log.name.removeprefix("beta-").removesuffix(".train.log"))
+        # beta-B.train.log, or beta-B-seedS.train.log for another seed
+        beta_text, _, seed = (
+            log.name.removeprefix("beta-").removesuffix(".train.log").partition("-")
+        )
+        beta = float(beta_text)
+        label = f"β={beta:g}" + (f" ({seed.replace('seed', 'seed ')})" if seed else "")
         steps = [line.split() for line in log.read_text().splitlines() if line.startswith("step ")]
         for quarter in range(4):
             part = steps[quarter * len(steps) // 4 : (quarter + 1) * len(steps) // 4]
@@ -283,7 +302,7 @@ def training_table(folder: Path) -> list[str]:
             margin = mean_se([float(s[5]) for s in part])[0]
             accuracy = mean_se([float(s[7]) for s in part])[0]
             lines.append(
-                f"| β={beta:g} | {quarter + 1} | {loss:.4f} | {margin:.1f} | "
+                f"| {label} | {quarter + 1} | {loss:.4f} | {margin:.1f} | "
                 f"{beta * margin:.1f} | {accuracy:.2f} |"
             )
     return lines
