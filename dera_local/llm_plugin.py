@@ -19,6 +19,7 @@ import threading
 
 import click
 import llm
+from llm.parts import ReasoningPart, TextPart
 from pydantic import Field, field_validator
 
 from .catalog import load_catalog
@@ -48,8 +49,9 @@ def _pair(name: str | None):
                     os.environ.get("DERA_PAIR"),
                 )
             else:
-                quant = DEFAULT_QUANT if DEFAULT_QUANT in pulled_quants(name) else None
-                aligned, reference = pulled_pair(name, quant or pulled_quants(name)[0])
+                quants = pulled_quants(name)
+                quant = DEFAULT_QUANT if DEFAULT_QUANT in quants else quants[0]
+                aligned, reference = pulled_pair(name, quant)
                 lora = None
             _loaded[name] = load_pair(aligned, reference, lora=lora)
         return _loaded[name]
@@ -157,11 +159,11 @@ def _messages(prompt) -> list[dict]:
     for message in prompt.messages:
         texts = []
         for part in message.parts:
-            if type(part).__name__ not in ("TextPart", "ReasoningPart"):
+            if not isinstance(part, (TextPart, ReasoningPart)):
                 raise llm.ModelError(
                     f"dera-local takes text only, not {type(part).__name__} (attachments, tools)"
                 )
-            if type(part).__name__ == "TextPart":
+            if isinstance(part, TextPart):
                 texts.append(part.text)
         if message.role not in ("system", "user", "assistant"):
             raise llm.ModelError(f"dera-local has no {message.role!r} turns (text chat only)")

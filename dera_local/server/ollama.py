@@ -39,8 +39,9 @@ def ollama_error(status: int, message: str, headers: dict | None = None) -> JSON
     return JSONResponse({"error": message}, status_code=status, headers=headers)
 
 
-def _now() -> str:
-    return datetime.now(timezone.utc).isoformat().replace("+00:00", "Z")
+def _timestamp(moment: datetime) -> str:
+    """RFC 3339 in UTC with a Z, as Ollama writes its times."""
+    return moment.astimezone(timezone.utc).isoformat().replace("+00:00", "Z")
 
 
 @dataclass
@@ -55,18 +56,19 @@ class ModelCard:
 
     @classmethod
     def of(cls, pair) -> ModelCard:
-        infos = [read_gguf(model.path) for model in pair.loaded_models()]
+        paths = [model.path for model in pair.loaded_models()]
+        infos = [read_gguf(path) for path in paths]
         main = infos[0]
-        stats = [model.path.stat() for model in pair.loaded_models()]
+        stats = [path.stat() for path in paths]
         # A digest of the files' names, sizes and times, not of their contents (hashing
         # gigabytes at every start would delay the server for nothing an app needs).
-        files = zip(pair.loaded_models(), stats, strict=True)
-        fingerprint = json.dumps([[str(m.path), s.st_size, s.st_mtime_ns] for m, s in files])
+        files = zip(paths, stats, strict=True)
+        fingerprint = json.dumps([[str(p), s.st_size, s.st_mtime_ns] for p, s in files])
         modified = datetime.fromtimestamp(max(s.st_mtime for s in stats), timezone.utc)
         return cls(
             size=sum(s.st_size for s in stats),
             digest=hashlib.sha256(fingerprint.encode()).hexdigest(),
-            modified_at=modified.isoformat().replace("+00:00", "Z"),
+            modified_at=_timestamp(modified),
             details={
                 "parent_model": "",
                 "format": "gguf",
@@ -78,7 +80,7 @@ class ModelCard:
             info={
                 "general.architecture": main.architecture,
                 "general.name": main.name,
-                "dera.models": [str(model.path) for model in pair.loaded_models()],
+                "dera.models": [str(path) for path in paths],
                 "dera.context_length": pair.n_ctx,
             },
         )
@@ -262,7 +264,7 @@ def _not_found(name) -> JSONResponse:
 
 
 def _chunk(model: str, chat: bool, text: str, done: bool) -> dict:
-    body = {"model": model, "created_at": _now()}
+    body = {"model": model, "created_at": _timestamp(datetime.now(timezone.utc))}
     if chat:
         body["message"] = {"role": "assistant", "content": text}
     else:
