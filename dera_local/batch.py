@@ -178,6 +178,7 @@ class BatchDecoder:
         stop: Sequence[str] = (),
         logprobs: bool = False,
         top_logprobs: int = 0,
+        logprob_lams: Sequence[float] = (),
         guidance: Guidance | None = None,
         tag: object = None,
         logits_observer=None,
@@ -190,7 +191,9 @@ class BatchDecoder:
         speculation: draft and verify tokens for this slot (see speculative.py; up to the
         decoder's max_drafts; drafter: the draft source, default prompt lookup over the
         prompt; accept: the rule keeping a drafted token, for tests). It never changes
-        what is sampled, only how many steps it takes."""
+        what is sampled, only how many steps it takes.
+        logprob_lams: also record each token's log-probability under plain DeRa at these
+        lams (implies logprobs; see SequenceLogprobs.grid)."""
         if not self.free_slots:
             raise RuntimeError("no free slot: admit only while free_slots > 0")
         prompts = [list(prompt_tokens)]
@@ -246,7 +249,9 @@ class BatchDecoder:
             chain=chain,
             output=output,
             sampling=sampling,
-            logprobs=SequenceLogprobs(top_n=top_logprobs) if logprobs or top_logprobs else None,
+            logprobs=SequenceLogprobs(top_n=top_logprobs, grid=tuple(logprob_lams))
+            if logprobs or top_logprobs or logprob_lams
+            else None,
             lanes=lanes,
             reused_prompt_tokens=lanes[0].position,
             reused_negative_prompt_tokens=lanes[1].position if guidance else None,

@@ -61,6 +61,11 @@ class SequenceLogprobs:
     mixture: list[float] = field(default_factory=list)
     top_n: int = 0
     top: list[list[tuple[int, float]]] = field(default_factory=list)
+    # With `grid`: each token's log-probability under plain DeRa at every lam of the grid
+    # (aligned and reference rows mixed as the hook mixes them). What importance sampling
+    # across lam needs: the answer's density under proposals it was not drawn from.
+    grid: tuple[float, ...] = ()
+    at_grid: list[list[float]] = field(default_factory=list)
 
     def add(
         self, token: int, aligned: np.ndarray, reference: np.ndarray, mixed: np.ndarray
@@ -70,6 +75,15 @@ class SequenceLogprobs:
         self.mixture.append(log_softmax_at(mixed, token))
         if self.top_n:
             self.top.append(top_logprobs(mixed, self.top_n))
+        if self.grid:
+            from .mixing import mix_numpy  # mixing imports this module
+
+            row = np.empty_like(aligned)
+            values = []
+            for lam in self.grid:
+                mix_numpy(row, aligned, reference, lam)
+                values.append(log_softmax_at(row, token))
+            self.at_grid.append(values)
 
     def slice(self, start: int, end: int) -> SequenceLogprobs:
         """The entries of tokens start..end-1 (a streamed chunk's)."""
@@ -79,6 +93,8 @@ class SequenceLogprobs:
             self.mixture[start:end],
             self.top_n,
             self.top[start:end],
+            self.grid,
+            self.at_grid[start:end],
         )
 
     def kl_to_reference(self) -> float:
@@ -103,3 +119,7 @@ class SequenceLogprobs:
             "reference": float(sum(self.reference)),
             "mixture": float(sum(self.mixture)),
         }
+
+    def grid_sums(self) -> list[float]:
+        """The answer's summed log-probability under DeRa at each lam of `grid`."""
+        return [float(sum(row[i] for row in self.at_grid)) for i in range(len(self.grid))]

@@ -74,6 +74,9 @@ class SweepRow:
     reward: float | None = None
     end_token: int | None = None  # the end-of-generation token sampled last (in the sums)
     cfg_scale: float | None = None  # with a negative prompt: the guidance scale
+    # With the sweep's logprob_lams: the answer's summed log-probability under plain DeRa
+    # at each of them (importance weights between the grid's points).
+    logprob_grid: list[float] | None = None
 
     @property
     def kl_to_reference(self) -> float:
@@ -95,15 +98,19 @@ class LambdaSweep:
         max_tokens: int = 256,
         cfg_scales: Sequence[float] | None = None,
         speculation: SpeculationParams | None = None,
+        logprob_lams: Sequence[float] = (),
     ):
         """speculation: drafts per slot (prompt lookup, verified in the shared step;
-        default the model set's; SpeculationParams(draft_max=0) turns it off)."""
+        default the model set's; SpeculationParams(draft_max=0) turns it off).
+        logprob_lams: also score every answer under plain DeRa at these lams, as it is
+        sampled (SweepRow.logprob_grid)."""
         self.pair = pair
         self.lambdas = parse_lambdas(lambdas, pair.check_lam)  # a fixed mixture: lam 1 only
         self.cfg_scales = None if cfg_scales is None else parse_cfg_scales(cfg_scales)
         if max_tokens <= 0:
             raise BadParameterError("max_tokens must be positive for a sweep")
         self.max_tokens = max_tokens
+        self.logprob_lams = tuple(parse_lambdas(logprob_lams)) if len(logprob_lams) else ()
         self.points = [(lam, s) for lam in self.lambdas for s in self.cfg_scales or [None]]
         prompts = 1 if self.cfg_scales is None else 2
         # A context holds at most MAX_SEQUENCES sequences: a finer grid runs in chunks of
@@ -181,6 +188,7 @@ class LambdaSweep:
                         max_tokens=self.max_tokens,
                         stop=stop,
                         logprobs=True,
+                        logprob_lams=self.logprob_lams,
                         guidance=None
                         if scale is None
                         else guidance_for(pair, negative_prompt, scale),
@@ -211,6 +219,7 @@ def _row(slot: Slot, prompt_id: str) -> SweepRow:
         logprob_mixture=sums["mixture"],
         end_token=slot.output.end_token,
         cfg_scale=slot.cfg_scale,
+        logprob_grid=slot.logprobs.grid_sums() if slot.logprobs.grid else None,
     )
 
 
