@@ -249,7 +249,12 @@ class BatchDecoder:
             chain=chain,
             output=output,
             sampling=sampling,
-            logprobs=SequenceLogprobs(top_n=top_logprobs, grid=tuple(logprob_lams))
+            logprobs=SequenceLogprobs(
+                top_n=top_logprobs,
+                grid=tuple(logprob_lams),
+                # the exact target's mismatch is defined for a plain pair's DeRa only
+                target_lam=lam if self.models.kind == "pair" and guidance is None else None,
+            )
             if logprobs or top_logprobs or logprob_lams
             else None,
             lanes=lanes,

@@ -31,6 +31,19 @@ def log_softmax_at(logits: np.ndarray, token: int) -> float:
     return float(logits[token]) - float(peak) - float(np.log(total))
 
 
+def mismatch(lam: float, aligned: float, reference: float, mixture: float) -> float:
+    """W = lam * A + (1 - lam) * R - M for an answer's summed log-probabilities under the
+    aligned model (A), the reference (R) and DeRa's per-token mixture at lam (M).
+
+    The model "retrained at beta / lam" is exactly Pi_lam(y) ∝ pi_ref(y)^(1-lam)
+    pi_1(y)^lam over whole answers (experiments/lam_meaning); DeRa mixes per token
+    instead. W is log Pi_lam(y) - log DeRa_lam(y) up to the prompt's constant log Z_lam:
+    0 at lam 0 and 1 (DeRa is then exact); between answers of one prompt and lam, a
+    higher W means the exact target favours this answer more than DeRa did, and its
+    mean over DeRa's answers is log Z_lam - KL(DeRa_lam || Pi_lam)."""
+    return lam * aligned + (1.0 - lam) * reference - mixture
+
+
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit
 
 
@@ -66,6 +79,10 @@ class SequenceLogprobs:
     # across lam needs: the answer's density under proposals it was not drawn from.
     grid: tuple[float, ...] = ()
     at_grid: list[list[float]] = field(default_factory=list)
+    # The lam of a plain pair's DeRa (the mixture is lam * aligned + (1 - lam) * reference):
+    # then summary() reports the answer's mismatch to the exact target at lam. None for
+    # guidance, mixtures and proxy-tuning, whose mixture is not of these two models alone.
+    target_lam: float | None = None
 
     def add(
         self, token: int, aligned: np.ndarray, reference: np.ndarray, mixed: np.ndarray
@@ -95,6 +112,7 @@ class SequenceLogprobs:
             self.top[start:end],
             self.grid,
             self.at_grid[start:end],
+            self.target_lam,
         )
 
     def kl_to_reference(self) -> float:
@@ -104,14 +122,21 @@ class SequenceLogprobs:
 
     def summary(self) -> dict[str, float]:
         """What DeRa knows about the answer: its summed log-probability under each
-        model and the mixture, and the KL estimate (as a sweep row has them)."""
+        model and the mixture, and the KL estimate (as a sweep row has them); for a
+        plain pair's DeRa, also its mismatch (see `mismatch`)."""
         sums = self.sums()
-        return {
+        summary = {
             "logprob_aligned": sums["aligned"],
             "logprob_reference": sums["reference"],
             "logprob_mixture": sums["mixture"],
             "kl_to_reference": self.kl_to_reference(),
         }
+        if self.target_lam is not None:
+            summary["mismatch"] = mismatch(
+                self.target_lam, sums["aligned"], sums["reference"], sums["mixture"]
+            )
+            summary["mismatch_per_token"] = summary["mismatch"] / max(len(self.mixture), 1)
+        return summary
 
     def sums(self) -> dict[str, float]:
         return {

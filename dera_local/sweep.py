@@ -17,6 +17,7 @@ from .batch import BatchDecoder
 from .engine import DeraPair
 from .errors import BadParameterError, DeraError
 from .guidance import guidance_for, validate_cfg_scale
+from .logprobs import mismatch
 from .mixing import validate_lam
 from .sampling import SamplingParams
 from .slots import Slot
@@ -82,6 +83,15 @@ class SweepRow:
     def kl_to_reference(self) -> float:
         """One-sample estimate of KL(pi_lam || pi_ref) for this answer."""
         return self.logprob_mixture - self.logprob_reference
+
+    def mismatch(self, kind: str) -> float | None:
+        """The answer's mismatch to the exact target at lam (logprobs.mismatch), for a
+        plain pair's DeRa (`kind` "pair", no CFG); None otherwise."""
+        if kind != "pair" or self.cfg_scale is not None:
+            return None
+        return mismatch(
+            self.lam, self.logprob_aligned, self.logprob_reference, self.logprob_mixture
+        )
 
 
 class LambdaSweep:

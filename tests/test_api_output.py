@@ -56,6 +56,9 @@ def _check_dera(dera, rows, lam):
     assert dera["kl_to_reference"] == pytest.approx(
         mixture.logprob - reference.logprob, abs=TOLERANCE * 20
     )
+    # the mismatch to the exact target, from the teacher-forced scores
+    expected = lam * aligned.logprob + (1 - lam) * reference.logprob - mixture.logprob
+    assert dera["mismatch"] == pytest.approx(expected, abs=TOLERANCE * 40)
 
 
 @pytest.mark.parametrize("lam", [0.5, 1.5])
@@ -130,7 +133,8 @@ def test_every_answer_carries_dera_and_generate_json_too(server, pair, run):
     printed = run("generate", "hi", "--temp", "0", "-n", "4", "--json", "--logprobs", "2")
     data = json.loads(printed.output)
     assert set(data["dera"]) == {
-        "logprob_aligned", "logprob_reference", "logprob_mixture", "kl_to_reference"
+        "logprob_aligned", "logprob_reference", "logprob_mixture", "kl_to_reference",
+        "mismatch", "mismatch_per_token",
     }  # fmt: skip
     assert len(data["logprobs"]["content"]) == len(data["tokens"])
     assert all(len(e["top_logprobs"]) == 2 for e in data["logprobs"]["content"])

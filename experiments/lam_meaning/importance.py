@@ -86,12 +86,17 @@ def load_pair():
     )
 
 
-def sample(files: dict, prompts: list[str], seeds: range, base_seed: int) -> None:
+def sample(
+    files: dict, prompts: list[str], seeds: range, base_seed: int, only: list[int] | None = None
+) -> None:
+    """Samples every (prompt, seed) not yet in the samples file (prompt numbers are
+    positions in `prompts`; `only`: just these)."""
     import dera_local
     from dera_local.sweep import LambdaSweep
 
     done = {(r["prompt"], r["seed"]) for r in read_rows(files["samples"])}
-    todo = [(p, s) for p in range(len(prompts)) for s in seeds if (p, s) not in done]
+    numbers = range(len(prompts)) if only is None else only
+    todo = [(p, s) for p in numbers for s in seeds if (p, s) not in done]
     if not todo:
         return
     log(f"sampling {len(todo)} (prompt, seed) runs at lam' {list(PROPOSALS)}")
@@ -135,7 +140,8 @@ def sample(files: dict, prompts: list[str], seeds: range, base_seed: int) -> Non
             out.write(json.dumps(record) + "\n")
             out.flush()
             elapsed = time.time() - started
-            log(f"  {n}/{len(todo)} runs, {elapsed:.0f}s, ~{elapsed / n * (len(todo) - n):.0f}s left")
+            left = elapsed / n * (len(todo) - n)
+            log(f"  {n}/{len(todo)} runs, {elapsed:.0f}s, ~{left:.0f}s left")
 
 
 def verify(files: dict, n: int = 24) -> None:
@@ -161,7 +167,8 @@ def verify(files: dict, n: int = 24) -> None:
                 [answer["end_token"]] if answer["end_token"] is not None else []
             )
             grid = sorted({0.0, 1.0, *PROPOSALS})
-            rows = {r.lam: r.logprob for r in score_response(pair, run["prompt_tokens"], tokens, grid)}
+            scored = score_response(pair, run["prompt_tokens"], tokens, grid)
+            rows = {r.lam: r.logprob for r in scored}
             aligned, reference, mixture = answer["sampled"]
             record = {
                 "prompt": run["prompt"],
