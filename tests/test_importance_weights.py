@@ -111,3 +111,32 @@ def test_proposal_means_and_small_helpers():
     spread = np.arange(20.0)[:, None]
     point, low, high = bootstrap(spread, lambda m: m[0])
     assert low < point == 9.5 < high
+
+
+def _fake_runs(rng, shift: float, prompts=(0, 1, 2, 3), seeds=8):
+    runs = []
+    for prompt in prompts:
+        for seed in range(seeds):
+            answers = []
+            for lam in (0.5, 1.0):
+                a, r = rng.normal(-60, 5), rng.normal(-60, 5)
+                answers.append(
+                    {
+                        "lam": lam,
+                        "words": float(rng.normal(40 + 10 * prompt + shift * (lam == 1.0), 4)),
+                        "sampled": [a, r, lam * a + (1 - lam) * r + rng.normal(0, 1)],
+                    }
+                )
+            runs.append({"prompt": prompt, "seed": seed, "answers": answers})
+    return runs
+
+
+def test_check_flags_a_shifted_statistic_and_passes_a_fresh_draw():
+    from check import compare, statistics_of
+
+    rng = np.random.default_rng(0)
+    stored = statistics_of(_fake_runs(rng, 0.0))
+    same = compare(stored, statistics_of(_fake_runs(rng, 0.0, seeds=4)))
+    assert len(same) == 5 and all(row[4] for row in same)  # words, KL x 2 lams; mismatch at 0.5
+    shifted = compare(stored, statistics_of(_fake_runs(rng, 15.0, seeds=4)))
+    assert [row[0] for row in shifted if not row[4]] == ["words at lam' 1"]

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from exact import END, Chain, dera, effective_lam, geometric_continue, moments, optimum
+from provenance import provenance
 
 LAMS = (0.25, 0.5, 0.75, 1.0, 1.5, 2.0, 2.5)
 
@@ -103,8 +104,12 @@ def main() -> None:
         )
     results["closed form: geometric reference, length reward, beta 20"] = geometric
     args.out.mkdir(parents=True, exist_ok=True)
+    # exact arithmetic in float64: the same on every machine up to rounding; recorded anyway
+    results["provenance"] = provenance()
     (args.out / "synthetic.json").write_text(json.dumps(results, indent=1) + "\n")
     for title, rows in results.items():
+        if title == "provenance":
+            continue
         if title.startswith("closed form"):
             print(f"#### {title}\n\n| lam | mean length exact | mean length DeRa |\n|---|---|---|")
             for r in rows:
