@@ -86,3 +86,32 @@ def test_the_built_in_pair_offers_the_lams_its_model_card_vouches_for(demo, pair
     any other pair gets 0..2."""
     assert default_pair.recommended_lams(demo[0]) == (0.0, 0.5, 1.0, 1.5)
     assert default_pair.recommended_lams(pair) == (0.0, 0.5, 1.0, 1.5, 2.0)
+
+
+def test_the_built_in_pair_carries_its_measured_lam_calibration():
+    """The model card's metadata (written by experiments/lam_meaning/importance.py) is
+    bundled with the package: every measured target with a DeRa lam inside its interval,
+    on the same side of 1 as the target, and `info` prints it for the shipped adapter."""
+    calibration = default_pair.built_in_calibration()
+    assert [e["target_lam"] for e in calibration["closest_dera_lam"]] == [0.5, 0.75, 1.5, 2.0]
+    for entry in calibration["closest_dera_lam"]:
+        low, high = entry["interval"]
+        assert low <= entry["dera_lam"] <= high
+        assert (entry["dera_lam"] - 1) * (entry["target_lam"] - 1) > 0
+        assert entry["kl_nats_per_answer_at_best"] > 0
+    assert calibration["useful_range"] == [0.0, 1.5]
+    lines = default_pair.calibration_lines(calibration)
+    assert "0.5, 0.75, 1.5, 2" in lines[0] and lines[2].startswith("useful lam range: 0 to 1.5")
+
+
+@needs_demo
+def test_info_on_the_built_in_pair_shows_its_calibration(monkeypatch, aligned_path, lora_path):
+    for name in ("DERA_ALIGNED", "DERA_REFERENCE", "DERA_LORA"):
+        monkeypatch.delenv(name, raising=False)
+    result = CliRunner().invoke(cli, ["info"])
+    assert result.exit_code == 0, result.stderr
+    assert "lam calibration (measured on this pair)" in result.output
+    assert "useful lam range: 0 to 1.5" in result.output
+    other = CliRunner().invoke(cli, ["info", "-mr", str(aligned_path), "--lora", str(lora_path)])
+    assert other.exit_code == 0, other.stderr
+    assert "lam calibration" not in other.output  # measured for the shipped adapter only

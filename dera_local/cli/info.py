@@ -7,6 +7,7 @@ import click
 
 from .. import backend
 from ..catalog import find_pair
+from ..default_pair import built_in_calibration, calibration_lines, is_built_in_adapter
 from ..draft_costs import measure_draft_costs
 from ..errors import DeraError
 from ..gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
@@ -199,6 +200,8 @@ def info(
             for key, value in adapter.metadata.items()
             if key.startswith("dera.")
         ]
+        if is_built_in_adapter(adapter.path):
+            lines += calibration_lines(built_in_calibration())
         if "reference" in infos and adapter.architecture != infos["reference"].architecture:
             verdict_error = DeraError("the adapter's architecture differs from the reference's")
             lines.append("compatibility: INCOMPATIBLE")

@@ -2,12 +2,12 @@
 on the built-in pair, by importance sampling (no training).
 
     pip install -e ".[demo]"
-    python experiments/lam_meaning/importance.py           # sample, verify, report
-    python experiments/lam_meaning/importance.py --check   # a fresh slice vs the stored CIs
+    python experiments/lam_meaning/importance.py --seeds 24   # sample, verify, report
+    python experiments/lam_meaning/importance.py --check      # a fresh slice vs the stored run
 
-Proposals: DeRa at every lam' of PROPOSALS on one prompt per held-out topic (20), 12 seeds
-each, temperature 1 and no truncation samplers, answers capped at 96 tokens (the target
-lives on the same capped answers). Stages, each resumable (rows are appended to
+Proposals: DeRa at every lam' of PROPOSALS on one prompt per held-out topic (20), --seeds
+seeds each (12 planned, 24 reported), temperature 1 and no truncation samplers, answers
+capped at 96 tokens (the target lives on the same capped answers). Stages, each resumable (rows are appended to
 results/importance-*.jsonl and reused on a rerun; every stage stops cleanly on Ctrl-C):
   sample  every proposal's answer per (prompt, seed), one batched sweep: the answer's
           tokens, words, finish reason, and its log-probabilities summed while sampling
@@ -16,10 +16,12 @@ results/importance-*.jsonl and reused on a rerun; every stage stops cleanly on C
           logprob_lams), ~45 min;
   verify  24 answers teacher-forced through both models (dera_local.score, each
           model's own logits): how far the sampled sums are from it;
-  report  results/importance.md and .json: for each target lam, log Z, KL(DeRa_lam' ‖
-          Pi_lam), effective sample sizes, Pi_lam's words and KL to the reference, the
-          calibration lam'*(lam), with bootstrap CIs over prompts (weights.py), and the
-          verdict by the rule written in README.md before the run.
+  report  results/importance-<N>-seeds.md and .json (the first --seeds N seeds of every
+          prompt): for each target lam, log Z, KL(DeRa_lam' ‖ Pi_lam), effective sample
+          sizes, Pi_lam's words and KL to the reference, the calibration lam'*(lam), with
+          bootstrap CIs over prompts (weights.py), and the verdict by the rule written in
+          README.md before the run; the calibration also goes to the built-in pair's model
+          card metadata (models/smollm2-concise-dpo/lam-calibration.json, dera-local info).
 """
 
 from __future__ import annotations
@@ -227,7 +229,7 @@ def main() -> None:
         if args.stage in ("all", "report"):
             from report import report
 
-            report(files, args.results)
+            report(files, args.results, args.seeds)
     except KeyboardInterrupt:
         sys.exit("stopped; rerun to resume")
 

@@ -8,12 +8,16 @@ import statistics
 from pathlib import Path
 
 import numpy as np
-from importance import PROPOSALS, TARGETS, read_rows
+from importance import PROPOSALS, ROOT, TARGETS, read_rows
 from provenance import provenance
 from weights import PromptDraws, argmin_parabola, bootstrap, crossing, estimate, proposal_means
 
+# The built-in pair's model-card metadata, bundled with the package (dera-local info).
+CALIBRATION_CARD = ROOT / "models" / "smollm2-concise-dpo" / "lam-calibration.json"
+USEFUL_RANGE = (0.0, 1.5)  # the model card's: from lam 2 on, answers are short but often broken
 MIN_POOLED_ESS = 10  # the verdict rule's "measurable" threshold (of 132 answers a prompt)
 BAND = (0.9, 1.1)  # "within 10%"
+KNOWN_TARGETS = (0.0, 1.0)  # the reference and the aligned model: the estimator's check
 FINE_TARGETS = np.round(np.arange(0.1, 3.001, 0.05), 2)  # for effective lams
 
 
@@ -143,6 +147,22 @@ def analyse(runs: list[dict]) -> dict:
             }
         )
     result["proposals"] = effective
+    # Where the answer is known: the target at lam 0 is the reference and at lam 1 the
+    # aligned model, each also a proposal (log Z = 0; words and KL are the proposal's).
+    known = per_prompt_tables(draws, KNOWN_TARGETS)
+    result["known_targets"] = [
+        {
+            "lam": lam,
+            "log_z": bootstrap(known["log_z"][:, t : t + 1], lambda m: m[0]),
+            "pi_words": bootstrap(known["pi_words"][:, t : t + 1], lambda m: m[0]),
+            "dera_words": bootstrap(tables["q_words"][:, [PROPOSALS.index(lam)]], lambda m: m[0]),
+            "pi_kl": bootstrap(known["pi_kl"][:, t : t + 1], lambda m: m[0]),
+            "dera_kl": bootstrap(tables["q_kl"][:, [PROPOSALS.index(lam)]], lambda m: m[0]),
+            "median_pooled_ess": float(np.median(known["ess"][:, t])),
+        }
+        for t, lam in enumerate(KNOWN_TARGETS)
+    ]
+    result["seeds_per_prompt"] = len({run["seed"] for run in runs})
     result["pi_kl_curve"] = {
         "lam": FINE_TARGETS.tolist(),
         "kl_to_reference": np.nanmean(fine["pi_kl"], axis=0).tolist(),
@@ -181,8 +201,13 @@ def verification(rows: list[dict]) -> dict | None:
 def markdown(result: dict, verified: dict | None, sources: list[dict]) -> str:
     lines = [
         f"Prompts: {result['prompts']} (one per held-out topic); answers per prompt: "
-        f"{result['answers_per_prompt']:g} ({len(PROPOSALS)} proposals x seeds); "
-        "95% bootstrap intervals over prompts in brackets.",
+        f"{result['answers_per_prompt']:g} ({len(PROPOSALS)} proposals x "
+        f"{result['seeds_per_prompt']:g} seeds); 95% bootstrap intervals over prompts in "
+        "brackets. Pi_lam's words and KL to the reference are self-normalised (they need "
+        "the effective sample size); DeRa's are plain means; the calibration needs no "
+        "weights (log Z is the same for every proposal, so the closest proposal is the one "
+        "with the largest mean mismatch W); KL(DeRa ‖ Pi) uses the estimated log Z, which "
+        "is biased low, so it is a lower bound in expectation.",
         "",
         "| target lam | Pi_lam words | DeRa_lam words | Pi_lam KL to ref | DeRa_lam KL to ref "
         "| KL(DeRa_lam ‖ Pi_lam) | calibration lam'* | pooled ESS (median) | own ESS (mean of 12) "
@@ -195,6 +220,22 @@ def markdown(result: dict, verified: dict | None, sources: list[dict]) -> str:
             f"| {_interval(*t['pi_kl'])} | {_interval(*t['dera_kl'])} "
             f"| {_interval(*t['kl_dera_to_target'])} | {_interval(*t['calibration'])} "
             f"| {t['median_pooled_ess']:.1f} | {t['mean_own_ess']:.1f} | {t['verdict']} |"
+        )
+    lines += [
+        "",
+        "Where the answer is known (the target at lam 0 is the reference, at 1 the aligned "
+        "model; both are also proposals): log Z is 0 and the target's words and KL are the "
+        "proposal's own.",
+        "",
+        "| target lam | log Z (exact: 0) | Pi words | DeRa words (direct mean) | Pi KL to ref "
+        "| DeRa KL to ref (direct mean) | pooled ESS (median) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for t in result["known_targets"]:
+        lines.append(
+            f"| {t['lam']:g} | {_interval(*t['log_z'])} | {_interval(*t['pi_words'], 1)} "
+            f"| {_interval(*t['dera_words'], 1)} | {_interval(*t['pi_kl'])} "
+            f"| {_interval(*t['dera_kl'])} | {t['median_pooled_ess']:.1f} |"
         )
     lines += ["", "The verdict's ratios (95% intervals; the rule: all inside [0.9, 1.1]):", ""]
     lines += ["| target lam | " + " | ".join(result["targets"][0]["ratios"]) + " |"]
@@ -217,7 +258,7 @@ def markdown(result: dict, verified: dict | None, sources: list[dict]) -> str:
         "",
         "Each proposal on its own: words, one-sample KL to the reference, and its effective "
         "lam (the target Pi_lam with the same KL to the reference; blank where none on "
-        "0.1..3 does):",
+        "0.1..3 does; it rests on the target's self-normalised KL, so on the weights):",
         "",
         "| lam' | words | KL to ref | effective lam | cut at 96 tokens |",
         "|---|---|---|---|---|",
@@ -238,7 +279,7 @@ def markdown(result: dict, verified: dict | None, sources: list[dict]) -> str:
             f"{verified['max_abs_sum']:.2f} (A, R, M) and {verified['max_abs_grid_sum']:.2f} "
             "(other proposals).",
         ]
-    lines += ["", "Made on:", ""]
+    lines += ["", "Made on (every run that sampled into the file, then the report):", ""]
     for source in sources:
         lines.append(
             f"- {source['stage']}: {source['machine']}; commit {source['commit']}; "
@@ -248,16 +289,56 @@ def markdown(result: dict, verified: dict | None, sources: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def report(files: dict, folder: Path) -> None:
-    runs = read_rows(files["samples"])
+def calibration_card(result: dict, sources: list[dict]) -> dict:
+    """What a user of the built-in pair can rely on: for each target lam, the DeRa lam
+    closest to it (weight-free) and how far apart the two still are, the useful range and
+    the verdict; where and how it was measured."""
+    return {
+        "_about": (
+            "Measured by experiments/lam_meaning/importance.py --stage report (issue 26): "
+            "for the exact target at lam (the aligned model retrained at beta/lam, "
+            "Pi_lam ∝ pi_ref^(1-lam) pi_1^lam over whole answers), the DeRa lam whose "
+            "answers are closest to it (smallest KL(DeRa ‖ Pi_lam); 95% bootstrap interval "
+            "over prompts) and that smallest KL per answer (a lower bound in expectation)."
+        ),
+        "closest_dera_lam": [
+            {
+                "target_lam": t["lam"],
+                "dera_lam": round(t["calibration"][0], 3),
+                "interval": [round(t["calibration"][1], 3), round(t["calibration"][2], 3)],
+                "kl_nats_per_answer_at_best": round(
+                    min(kl[0] for kl in t["kl_by_proposal"]), 2
+                ),
+            }
+            for t in result["targets"]
+        ],
+        "useful_range": list(USEFUL_RANGE),
+        "verdicts": {f"{t['lam']:g}": t["verdict"] for t in result["targets"]},
+        "measured": {
+            "prompts": result["prompts"],
+            "seeds_per_prompt": result["seeds_per_prompt"],
+            "answers_per_target": int(result["answers_per_prompt"] * result["prompts"]),
+            "made_on": [f"{s['machine']}; commit {s['commit']}" for s in sources],
+        },
+    }
+
+
+def report(files: dict, folder: Path, seeds: int) -> None:
+    """Reports the runs of the first `seeds` seeds of every prompt."""
+    runs = [run for run in read_rows(files["samples"]) if run["seed"] < seeds]
     if not runs:
         raise SystemExit("error: no samples yet; run the sample stage first")
     result = analyse(runs)
     verified = verification(read_rows(files["verify"]))
-    sources = [r for r in read_rows(files["provenance"]) if r["stage"] == "sample"][-1:]
+    sampled = [r for r in read_rows(files["provenance"]) if r["stage"] == "sample"]
+    # one line per distinct machine and commit that sampled (a resumed run adds one)
+    sources = list({(r["machine"], r["commit"]): r for r in sampled}.values())
     sources.append({"stage": "report", **provenance()})
     payload = {"result": result, "verification": verified, "provenance": sources}
-    (folder / "importance.json").write_text(json.dumps(payload, indent=1) + "\n")
+    name = f"importance-{seeds}-seeds"
+    (folder / f"{name}.json").write_text(json.dumps(payload, indent=1) + "\n")
     text = markdown(result, verified, sources)
-    (folder / "importance.md").write_text(text)
+    (folder / f"{name}.md").write_text(text)
+    card = calibration_card(result, sources)
+    CALIBRATION_CARD.write_text(json.dumps(card, indent=1, ensure_ascii=False) + "\n")
     print(text)
