@@ -7,8 +7,9 @@ on the built-in pair, by importance sampling (no training).
 
 Proposals: DeRa at every lam' of PROPOSALS on one prompt per held-out topic (20), --seeds
 seeds each (12 planned, 24 reported), temperature 1 and no truncation samplers, answers
-capped at 96 tokens (the target lives on the same capped answers). Stages, each resumable (rows are appended to
-results/importance-*.jsonl and reused on a rerun; every stage stops cleanly on Ctrl-C):
+capped at 96 tokens (the target lives on the same capped answers). Stages, each
+resumable (rows are appended to results/importance-*.jsonl and reused on a rerun; every
+stage stops cleanly on Ctrl-C):
   sample  every proposal's answer per (prompt, seed), one batched sweep: the answer's
           tokens, words, finish reason, and its log-probabilities summed while sampling
           under the aligned model (A), the reference (R), its own proposal (M) and every

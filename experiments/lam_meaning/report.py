@@ -210,7 +210,8 @@ def markdown(result: dict, verified: dict | None, sources: list[dict]) -> str:
         "is biased low, so it is a lower bound in expectation.",
         "",
         "| target lam | Pi_lam words | DeRa_lam words | Pi_lam KL to ref | DeRa_lam KL to ref "
-        "| KL(DeRa_lam ‖ Pi_lam) | calibration lam'* | pooled ESS (median) | own ESS (mean of 12) "
+        "| KL(DeRa_lam ‖ Pi_lam) | calibration lam'* | pooled ESS (median) "
+        f"| own ESS (mean, of {result['seeds_per_prompt']:g}) "
         "| verdict |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
@@ -306,9 +307,7 @@ def calibration_card(result: dict, sources: list[dict]) -> dict:
                 "target_lam": t["lam"],
                 "dera_lam": round(t["calibration"][0], 3),
                 "interval": [round(t["calibration"][1], 3), round(t["calibration"][2], 3)],
-                "kl_nats_per_answer_at_best": round(
-                    min(kl[0] for kl in t["kl_by_proposal"]), 2
-                ),
+                "kl_nats_per_answer_at_best": round(min(kl[0] for kl in t["kl_by_proposal"]), 2),
             }
             for t in result["targets"]
         ],
