@@ -3,9 +3,6 @@ dera-local (with --rpc) can place model layers on its CPU or GPU."""
 
 from __future__ import annotations
 
-import os
-import sys
-
 import click
 
 from ..rpc_endpoints import DEFAULT_PORT
@@ -59,8 +56,3 @@ def worker(host: str, port: int, n_threads: int, devices: str, cache_dir: str | 
         )
     except KeyboardInterrupt:  # Ctrl-C is how a worker is meant to stop
         click.echo("worker stopped", err=True)
-        # llama.cpp's server thread is still inside its accept loop: end the process here
-        # instead of running interpreter shutdown (and C++ destructors) around it.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(0)
