@@ -15,6 +15,14 @@ from server_process import free_port
 
 from dera_local.rpc_endpoints import hello
 
+# `python -m dera_local.cli`, with Ctrl-C (SIGINT) raising KeyboardInterrupt even when the
+# suite was started where SIGINT is ignored (a background job of a non-interactive shell:
+# Python then keeps ignoring it, and a test that stops a worker with it would wait).
+WITH_CTRL_C = (
+    "import runpy, signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+    "sys.argv[0] = 'dera-local'; runpy.run_module('dera_local.cli', run_name='__main__')"
+)
+
 
 class Worker:
     def __init__(self, *args: str, host: str = "127.0.0.1") -> None:
@@ -23,8 +31,8 @@ class Worker:
         self.process = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "dera_local.cli",
+                "-c",
+                WITH_CTRL_C,
                 "worker",
                 "--host",
                 host,
