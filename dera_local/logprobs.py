@@ -131,12 +131,18 @@ class SequenceLogprobs:
             "logprob_mixture": sums["mixture"],
             "kl_to_reference": self.kl_to_reference(),
         }
-        if self.target_lam is not None:
-            summary["mismatch"] = mismatch(
-                self.target_lam, sums["aligned"], sums["reference"], sums["mixture"]
-            )
-            summary["mismatch_per_token"] = summary["mismatch"] / max(len(self.mixture), 1)
+        if (answer_mismatch := self.mismatch()) is not None:
+            summary["mismatch"] = answer_mismatch
+            summary["mismatch_per_token"] = answer_mismatch / max(len(self.mixture), 1)
         return summary
+
+    def mismatch(self) -> float | None:
+        """The answer's mismatch to the exact target at `target_lam` (logprobs.mismatch);
+        None where there is no such target."""
+        if self.target_lam is None:
+            return None
+        sums = self.sums()
+        return mismatch(self.target_lam, sums["aligned"], sums["reference"], sums["mixture"])
 
     def sums(self) -> dict[str, float]:
         return {

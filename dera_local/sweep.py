@@ -17,7 +17,6 @@ from .batch import BatchDecoder
 from .engine import DeraPair
 from .errors import BadParameterError, DeraError
 from .guidance import guidance_for, validate_cfg_scale
-from .logprobs import mismatch
 from .mixing import validate_lam
 from .sampling import SamplingParams
 from .slots import Slot
@@ -78,20 +77,14 @@ class SweepRow:
     # With the sweep's logprob_lams: the answer's summed log-probability under plain DeRa
     # at each of them (importance weights between the grid's points).
     logprob_grid: list[float] | None = None
+    # For a pair's plain DeRa (no CFG): the answer's mismatch to the exact target at lam
+    # (logprobs.mismatch); None otherwise.
+    mismatch: float | None = None
 
     @property
     def kl_to_reference(self) -> float:
         """One-sample estimate of KL(pi_lam || pi_ref) for this answer."""
         return self.logprob_mixture - self.logprob_reference
-
-    def mismatch(self, kind: str) -> float | None:
-        """The answer's mismatch to the exact target at lam (logprobs.mismatch), for a
-        plain pair's DeRa (`kind` "pair", no CFG); None otherwise."""
-        if kind != "pair" or self.cfg_scale is not None:
-            return None
-        return mismatch(
-            self.lam, self.logprob_aligned, self.logprob_reference, self.logprob_mixture
-        )
 
 
 class LambdaSweep:
@@ -230,6 +223,7 @@ def _row(slot: Slot, prompt_id: str) -> SweepRow:
         end_token=slot.output.end_token,
         cfg_scale=slot.cfg_scale,
         logprob_grid=slot.logprobs.grid_sums() if slot.logprobs.grid else None,
+        mismatch=slot.logprobs.mismatch(),
     )
 
 

@@ -117,8 +117,8 @@ def sweep_command(
                 rows.append(row)
                 record = asdict(row)
                 record["kl_to_reference"] = row.kl_to_reference
-                if (mismatch := row.mismatch(pair.kind)) is not None:
-                    record["mismatch"] = mismatch
+                if row.mismatch is None:  # CFG rows: no exact target to compare with
+                    del record["mismatch"]
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")
                 sink.flush()
                 bar.update(1)

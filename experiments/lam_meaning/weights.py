@@ -15,11 +15,16 @@ from dataclasses import dataclass
 import numpy as np
 
 
-def logmeanexp(x: np.ndarray, axis: int | None = None) -> np.ndarray:
+def logsumexp(x: np.ndarray, axis: int | None = None) -> np.ndarray:
     x = np.asarray(x, dtype=np.float64)
     peak = np.max(x, axis=axis, keepdims=True)
-    out = peak + np.log(np.mean(np.exp(x - peak), axis=axis, keepdims=True))
+    out = peak + np.log(np.sum(np.exp(x - peak), axis=axis, keepdims=True))
     return out.squeeze() if axis is None else np.squeeze(out, axis=axis)
+
+
+def logmeanexp(x: np.ndarray, axis: int | None = None) -> np.ndarray:
+    n = np.size(x) if axis is None else np.shape(x)[axis]
+    return logsumexp(x, axis) - np.log(n)
 
 
 def effective_sample_size(log_weights: np.ndarray) -> float:
@@ -44,9 +49,7 @@ class PromptDraws:
         """log of the mixture of the proposals, in the proportions the answers came in."""
         counts = np.bincount(self.source, minlength=self.proposals.shape[1])
         shares = np.log(counts / counts.sum(), where=counts > 0, out=np.full(len(counts), -np.inf))
-        joint = self.proposals + shares
-        peak = joint.max(axis=1, keepdims=True)
-        return (peak + np.log(np.exp(joint - peak).sum(axis=1, keepdims=True)))[:, 0]
+        return logsumexp(self.proposals + shares, axis=1)
 
     def target_log_density(self, lam: float) -> np.ndarray:
         """log Pi~_lam: the target's unnormalised log density at each answer."""
