@@ -33,17 +33,22 @@ MAX_LAM = 1000.0  # beyond this the float32 mix of logits loses all meaning (or 
 FAR_LAM = 10.0  # beyond this, extrapolation far past the aligned model: warn
 
 
-def validate_lam(lam: float) -> float:
+def validate_lam(lam: float, *, warn: bool = True) -> float:
     """Returns lam as a float; rejects NaN, infinities and |lam| > 1000 (float32 logits
-    times such weights overflow or say nothing), warns when it is negative or > 10."""
+    times such weights overflow or say nothing), warns (unless `warn` is false) when it
+    is negative or > 10."""
     try:
         value = float(lam)
+    except OverflowError:  # an integer too large for a float
+        value = math.inf
     except (TypeError, ValueError):
-        raise BadParameterError(f"lam must be a number, got {lam!r}") from None
+        raise BadParameterError(f"lam must be a number, got {str(lam)[:40]!r}") from None
     if not math.isfinite(value):
-        raise BadParameterError(f"lam must be finite, got {lam!r}")
+        raise BadParameterError(f"lam must be finite, got {str(lam)[:40]}")
     if abs(value) > MAX_LAM:
         raise BadParameterError(f"lam must be between -{MAX_LAM:g} and {MAX_LAM:g}, got {lam!r}")
+    if not warn:
+        return value
     if value > FAR_LAM:
         warnings.warn(
             f"lam={value:g} extrapolates far past the aligned model; expect broken text",

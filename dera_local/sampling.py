@@ -8,12 +8,23 @@ import os
 import random
 import sys
 import tempfile
+import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import llama_cpp
 
 from .errors import BadParameterError
+from .grammar_bounds import check_gbnf
+
+_REAL_FIELDS = (
+    "temperature",
+    "top_p",
+    "min_p",
+    "repeat_penalty",
+    "frequency_penalty",
+    "presence_penalty",
+)
 
 
 @dataclass(frozen=True)
@@ -35,6 +46,16 @@ class SamplingParams:
     logit_bias: tuple[tuple[int, float], ...] = ()
 
     def __post_init__(self) -> None:
+        for name in _REAL_FIELDS:  # a 400-digit integer is a number, but not a float
+            try:
+                value = float(getattr(self, name))
+            except OverflowError:
+                value = math.inf
+            except (TypeError, ValueError):
+                raise BadParameterError(f"{name} must be a number") from None
+            if not math.isfinite(value):
+                raise BadParameterError(f"{name} must be finite")
+            object.__setattr__(self, name, value)
         checks = [
             (self.temperature >= 0, "temperature must be >= 0 (0 = greedy)"),
             (self.top_k >= 0, "top_k must be >= 0 (0 = off)"),
@@ -51,16 +72,6 @@ class SamplingParams:
                 raise BadParameterError(f"logit_bias: {token!r} is not a token id")
             if not (isinstance(bias, (int, float)) and -100 <= bias <= 100):
                 raise BadParameterError(f"logit_bias of token {token}: a number from -100 to 100")
-        for name in (
-            "temperature",
-            "top_p",
-            "min_p",
-            "repeat_penalty",
-            "frequency_penalty",
-            "presence_penalty",
-        ):
-            if not math.isfinite(getattr(self, name)):
-                raise BadParameterError(f"{name} must be finite")
 
     def with_seed(self) -> SamplingParams:
         """A copy with a concrete seed, so that a run can be reported and repeated."""
@@ -73,14 +84,20 @@ class SamplingParams:
         return self.temperature <= 0
 
 
+# One redirection of fd 2 at a time: two threads interleaving dup2 calls would leave
+# stderr pointing at a closed temporary file (a server checks grammars off the decode
+# thread while the decode thread builds its own).
+_STDERR_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def captured_stderr() -> Iterator[Callable[[], list[str]]]:
     """Redirects file descriptor 2 (where C code prints) into a temporary file for the
     block; yields a function returning the captured lines."""
     lines: list[str] = []
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
+    with _STDERR_LOCK, tempfile.TemporaryFile() as sink:
+        sys.stderr.flush()
+        saved = os.dup(2)
         os.dup2(sink.fileno(), 2)
         try:
             yield lambda: lines
@@ -89,6 +106,39 @@ def captured_stderr() -> Iterator[Callable[[], list[str]]]:
             os.close(saved)
             sink.seek(0)
             lines += sink.read().decode("utf-8", errors="replace").splitlines()
+
+
+class GrammarError(BadParameterError):
+    """llama.cpp refused a grammar; `reason` is what its parser said (may be empty)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def compiled_grammar(grammar: str, vocab: llama_cpp.llama_vocab_p) -> llama_cpp.llama_sampler_p:
+    """llama.cpp's grammar sampler for GBNF text (root rule "root"), after the checks
+    that keep its parser from crashing (grammar_bounds); the caller owns it. A grammar
+    llama.cpp refuses is a BadParameterError with its reason."""
+    check_gbnf(grammar)
+    # llama.cpp prints parse errors straight to stderr (fprintf, not its log): catch
+    # them, so that the user sees one line that includes the reason.
+    with captured_stderr() as printed:
+        sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+    if not sampler:
+        reason = next((line for line in printed() if "error" in line), "")
+        reason = reason.split("error parsing grammar:", 1)[-1].strip()
+        detail = f" ({reason})" if reason else ""
+        raise GrammarError(
+            f"the GBNF grammar does not parse{detail}; check its rule 'root'", reason
+        )
+    return sampler
+
+
+def check_grammar(grammar: str, vocab: llama_cpp.llama_vocab_p) -> None:
+    """Raises what compiled_grammar would (compiles the grammar once and frees it), so
+    that a server refuses it when the request arrives, not on the decode thread."""
+    llama_cpp.llama_sampler_free(compiled_grammar(grammar, vocab))
 
 
 class SamplerChain:
@@ -135,20 +185,7 @@ class SamplerChain:
                 entry.bias = -math.inf if bias <= -100 else float(bias)
             yield llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(entries), entries)
         if params.grammar is not None:
-            # llama.cpp prints parse errors straight to stderr (fprintf, not its log):
-            # catch them, so that the user sees one line that includes the reason.
-            with captured_stderr() as printed:
-                grammar = llama_cpp.llama_sampler_init_grammar(
-                    vocab, params.grammar.encode("utf-8"), b"root"
-                )
-            if not grammar:
-                reason = next((line for line in printed() if "error" in line), "")
-                reason = reason.split("error parsing grammar:", 1)[-1].strip()
-                detail = f" ({reason})" if reason else ""
-                raise BadParameterError(
-                    f"the GBNF grammar does not parse{detail}; check its rule 'root'"
-                )
-            yield grammar
+            yield compiled_grammar(params.grammar, vocab)
         penalize = (
             params.repeat_penalty != 1.0
             or params.frequency_penalty != 0.0

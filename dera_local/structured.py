@@ -16,12 +16,16 @@ from dataclasses import replace
 from llama_cpp import llama_grammar
 
 from .errors import BadParameterError
+from .grammar_bounds import check_gbnf, check_schema
 
 # The converter's string character rule lets control characters (a raw newline) into
 # strings, which JSON forbids (json.loads refuses them); llama.cpp's current converter
 # excludes them. The one rule is replaced by llama.cpp's.
 _LOOSE_CHAR = 'char ::= [^"\\\\] |'
 _STRICT_CHAR = 'char ::= [^"\\\\\\x7F\\x00-\\x1F] |'
+
+
+_MAX_DETAIL = 200
 
 
 def _strict(grammar: str) -> str:
@@ -44,13 +48,28 @@ def json_schema_grammar(schema: str | dict | bool) -> str:
         return JSON_OBJECT_GRAMMAR
     if not isinstance(schema, dict):
         raise BadParameterError('a JSON schema is an object, e.g. {"type": "object"}')
+    check_schema(schema)  # before the converter: some of its output grows with counts
     try:
-        return _strict(llama_grammar.json_schema_to_gbnf(json.dumps(schema)))
-    except (AssertionError, ValueError, KeyError, TypeError, NotImplementedError) as exc:
+        grammar = _strict(llama_grammar.json_schema_to_gbnf(json.dumps(schema)))
+    except (
+        AssertionError,
+        ValueError,
+        KeyError,
+        TypeError,
+        NotImplementedError,
+        ArithmeticError,
+    ) as exc:
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        if len(detail) > _MAX_DETAIL:  # the converter quotes whole sub-schemas
+            detail = detail[:_MAX_DETAIL] + "..."
         raise BadParameterError(f"this JSON schema is not supported: {detail}") from None
     except RecursionError:
         raise BadParameterError("this JSON schema is not supported: it nests too deeply") from None
+    try:
+        check_gbnf(grammar)
+    except BadParameterError as exc:
+        raise BadParameterError(f"this JSON schema is too large: {exc}") from None
+    return grammar
 
 
 def with_json_schema(sampling, schema: str | dict | None):

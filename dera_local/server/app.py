@@ -17,7 +17,7 @@ from collections.abc import AsyncIterator, Sequence
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
@@ -25,7 +25,16 @@ from .. import rpc_faults
 from ..chat import ChatTemplate
 from ..engine import DeraPair, GenerationResult
 from ..errors import BadParameterError, DeraError
-from .jobs import Failure, error_kind, failure_of, finish, read_json, start
+from .jobs import (
+    Failure,
+    check_schema_grammar,
+    error_kind,
+    failure_of,
+    finish,
+    log,
+    read_json,
+    start,
+)
 from .lam_range import LamRange, describe_lam
 from .ollama import ollama_error, ollama_routes
 from .requests import (
@@ -105,6 +114,8 @@ class _Guard:
             return
         try:
             await self.app(scope, receive, send)
+        except ClientDisconnect:  # a hang-up no handler caught: nobody to answer
+            log.debug("%s: the client hung up", path)
         except Exception:
             traceback.print_exc(file=sys.stderr)
             await error(500, "internal server error", "server_error")(scope, receive, send)
@@ -145,13 +156,19 @@ def create_app(
         return pair.model.token_bytes(token, special=True)
 
     template = ChatTemplate.for_pair(pair, chat_template)
+    vocab = pair.model.vocab
 
     async def respond(request: Request, chat: bool) -> Response:
         try:
             body = await read_json(request, max_body_bytes, body_timeout)
             parsed = parse_common(
-                body, default_lam, chat=chat, lam_range=lam_range if pair.depends_on_lam else None
+                body,
+                default_lam,
+                chat=chat,
+                lam_range=lam_range if pair.depends_on_lam else None,
+                n_vocab=pair.n_vocab,
             )
+            await check_schema_grammar(parsed.settings["sampling"], vocab, "response_format")
             negative = parsed.settings.pop("negative_prompt", None)
             if negative is not None and not worker.guided:
                 raise RequestError(
@@ -169,7 +186,7 @@ def create_app(
                     head = [{"role": "system", "content": negative}]
                     return template.tokens(pair, head + turns)
             else:
-                text_or_ids = completion_prompt(body)
+                text_or_ids = completion_prompt(body, pair.n_vocab)
 
                 def prompt() -> list[int]:
                     if isinstance(text_or_ids, str):

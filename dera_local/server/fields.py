@@ -5,6 +5,7 @@ is refused too: nothing a client sends is silently dropped. docs/server.md has t
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 # Honoured by both endpoints (the dera_* fields are this server's own).
@@ -48,7 +49,7 @@ def check_fields(body: dict[str, Any], chat: bool) -> tuple[str, str] | None:
             return name, REFUSED[name]
         if name in _NEUTRAL and value not in _NEUTRAL[name]:
             allowed = _NEUTRAL[name][0]
-            return name, f"only {name} = {str(allowed).lower()} is supported"
+            return name, f"only {name} = {json.dumps(allowed)} is supported"
         if name not in known:
             other = "completions" if chat else "chat completions"
             where = f" (it belongs to {other})" if name in (COMPLETION if chat else CHAT) else ""

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 from ..engine import GenerationResult
 from ..errors import ContextFullError, DeraError, RuntimeFailure, WorkerError
+from ..sampling import GrammarError, SamplingParams, check_grammar
+from .requests import RequestError
 from .worker import GenerationWorker, Job, QueueFull, ShuttingDown
+
+log = logging.getLogger("dera_local.server")
 
 
 class Failure(Exception):
@@ -78,6 +83,11 @@ async def read_json(request: Request, max_bytes: int, timeout: float):
         raise Failure(
             408, f"request body not received within {timeout:g} s", headers={"Connection": "close"}
         ) from None
+    except ClientDisconnect:  # hung up mid-body: nobody to answer, nothing to report
+        log.debug(
+            "%s %s: the client hung up while sending its body", request.method, request.url.path
+        )
+        raise Failure(499, "the client closed the connection") from None
     try:
         return json.loads(b"".join(chunks))
     except (ValueError, RecursionError) as exc:  # bad JSON or UTF-8, huge ints, deep nesting
@@ -121,3 +131,21 @@ async def finish(request: Request, first, chunks: AsyncIterator) -> GenerationRe
     if not isinstance(result, GenerationResult):  # stopped by a shutdown
         raise shutting_down()
     return result
+
+
+async def check_schema_grammar(sampling: SamplingParams, vocab, field: str) -> None:
+    """Compiles the grammar made from a request's JSON schema once, in a thread of its
+    own (neither the event loop nor the decode thread that every request shares), so
+    that what llama.cpp refuses is a 400 naming the field before the job is queued."""
+    if sampling.grammar is None:
+        return
+    try:
+        await asyncio.to_thread(check_grammar, sampling.grammar, vocab)
+    except GrammarError as exc:
+        because = f" ({exc.reason})" if exc.reason else ""
+        raise RequestError(
+            f"'{field}': llama.cpp cannot use the grammar made from this JSON schema{because}",
+            field,
+        ) from None
+    except DeraError as exc:
+        raise RequestError(f"'{field}': {exc}", field) from None

@@ -23,10 +23,10 @@ from ..chat import ChatTemplate
 from ..engine import GenerationResult
 from ..errors import DeraError
 from ..gguf_inspect import read_gguf
-from .jobs import Failure, failure_of, finish, read_json, start
+from .jobs import Failure, check_schema_grammar, failure_of, finish, read_json, start
 from .lam_range import LamRange, describe_lam
 from .ollama_requests import DEFAULTS, chat_messages, generate_prompt, lam_of_name, parse_ollama
-from .requests import MODEL_ID, RequestError
+from .requests import MODEL_ID, RequestError, checked_lam
 from .responses import dera
 from .worker import GenerationWorker, Job
 
@@ -140,6 +140,8 @@ def ollama_routes(
             if name is None:
                 raise RequestError("'model' is required (see /api/tags)", "model")
             lam = lam_of_name(name, default_lam)
+            if lam is not None and depends_on_lam:  # what /api/chat would refuse
+                lam = checked_lam(lam, lam_range, "model", "'model'")
         except DeraError as exc:
             return _failure(failure_of(exc))
         except Failure as failure:
@@ -173,6 +175,7 @@ def ollama_routes(
             )
             if lam is None:
                 return _not_found(body["model"])
+            await check_schema_grammar(settings["sampling"], pair.model.vocab, "format")
             negative = settings.pop("negative_prompt", None)
             if negative is not None and not worker.guided:
                 raise RequestError(

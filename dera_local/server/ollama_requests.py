@@ -15,7 +15,7 @@ from ..mixing import validate_lam
 from ..sampling import SamplingParams
 from ..structured import JSON_OBJECT_GRAMMAR, json_schema_grammar
 from .lam_range import LamRange
-from .requests import MODEL_ID, RequestError, unicode_text
+from .requests import MODEL_ID, RequestError, checked_lam, is_number, unicode_text
 
 # Ollama's defaults for what a request leaves out (its Modelfile PARAMETER defaults),
 # so an app gets what it gets from Ollama; num_predict -1: until the end or the context.
@@ -82,7 +82,7 @@ def lam_of_name(name: Any, default_lam: float) -> float | None:
     if tag in ("", "latest"):
         return default_lam
     try:
-        return validate_lam(float(tag))
+        return validate_lam(float(tag), warn=False)
     except (ValueError, DeraError):
         return None
 
@@ -110,10 +110,9 @@ def parse_ollama(
     if not isinstance(options, dict):
         raise RequestError("'options' must be an object", "options")
     values = _options(options, n_ctx)
-    if lam is not None and "lam" in values:
-        lam = _lam(values["lam"])
-    if lam is not None and lam_range is not None and not lam_range.holds(lam):
-        raise RequestError(f"lam {lam:g} is outside this server's range {lam_range}", "lam")
+    if lam is not None:
+        field = ("options", "option 'lam'") if "lam" in values else ("model", "'model'")
+        lam = checked_lam(values.get("lam", lam), lam_range, *field)
     seed = values.get("seed")
     sampling = SamplingParams(
         temperature=values.get("temperature", DEFAULTS["temperature"]),
@@ -200,18 +199,16 @@ def _options(options: dict, n_ctx: int) -> dict:
             if value is None:
                 continue
             if (
-                isinstance(value, bool)
-                or not isinstance(value, (int, float))
-                or (integer and not float(value).is_integer())
-                or not math.isfinite(value)
-                or not low <= value <= high
+                not is_number(value)
+                or (integer and isinstance(value, float) and not value.is_integer())
+                or not low <= value <= high  # exact for any int: never converted first
             ):
                 kind = "an integer" if integer else "a number"
                 bounds = "" if math.isinf(low) else f" from {low:g} to {high:g}"
                 raise RequestError(f"option '{name}' must be {kind}{bounds}", "options")
             values[name] = value
         elif name == "num_ctx":
-            if value is not None and (not isinstance(value, int) or value > n_ctx):
+            if value is not None and (not is_number(value) or value > n_ctx):
                 raise RequestError(
                     f"option 'num_ctx': this server's context is {n_ctx} tokens per request "
                     "(start it with a larger -c)",
@@ -225,13 +222,6 @@ def _options(options: dict, n_ctx: int) -> dict:
         else:
             raise RequestError(f"option '{name}' is unknown", "options")
     return values
-
-
-def _lam(value: float) -> float:
-    try:
-        return validate_lam(value)
-    except DeraError as exc:
-        raise RequestError(f"option 'lam': {exc}", "options") from None
 
 
 def _repeat_last_n(value: float | None, n_ctx: int) -> int:

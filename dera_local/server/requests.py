@@ -47,11 +47,26 @@ def _number(
     value = body.get(name)
     if value is None:
         return default
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+    if not is_number(value):
         raise RequestError(f"'{name}' must be a number", name)
-    if not low <= value <= high:
+    if not low <= value <= high:  # exact for any int: 10**400 is compared, not converted
         raise RequestError(f"'{name}' must be between {low:g} and {high:g}", name)
     return float(value)
+
+
+def shown_number(value: float) -> str:
+    """A number for a message: %g, and a huge integer cut short rather than converted."""
+    if isinstance(value, int) and abs(value) >= 10**15:
+        return f"{str(value)[:8]}... ({len(str(abs(value)))} digits)"
+    return f"{value:g}"
+
+
+def is_number(value: Any) -> bool:
+    """A JSON number that is finite (json.loads also reads NaN and Infinity), of any size:
+    a 400-digit integer is a number, out of range, and must not overflow a float()."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return False
+    return isinstance(value, int) or math.isfinite(value)
 
 
 def _integer(body: dict, name: str, low: int, high: int) -> int | None:
@@ -83,6 +98,20 @@ def _stop(body: dict) -> list[str]:
     return [unicode_text(s, "stop") for s in stop if s]
 
 
+def checked_lam(lam: float, lam_range: LamRange | None, param: str, what: str) -> float:
+    """lam as a float, refused (naming `param`) when it is unusable or outside the
+    server's range; checked before validate_lam, whose warnings (a negative lam) are
+    for Python users and would only fill the server's log."""
+    if lam_range is not None and not lam_range.holds(lam):
+        raise RequestError(
+            f"{what}: lam {shown_number(lam)} is outside this server's range {lam_range}", param
+        )
+    try:
+        return validate_lam(lam, warn=False)
+    except DeraError as exc:
+        raise RequestError(f"{what}: {exc}", param) from None
+
+
 def lam_of_model(model: str, default_lam: float) -> float:
     """The lam a model id asks for: "dera-local@0.7" -> 0.7 (a preset from /v1/models, or
     any other value); any other id, including plain "dera-local", -> the server's lam
@@ -91,7 +120,7 @@ def lam_of_model(model: str, default_lam: float) -> float:
     if not at or name != MODEL_ID:
         return default_lam
     try:
-        return validate_lam(float(value))
+        return validate_lam(float(value), warn=False)
     except (ValueError, DeraError):
         raise RequestError(
             f"model {model!r}: after '@' comes the lam to decode at, e.g. {MODEL_ID}@0.5",
@@ -100,8 +129,14 @@ def lam_of_model(model: str, default_lam: float) -> float:
 
 
 def parse_common(
-    body: Any, default_lam: float, *, chat: bool = True, lam_range: LamRange | None = None
+    body: Any,
+    default_lam: float,
+    *,
+    chat: bool = True,
+    lam_range: LamRange | None = None,
+    n_vocab: int = 2**31,
 ) -> ParsedRequest:
+    """The request's settings; `n_vocab` bounds the token ids it may name (logit_bias)."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     refused = check_fields(body, chat)
@@ -118,15 +153,10 @@ def parse_common(
     if not isinstance(model, str):
         raise RequestError("'model' must be a string", "model")
     lam = body.get("dera_lambda", lam_of_model(model, default_lam))
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)):
+    if not is_number(lam):
         raise RequestError("'dera_lambda' must be a number", "dera_lambda")
-    try:
-        lam = validate_lam(lam)
-    except DeraError as exc:
-        raise RequestError(f"'dera_lambda': {exc}", "dera_lambda") from None
-    if lam_range is not None and not lam_range.holds(lam):
-        param = "dera_lambda" if "dera_lambda" in body else "model"
-        raise RequestError(f"lam {lam:g} is outside this server's range {lam_range}", param)
+    param = "dera_lambda" if "dera_lambda" in body else "model"
+    lam = checked_lam(lam, lam_range, param, f"'{param}'")
     max_tokens = _integer(body, "max_completion_tokens", 1, 1_000_000)
     if max_tokens is None:
         max_tokens = _integer(body, "max_tokens", 1, 1_000_000) or DEFAULT_MAX_TOKENS
@@ -143,7 +173,7 @@ def parse_common(
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         seed=None if seed is None else seed & 0x7FFFFFFF,
         grammar=_response_format(body) if chat else None,
-        logit_bias=_logit_bias(body),
+        logit_bias=_logit_bias(body, n_vocab),
     )
     settings = {"lam": lam, "sampling": sampling, "max_tokens": max_tokens, "stop": _stop(body)}
     settings.update(_logprobs(body, chat))
@@ -171,7 +201,7 @@ def _logprobs(body: dict, chat: bool) -> dict:
     return {"per_token": top is not None, "top_logprobs": top or 0}
 
 
-def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
+def _logit_bias(body: dict, n_vocab: int) -> tuple[tuple[int, float], ...]:
     """OpenAI's {"token id": bias} map (bias -100..100; -100 bans the token)."""
     bias = body.get("logit_bias")
     if bias is None:
@@ -180,13 +210,15 @@ def _logit_bias(body: dict) -> tuple[tuple[int, float], ...]:
         raise RequestError("'logit_bias' must map token ids to numbers", "logit_bias")
     pairs = []
     for key, value in bias.items():
-        if not (isinstance(key, str) and key.isdigit()):
+        # ASCII digits only: "²".isdigit() is true and int("²") fails
+        if not (key.isascii() and key.isdigit()):
             raise RequestError(f"'logit_bias': {key!r} is not a token id", "logit_bias")
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, (int, float))
-            or not (-100 <= value <= 100)
-        ):
+        if len(key) > 9 or int(key) >= n_vocab:
+            raise RequestError(
+                f"'logit_bias': token {key[:12]} is outside the vocabulary (0..{n_vocab - 1})",
+                "logit_bias",
+            )
+        if not is_number(value) or not (-100 <= value <= 100):
             raise RequestError(
                 f"'logit_bias' of token {key}: a number from -100 to 100", "logit_bias"
             )
@@ -238,6 +270,11 @@ def _guidance(body: dict) -> dict:
     return {"negative_prompt": unicode_text(negative, "dera_negative_prompt"), "cfg_scale": scale}
 
 
+# The roles a chat may have, as the chat template names them: OpenAI's "developer" is
+# the system message of newer models.
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+
+
 def chat_messages(body: dict) -> list[dict]:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
@@ -254,12 +291,18 @@ def chat_messages(body: dict) -> list[dict]:
             content = "".join(parts)
         if not isinstance(content, str):
             raise RequestError(f"messages[{index}] needs string 'content'", "messages")
-        role = unicode_text(message["role"], "messages")
+        role = ROLES.get(message["role"])
+        if role is None:
+            raise RequestError(
+                f"messages[{index}]: role {message['role'][:40]!r} is not one of "
+                "system, developer, user, assistant",
+                "messages",
+            )
         out.append({"role": role, "content": unicode_text(content, "messages")})
     return out
 
 
-def completion_prompt(body: dict) -> str | list[int]:
+def completion_prompt(body: dict, n_vocab: int = 2**31) -> str | list[int]:
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
@@ -270,5 +313,12 @@ def completion_prompt(body: dict) -> str | list[int]:
         and prompt
         and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt)
     ):
+        bad = next((t for t in prompt if not 0 <= t < n_vocab), None)
+        if bad is not None:
+            shown = str(bad) if abs(bad) < 10**12 else f"{str(bad)[:12]}..."
+            raise RequestError(
+                f"'prompt': token id {shown} is outside the vocabulary (0..{n_vocab - 1})",
+                "prompt",
+            )
         return prompt
     raise RequestError("'prompt' must be a non-empty string or a list of token ids", "prompt")

@@ -20,6 +20,21 @@ from ..logprobs import SequenceLogprobs
 from ..slots import Slot
 from ..stream import slot_result
 
+# The decode thread builds every request's sampler chain, and llama.cpp's grammar parser
+# recurses once per nested group (up to grammar_bounds.MAX_GROUP_DEPTH, under 0.5 MB):
+# a known stack, not the platform's default for threads (128 KB on musl).
+DECODE_THREAD_STACK = 16 << 20
+
+
+def _started_with_stack(target: Callable[[], None], name: str, size: int) -> threading.Thread:
+    previous = threading.stack_size(size)  # applies to threads created from now on
+    try:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+    finally:
+        threading.stack_size(previous)
+    return thread
+
 
 class QueueFull(Exception):
     """More requests are waiting than the server accepts; the client should retry."""
@@ -108,8 +123,7 @@ class GenerationWorker:
             prompts_per_slot=2 if guided else 1,
             max_drafts=self.speculation.draft_max,
         )
-        self._thread = threading.Thread(target=self._loop, name="dera-batch", daemon=True)
-        self._thread.start()
+        self._thread = _started_with_stack(self._loop, "dera-batch", DECODE_THREAD_STACK)
 
     @property
     def in_flight(self) -> int:
