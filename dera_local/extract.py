@@ -127,10 +127,13 @@ def extract(
     rank: int = 16,
     dtype: str = "f16",
     progress: Callable[[str], None] | None = None,
+    overwrite: bool = False,
 ) -> ExtractReport:
     """Writes `output`, a LoRA GGUF that turns `reference` into (approximately) `aligned`
     (load the pair with load_pair(None, reference, lora=output)); returns what it kept.
-    `progress(name)` is called after each tensor. Raises DeraError with one line."""
+    `progress(name)` is called after each tensor; an existing `output` is replaced only
+    with `overwrite`. Raises DeraError with one line; nothing is written when the models
+    share every matrix (no adapter could carry what differs)."""
     try:
         import gguf
         import scipy  # noqa: F401
@@ -150,6 +153,10 @@ def extract(
     output = Path(output).expanduser()
     if output.exists() and output.is_dir():
         raise BadParameterError(f"{output} is a folder; give the adapter's file name")
+    if output.exists() and not overwrite:
+        raise BadParameterError(
+            f"{output} exists; give another name", cli_hint="or --force to replace it"
+        )
     temporary = output.with_name(f".{output.name}.{os.getpid()}.partial")
     try:
         temporary.touch()
@@ -195,6 +202,8 @@ def extract(
             if progress is not None:
                 progress(name)
         report.seconds = time.perf_counter() - started
+        if not any(entry.carried for entry in report.tensors):
+            raise BadParameterError(_nothing_to_carry(report))
         for key, value in (
             ("dera.extract.aligned", aligned_info.path.name),
             ("dera.extract.aligned.sha256", file_sha256(aligned_info.path)),
@@ -215,6 +224,18 @@ def extract(
         raise
     report.adapter_bytes = output.stat().st_size
     return report
+
+
+def _nothing_to_carry(report: ExtractReport) -> str:
+    differing = [entry for entry in report.tensors if entry.norm > 0.0]
+    if not differing:
+        return "the two models have the same weights: there is no difference to extract"
+    names = ", ".join(entry.name for entry in differing[:3])
+    more = f" and {len(differing) - 3} more" if len(differing) > 3 else ""
+    return (
+        f"no matrix differs between the two models, only {names}{more}, which a LoRA "
+        f"adapter cannot carry ({differing[0].why_not}): no adapter written"
+    )
 
 
 def _check_same_tensors(aligned: dict, reference: dict, a_path: Path, r_path: Path) -> None:

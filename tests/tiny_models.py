@@ -161,7 +161,7 @@ def write_tiny_lora(path: str | Path, seed: int, *, rank: int = 4, alpha: float 
 
 def write_merged(
     reference: str | Path,
-    adapter: str | Path,
+    adapter: str | Path | None,
     path: str | Path,
     *,
     matrix_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
@@ -170,15 +170,18 @@ def write_merged(
     """The reference with a LoRA adapter merged into its weights, W + (alpha / r) * B A,
     as a full model (its matrices stored as `matrix_type`): a "fully fine-tuned" model
     whose difference from the reference is exactly low-rank. `norm_shift` is added to
-    every vector (the norm weights), which a full fine-tune also changes."""
+    every vector (the norm weights), which a full fine-tune also changes; with no
+    adapter, the norm weights are all that differs."""
     from gguf.quants import dequantize, quantize
 
     path = Path(path)
     base = gguf.GGUFReader(str(reference))
-    lora = gguf.GGUFReader(str(adapter))
-    alpha = float(lora.fields[gguf.Keys.Adapter.LORA_ALPHA].contents())
     deltas = {}
-    lora_tensors = {t.name: np.asarray(t.data, dtype=np.float32) for t in lora.tensors}
+    lora = None if adapter is None else gguf.GGUFReader(str(adapter))
+    alpha = 0.0 if lora is None else float(lora.fields[gguf.Keys.Adapter.LORA_ALPHA].contents())
+    lora_tensors = (
+        {} if lora is None else {t.name: np.asarray(t.data, dtype=np.float32) for t in lora.tensors}
+    )
     for name, a in lora_tensors.items():
         if name.endswith(".lora_a"):
             target = name.removesuffix(".lora_a")

@@ -1,10 +1,13 @@
 """The `dera-local` command: a thin click dispatcher over the Python API.
 
-Every DeraError (bad input) becomes one line on stderr and exit status 1, no traceback.
+Every DeraError (bad input) becomes one line on stderr and exit status 1, no traceback;
+a command line that does not parse (an unknown flag, a value of the wrong type) is one
+line too, with exit status 2, as click and POSIX tools use it.
 """
 
 from __future__ import annotations
 
+import sys
 import warnings
 
 import click
@@ -39,6 +42,28 @@ class _OneLineErrors(click.Group):
                 return super().invoke(ctx)
             except DeraError as exc:
                 raise click.ClickException(exc.for_cli()) from None
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """click's main, except that a usage error is one line (click prints the usage,
+        a hint and the error on three): what was wrong and where the help is."""
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, False, **extra)
+        try:
+            status = super().main(args, prog_name, complete_var, False, **extra)
+        except click.exceptions.NoArgsIsHelpError as exc:  # bare `dera-local`: the help
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.UsageError as exc:
+            where = f" (see {exc.ctx.command_path} --help)" if exc.ctx is not None else ""
+            click.echo(f"Error: {exc.format_message()}{where}", err=True)
+            sys.exit(exc.exit_code)
+        except click.ClickException as exc:
+            exc.show()
+            sys.exit(exc.exit_code)
+        except click.Abort:  # Ctrl-C or end of input at a prompt
+            click.echo("Aborted!", err=True)
+            sys.exit(1)
+        sys.exit(status if isinstance(status, int) else 0)
 
 
 @click.group(cls=_OneLineErrors)

@@ -32,8 +32,9 @@ from ..gguf_inspect import read_gguf
     help="Adapter tensor type.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the whole report as JSON.")
+@click.option("--force", is_flag=True, help="Replace OUT.lora.gguf if it exists.")
 def extract_command(
-    aligned: str, reference: str, output: str, rank: int, dtype: str, as_json: bool
+    aligned: str, reference: str, output: str, rank: int, dtype: str, as_json: bool, force: bool
 ) -> None:
     """Extract ALIGNED as a rank-R LoRA adapter on REFERENCE.
 
@@ -51,7 +52,9 @@ def extract_command(
         bars[0].update(1)
 
     try:
-        report = extract(aligned, reference, output, rank=rank, dtype=dtype, progress=advance)
+        report = extract(
+            aligned, reference, output, rank=rank, dtype=dtype, progress=advance, overwrite=force
+        )
     finally:
         for bar in bars:
             bar.__exit__(None, None, None)

@@ -160,7 +160,7 @@ model_options = _stack(
         "-c",
         "--ctx-size",
         "n_ctx",
-        type=int,
+        type=click.IntRange(0),
         default=4096,
         show_default=True,
         envvar="DERA_CTX_SIZE",
