@@ -37,7 +37,7 @@ import time
 from collections.abc import Sequence
 
 from .backend import Context, TokenBatch
-from .errors import BadParameterError
+from .errors import BadParameterError, PromptError
 from .guidance import Guidance, mixture_terms
 from .kv_sequences import KVSequences
 from .logprobs import SequenceLogprobs
@@ -154,19 +154,21 @@ class BatchDecoder:
         """A one-line error unless the prompt is valid and fits (a prompt that fills the
         slot exactly still gets one token: the last row's logits need no new position)."""
         if len(prompt_tokens) > self.n_ctx_per_slot and self.n_slots == 1:
-            raise BadParameterError(
+            raise PromptError(
                 f"the {what} has {len(prompt_tokens)} tokens but the context holds "
                 f"{self.n_ctx_per_slot} (prompt and answer); shorten the {what}",
                 cli_hint="or raise -c",
+                which=what,
             )
         if len(prompt_tokens) > self.n_ctx_per_slot:
-            raise BadParameterError(
+            raise PromptError(
                 f"the {what} has {len(prompt_tokens)} tokens but each of the {self.n_slots} "
                 f"parallel slots holds {self.n_ctx_per_slot} (prompt and answer); "
                 f"shorten the {what}",
                 cli_hint="or raise -c, or lower --parallel",
+                which=what,
             )
-        self.models.check_prompt(prompt_tokens)
+        self.models.check_prompt(prompt_tokens, which=what)
 
     def admit(
         self,

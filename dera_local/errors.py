@@ -44,6 +44,15 @@ class BadParameterError(DeraError, ValueError):
     prompt that does not fit the context): the caller's input, fixable by the caller."""
 
 
+class PromptError(BadParameterError):
+    """A prompt (`which`: "prompt" or "negative prompt") is empty, names token ids outside
+    the vocabulary, or does not fit the context; a server names the field that held it."""
+
+    def __init__(self, message: str, *, which: str = "prompt", cli_hint: str | None = None):
+        super().__init__(message, cli_hint=cli_hint)
+        self.which = which
+
+
 class RuntimeFailure(DeraError):
     """llama.cpp failed while running valid input (a failed llama_decode): not the
     caller's fault."""

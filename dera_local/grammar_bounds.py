@@ -102,7 +102,9 @@ def check_schema(schema: Any) -> None:
         if nodes > MAX_SCHEMA_NODES:
             raise BadParameterError(f"the schema has over {MAX_SCHEMA_NODES:,} parts")
         if depth > MAX_SCHEMA_DEPTH:
-            raise BadParameterError(f"the schema nests deeper than {MAX_SCHEMA_DEPTH} at {where}")
+            raise BadParameterError(
+                f"the schema nests deeper than {MAX_SCHEMA_DEPTH} at {_short(where)}"
+            )
         if isinstance(node, dict):
             _check_counts(node, where)
             values = node.get("enum")
@@ -130,7 +132,13 @@ def check_schema(schema: Any) -> None:
         )
 
 
+def _short(where: str) -> str:
+    """A JSON pointer for a message: a deep one shows its start and its end."""
+    return where if len(where) <= 80 else f"{where[:40]}...{where[-36:]}"
+
+
 def _check_counts(node: dict, where: str) -> None:
+    where = _short(where)
     for name in _COUNTS:
         value = node.get(name)
         if value is None:

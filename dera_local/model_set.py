@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .errors import BadParameterError
+from .errors import BadParameterError, PromptError
 from .guidance import guidance_for
 from .logprobs import check_top_logprobs
 from .mixing import validate_lam
@@ -69,20 +69,22 @@ class ModelSet:
         data = b"".join(self.model.token_bytes(t, special=special) for t in tokens)
         return data.decode("utf-8", errors="replace")
 
-    def check_prompt(self, tokens: Sequence[int]) -> None:
+    def check_prompt(self, tokens: Sequence[int], which: str = "prompt") -> None:
         """Raises a one-line error unless the ids are a non-empty prompt that fits."""
         if not tokens:
-            raise BadParameterError("the prompt is empty")
+            raise PromptError(f"the {which} is empty", which=which)
         bad = [t for t in tokens if not 0 <= t < self.n_vocab]
         if bad:
-            raise BadParameterError(
-                f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})"
+            raise PromptError(
+                f"token id {bad[0]} is outside the vocabulary (0..{self.n_vocab - 1})",
+                which=which,
             )
         if len(tokens) > self.n_ctx:
-            raise BadParameterError(
-                f"the prompt has {len(tokens)} tokens but the context holds {self.n_ctx}; "
-                "shorten the prompt",
+            raise PromptError(
+                f"the {which} has {len(tokens)} tokens but the context holds {self.n_ctx}; "
+                f"shorten the {which}",
                 cli_hint="or raise -c",
+                which=which,
             )
 
     def check_lam(self, lam: float) -> float:

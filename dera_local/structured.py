@@ -51,20 +51,15 @@ def json_schema_grammar(schema: str | dict | bool) -> str:
     check_schema(schema)  # before the converter: some of its output grows with counts
     try:
         grammar = _strict(llama_grammar.json_schema_to_gbnf(json.dumps(schema)))
-    except (
-        AssertionError,
-        ValueError,
-        KeyError,
-        TypeError,
-        NotImplementedError,
-        ArithmeticError,
-    ) as exc:
+    except RecursionError:
+        raise BadParameterError("this JSON schema is not supported: it nests too deeply") from None
+    except Exception as exc:  # noqa: BLE001 - third-party code fed a client's schema
+        # Any failure of the converter means "cannot convert this schema": it asserts,
+        # and a malformed schema ("properties": []) reaches attribute errors.
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         if len(detail) > _MAX_DETAIL:  # the converter quotes whole sub-schemas
             detail = detail[:_MAX_DETAIL] + "..."
         raise BadParameterError(f"this JSON schema is not supported: {detail}") from None
-    except RecursionError:
-        raise BadParameterError("this JSON schema is not supported: it nests too deeply") from None
     try:
         check_gbnf(grammar)
     except BadParameterError as exc:

@@ -17,15 +17,16 @@ def free_port() -> int:
 
 
 def start_server(
-    args: list[str], *, cwd: str | None = None, env: dict | None = None
+    args: list[str], *, cwd: str | None = None, env: dict | None = None, log=None
 ) -> tuple[subprocess.Popen, str]:
     """Starts the server with `args` and waits for /health; returns it and its base URL.
-    `cwd`/`env`: run another checkout's dera_local (benchmarks against an older one)."""
+    `cwd`/`env`: run another checkout's dera_local (benchmarks against an older one).
+    `log`: a file for its stderr (a pipe nobody reads fills up after many requests)."""
     port = free_port()
     process = subprocess.Popen(
         [sys.executable, "-m", "dera_local.cli", "serve", "--port", str(port), *args],
         stdout=subprocess.DEVNULL if env else subprocess.PIPE,
-        stderr=subprocess.PIPE,
+        stderr=log or subprocess.PIPE,
         text=True,
         cwd=cwd,
         env=env,
@@ -34,7 +35,7 @@ def start_server(
     deadline = time.time() + 30
     while time.time() < deadline:
         if process.poll() is not None:
-            raise RuntimeError(process.stderr.read())
+            raise RuntimeError(process.stderr.read() if process.stderr else "server exited")
         try:
             urllib.request.urlopen(f"{base}/health", timeout=1)
             return process, base

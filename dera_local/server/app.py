@@ -196,7 +196,15 @@ def create_app(
                 def negative_prompt() -> list[int]:
                     return pair.tokenize(negative)
 
-            job = Job(prompt, parsed.settings, negative_prompt if negative is not None else None)
+            job = Job(
+                prompt,
+                parsed.settings,
+                negative_prompt if negative is not None else None,
+                fields={
+                    "prompt": "messages" if chat else "prompt",
+                    "negative prompt": "dera_negative_prompt",
+                },
+            )
             shape = (ChatShape if chat else CompletionShape)(parsed, token_bytes)
             first, chunks = await start(worker, job)
             if parsed.stream:

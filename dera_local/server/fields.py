@@ -47,7 +47,10 @@ def check_fields(body: dict[str, Any], chat: bool) -> tuple[str, str] | None:
             continue  # "tools": null / [] asks for nothing
         if name in REFUSED:
             return name, REFUSED[name]
-        if name in _NEUTRAL and value not in _NEUTRAL[name]:
+        # by type too: True == 1 and 0 == False in Python, not in JSON
+        if name in _NEUTRAL and not any(
+            type(value) is type(neutral) and value == neutral for neutral in _NEUTRAL[name]
+        ):
             allowed = _NEUTRAL[name][0]
             return name, f"only {name} = {json.dumps(allowed)} is supported"
         if name not in known:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from starlette.requests import ClientDisconnect, Request
 
 from ..engine import GenerationResult
-from ..errors import ContextFullError, DeraError, RuntimeFailure, WorkerError
+from ..errors import ContextFullError, DeraError, PromptError, RuntimeFailure, WorkerError
 from ..sampling import GrammarError, SamplingParams, check_grammar
 from .requests import RequestError
 from .worker import GenerationWorker, Job, QueueFull, ShuttingDown
@@ -111,6 +111,10 @@ async def start(worker: GenerationWorker, job: Job) -> tuple[object, AsyncIterat
         if worker.stopping:
             raise shutting_down() from None
         raise Failure(500, "generation ended without a result", "server_error") from None
+    except PromptError as exc:
+        field = job.fields.get(exc.which)
+        message = f"'{field}': {exc}" if field else str(exc)
+        raise Failure(400, message, param=field) from None
     except DeraError as exc:
         raise failure_of(exc) from None
 

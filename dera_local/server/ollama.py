@@ -184,7 +184,8 @@ def ollama_routes(
             prompt, negative_prompt, load_only = _prompts(body, chat, negative, pair, template)
             if load_only:  # Ollama: an empty prompt loads the model and answers at once
                 return JSONResponse(_final(body["model"], chat, "", "load", None, started))
-            job = Job(prompt, settings, negative_prompt)
+            fields = {"prompt": "messages" if chat else "prompt", "negative prompt": "options"}
+            job = Job(prompt, settings, negative_prompt, fields=fields)
             first, chunks = await start(worker, job)
             if stream:
                 lines = _ndjson(body["model"], chat, first, chunks, started)

@@ -283,6 +283,15 @@ def chat_messages(body: dict) -> list[dict]:
     for index, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise RequestError(f"messages[{index}] needs a string 'role'", "messages")
+        for name, value in message.items():
+            if name in ("role", "content", "name") or value in (None, [], ""):
+                continue  # "name" (a participant's name) changes nothing here
+            reason = (
+                "tool calls are not supported"
+                if "tool" in name or "function" in name
+                else (f"unknown field '{name[:40]}'")
+            )
+            raise RequestError(f"messages[{index}]: {reason}", "messages")
         content = message.get("content")
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             parts = [p.get("text") for p in content if isinstance(p, dict)]

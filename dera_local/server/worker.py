@@ -53,6 +53,9 @@ class Job:
     settings: dict
     negative_prompt: Callable[[], list[int]] | None = None  # classifier-free guidance
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # The request fields that held each prompt ({"prompt": "messages", ...}), so that
+    # a prompt that does not fit is refused naming its field.
+    fields: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass
