@@ -331,7 +331,8 @@ def _post(server: str, path: str, data: bytes) -> tuple[int, dict]:
         (json.dumps({"messages": CHAT, "dera_lambda": "NaN"}).encode(), "dera_lambda"),
         (json.dumps({"messages": CHAT, "max_tokens": -3}).encode(), "max_tokens"),
         (json.dumps({"messages": CHAT, "n": 2}).encode(), "n"),
-        (json.dumps({"messages": [{"role": "user", "content": "x" * 4000}]}).encode(), None),
+        # a prompt over the slot names the field that held it (issue 33; was None)
+        (json.dumps({"messages": [{"role": "user", "content": "x" * 4000}]}).encode(), "messages"),
         # findings of issue 12: each was a 500 with a traceback in the server log
         (b'{"messages": [{"role": "user", "content": "\\ud800"}]}', "messages"),
         (b"[" * 10000 + b"]" * 10000, None),  # nested too deeply for the parser
