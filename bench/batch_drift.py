@@ -15,6 +15,7 @@ from common import divergence_gap, machine, smollm2_pair, table
 import dera_local
 from dera_local.batch import BatchDecoder
 from dera_local.chat import ChatTemplate
+from dera_local.request import GenerationRequest
 
 QUESTIONS = [
     "What is democracy?",
@@ -50,7 +51,9 @@ def main() -> None:
             for start in range(0, len(jobs), args.slots):
                 group = jobs[start : start + args.slots]
                 slots = [
-                    decoder.admit(p, lam=lam, sampling=greedy, max_tokens=args.tokens)
+                    decoder.admit(
+                        GenerationRequest(p, lam=lam, sampling=greedy, max_tokens=args.tokens)
+                    )
                     for p, lam, _ in group
                 ]
                 while any(s.finish_reason is None for s in slots):

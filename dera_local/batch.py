@@ -38,16 +38,16 @@ from collections.abc import Sequence
 
 from .backend import Context, TokenBatch
 from .errors import BadParameterError, PromptError
-from .guidance import Guidance, mixture_terms
+from .guidance import mixture_terms
 from .kv_sequences import KVSequences
 from .logprobs import SequenceLogprobs
-from .sampling import SamplerChain, SamplingParams
+from .request import GenerationRequest
+from .sampling import SamplerChain
 from .sequence import SequenceOutput
 from .slot_drafts import drafting_for, plan_drafts, walk_drafts
 from .slot_mixing import sample_slot
 from .slots import Lane, Slot
 from .source_decodes import SourceDecodes
-from .speculative import AcceptRule, Drafter, SpeculationParams, sample_equals_draft
 from .step_costs import StepCosts
 
 
@@ -170,35 +170,15 @@ class BatchDecoder:
             )
         self.models.check_prompt(prompt_tokens, which=what)
 
-    def admit(
-        self,
-        prompt_tokens: Sequence[int],
-        *,
-        lam: float,
-        sampling: SamplingParams,
-        max_tokens: int,
-        stop: Sequence[str] = (),
-        logprobs: bool = False,
-        top_logprobs: int = 0,
-        logprob_lams: Sequence[float] = (),
-        guidance: Guidance | None = None,
-        tag: object = None,
-        logits_observer=None,
-        speculation: SpeculationParams | None = None,
-        drafter: Drafter | None = None,
-        accept: AcceptRule = sample_equals_draft,
-    ) -> Slot:
-        """Starts a generation in a free slot; its prompts are read from the next step on.
-        logits_observer: a llama_sampler put first in its chain (tests, debugging).
-        speculation: draft and verify tokens for this slot (see speculative.py; up to the
-        decoder's max_drafts; drafter: the draft source, default prompt lookup over the
-        prompt; accept: the rule keeping a drafted token, for tests). It never changes
-        what is sampled, only how many steps it takes.
-        logprob_lams: also record each token's log-probability under plain DeRa at these
-        lams (implies logprobs; see SequenceLogprobs.grid)."""
+    def admit(self, request: GenerationRequest, tag: object = None) -> Slot:
+        """Starts the request's generation in a free slot; its prompts are read from the
+        next step on. `tag`: the caller's own, kept on the slot (the server's job).
+        Speculation (request.speculation, up to the decoder's max_drafts) never changes
+        what is sampled, only how many steps it takes."""
         if not self.free_slots:
             raise RuntimeError("no free slot: admit only while free_slots > 0")
-        prompts = [list(prompt_tokens)]
+        guidance = request.guidance
+        prompts = [list(request.prompt)]
         self.check_fits(prompts[0])
         if guidance is not None:
             if self.prompts_per_slot < 2:
@@ -212,9 +192,9 @@ class BatchDecoder:
         # before its sequences are taken, so a refusal leaves the decoder as it was.
         started = time.perf_counter()  # a draft model reads the prompt now: count it
         drafting = drafting_for(
-            speculation,
-            drafter,
-            accept,
+            request.speculation,
+            request.drafter,
+            request.accept,
             prompts[0],
             self.max_drafts,
             self.step_costs,
@@ -222,17 +202,20 @@ class BatchDecoder:
         )
         model = self.models.model
         terms = mixture_terms(
-            self.models.source_weights(lam), None if guidance is None else guidance.scale
+            self.models.source_weights(request.lam),
+            None if guidance is None else guidance.scale,
         )
         output = SequenceOutput(
             model,
             # the context check must hold for the longer prompt: both grow by each token
             n_prompt=max(map(len, prompts)),
             n_ctx=self.n_ctx_per_slot,
-            max_tokens=max_tokens,
-            stop=stop,
+            max_tokens=request.max_tokens,
+            stop=request.stop,
         )
-        chain = SamplerChain(sampling, model.vocab, self.n_ctx_per_slot, logits_observer)
+        chain = SamplerChain(
+            request.sampling, model.vocab, self.n_ctx_per_slot, request.logits_observer
+        )
         lanes = []
         try:
             for prompt in prompts:
@@ -244,20 +227,19 @@ class BatchDecoder:
                 self.sequences.release(lane.seq_id)
             raise
         slot = Slot(
-            lam=lam,
+            lam=request.lam,
             guidance=guidance,
             terms=terms,
             prompt_tokens=prompts[0],
             chain=chain,
             output=output,
-            sampling=sampling,
+            sampling=request.sampling,
             logprobs=SequenceLogprobs(
-                top_n=top_logprobs,
-                grid=tuple(logprob_lams),
-                # the exact target's mismatch is defined for a plain pair's DeRa only
-                target_lam=lam if self.models.kind == "pair" and guidance is None else None,
+                top_n=request.top_logprobs,
+                grid=request.logprob_lams,
+                target_lam=request.target_lam,
             )
-            if logprobs or top_logprobs or logprob_lams
+            if request.records_logprobs
             else None,
             lanes=lanes,
             reused_prompt_tokens=lanes[0].position,

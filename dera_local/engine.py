@@ -175,6 +175,12 @@ class DeraPair(ModelSet):
         return HeldPrefix(list(home.cached[0]), home.contexts)
 
     # -- generation (stream, generate: ModelSet's) --------------------------------------
+    def exact_target(self, lam: float, guidance) -> float | None:
+        """A pair's plain DeRa at lam has an exact target, Pi_lam ~ pi_ref^(1-lam) pi_1^lam
+        (on the aligned model's implicit reward); a negative prompt changes the mixture,
+        so a guided answer has none."""
+        return lam if guidance is None else None
+
     def check_speculation(self, speculation: SpeculationParams) -> SpeculationParams:
         if speculation.draft_max >= self.max_rows:
             raise BadParameterError(

@@ -13,15 +13,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from .errors import BadParameterError, PromptError
-from .guidance import guidance_for
+from .guidance import Guidance, guidance_for
 from .logprobs import check_top_logprobs
 from .mixing import validate_lam
 from .pair_guard import PairClosedError, PairGuard
+from .request import GenerationRequest, resolved_sampling
 from .sampling import SamplingParams
 from .speculative import AcceptRule, Drafter, SpeculationParams, sample_equals_draft
 from .step_costs import StepCosts
 from .stream import GenerationStream, slot_steps
-from .structured import with_json_schema
 
 
 class ModelSet:
@@ -91,18 +91,23 @@ class ModelSet:
         """lam as a checked float (see mixing.validate_lam)."""
         return validate_lam(lam)
 
-    def _prepare(
-        self, prompt: str | Sequence[int], lam: float, sampling, max_tokens: int
-    ) -> tuple[list[int], float, SamplingParams]:
-        """What every stream() checks first: (prompt ids, lam, seeded sampling)."""
+    def _prompt_and_lam(
+        self, prompt: str | Sequence[int], lam: float, max_tokens: int
+    ) -> tuple[list[int], float]:
+        """What every stream() checks first: (prompt ids, lam)."""
         self._check_open()
         lam = self.check_lam(lam)
-        sampling = (sampling or SamplingParams()).with_seed()
         if max_tokens < -1 or max_tokens == 0:
             raise BadParameterError("max_tokens must be positive, or -1 for no limit")
         prompt_tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         self.check_prompt(prompt_tokens)
-        return prompt_tokens, lam, sampling
+        return prompt_tokens, lam
+
+    def exact_target(self, lam: float, guidance: Guidance | None) -> float | None:
+        """The lam of the exact realignment target an answer at `lam` is measured against
+        (its mismatch, see logprobs); None where there is none (every set but a pair's
+        plain DeRa)."""
+        return None
 
     def check_speculation(self, speculation: SpeculationParams) -> SpeculationParams:
         """The settings a stream may use (a pair refuses more drafts than it was loaded
@@ -157,29 +162,28 @@ class ModelSet:
             (text or ids) is read as a second sequence of the same batched contexts;
             drafts are verified in both sequences at once.
         """
-        prompt_tokens, lam, sampling = self._prepare(prompt, lam, sampling, max_tokens)
-        sampling = with_json_schema(sampling, json_schema)
+        prompt_tokens, lam = self._prompt_and_lam(prompt, lam, max_tokens)
         check_top_logprobs(top_logprobs)
         guidance = guidance_for(self, negative_prompt, cfg_scale)
-        speculation = self.check_speculation(speculation or self.speculation)
-        decoder = self._slots.decoder_for(1 if guidance is None else 2, speculation.draft_max)
-        steps = slot_steps(
-            decoder,
-            self.guard,
-            prompt_tokens,
+        request = GenerationRequest(
+            prompt=prompt_tokens,
             lam=lam,
-            guidance=guidance,
-            sampling=sampling,
+            sampling=resolved_sampling(sampling, json_schema),
             max_tokens=max_tokens,
-            stop=stop,
+            stop=tuple(stop),
             logprobs=logprobs,
             top_logprobs=top_logprobs,
-            logits_observer=logits_observer,
-            speculation=speculation,
+            guidance=guidance,
+            speculation=self.check_speculation(speculation or self.speculation),
             drafter=drafter or self.default_drafter,
             accept=accept,
+            target_lam=self.exact_target(lam, guidance),
+            logits_observer=logits_observer,
         )
-        return GenerationStream(steps, self.guard)
+        decoder = self._slots.decoder_for(
+            1 if guidance is None else 2, request.speculation.draft_max
+        )
+        return GenerationStream(slot_steps(decoder, self.guard, request), self.guard)
 
     def step_costs(self, speculation: SpeculationParams | None = None) -> StepCosts:
         """What a decode step of single generations costs here, by its rows, as measured

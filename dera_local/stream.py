@@ -5,16 +5,15 @@ text), plus `slot_steps`, which runs one generation as the single slot of a
 from __future__ import annotations
 
 import time
-from collections.abc import Generator, Iterator, Sequence
+from collections.abc import Generator, Iterator
 from dataclasses import asdict, dataclass
 
 from .batch import BatchDecoder
-from .guidance import Guidance
 from .logprobs import SequenceLogprobs
 from .pair_guard import PairGuard
-from .sampling import SamplingParams
+from .request import GenerationRequest
 from .slots import Slot
-from .speculative import AcceptRule, DraftCounts, Drafter, SpeculationParams, sample_equals_draft
+from .speculative import DraftCounts
 
 
 @dataclass
@@ -95,21 +94,7 @@ class GenerationStream:
 
 
 def slot_steps(
-    decoder: BatchDecoder,
-    guard: PairGuard,
-    prompt_tokens: Sequence[int],
-    *,
-    lam: float,
-    guidance: Guidance | None,
-    sampling: SamplingParams,
-    max_tokens: int,
-    stop: Sequence[str],
-    logprobs: bool = False,
-    top_logprobs: int = 0,
-    logits_observer=None,
-    speculation: SpeculationParams | None = None,
-    drafter: Drafter | None = None,
-    accept: AcceptRule = sample_equals_draft,
+    decoder: BatchDecoder, guard: PairGuard, request: GenerationRequest
 ) -> Generator[str, None, GenerationResult]:
     """One generation as the only slot of `decoder`: yields text, returns the result.
     The decoder keeps each sequence's cache afterwards, so a next prompt that starts
@@ -117,20 +102,7 @@ def slot_steps(
     owner = object()
     guard.claim(owner)
     try:
-        slot = decoder.admit(
-            prompt_tokens,
-            lam=lam,
-            sampling=sampling,
-            max_tokens=max_tokens,
-            stop=stop,
-            logprobs=logprobs,
-            top_logprobs=top_logprobs,
-            guidance=guidance,
-            logits_observer=logits_observer,
-            speculation=speculation,
-            drafter=drafter,
-            accept=accept,
-        )
+        slot = decoder.admit(request)
         try:
             while slot.finish_reason is None:
                 decoder.step()

@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from .batch import BatchDecoder
 from .engine import DeraPair
 from .errors import BadParameterError, DeraError
 from .guidance import guidance_for, validate_cfg_scale
 from .mixing import validate_lam
+from .request import GenerationRequest
 from .sampling import SamplingParams
 from .slots import Slot
 from .speculative import DraftCounts, SpeculationParams
@@ -182,22 +183,21 @@ class LambdaSweep:
             decoder.share_prefix(tokens[:-1])
         slots = []
         try:
-            for lam, scale in points:
-                slots.append(
-                    decoder.admit(
-                        tokens,
-                        lam=lam,
-                        sampling=sampling,
-                        max_tokens=self.max_tokens,
-                        stop=stop,
-                        logprobs=True,
-                        logprob_lams=self.logprob_lams,
-                        guidance=None
-                        if scale is None
-                        else guidance_for(pair, negative_prompt, scale),
-                        speculation=self.speculation,
-                    )
+            base = GenerationRequest(
+                prompt=tokens,
+                sampling=sampling,
+                max_tokens=self.max_tokens,
+                stop=tuple(stop),
+                logprobs=True,
+                logprob_lams=self.logprob_lams,
+                speculation=self.speculation,
+            )
+            for lam, scale in points:  # one request per point, derived from the base
+                guidance = None if scale is None else guidance_for(pair, negative_prompt, scale)
+                point = replace(
+                    base, lam=lam, guidance=guidance, target_lam=pair.exact_target(lam, guidance)
                 )
+                slots.append(decoder.admit(point))
             while any(slot.finish_reason is None for slot in slots):
                 decoder.step()
             for slot in slots:

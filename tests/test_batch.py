@@ -9,6 +9,7 @@ import pytest
 import dera_local
 from dera_local.batch import BatchDecoder
 from dera_local.errors import BadParameterError
+from dera_local.request import GenerationRequest
 
 PURE = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
 
@@ -32,12 +33,18 @@ def test_slots_joining_between_steps_equal_their_solo_runs(pair, greedy):
     ]
     expected = [_alone(pair, p, lam, s, n) for p, lam, s, n in jobs]
     with BatchDecoder(pair, 3, 256) as decoder:
-        first = decoder.admit(pair.tokenize(jobs[0][0]), lam=0.0, sampling=greedy, max_tokens=12)
+        first = decoder.admit(
+            GenerationRequest(pair.tokenize(jobs[0][0]), lam=0.0, sampling=greedy, max_tokens=12)
+        )
         decoder.step()
         decoder.step()
-        second = decoder.admit(pair.tokenize(jobs[1][0]), lam=1.0, sampling=seeded, max_tokens=9)
+        second = decoder.admit(
+            GenerationRequest(pair.tokenize(jobs[1][0]), lam=1.0, sampling=seeded, max_tokens=9)
+        )
         decoder.step()
-        third = decoder.admit(pair.tokenize(jobs[2][0]), lam=2.0, sampling=greedy, max_tokens=15)
+        third = decoder.admit(
+            GenerationRequest(pair.tokenize(jobs[2][0]), lam=2.0, sampling=greedy, max_tokens=15)
+        )
         slots = [first, second, third]
         _run(decoder, slots)
         assert [s.output.tokens for s in slots] == expected
@@ -52,9 +59,11 @@ def test_a_long_prompt_is_read_in_chunks_while_others_keep_decoding(pair, greedy
     expected_long = _alone(pair, long_prompt, 0.5, greedy, 6)
     expected_short = _alone(pair, "hello", 1.0, greedy, 30)
     with BatchDecoder(pair, 2, 256, n_batch=8) as decoder:
-        short = decoder.admit(pair.tokenize("hello"), lam=1.0, sampling=greedy, max_tokens=30)
+        short = decoder.admit(
+            GenerationRequest(pair.tokenize("hello"), lam=1.0, sampling=greedy, max_tokens=30)
+        )
         decoder.step()
-        long = decoder.admit(long_prompt, lam=0.5, sampling=greedy, max_tokens=6)
+        long = decoder.admit(GenerationRequest(long_prompt, lam=0.5, sampling=greedy, max_tokens=6))
         steps_to_first_token = 0
         while long.prefilling:
             before = len(short.output.tokens)
@@ -70,17 +79,20 @@ def test_a_long_prompt_is_read_in_chunks_while_others_keep_decoding(pair, greedy
 
 def test_a_follow_up_reuses_the_slot_holding_its_conversation(pair, greedy):
     with BatchDecoder(pair, 2, 256) as decoder:
-        other = decoder.admit(pair.tokenize("unrelated words"), lam=1.0, sampling=greedy,
-                              max_tokens=4)  # fmt: skip
+        other = decoder.admit(
+            GenerationRequest(pair.tokenize("unrelated words"), sampling=greedy, max_tokens=4)
+        )
         first_prompt = pair.tokenize("The first turn of a conversation")
-        first = decoder.admit(first_prompt, lam=1.0, sampling=greedy, max_tokens=5)
+        first = decoder.admit(
+            GenerationRequest(first_prompt, lam=1.0, sampling=greedy, max_tokens=5)
+        )
         _run(decoder, [other, first])
         decoder.retire(other)
         decoder.retire(first)
         follow_up = (
             first_prompt + first.output.tokens + pair.tokenize(" and more", add_special=False)
         )
-        slot = decoder.admit(follow_up, lam=1.0, sampling=greedy, max_tokens=5)
+        slot = decoder.admit(GenerationRequest(follow_up, lam=1.0, sampling=greedy, max_tokens=5))
         assert slot.seq_id == first.seq_id
         # all but the last answer token (sampled, never decoded) were cached
         assert slot.reused_prompt_tokens == len(first_prompt) + len(first.output.tokens) - 1
@@ -93,10 +105,14 @@ def test_a_prompt_over_a_slots_share_is_refused_with_the_numbers(pair, greedy):
         with pytest.raises(
             BadParameterError, match="40 tokens but each of the 4 parallel slots holds 32"
         ):
-            decoder.admit(list(range(5, 45)), lam=1.0, sampling=greedy, max_tokens=4)
+            decoder.admit(
+                GenerationRequest(list(range(5, 45)), lam=1.0, sampling=greedy, max_tokens=4)
+            )
         assert decoder.free_slots == 4
         # an answer stops at the slot's end: "length", not an overflow
-        slot = decoder.admit(list(range(5, 25)), lam=1.0, sampling=greedy, max_tokens=100)
+        slot = decoder.admit(
+            GenerationRequest(list(range(5, 25)), lam=1.0, sampling=greedy, max_tokens=100)
+        )
         _run(decoder, [slot])
         assert (
             slot.finish_reason == "length"
@@ -117,9 +133,13 @@ def test_a_prompt_borrows_a_shared_start_from_another_slot(pair, greedy):
     first_prompt = system + pair.tokenize("The cat", add_special=False)
     second_prompt = system + pair.tokenize("A dog", add_special=False)
     with BatchDecoder(pair, 2, 256) as decoder:
-        first = decoder.admit(first_prompt, lam=1.0, sampling=greedy, max_tokens=10)
+        first = decoder.admit(
+            GenerationRequest(first_prompt, lam=1.0, sampling=greedy, max_tokens=10)
+        )
         decoder.step()  # the first prompt is cached now, its answer running
-        second = decoder.admit(second_prompt, lam=0.5, sampling=greedy, max_tokens=10)
+        second = decoder.admit(
+            GenerationRequest(second_prompt, lam=0.5, sampling=greedy, max_tokens=10)
+        )
         shared = 0
         while first_prompt[shared] == second_prompt[shared]:
             shared += 1
@@ -140,12 +160,18 @@ def test_a_single_generation_equals_the_same_request_among_four_slots(pair, gree
     others = [("hello", 0.0), ("A long prompt about the weather and the sea", 1.5), ("x", 1.0)]
     with BatchDecoder(pair, 4, 256) as decoder:
         neighbours = [
-            decoder.admit(pair.tokenize(text), lam=lam, sampling=greedy, max_tokens=30)
+            decoder.admit(
+                GenerationRequest(pair.tokenize(text), lam=lam, sampling=greedy, max_tokens=30)
+            )
             for text, lam in others[:2]
         ]
-        mine = decoder.admit(prompt, lam=0.7, sampling=sampling, max_tokens=24)
+        mine = decoder.admit(GenerationRequest(prompt, lam=0.7, sampling=sampling, max_tokens=24))
         neighbours.append(
-            decoder.admit(pair.tokenize(others[2][0]), lam=1.0, sampling=greedy, max_tokens=30)
+            decoder.admit(
+                GenerationRequest(
+                    pair.tokenize(others[2][0]), lam=1.0, sampling=greedy, max_tokens=30
+                )
+            )
         )
         _run(decoder, [mine, *neighbours])
         assert mine.output.tokens == alone.tokens

@@ -17,6 +17,7 @@ import dera_local
 from dera_local.batch import BatchDecoder
 from dera_local.errors import BadParameterError
 from dera_local.mixture import load_mixture
+from dera_local.request import GenerationRequest
 from dera_local.speculative import PromptLookup, SpeculationParams
 
 PLAIN = SpeculationParams(draft_max=0)
@@ -193,17 +194,21 @@ def test_a_speculating_slot_beside_plain_slots_changes_none_of_them(pair, greedy
         negative = dera_local.guidance.Guidance(tuple(pair.tokenize(NEGATIVE)), 1.5)
         slots = [
             decoder.admit(
-                pair.tokenize(prompts[0]),
-                lam=lams[0],
-                sampling=greedy,
-                max_tokens=20,
-                guidance=negative,
-                speculation=ALWAYS,
-                drafter=ScriptedDrafter(solo[0]),
+                GenerationRequest(
+                    pair.tokenize(prompts[0]),
+                    lam=lams[0],
+                    sampling=greedy,
+                    max_tokens=20,
+                    guidance=negative,
+                    speculation=ALWAYS,
+                    drafter=ScriptedDrafter(solo[0]),
+                )
             )
         ]
         slots += [
-            decoder.admit(pair.tokenize(p), lam=lam, sampling=greedy, max_tokens=20)
+            decoder.admit(
+                GenerationRequest(pair.tokenize(p), lam=lam, sampling=greedy, max_tokens=20)
+            )
             for p, lam in zip(prompts[1:], lams[1:], strict=True)
         ]
         while any(s.finish_reason is None for s in slots):
@@ -222,7 +227,13 @@ def test_more_drafts_than_the_decoder_was_opened_for_is_one_clear_error(pair, gr
     with BatchDecoder(pair, 1, 256, max_drafts=4) as decoder:
         with pytest.raises(BadParameterError, match="draft_max 8 is more than this decoder"):
             decoder.admit(
-                pair.tokenize(PROMPT), lam=1.0, sampling=greedy, max_tokens=4, speculation=ALWAYS
+                GenerationRequest(
+                    pair.tokenize(PROMPT),
+                    lam=1.0,
+                    sampling=greedy,
+                    max_tokens=4,
+                    speculation=ALWAYS,
+                )
             )
         assert decoder.free_slots == 1  # nothing was admitted, no sequence taken
         assert decoder.free_sequences == [0]
@@ -236,11 +247,15 @@ def test_a_refused_request_takes_no_sequence(pair, greedy):
         guidance = dera_local.guidance.Guidance(tuple(pair.tokenize(NEGATIVE)), 1.5)
         with pytest.raises(BadParameterError, match="grammar"):
             decoder.admit(
-                pair.tokenize(PROMPT), lam=1.0, sampling=bad, max_tokens=4, guidance=guidance
+                GenerationRequest(
+                    pair.tokenize(PROMPT), lam=1.0, sampling=bad, max_tokens=4, guidance=guidance
+                )
             )
         assert decoder.free_sequences == [0, 1]
         slot = decoder.admit(
-            pair.tokenize(PROMPT), lam=1.0, sampling=greedy, max_tokens=4, guidance=guidance
+            GenerationRequest(
+                pair.tokenize(PROMPT), lam=1.0, sampling=greedy, max_tokens=4, guidance=guidance
+            )
         )
         while slot.finish_reason is None:
             decoder.step()

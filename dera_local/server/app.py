@@ -168,8 +168,8 @@ def create_app(
                 lam_range=lam_range if pair.depends_on_lam else None,
                 n_vocab=pair.n_vocab,
             )
-            await check_schema_grammar(parsed.settings["sampling"], vocab, "response_format")
-            negative = parsed.settings.pop("negative_prompt", None)
+            await check_schema_grammar(parsed.request.sampling, vocab, "response_format")
+            negative = parsed.negative_prompt
             if negative is not None and not worker.guided:
                 raise RequestError(
                     "this server was started with --no-cfg: negative prompts are off",
@@ -198,8 +198,10 @@ def create_app(
 
             job = Job(
                 prompt,
-                parsed.settings,
+                parsed.request,
                 negative_prompt if negative is not None else None,
+                cfg_scale=parsed.cfg_scale,
+                per_token=parsed.per_token,
                 fields={
                     "prompt": "messages" if chat else "prompt",
                     "negative prompt": "dera_negative_prompt",

@@ -166,17 +166,17 @@ def ollama_routes(
         started = time.perf_counter()
         try:
             body = await read_json(request, max_body_bytes, body_timeout)
-            stream, lam, settings = parse_ollama(
+            parsed = parse_ollama(
                 body,
                 default_lam,
                 chat=chat,
                 lam_range=lam_range if depends_on_lam else None,
                 n_ctx=pair.n_ctx,
             )
-            if lam is None:
+            if parsed is None:
                 return _not_found(body["model"])
-            await check_schema_grammar(settings["sampling"], pair.model.vocab, "format")
-            negative = settings.pop("negative_prompt", None)
+            await check_schema_grammar(parsed.request.sampling, pair.model.vocab, "format")
+            negative = parsed.negative_prompt
             if negative is not None and not worker.guided:
                 raise RequestError(
                     "this server was started with --no-cfg: negative prompts are off", "options"
@@ -185,9 +185,11 @@ def ollama_routes(
             if load_only:  # Ollama: an empty prompt loads the model and answers at once
                 return JSONResponse(_final(body["model"], chat, "", "load", None, started))
             fields = {"prompt": "messages" if chat else "prompt", "negative prompt": "options"}
-            job = Job(prompt, settings, negative_prompt, fields=fields)
+            job = Job(
+                prompt, parsed.request, negative_prompt, cfg_scale=parsed.cfg_scale, fields=fields
+            )
             first, chunks = await start(worker, job)
-            if stream:
+            if parsed.stream:
                 lines = _ndjson(body["model"], chat, first, chunks, started)
                 return StreamingResponse(lines, media_type="application/x-ndjson")
             result = await finish(request, first, chunks)

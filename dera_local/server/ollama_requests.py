@@ -1,5 +1,5 @@
-"""Ollama-style request bodies (/api/chat, /api/generate) into the same generation
-settings the OpenAI endpoints make (requests.parse_common's): model names as
+"""Ollama-style request bodies (/api/chat, /api/generate) into the same typed request
+the OpenAI endpoints make (requests.ParsedRequest): model names as
 `dera-local:<lam>`, `options` with Ollama's defaults and names, `format` as a grammar.
 Every field is honoured, harmless, or refused with the reason; nothing is dropped
 silently. Problems are RequestErrors (400)."""
@@ -12,10 +12,19 @@ from typing import Any
 from ..errors import DeraError
 from ..guidance import MAX_CFG_SCALE
 from ..mixing import validate_lam
+from ..request import GenerationRequest
 from ..sampling import SamplingParams
 from ..structured import JSON_OBJECT_GRAMMAR, json_schema_grammar
 from .lam_range import LamRange
-from .requests import MODEL_ID, RequestError, checked_lam, is_number, unicode_text
+from .requests import (
+    MODEL_ID,
+    ParsedRequest,
+    RequestError,
+    checked_lam,
+    client_seed,
+    is_number,
+    unicode_text,
+)
 
 # Ollama's defaults for what a request leaves out (its Modelfile PARAMETER defaults),
 # so an app gets what it gets from Ollama; num_predict -1: until the end or the context.
@@ -94,9 +103,9 @@ def parse_ollama(
     chat: bool,
     lam_range: LamRange | None,
     n_ctx: int,
-) -> tuple[bool, float | None, dict]:
-    """(stream, lam from the model name or None when it names no model here, settings
-    for DeraPair.stream plus `negative_prompt` when options asked for guidance)."""
+) -> ParsedRequest | None:
+    """The typed request of an /api/chat or /api/generate body; None when its model
+    names no model here (a 404, not a bad request)."""
     if not isinstance(body, dict):
         raise RequestError("the request body must be a JSON object")
     _check_fields(body, chat)
@@ -110,10 +119,10 @@ def parse_ollama(
     if not isinstance(options, dict):
         raise RequestError("'options' must be an object", "options")
     values = _options(options, n_ctx)
-    if lam is not None:
-        field = ("options", "option 'lam'") if "lam" in values else ("model", "'model'")
-        lam = checked_lam(values.get("lam", lam), lam_range, *field)
-    seed = values.get("seed")
+    if lam is None:
+        return None
+    field = ("options", "option 'lam'") if "lam" in values else ("model", "'model'")
+    lam = checked_lam(values.get("lam", lam), lam_range, *field)
     sampling = SamplingParams(
         temperature=values.get("temperature", DEFAULTS["temperature"]),
         top_k=int(values.get("top_k", DEFAULTS["top_k"])),
@@ -123,19 +132,25 @@ def parse_ollama(
         repeat_last_n=_repeat_last_n(values.get("repeat_last_n"), n_ctx),
         presence_penalty=values.get("presence_penalty", 0.0),
         frequency_penalty=values.get("frequency_penalty", 0.0),
-        seed=None if seed is None else int(seed) & 0x7FFFFFFF,
+        seed=client_seed(None if values.get("seed") is None else int(values["seed"])),
         grammar=_format(body.get("format")),
     )
     num_predict = int(values.get("num_predict", -1))
-    settings: dict = {
-        "lam": lam,
-        "sampling": sampling,
-        # Ollama: -1 = until the end, -2 = until the context is full; both end there here
-        "max_tokens": -1 if num_predict < 0 else num_predict,
-        "stop": _stop(options.get("stop")),
-    }
-    settings.update(_guidance(options, values))
-    return stream, lam, settings
+    negative, cfg_scale = _guidance(options, values)
+    return ParsedRequest(
+        request=GenerationRequest(
+            lam=lam,
+            sampling=sampling.with_seed(),
+            # Ollama: -1 = until the end, -2 = until the context is full; both end there
+            max_tokens=-1 if num_predict < 0 else num_predict,
+            stop=_stop(options.get("stop")),
+            logprobs=True,  # always: every answer carries its `dera` object
+        ),
+        stream=stream,
+        model=body["model"],
+        negative_prompt=negative,
+        cfg_scale=cfg_scale,
+    )
 
 
 def chat_messages(body: dict) -> list[dict]:
@@ -230,14 +245,14 @@ def _repeat_last_n(value: float | None, n_ctx: int) -> int:
     return n_ctx if value == -1 else int(value)
 
 
-def _stop(stop: Any) -> list[str]:
+def _stop(stop: Any) -> tuple[str, ...]:
     if stop is None:
-        return []
+        return ()
     if isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
         raise RequestError("option 'stop' must be a string or a list of strings", "options")
-    return [unicode_text(s, "options") for s in stop if s]
+    return tuple(unicode_text(s, "options") for s in stop if s)
 
 
 def _format(spec: Any) -> str | None:
@@ -254,7 +269,7 @@ def _format(spec: Any) -> str | None:
     raise RequestError("'format' must be \"json\" or a JSON schema object", "format")
 
 
-def _guidance(options: dict, values: dict) -> dict:
+def _guidance(options: dict, values: dict) -> tuple[str | None, float]:
     """options.negative_prompt (text; for chat, the negative sequence's system message)
     and options.cfg_scale (default 1): classifier-free guidance, as dera_negative_prompt
     and dera_cfg_scale on /v1."""
@@ -263,7 +278,7 @@ def _guidance(options: dict, values: dict) -> dict:
     if negative is None:
         if scale != 1.0:
             raise RequestError("option 'cfg_scale' needs a 'negative_prompt'", "options")
-        return {}
+        return None, 1.0
     if not isinstance(negative, str):
         raise RequestError("option 'negative_prompt' must be a string", "options")
-    return {"negative_prompt": unicode_text(negative, "options"), "cfg_scale": float(scale)}
+    return unicode_text(negative, "options"), float(scale)

@@ -1,4 +1,4 @@
-"""Validation of OpenAI-style request bodies into generation settings; every problem is
+"""Validation of OpenAI-style request bodies into a typed request; every problem is
 a RequestError that the app turns into a 400 with an OpenAI-style error object."""
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from ..errors import BadParameterError, DeraError
 from ..guidance import MAX_CFG_SCALE
 from ..logprobs import MAX_TOP_LOGPROBS
 from ..mixing import validate_lam
+from ..request import GenerationRequest
 from ..sampling import SamplingParams
 from ..structured import JSON_OBJECT_GRAMMAR, json_schema_grammar
 from .fields import check_fields
@@ -29,12 +30,19 @@ class RequestError(BadParameterError):
         self.param = param
 
 
-@dataclass
+@dataclass(frozen=True)
 class ParsedRequest:
+    """A body parsed by either dialect: the generation (its prompt still to come: the
+    worker renders and tokenizes it off the event loop, then admits the request), and
+    what only the answer's shape needs."""
+
+    request: GenerationRequest
     stream: bool
-    include_usage: bool
     model: str
-    settings: dict  # keyword arguments for DeraPair.stream()
+    include_usage: bool = False
+    per_token: bool = False  # the client asked for per-token log-probabilities
+    negative_prompt: str | None = None  # classifier-free guidance, with cfg_scale
+    cfg_scale: float = 1.0
 
 
 def _number(
@@ -87,15 +95,15 @@ def unicode_text(value: str, param: str) -> str:
     return value
 
 
-def _stop(body: dict) -> list[str]:
+def _stop(body: dict) -> tuple[str, ...]:
     stop = body.get("stop")
     if stop is None:
-        return []
+        return ()
     if isinstance(stop, str):
         stop = [stop]
     if not isinstance(stop, list) or len(stop) > 4 or not all(isinstance(s, str) for s in stop):
         raise RequestError("'stop' must be a string or a list of up to 4 strings", "stop")
-    return [unicode_text(s, "stop") for s in stop if s]
+    return tuple(unicode_text(s, "stop") for s in stop if s)
 
 
 def checked_lam(lam: float, lam_range: LamRange | None, param: str, what: str) -> float:
@@ -171,22 +179,37 @@ def parse_common(
         repeat_penalty=_number(body, "repeat_penalty", 1.0, 1e-3, 10.0),
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        seed=None if seed is None else seed & 0x7FFFFFFF,
+        seed=client_seed(seed),
         grammar=_response_format(body) if chat else None,
         logit_bias=_logit_bias(body, n_vocab),
     )
-    settings = {"lam": lam, "sampling": sampling, "max_tokens": max_tokens, "stop": _stop(body)}
-    settings.update(_logprobs(body, chat))
-    settings.update(_guidance(body))
+    per_token, top_logprobs = _logprobs(body, chat)
+    negative, cfg_scale = _guidance(body)
     return ParsedRequest(
+        request=GenerationRequest(
+            lam=lam,
+            sampling=sampling.with_seed(),
+            max_tokens=max_tokens,
+            stop=_stop(body),
+            logprobs=True,  # always: every answer carries its `dera` object
+            top_logprobs=top_logprobs,
+        ),
         stream=stream,
-        include_usage=bool(options.get("include_usage", False)),
         model=model,
-        settings=settings,
+        include_usage=bool(options.get("include_usage", False)),
+        per_token=per_token,
+        negative_prompt=negative,
+        cfg_scale=cfg_scale,
     )
 
 
-def _logprobs(body: dict, chat: bool) -> dict:
+def client_seed(seed: int | None) -> int | None:
+    """A client's seed (any 64-bit integer, OpenAI's and Ollama's range) as the 31 bits
+    a sampler is seeded with and the answer reports."""
+    return None if seed is None else seed & 0x7FFFFFFF
+
+
+def _logprobs(body: dict, chat: bool) -> tuple[bool, int]:
     """Per-token log-probabilities asked for: chat's logprobs (true/false) and
     top_logprobs (0-20), or the completions API's logprobs (0-20 alternatives)."""
     if chat:
@@ -196,9 +219,9 @@ def _logprobs(body: dict, chat: bool) -> dict:
         top = _integer(body, "top_logprobs", 0, MAX_TOP_LOGPROBS)
         if top is not None and not wanted:
             raise RequestError("'top_logprobs' needs 'logprobs': true", "top_logprobs")
-        return {"per_token": wanted, "top_logprobs": top or 0}
+        return wanted, top or 0
     top = _integer(body, "logprobs", 0, MAX_TOP_LOGPROBS)
-    return {"per_token": top is not None, "top_logprobs": top or 0}
+    return top is not None, top or 0
 
 
 def _logit_bias(body: dict, n_vocab: int) -> tuple[tuple[int, float], ...]:
@@ -253,7 +276,7 @@ def _response_format(body: dict) -> str | None:
     )
 
 
-def _guidance(body: dict) -> dict:
+def _guidance(body: dict) -> tuple[str | None, float]:
     """dera_negative_prompt (text; for chat, the negative sequence's system message) and
     dera_cfg_scale (default 1): classifier-free guidance for this request."""
     negative = body.get("dera_negative_prompt")
@@ -266,8 +289,8 @@ def _guidance(body: dict) -> dict:
                 "'dera_cfg_scale' needs a 'dera_negative_prompt' to steer away from",
                 "dera_negative_prompt",
             )
-        return {}
-    return {"negative_prompt": unicode_text(negative, "dera_negative_prompt"), "cfg_scale": scale}
+        return None, 1.0
+    return unicode_text(negative, "dera_negative_prompt"), scale
 
 
 # The roles a chat may have, as the chat template names them: OpenAI's "developer" is

@@ -54,7 +54,7 @@ class Shape:
     def __init__(self, parsed: ParsedRequest, token_bytes: TokenBytes) -> None:
         self.parsed = parsed
         self.token_bytes = token_bytes
-        self.per_token = parsed.settings.get("per_token", False)
+        self.per_token = parsed.per_token
         self.id = f"{self.prefix}-{uuid.uuid4().hex[:24]}"
         self.created = int(time.time())
         self.reported = 0  # tokens whose log-probabilities a stream has sent

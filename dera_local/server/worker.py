@@ -10,13 +10,14 @@ import asyncio
 import collections
 import threading
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..batch import BatchDecoder
 from ..engine import DeraPair, GenerationResult
 from ..errors import BadParameterError
 from ..guidance import Guidance
 from ..logprobs import SequenceLogprobs
+from ..request import GenerationRequest
 from ..slots import Slot
 from ..stream import slot_result
 
@@ -50,8 +51,10 @@ class Job:
     on the worker thread, so a long prompt never blocks the event loop)."""
 
     prompt: Callable[[], list[int]]
-    settings: dict
+    request: GenerationRequest  # its prompt and guidance are filled in when it starts
     negative_prompt: Callable[[], list[int]] | None = None  # classifier-free guidance
+    cfg_scale: float = 1.0
+    per_token: bool = False  # stream each token's log-probabilities with its text
     cancelled: threading.Event = field(default_factory=threading.Event)
     # The request fields that held each prompt ({"prompt": "messages", ...}), so that
     # a prompt that does not fit is refused naming its field.
@@ -86,7 +89,7 @@ class _Waiting:
         start, end = self.delivered_tokens, len(slot.output.tokens)
         self.delivered_tokens = end
         logprobs = None
-        if self.job.settings.get("per_token") and slot.logprobs is not None:
+        if self.job.per_token and slot.logprobs is not None:
             logprobs = slot.logprobs.slice(start, end)
         return TextChunk(slot.new_text, slot.output.tokens[start:end], logprobs)
 
@@ -240,23 +243,17 @@ class GenerationWorker:
             waiting.deliver(None)
             return
         try:
-            settings = job.settings
             guidance = None
             if job.negative_prompt is not None:
-                guidance = Guidance(tuple(job.negative_prompt()), settings["cfg_scale"])
-            self._decoder.admit(
-                job.prompt(),
+                guidance = Guidance(tuple(job.negative_prompt()), job.cfg_scale)
+            request = replace(
+                job.request,
+                prompt=tuple(job.prompt()),
                 guidance=guidance,
-                lam=settings["lam"],
-                sampling=settings["sampling"].with_seed(),
-                max_tokens=settings["max_tokens"],
-                stop=settings.get("stop", ()),
-                tag=waiting,
                 speculation=self.speculation,
-                # Always: every answer carries its log-probabilities and KL (`dera`).
-                logprobs=True,
-                top_logprobs=settings.get("top_logprobs", 0),
+                target_lam=self.pair.exact_target(job.request.lam, guidance),
             )
+            self._decoder.admit(request, tag=waiting)
         except BaseException as exc:  # handed to the request that asked
             self._release(job, "failed")
             waiting.deliver(exc)
