@@ -13,9 +13,9 @@ import argparse
 from common import divergence_gap, machine, smollm2_pair, table
 
 import dera_local
-from dera_local.batch import BatchDecoder
 from dera_local.chat import ChatTemplate
-from dera_local.request import GenerationRequest
+from dera_local.engine.decoder import BatchDecoder
+from dera_local.engine.request import GenerationRequest
 
 QUESTIONS = [
     "What is democracy?",

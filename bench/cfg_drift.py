@@ -19,7 +19,7 @@ from common import divergence_gap, machine, smollm2_pair, table
 
 import dera_local
 from dera_local.chat import ChatTemplate
-from dera_local.mixture import MixTerm, Source, load_mixture
+from dera_local.model_sets.mixture import MixTerm, Source, load_mixture
 
 NEGATIVE = "Answer in one short sentence."
 

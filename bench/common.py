@@ -42,7 +42,7 @@ def tiny_pair() -> PairSpec:
 
 def smollm2_pair() -> PairSpec | None:
     try:
-        from dera_local.default_pair import demo_pair
+        from dera_local.sources.default_pair import demo_pair
 
         reference, adapter = demo_pair()
     except Exception as exc:
@@ -171,7 +171,7 @@ def divergence_gap(
     differently, which can flip a near-tie. None when they do not part."""
     from reference_impl import LogitsRecorder
 
-    from dera_local.speculative import SpeculationParams
+    from dera_local.speculation.drafts import SpeculationParams
 
     pairs = zip(solo_tokens + [-1], other_tokens + [-1], strict=False)
     step = next((i for i, (a, b) in enumerate(pairs) if a != b), None)

@@ -17,7 +17,7 @@ import statistics
 import time
 from pathlib import Path
 
-from dera_local.backend import Context, ContextOptions, LoadedModel, LoadOptions, TokenBatch
+from dera_local.llama.backend import Context, ContextOptions, LoadedModel, LoadOptions, TokenBatch
 
 PROMPT = list(range(100, 140))
 

@@ -32,10 +32,10 @@ from common import machine, table  # noqa: E402
 from prompts import split_prompts  # noqa: E402
 
 import dera_local  # noqa: E402
+from dera_local.analysis.score import teacher_forced_logits  # noqa: E402
 from dera_local.chat import ChatTemplate  # noqa: E402
-from dera_local.default_pair import demo_adapter_path  # noqa: E402
-from dera_local.score import teacher_forced_logits  # noqa: E402
-from dera_local.speculative import SpeculationParams  # noqa: E402
+from dera_local.sources.default_pair import demo_adapter_path  # noqa: E402
+from dera_local.speculation.drafts import SpeculationParams  # noqa: E402
 
 LAMS = (0.5, 1.0, 2.0)
 GREEDY = dera_local.SamplingParams(temperature=0)

@@ -16,9 +16,9 @@ import time
 from common import machine, smollm2_pair, table
 
 import dera_local
-from dera_local.grammar_bounds import MAX_ALTERNATIVES, MAX_REPEAT
-from dera_local.sampling import SamplingParams, check_grammar
-from dera_local.structured import json_schema_grammar
+from dera_local.sampling.chain import SamplingParams, check_grammar
+from dera_local.sampling.grammar_bounds import MAX_ALTERNATIVES, MAX_REPEAT
+from dera_local.sampling.json_schema import json_schema_grammar
 
 RUNS = 3
 TOKENS = 24

@@ -17,8 +17,8 @@ from common import machine, table
 
 CHILD = """
 import json, sys
-import dera_local, dera_local.backend as backend
-from dera_local.default_pair import demo_pair
+import dera_local, dera_local.llama.backend as backend
+from dera_local.sources.default_pair import demo_pair
 
 if sys.argv[2] == "off":
     backend.return_freed_memory = lambda: None

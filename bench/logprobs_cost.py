@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, smollm2_pair, table  # noqa: E402
 
 import dera_local  # noqa: E402
-from dera_local.speculative import SpeculationParams  # noqa: E402
+from dera_local.speculation.drafts import SpeculationParams  # noqa: E402
 
 PROMPT = "The numbers from 1 to 300, separated by commas: 1, 2, 3, 4, 5, 6, 7,"
 

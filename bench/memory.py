@@ -24,7 +24,7 @@ PROMPT = "Explain how a bicycle stays upright."
 
 def _child(case: str, base: str, lora: str, copy: str, n_ctx: int) -> None:
     import dera_local
-    from dera_local import backend
+    from dera_local.llama import backend
 
     if case == "single":
         model = backend.LoadedModel(Path(base), backend.LoadOptions())
@@ -55,7 +55,7 @@ def main() -> None:
         _child(args.child, args.base, args.lora, args.copy, int(args.n_ctx))
         return
     if not args.base:
-        from dera_local.default_pair import demo_pair
+        from dera_local.sources.default_pair import demo_pair
 
         base, lora = (str(p) for p in demo_pair())
     else:

@@ -25,9 +25,9 @@ import time
 from common import PairSpec, machine, qwen_pair, smollm2_pair, table
 
 import dera_local
-from dera_local.backend import Context, ContextOptions, TokenBatch
-from dera_local.mixture import MixTerm, Source, load_mixture
-from dera_local.speculative import SpeculationParams
+from dera_local.llama.backend import Context, ContextOptions, TokenBatch
+from dera_local.model_sets.mixture import MixTerm, Source, load_mixture
+from dera_local.speculation.drafts import SpeculationParams
 
 GREEDY = dera_local.SamplingParams(temperature=0)
 PROMPT = (

@@ -29,8 +29,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, smollm2_pair, table, tiny_pair  # noqa: E402
 
 import dera_local  # noqa: E402
-import dera_local.rpc_endpoints  # noqa: E402
-from dera_local.speculative import SpeculationParams  # noqa: E402
+import dera_local.rpc.endpoints  # noqa: E402
+from dera_local.speculation.drafts import SpeculationParams  # noqa: E402
 
 # A raw continuation every model here (the concise DPO one too) keeps going to the token
 # limit: the per-token cost needs generations of a known length.
@@ -56,7 +56,7 @@ def worker(threads: int = 1):
     deadline = time.time() + 30
     while True:
         try:
-            dera_local.rpc_endpoints.hello(endpoint, 2)
+            dera_local.rpc.endpoints.hello(endpoint, 2)
             break
         except dera_local.DeraError:
             if time.time() > deadline:
@@ -204,7 +204,7 @@ def single_model_ms(path: str, lora: str | None, runs: int, tokens: int) -> floa
     if lora is None:
         return measure(load, runs, tokens)[1]
     # The tuned side alone: a mixture with one term, base + adapter.
-    from dera_local.mixture import MixTerm, Source, load_mixture
+    from dera_local.model_sets.mixture import MixTerm, Source, load_mixture
 
     return measure(
         lambda: load_mixture([MixTerm(Source(path, lora), 1.0)], n_threads=1, n_ctx=1024),

@@ -19,7 +19,7 @@ from common import tiny_pair  # noqa: E402
 from rpc import worker  # noqa: E402
 
 import dera_local  # noqa: E402
-import dera_local.engine  # noqa: E402
+import dera_local.model_sets.pair  # noqa: E402
 
 GREEDY = dera_local.SamplingParams(temperature=0)
 
@@ -39,7 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     spec = tiny_pair()
     local = generations(spec)
-    dera_local.engine.check_overlap = lambda models: None  # force the racy overlap
+    dera_local.model_sets.pair.check_overlap = lambda models: None  # force the racy overlap
     with worker() as one, worker() as two:
         for _ in range(args.rounds):
             for overlap in (True, False):

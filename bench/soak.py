@@ -31,8 +31,8 @@ from server_process import start_server
 import dera_local
 from dera_local import SamplingParams
 from dera_local.chat import ChatTemplate
-from dera_local.default_pair import demo_pair
 from dera_local.errors import BadParameterError
+from dera_local.sources.default_pair import demo_pair
 
 WARM_UP = 50  # generations (or requests) before the baseline is taken
 PROMPTS = [

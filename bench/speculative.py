@@ -28,7 +28,7 @@ from common import assembled_gguf, divergence_gap, machine, qwen_pair, smollm2_p
 
 import dera_local
 from dera_local.chat import ChatTemplate
-from dera_local.speculative import SpeculationParams
+from dera_local.speculation.drafts import SpeculationParams
 
 PASSAGE = (
     "The old lighthouse stood at the end of the harbour wall for more then two hundred "

@@ -90,14 +90,14 @@ def _steps(data: dict) -> list[list[int]]:
 
 def cost_table(key: str, results: Path, done: dict) -> dict[int, float]:
     """Seconds per decode step by rows (1..17) for this pair, measured once in this
-    process (dera_local.draft_costs, 20 timed steps per shape; read off StepCosts, so
+    process (dera_local.speculation.probe, 20 timed steps per shape; read off StepCosts, so
     one row's median and the line through the wider shapes) and kept in the results
     file: every run's steps are priced with it, so configurations compare by what they
     decided, free of the noise between processes."""
     if ("cost table", key) in done:
         return {int(rows): s for rows, s in done[("cost table", key)]["seconds"].items()}
     import dera_local
-    from dera_local.draft_costs import measure_draft_costs
+    from dera_local.speculation.probe import measure_draft_costs
 
     spec = smollm2_pair() if key == "smollm2" else qwen_pair()
     with dera_local.load_pair(spec.aligned, spec.reference, lora=spec.lora, n_ctx=2048) as pair:

@@ -12,10 +12,10 @@ import time
 from common import PairSpec, median_of, run_pairs, table, timed
 
 import dera_local
-from dera_local.backend import TokenBatch
-from dera_local.score import score
-from dera_local.speculative import SpeculationParams
-from dera_local.sweep import LambdaSweep
+from dera_local.analysis.score import score
+from dera_local.analysis.sweep import LambdaSweep
+from dera_local.llama.backend import TokenBatch
+from dera_local.speculation.drafts import SpeculationParams
 
 # lam < 1 keeps every sequence going for the demo pair (its adapter ends answers early)
 SWEEP_GRID = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]

@@ -25,7 +25,7 @@ import numpy as np
 from common import PairSpec, run_pairs, table
 
 import dera_local
-from dera_local.sampling import SamplerChain
+from dera_local.sampling.chain import SamplerChain
 
 LAM = 0.5
 BASELINE: list = []  # with --baseline-checkout: [the checkout's dera_local module, its path]

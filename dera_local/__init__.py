@@ -5,14 +5,14 @@ with dera_local.load_pair("aligned.gguf", "reference.gguf") as pair:
     print(pair.generate("Hello", lam=0.5).text)
 """
 
-from . import mixing
 from .chat import ChatSession, ChatTemplate
-from .engine import DeraPair, GenerationResult, GenerationStream, load_pair
+from .engine import mixing
 from .errors import BadParameterError, DeraError, IncompatibleModelsError, ModelFileError
-from .gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
-from .pair_guard import PairBusyError, PairClosedError
-from .sampling import SamplingParams
-from .speculative import SpeculationParams
+from .llama.gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
+from .model_sets.guard import PairBusyError, PairClosedError
+from .model_sets.pair import DeraPair, GenerationResult, GenerationStream, load_pair
+from .sampling.chain import SamplingParams
+from .speculation.drafts import SpeculationParams
 
 __all__ = [
     "BadParameterError",

@@ -11,9 +11,9 @@ from datetime import datetime
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
-from .engine import DeraPair, GenerationStream
 from .errors import DeraError
-from .sampling import SamplingParams
+from .model_sets.pair import DeraPair, GenerationStream
+from .sampling.chain import SamplingParams
 
 # Used when a GGUF has no template at all (base models); ChatML is the common default.
 CHATML_TEMPLATE = (

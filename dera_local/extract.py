@@ -29,8 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from .errors import BadParameterError, DeraError, IncompatibleModelsError
-from .gguf_inspect import check_same_tokenizer, read_gguf
-from .hub import file_sha256
+from .llama.gguf_inspect import check_same_tokenizer, read_gguf
+from .sources.hub import file_sha256
 
 FULL_SVD_LIMIT = 2048  # short side up to which a full (exact) SVD is used
 _LAYER = re.compile(r"^blk\.(\d+)\.")

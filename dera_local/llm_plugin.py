@@ -22,12 +22,12 @@ import llm
 from llm.parts import ReasoningPart, TextPart
 from pydantic import Field, field_validator
 
-from .catalog import load_catalog
 from .chat import ChatTemplate
+from .engine.mixing import validate_lam
 from .errors import DeraError
-from .mixing import validate_lam
-from .resolve import DEFAULT_QUANT, pulled_quants
-from .sampling import SamplingParams
+from .sampling.chain import SamplingParams
+from .sources.catalog import load_catalog
+from .sources.resolve import DEFAULT_QUANT, pulled_quants
 
 MODEL_ID = "dera-local"
 _loaded: dict[str | None, object] = {}  # pair name (None: the default pair) -> DeraPair
@@ -38,8 +38,8 @@ def _pair(name: str | None):
     """The pair, loaded on first use and kept for the process (llm chat asks many times)."""
     with _loading:
         if name not in _loaded:
-            from .engine import load_pair
-            from .resolve import pulled_pair, resolve_models
+            from .model_sets.pair import load_pair
+            from .sources.resolve import pulled_pair, resolve_models
 
             if name is None:
                 aligned, reference, lora = resolve_models(

@@ -13,7 +13,7 @@ import time
 
 from server_process import free_port
 
-from dera_local.rpc_endpoints import hello
+from dera_local.rpc.endpoints import hello
 
 # `python -m dera_local.cli`, with Ctrl-C (SIGINT) raising KeyboardInterrupt even when the
 # suite was started where SIGINT is ignored (a background job of a non-interactive shell:

@@ -11,13 +11,13 @@ import pytest
 from server_process import start_server
 
 import dera_local
+from dera_local.analysis.score import score
+from dera_local.analysis.sweep import sweep
 from dera_local.chat import ChatTemplate
 from dera_local.errors import BadParameterError
-from dera_local.score import score
+from dera_local.sampling.json_schema import json_schema_grammar
 from dera_local.server.lam_range import LamRange
 from dera_local.server.requests import RequestError, parse_common
-from dera_local.structured import json_schema_grammar
-from dera_local.sweep import sweep
 
 openai = pytest.importorskip("openai")
 jsonschema = pytest.importorskip("jsonschema")

@@ -1,4 +1,4 @@
-"""The batched step (dera_local.batch.BatchDecoder) that the server and the sweep share:
+"""The batched step (dera_local.engine.decoder.BatchDecoder) that the server and the sweep share:
 slots that join and leave between steps, chunked prompts, per-slot lam and sampling, and
 prefix reuse. The contract: each slot's tokens equal what `generate` gives it alone."""
 
@@ -7,9 +7,9 @@ from __future__ import annotations
 import pytest
 
 import dera_local
-from dera_local.batch import BatchDecoder
+from dera_local.engine.decoder import BatchDecoder
+from dera_local.engine.request import GenerationRequest
 from dera_local.errors import BadParameterError
-from dera_local.request import GenerationRequest
 
 PURE = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
 

@@ -14,11 +14,11 @@ from reference_impl import LogitsRecorder, assert_logits_seen, mixture_logits_st
 from scripted_drafter import ScriptedDrafter
 
 import dera_local
-from dera_local.batch import BatchDecoder
+from dera_local.engine.decoder import BatchDecoder
+from dera_local.engine.request import GenerationRequest
 from dera_local.errors import BadParameterError
-from dera_local.mixture import load_mixture
-from dera_local.request import GenerationRequest
-from dera_local.speculative import PromptLookup, SpeculationParams
+from dera_local.model_sets.mixture import load_mixture
+from dera_local.speculation.drafts import PromptLookup, SpeculationParams
 
 PLAIN = SpeculationParams(draft_max=0)
 # Not adaptive: every step drafts, so verification runs at every token.
@@ -191,7 +191,7 @@ def test_a_speculating_slot_beside_plain_slots_changes_none_of_them(pair, greedy
         _guided(pair, PLAIN, sampling=greedy, lam=lam, max_tokens=20).tokens for lam in lams[:1]
     ]
     with BatchDecoder(pair, 3, 256, prompts_per_slot=2, max_drafts=8) as decoder:
-        negative = dera_local.guidance.Guidance(tuple(pair.tokenize(NEGATIVE)), 1.5)
+        negative = dera_local.engine.guidance.Guidance(tuple(pair.tokenize(NEGATIVE)), 1.5)
         slots = [
             decoder.admit(
                 GenerationRequest(
@@ -244,7 +244,7 @@ def test_a_refused_request_takes_no_sequence(pair, greedy):
     sequences and serves the next request."""
     bad = dera_local.SamplingParams(temperature=0, grammar="root ::= (")
     with BatchDecoder(pair, 1, 256, prompts_per_slot=2) as decoder:
-        guidance = dera_local.guidance.Guidance(tuple(pair.tokenize(NEGATIVE)), 1.5)
+        guidance = dera_local.engine.guidance.Guidance(tuple(pair.tokenize(NEGATIVE)), 1.5)
         with pytest.raises(BadParameterError, match="grammar"):
             decoder.admit(
                 GenerationRequest(

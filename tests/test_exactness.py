@@ -61,7 +61,7 @@ def test_native_and_numpy_hooks_give_identical_tokens(aligned_path, reference_pa
     sampling = dera_local.SamplingParams(temperature=temperature, seed=5)
     outputs = {}
     for hook in ("native", "numpy"):
-        if hook == "native" and dera_local.mixing._native is None:
+        if hook == "native" and dera_local.engine.mixing._native is None:
             pytest.skip("compiled hook not built")
         with dera_local.load_pair(aligned_path, reference_path, n_ctx=256, hook=hook) as p:
             assert p.mixer.path == hook

@@ -133,7 +133,7 @@ def test_bad_sampling_values_and_grammar(pair):
 
 
 def test_streams_that_are_never_iterated_hold_no_sampler(pair, greedy):
-    from dera_local.sampling import SamplerChain
+    from dera_local.sampling.chain import SamplerChain
 
     before = SamplerChain.live
     for _ in range(1000):
@@ -153,7 +153,7 @@ def test_streams_that_are_never_iterated_hold_no_sampler(pair, greedy):
 
 
 def test_stop_rules_of_one_sequence(pair):
-    from dera_local.sequence import SequenceOutput
+    from dera_local.engine.outputs import SequenceOutput
 
     model = pair.loaded.aligned_model
     (eog,) = pair.tokenize("<|im_end|>", add_special=False)

@@ -7,15 +7,15 @@ from __future__ import annotations
 import pytest
 
 from dera_local.errors import BadParameterError
-from dera_local.grammar_bounds import (
+from dera_local.sampling.chain import check_grammar
+from dera_local.sampling.grammar_bounds import (
     MAX_ALTERNATIVES,
     MAX_GROUP_DEPTH,
     MAX_REPEAT,
     check_gbnf,
     check_schema,
 )
-from dera_local.sampling import check_grammar
-from dera_local.structured import json_schema_grammar
+from dera_local.sampling.json_schema import json_schema_grammar
 
 
 @pytest.mark.parametrize(
@@ -82,7 +82,7 @@ def test_gbnf_nesting_counts_only_real_groups():
 def test_a_grammar_past_the_limits_never_reaches_llama_cpp(pair):
     """Before the limits this grammar crashed the process (SIGSEGV in llama.cpp's
     parser); now it is a BadParameterError, and the decoder stays usable."""
-    from dera_local.sampling import SamplingParams
+    from dera_local.sampling.chain import SamplingParams
 
     deep = "root ::= " + "(" * 20_000 + '"a"' + ")" * 20_000
     with pytest.raises(BadParameterError, match="nests groups 20000 deep"):

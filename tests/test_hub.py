@@ -10,10 +10,10 @@ import pytest
 from click.testing import CliRunner
 from fake_hub import FakeHub, point_hub_clients_at
 
-from dera_local import hub
-from dera_local.catalog import RemoteFile, find_pair
 from dera_local.cli import cli
 from dera_local.errors import DeraError
+from dera_local.sources import hub
+from dera_local.sources.catalog import RemoteFile, find_pair
 
 ALIGNED = RemoteFile("tiny/aligned-GGUF", "aligned.Q4_K_M.gguf")
 REFERENCE = RemoteFile("tiny/reference-GGUF", "reference.Q4_K_M.gguf")
@@ -164,7 +164,7 @@ def test_repo_colon_file_names_for_models(fake_hub, pair, greedy):
 
 
 def test_bundled_catalog_has_the_required_pairs():
-    from dera_local.catalog import load_catalog
+    from dera_local.sources.catalog import load_catalog
 
     catalog = load_catalog()
     for name in ("zephyr-7b", "tulu-2-7b", "tulu-3-8b", "olmo-2-7b"):

@@ -11,7 +11,7 @@ import pytest
 from reference_impl import solo_logits
 
 import dera_local
-from dera_local.sweep import LambdaSweep
+from dera_local.analysis.sweep import LambdaSweep
 
 SAMPLING = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
 

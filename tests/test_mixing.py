@@ -8,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from dera_local import mixing
+from dera_local.engine import mixing
 from dera_local.errors import BadParameterError
 
 LAMS = [0.0, 0.3, 1.0, 2.5, -0.5, 1e-9, 1 - 1e-9]

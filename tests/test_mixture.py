@@ -1,4 +1,4 @@
-"""K-term mixtures, classifier-free guidance and proxy-tuning (dera_local.mixture,
+"""K-term mixtures, classifier-free guidance and proxy-tuning (dera_local.model_sets.mixture,
 DeraPair.stream(negative_prompt=...)). The contract, as for DeRa: the logits llama.cpp's
 sampler sees equal the weighted sum, in numpy, of each source run alone through
 llama-cpp-python's Llama class on its own prompt (the negative one for CFG terms)."""
@@ -20,7 +20,7 @@ from tiny_models import write_tiny_model
 
 import dera_local
 from dera_local.errors import BadParameterError, IncompatibleModelsError
-from dera_local.mixture import MixTerm, Source, load_mixture, load_proxy, parse_mix
+from dera_local.model_sets.mixture import MixTerm, Source, load_mixture, load_proxy, parse_mix
 
 STEPS = 16
 PROMPT = "The quick brown fox"
@@ -285,7 +285,7 @@ def test_a_fixed_mixture_refuses_lam_and_a_scale_needs_a_negative_prompt(aligned
 
 # -- sweep, score, CLI ------------------------------------------------------------------
 def test_a_cfg_sweep_row_equals_its_solo_guided_generation(pair):
-    from dera_local.sweep import sweep
+    from dera_local.analysis.sweep import sweep
 
     sampling = dera_local.SamplingParams(temperature=0.9, top_k=0, top_p=1.0, min_p=0.0, seed=4)
     rows = list(
@@ -327,7 +327,7 @@ def _log_softmax(x):
 
 
 def test_scoring_under_cfg_equals_numpy_on_each_model_alone(pair, aligned_path, reference_path):
-    from dera_local.score import score_mixture
+    from dera_local.analysis.score import score_mixture
 
     prompt, negative = pair.tokenize(PROMPT), pair.tokenize(NEGATIVE)
     response = pair.tokenize(" jumps over the lazy dog", add_special=False)

@@ -22,15 +22,15 @@ from rpc_workers import Worker, fake_worker, workers
 from server_process import free_port, start_server
 
 import dera_local
-import dera_local.ggml_devices
+import dera_local.llama.devices
 from dera_local.cli import cli
 from dera_local.errors import BadParameterError, WorkerError
-from dera_local.loopback import is_loopback
-from dera_local.mixture import load_mixture
-from dera_local.rpc_endpoints import parse_endpoints
+from dera_local.model_sets.mixture import load_mixture
+from dera_local.rpc.endpoints import parse_endpoints
+from dera_local.rpc.loopback import is_loopback
 
 pytestmark = pytest.mark.skipif(
-    not dera_local.ggml_devices.has_rpc(), reason="llama.cpp built without GGML_RPC"
+    not dera_local.llama.devices.has_rpc(), reason="llama.cpp built without GGML_RPC"
 )
 
 PROMPT = "Once upon a time"

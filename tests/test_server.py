@@ -119,7 +119,7 @@ def test_chat_matches_the_python_api(client, pair, greedy):
 def test_requests_speculate_and_answer_as_plain_decoding(client, pair, greedy):
     """Each slot drafts by prompt lookup and verifies in the shared batched step: on text
     that repeats itself drafts are proposed, and the answer is plain decoding's."""
-    from dera_local.speculative import SpeculationParams
+    from dera_local.speculation.drafts import SpeculationParams
 
     prompt = "the cat sat on the mat and the cat sat on the mat and the cat sat on the"
     reply = client.completions.create(
@@ -522,7 +522,7 @@ def test_serve_checks_its_host_and_lam():
     from click.testing import CliRunner
 
     from dera_local.cli import cli
-    from dera_local.loopback import is_loopback
+    from dera_local.rpc.loopback import is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0")

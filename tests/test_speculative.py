@@ -14,7 +14,7 @@ from scripted_drafter import ScriptedDrafter
 from tiny_models import write_tiny_model
 
 import dera_local
-from dera_local.speculative import PromptLookup, SpeculationParams
+from dera_local.speculation.drafts import PromptLookup, SpeculationParams
 
 PLAIN = SpeculationParams(draft_max=0)
 # Not adaptive: every step drafts, whatever the timings say, so the tests exercise

@@ -9,9 +9,9 @@ import pytest
 from reference_impl import solo_logits
 
 import dera_local
+from dera_local.analysis.score import score
+from dera_local.analysis.sweep import LambdaSweep, parse_lambdas, sweep
 from dera_local.errors import BadParameterError, DeraError
-from dera_local.score import score
-from dera_local.sweep import LambdaSweep, parse_lambdas, sweep
 
 GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
 
@@ -47,7 +47,7 @@ def test_seeded_sampled_sweep_equals_generate(pair):
 def test_a_speculating_sweep_gives_the_rows_of_a_plain_one(pair, temperature):
     """Every slot drafts by prompt lookup at every step (not adaptive), CFG points too:
     the rows (tokens, text, log-probability sums) are those of the sweep without drafts."""
-    from dera_local.speculative import SpeculationParams
+    from dera_local.speculation.drafts import SpeculationParams
 
     always = SpeculationParams(draft_max=6, draft_min=1, ngram_min=1, adaptive=False)
     sampling = dera_local.SamplingParams(temperature=temperature, top_k=5, seed=7)
@@ -276,11 +276,11 @@ def test_cli_sweep_plot(run, tmp_path, monkeypatch):
     assert no_reward.exit_code == 1 and "--plot needs --reward" in no_reward.stderr
 
 
-@pytest.mark.skipif(dera_local.mixing._native is None, reason="compiled hook not built")
+@pytest.mark.skipif(dera_local.engine.mixing._native is None, reason="compiled hook not built")
 @pytest.mark.filterwarnings("ignore:lam=")
 def test_score_kernel_with_impossible_tokens_matches_numpy():
     from dera_local import _native
-    from dera_local.score import score_rows_numpy
+    from dera_local.analysis.score import score_rows_numpy
 
     rng = np.random.default_rng(4)
     a = (rng.standard_normal((3, 5000)) * 4).astype(np.float32)
@@ -345,8 +345,8 @@ def test_cli_sweep_and_score_take_chat_messages_and_chat_flag(run, tmp_path, pai
 
 
 def test_summary_has_standard_errors():
-    from dera_local.report import summarize
-    from dera_local.sweep import SweepRow
+    from dera_local.analysis.report import summarize
+    from dera_local.analysis.sweep import SweepRow
 
     rows = [
         SweepRow("p", 1.0, "t", [1] * n, "stop", 0.0, -kl, 0.0, reward=reward)
@@ -366,7 +366,7 @@ def test_plot_labels_of_close_points_do_not_overlap():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from dera_local.report import place_labels
+    from dera_local.analysis.report import place_labels
 
     figure, axes = plt.subplots(figsize=(5, 4))
     xs, ys = [1.0, 1.01, 1.02, 5.0], [2.0, 2.01, 2.0, 8.0]  # three nearly on top of each other
@@ -382,7 +382,7 @@ def test_plot_labels_of_close_points_do_not_overlap():
 def test_sweep_rows_teacher_force_back_to_their_own_logprobs(pair):
     """A sampled answer plus the end token it ended with, fed back in one teacher-forced
     pass, has the log-probabilities the sweep summed while sampling it."""
-    from dera_local.score import teacher_forced_logits
+    from dera_local.analysis.score import teacher_forced_logits
 
     # seed 9: the lam 0 answer ends with an end token after 13 tokens, the other runs on
     sampling = dera_local.SamplingParams(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=9)
@@ -408,7 +408,7 @@ def test_sweep_rows_teacher_force_back_to_their_own_logprobs(pair):
 def test_plot_draws_other_policies_as_labelled_markers(tmp_path, monkeypatch):
     """Models retrained at other strengths appear as their own points, in the legend."""
     plt = pytest.importorskip("matplotlib.pyplot")
-    from dera_local import report
+    from dera_local.analysis import report
 
     summary = [
         {"lam": lam, "mean_reward": -10 * (3 - lam), "se_reward": 1.0,
@@ -430,8 +430,8 @@ def test_plot_draws_other_policies_as_labelled_markers(tmp_path, monkeypatch):
 def test_the_built_in_pairs_reward_is_known_by_name(tmp_path):
     """`--reward conciseness` is the model card's reward (minus the words of an answer),
     loaded from the file that ships beside the adapter; other names stay module:function."""
-    from dera_local.datafiles import load_reward
     from dera_local.errors import BadParameterError
+    from dera_local.sources.datafiles import load_reward
 
     conciseness = load_reward("conciseness")
     assert conciseness("one two  three\nfour") == -4.0 and conciseness("") == 0.0

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import click
 
-from .. import hub
-from ..catalog import DEFAULT_QUANT, SIDES, load_catalog
-from ..resolve import pull
+from ..sources import hub
+from ..sources.catalog import DEFAULT_QUANT, SIDES, load_catalog
+from ..sources.resolve import pull
 
 
 @click.command("list")

@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import click
 
 from ..chat import ChatSession
+from ..engine.guidance import validate_cfg_scale
+from ..engine.mixing import validate_lam
 from ..errors import DeraError
-from ..guidance import validate_cfg_scale
-from ..mixing import validate_lam
 from .open_models import open_pair
 from .options import (
     cfg_options,

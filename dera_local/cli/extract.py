@@ -9,7 +9,7 @@ import sys
 import click
 
 from ..extract import describe, extract
-from ..gguf_inspect import read_gguf
+from ..llama.gguf_inspect import read_gguf
 
 
 @click.command("extract")

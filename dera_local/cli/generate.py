@@ -7,9 +7,9 @@ import sys
 
 import click
 
-from ..draft_length import report_lines
+from ..engine.logprob_format import chat_content
 from ..errors import DeraError
-from ..logprob_format import chat_content
+from ..speculation.draft_length import report_lines
 from .open_models import open_pair
 from .options import (
     cfg_options,

@@ -5,17 +5,17 @@ from __future__ import annotations
 
 import click
 
-from .. import backend
-from ..catalog import find_pair
-from ..default_pair import built_in_calibration, calibration_lines, is_built_in_adapter
-from ..draft_costs import measure_draft_costs
+from ..engine.mixing import LogitMixer
 from ..errors import DeraError
-from ..gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
-from ..mixing import LogitMixer
-from ..mixture import parse_mix
-from ..placement import Placement, RpcPlacement
-from ..resolve import model_path, resolve_models
-from ..rpc_report import placement_lines
+from ..llama import backend
+from ..llama.gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
+from ..model_sets.mixture import parse_mix
+from ..rpc.placement import Placement, RpcPlacement
+from ..rpc.report import placement_lines
+from ..sources.catalog import find_pair
+from ..sources.default_pair import built_in_calibration, calibration_lines, is_built_in_adapter
+from ..sources.resolve import model_path, resolve_models
+from ..speculation.probe import measure_draft_costs
 from .open_models import open_pair, speculation_from
 from .options import draft_options, hook_option, model_source_options, rpc_options
 

@@ -6,11 +6,11 @@ from __future__ import annotations
 import click
 from click.core import ParameterSource
 
-from ..engine import DeraPair, load_pair
 from ..errors import DeraError
-from ..mixture import MixTerm, Mixture, Source, load_mixture, load_proxy, parse_mix
-from ..resolve import model_path, resolve_models
-from ..speculative import SpeculationParams
+from ..model_sets.mixture import MixTerm, Mixture, Source, load_mixture, load_proxy, parse_mix
+from ..model_sets.pair import DeraPair, load_pair
+from ..sources.resolve import model_path, resolve_models
+from ..speculation.drafts import SpeculationParams
 
 
 def speculation_from(

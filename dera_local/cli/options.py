@@ -11,12 +11,12 @@ from collections.abc import Callable
 
 import click
 
-from ..catalog import DEFAULT_QUANT
 from ..errors import DeraError
-from ..placement import DEFAULT_RPC_TIMEOUT
-from ..sampling import SamplingParams
-from ..speculative import SpeculationParams
-from ..structured import json_schema_grammar
+from ..rpc.placement import DEFAULT_RPC_TIMEOUT
+from ..sampling.chain import SamplingParams
+from ..sampling.json_schema import json_schema_grammar
+from ..sources.catalog import DEFAULT_QUANT
+from ..speculation.drafts import SpeculationParams
 
 
 def _stack(*decorators: Callable) -> Callable:

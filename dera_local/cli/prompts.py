@@ -13,8 +13,8 @@ from collections.abc import Callable, Sequence
 import click
 
 from ..chat import ChatTemplate, as_messages
-from ..engine import DeraPair
 from ..errors import BadParameterError
+from ..model_sets.pair import DeraPair
 
 
 def chat_options(function: Callable) -> Callable:

@@ -8,10 +8,10 @@ import sys
 
 import click
 
-from ..datafiles import read_pairs
-from ..engine import DeraPair
-from ..score import score, score_mixture
-from ..sweep import parse_lambdas
+from ..analysis.score import score, score_mixture
+from ..analysis.sweep import parse_lambdas
+from ..model_sets.pair import DeraPair
+from ..sources.datafiles import read_pairs
 from .open_models import open_pair
 from .options import (
     cfg_options,

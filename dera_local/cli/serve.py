@@ -6,12 +6,12 @@ import socket
 
 import click
 
-from ..default_pair import recommended_lams
+from ..analysis.sweep import parse_lambdas
+from ..engine.mixing import validate_lam
 from ..errors import BadParameterError, DeraError
-from ..loopback import is_loopback
-from ..mixing import validate_lam
+from ..rpc.loopback import is_loopback
 from ..server.lam_range import LamRange
-from ..sweep import parse_lambdas
+from ..sources.default_pair import recommended_lams
 from .open_models import open_pair
 from .options import lam_option, model_options, split_options
 

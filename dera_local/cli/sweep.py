@@ -9,10 +9,10 @@ from dataclasses import asdict
 
 import click
 
-from ..datafiles import load_reward, read_prompts
+from ..analysis.report import plot, summarize, write_csv
+from ..analysis.sweep import parse_cfg_scales, parse_lambdas, sweep
 from ..errors import DeraError
-from ..report import plot, summarize, write_csv
-from ..sweep import parse_cfg_scales, parse_lambdas, sweep
+from ..sources.datafiles import load_reward, read_prompts
 from .open_models import open_pair
 from .options import (
     lam_grid,

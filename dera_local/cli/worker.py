@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import click
 
-from ..rpc_endpoints import DEFAULT_PORT
-from ..rpc_worker import WorkerSettings, serve
+from ..rpc.endpoints import DEFAULT_PORT
+from ..rpc.worker import WorkerSettings, serve
 
 
 @click.command()

@@ -21,10 +21,10 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from .. import rpc_faults
 from ..chat import ChatTemplate
-from ..engine import DeraPair, GenerationResult
 from ..errors import BadParameterError, DeraError
+from ..model_sets.pair import DeraPair, GenerationResult
+from ..rpc import faults as rpc_faults
 from .jobs import (
     Failure,
     check_schema_grammar,

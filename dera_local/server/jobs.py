@@ -13,9 +13,9 @@ from collections.abc import AsyncIterator
 
 from starlette.requests import ClientDisconnect, Request
 
-from ..engine import GenerationResult
 from ..errors import ContextFullError, DeraError, PromptError, RuntimeFailure, WorkerError
-from ..sampling import GrammarError, SamplingParams, check_grammar
+from ..model_sets.pair import GenerationResult
+from ..sampling.chain import GrammarError, SamplingParams, check_grammar
 from .requests import RequestError
 from .worker import GenerationWorker, Job, QueueFull, ShuttingDown
 

@@ -20,9 +20,9 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
 from ..chat import ChatTemplate
-from ..engine import GenerationResult
 from ..errors import DeraError
-from ..gguf_inspect import read_gguf
+from ..llama.gguf_inspect import read_gguf
+from ..model_sets.pair import GenerationResult
 from .jobs import Failure, check_schema_grammar, failure_of, finish, read_json, start
 from .lam_range import LamRange, describe_lam
 from .ollama_requests import DEFAULTS, chat_messages, generate_prompt, lam_of_name, parse_ollama

@@ -9,12 +9,12 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from ..engine.guidance import MAX_CFG_SCALE
+from ..engine.mixing import validate_lam
+from ..engine.request import GenerationRequest
 from ..errors import DeraError
-from ..guidance import MAX_CFG_SCALE
-from ..mixing import validate_lam
-from ..request import GenerationRequest
-from ..sampling import SamplingParams
-from ..structured import JSON_OBJECT_GRAMMAR, json_schema_grammar
+from ..sampling.chain import SamplingParams
+from ..sampling.json_schema import JSON_OBJECT_GRAMMAR, json_schema_grammar
 from .lam_range import LamRange
 from .requests import (
     MODEL_ID,

@@ -7,13 +7,13 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from ..engine.guidance import MAX_CFG_SCALE
+from ..engine.logprobs import MAX_TOP_LOGPROBS
+from ..engine.mixing import validate_lam
+from ..engine.request import GenerationRequest
 from ..errors import BadParameterError, DeraError
-from ..guidance import MAX_CFG_SCALE
-from ..logprobs import MAX_TOP_LOGPROBS
-from ..mixing import validate_lam
-from ..request import GenerationRequest
-from ..sampling import SamplingParams
-from ..structured import JSON_OBJECT_GRAMMAR, json_schema_grammar
+from ..sampling.chain import SamplingParams
+from ..sampling.json_schema import JSON_OBJECT_GRAMMAR, json_schema_grammar
 from .fields import check_fields
 from .lam_range import LamRange
 

@@ -7,8 +7,8 @@ import json
 import time
 import uuid
 
-from ..engine import GenerationResult
-from ..logprob_format import TokenBytes, chat_content, completion_logprobs
+from ..engine.logprob_format import TokenBytes, chat_content, completion_logprobs
+from ..model_sets.pair import GenerationResult
 from .requests import ParsedRequest
 from .worker import TextChunk
 

@@ -12,14 +12,14 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
-from ..batch import BatchDecoder
-from ..engine import DeraPair, GenerationResult
+from ..engine.decoder import BatchDecoder
+from ..engine.guidance import Guidance
+from ..engine.logprobs import SequenceLogprobs
+from ..engine.request import GenerationRequest
+from ..engine.slots import Slot
+from ..engine.stream import slot_result
 from ..errors import BadParameterError
-from ..guidance import Guidance
-from ..logprobs import SequenceLogprobs
-from ..request import GenerationRequest
-from ..slots import Slot
-from ..stream import slot_result
+from ..model_sets.pair import DeraPair, GenerationResult
 
 # The decode thread builds every request's sampler chain, and llama.cpp's grammar parser
 # recurses once per nested group (up to grammar_bounds.MAX_GROUP_DEPTH, under 0.5 MB):

@@ -15,7 +15,7 @@ stage stops cleanly on Ctrl-C):
           under the aligned model (A), the reference (R), its own proposal (M) and every
           other proposal (what multiple importance sampling needs; LambdaSweep's
           logprob_lams), ~45 min;
-  verify  24 answers teacher-forced through both models (dera_local.score, each
+  verify  24 answers teacher-forced through both models (dera_local.analysis.score, each
           model's own logits): how far the sampled sums are from it;
   report  results/importance-<N>-seeds.md and .json (the first --seeds N seeds of every
           prompt): for each target lam, log Z, KL(DeRa_lam' ‖ Pi_lam), effective sample
@@ -77,8 +77,8 @@ def seed_of(prompt: int, seed: int, base: int) -> int:
 
 def load_pair():
     import dera_local
-    from dera_local.default_pair import demo_adapter_path, demo_reference_path
-    from dera_local.speculative import SpeculationParams
+    from dera_local.sources.default_pair import demo_adapter_path, demo_reference_path
+    from dera_local.speculation.drafts import SpeculationParams
 
     return dera_local.load_pair(
         None,
@@ -95,7 +95,7 @@ def sample(
     """Samples every (prompt, seed) not yet in the samples file (prompt numbers are
     positions in `prompts`; `only`: just these)."""
     import dera_local
-    from dera_local.sweep import LambdaSweep
+    from dera_local.analysis.sweep import LambdaSweep
 
     done = {(r["prompt"], r["seed"]) for r in read_rows(files["samples"])}
     numbers = range(len(prompts)) if only is None else only
@@ -149,9 +149,9 @@ def sample(
 
 def verify(files: dict, n: int = 24) -> None:
     """Teacher-forces n answers (spread over the runs) through both models with
-    dera_local.score, an independent computation from each model's own logits, and
+    dera_local.analysis.score, an independent computation from each model's own logits, and
     records how far the log-probabilities summed while sampling are from it."""
-    from dera_local.score import score as score_response
+    from dera_local.analysis.score import score as score_response
 
     runs = read_rows(files["samples"])
     done = {(r["prompt"], r["seed"], r["lam"]) for r in read_rows(files["verify"])}

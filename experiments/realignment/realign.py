@@ -40,9 +40,9 @@ from reward import word_count  # noqa: E402
 from stats import dera_log_probs, kl_row, mean_se, nearest, relative_gap  # noqa: E402
 
 import dera_local  # noqa: E402
-from dera_local.default_pair import demo_adapter_path, demo_reference_path  # noqa: E402
-from dera_local.score import teacher_forced_logits  # noqa: E402
-from dera_local.sweep import LambdaSweep  # noqa: E402
+from dera_local.analysis.score import teacher_forced_logits  # noqa: E402
+from dera_local.analysis.sweep import LambdaSweep  # noqa: E402
+from dera_local.sources.default_pair import demo_adapter_path, demo_reference_path  # noqa: E402
 
 PURE_SAMPLING = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
 GRID = [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]
@@ -309,7 +309,7 @@ def training_table(folder: Path) -> list[str]:
 
 
 def _figure(args, samples: list[dict], compared: list[Policy], summary: dict) -> None:
-    from dera_local.report import plot
+    from dera_local.analysis.report import plot
 
     grid = []
     for lam in GRID:

@@ -23,7 +23,7 @@ from prompts import split_prompts  # noqa: E402
 from reward import preference_pair  # noqa: E402
 
 import dera_local  # noqa: E402
-from dera_local.default_pair import demo_reference_path  # noqa: E402
+from dera_local.sources.default_pair import demo_reference_path  # noqa: E402
 
 
 def main() -> None:

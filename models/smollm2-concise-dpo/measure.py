@@ -1,6 +1,6 @@
 """Stage 4: the adapter's measured effect as a function of lam, on held-out prompts.
 
-For each held-out prompt, one batched sweep (dera_local.sweep) samples one answer per lam
+For each held-out prompt, one batched sweep (dera_local.analysis.sweep) samples one answer per lam
 from the DeRa mixture pi_lam (temperature 1, no top-k/top-p/min-p, so that answers are
 draws from pi_lam itself; the seed is fixed per prompt) and records its word count (the
 reward, negated) and log pi_lam(y) - log pi_ref(y) summed over its tokens: a one-sample
@@ -27,8 +27,8 @@ from prompts import split_prompts  # noqa: E402
 from reward import word_count  # noqa: E402
 
 import dera_local  # noqa: E402
-from dera_local.default_pair import demo_adapter_path, demo_reference_path  # noqa: E402
-from dera_local.sweep import LambdaSweep  # noqa: E402
+from dera_local.analysis.sweep import LambdaSweep  # noqa: E402
+from dera_local.sources.default_pair import demo_adapter_path, demo_reference_path  # noqa: E402
 
 PURE_SAMPLING = dict(temperature=1.0, top_k=0, top_p=1.0, min_p=0.0)
 

@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE))
 from torch_llama import TorchLlama  # noqa: E402
 from train_config import check_resumable, checkpoint_path, parse_args  # noqa: E402
 
-from dera_local.default_pair import ADAPTER_FILE, demo_reference_path  # noqa: E402
+from dera_local.sources.default_pair import ADAPTER_FILE, demo_reference_path  # noqa: E402
 
 END_OF_TURN = "<|im_end|>"
 

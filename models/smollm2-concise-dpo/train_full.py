@@ -31,7 +31,7 @@ sys.path.insert(0, str(HERE))
 from torch_llama import PROJECTIONS, TorchLlama  # noqa: E402
 from train import END_OF_TURN, _token_id, dpo_loss, sequence_logps, sequences  # noqa: E402
 
-from dera_local.default_pair import demo_reference_path  # noqa: E402
+from dera_local.sources.default_pair import demo_reference_path  # noqa: E402
 
 
 def make_full(model: TorchLlama) -> list[torch.nn.Parameter]:

@@ -15,7 +15,7 @@ import runner
 from gguf_mutator import MUTATIONS, build, kv_u32, mutate, parse
 from seeds import make_cases, write_seeds
 
-import dera_local.gguf_inspect
+import dera_local.llama.gguf_inspect
 
 CI_CASES = 360
 
@@ -71,7 +71,7 @@ def test_the_harness_sees_a_crash_the_pre_checks_prevent(seeds, tmp_path, monkey
     [checked] = runner.run_cases([case], reference)
     assert checked.result == "one-line error" and "not a multiple of 32" in checked.reason
 
-    monkeypatch.setattr(dera_local.gguf_inspect, "TENSOR_ALIGNMENT", 1)
+    monkeypatch.setattr(dera_local.llama.gguf_inspect, "TENSOR_ALIGNMENT", 1)
     [unchecked] = runner.run_cases([case], reference)
     assert (unchecked.result, unchecked.reason) == ("bad", "signal SIGABRT"), unchecked.reason
 

@@ -22,7 +22,7 @@ import pytest
 from hostile_bodies import FAMILIES, SHORT, Case, make_case
 from server_process import start_server
 
-from dera_local.grammar_bounds import MAX_ALTERNATIVES
+from dera_local.sampling.grammar_bounds import MAX_ALTERNATIVES
 
 pytest.importorskip("uvicorn")
 

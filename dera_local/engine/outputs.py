@@ -1,0 +1,84 @@
+"""One generated sequence's output and the single set of rules for when it ends.
+
+Every decoding loop (one stream, a lam sweep, and later batched serving and speculative
+verification) feeds each sampled token to `SequenceOutput.advance` and stops the
+sequence when it returns a finish reason, so the rules live here only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from ..llama.backend import LoadedModel
+from .text_stream import TextStream
+
+FINISH_STOP = "stop"  # an end-of-generation token or a stop string
+FINISH_LENGTH = "length"  # max_tokens reached or the context is full
+
+
+class SequenceOutput:
+    """Tokens and text of one sequence so far. `tokens` never holds the end-of-generation
+    token; `new_text` is what the last advance made safe to show."""
+
+    def __init__(
+        self,
+        model: LoadedModel,
+        *,
+        n_prompt: int,
+        n_ctx: int,
+        max_tokens: int,
+        stop: Sequence[str] = (),
+    ) -> None:
+        """max_tokens: -1 = no limit but the context. n_ctx: positions this sequence may
+        use, its prompt included."""
+        self._model = model
+        self._n_prompt = n_prompt
+        self._n_ctx = n_ctx
+        self._max_tokens = max_tokens
+        self._text = TextStream(stop)
+        self.tokens: list[int] = []
+        self.pieces: list[str] = []
+        self.new_text = ""
+        self.finish_reason: str | None = None
+        self.end_token: int | None = None  # the end-of-generation token, when one ended it
+
+    def advance(self, token: int) -> str | None:
+        """Takes one sampled token; returns the finish reason if the sequence ends with
+        it (the token is then not decoded any further), else None."""
+        self.new_text = ""
+        if self._model.is_end_of_generation(token):
+            self.end_token = token
+            return self._end(FINISH_STOP)
+        self.tokens.append(token)
+        piece = self._text.push(self._model.token_bytes(token))
+        if piece:
+            self.pieces.append(piece)
+            self.new_text = piece
+        if self._text.stopped:
+            return self._end(FINISH_STOP)
+        if len(self.tokens) == self._max_tokens:
+            return self._end(FINISH_LENGTH)
+        # The newest token would be decoded at position n_prompt + len(tokens) - 1.
+        if self._n_prompt + len(self.tokens) - 1 >= self._n_ctx:
+            return self._end(FINISH_LENGTH)
+        return None
+
+    @property
+    def tokens_left(self) -> int | None:
+        """How many more tokens max_tokens allows (None: no limit but the context)."""
+        return None if self._max_tokens < 0 else self._max_tokens - len(self.tokens)
+
+    def _end(self, reason: str) -> str:
+        self.finish_reason = reason
+        return reason
+
+    def flush(self) -> str:
+        """At the end: the held-back tail (an unfinished character becomes U+FFFD)."""
+        tail = self._text.finish()
+        if tail:
+            self.pieces.append(tail)
+        return tail
+
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
