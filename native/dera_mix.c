@@ -1,37 +1,11 @@
 /* See dera_mix.h for the formula and the memory layout. Built with -ffp-contract=off so
  * that no fused multiply-add changes the rounding: the numpy fallback in
- * dera_local/mixing.py must give bit-identical results. */
+ * dera_local/engine/mixing.py must give bit-identical results. */
 #include <math.h>
 
 #include "dera_mix.h"
 
 #define DERA_MIX_CHUNK 256 /* floats per chunk of dera_mix_terms: 2 KiB of stack */
-
-static void scale_into(float *out, const float *x, size_t n, float w) {
-    for (size_t i = 0; i < n; i++) {
-        out[i] = w * x[i];
-    }
-}
-
-void dera_mix_logits(float *out, const float *aligned, const float *reference,
-                     size_t n_vocab, double lam) {
-    const float wa = (float)lam;
-    const float wr = (float)(1.0 - lam);
-    if (wr == 0.0f) {                  /* lam == 1: the aligned model alone */
-        if (out != aligned) scale_into(out, aligned, n_vocab, 1.0f);
-        return;
-    }
-    if (wa == 0.0f) {                  /* lam == 0: the reference alone */
-        scale_into(out, reference, n_vocab, 1.0f);
-        return;
-    }
-    for (size_t i = 0; i < n_vocab; i++) {
-        const float a = aligned[i];
-        const float r = reference[i];
-        const float h = wa * a + wr * r;
-        out[i] = (a == -INFINITY || r == -INFINITY) ? -INFINITY : h;
-    }
-}
 
 void dera_mix_terms(float *out, const float *const *rows, const float *weights, size_t k,
                     size_t n_vocab) {
@@ -49,7 +23,7 @@ void dera_mix_terms(float *out, const float *const *rows, const float *weights, 
         for (size_t i = 0; i < n_vocab; i++) out[i] = 0.0f;
         return;
     }
-    if (n == 2) { /* DeRa, or one model with a negative prompt: one pass, as dera_mix_logits */
+    if (n == 2) { /* DeRa, or one model with a negative prompt: one pass */
         const float *a = active_rows[0], *b = active_rows[1];
         const float wa = active_weights[0], wb = active_weights[1];
         for (size_t i = 0; i < n_vocab; i++) {

@@ -19,15 +19,13 @@
 
 #define DERA_MAX_TERMS 16 /* terms one mixture may have */
 
-void dera_mix_logits(float *out, const float *aligned, const float *reference,
-                     size_t n_vocab, double lam);
-
 /* K-term mixture (CFG, proxy-tuning, N-model mixtures; DeRa is K = 2 with weights
  * (lam, 1 - lam)):
  *
  *   out[i] = sum over j with weights[j] != 0 of weights[j] * rows[j][i]
  *
- * summed in term order in float32, so that K = 2 gives dera_mix_logits' bits. The same
+ * summed in term order in float32, so that K = 2 with (lam, 1 - lam) gives the formula
+ * above bit for bit. The same
  * -inf rules: weight-0 terms are left out, and a token that is -inf in any weighted term
  * is -inf in the mix. No weighted term: out is 0. `out` may alias any row. */
 void dera_mix_terms(float *out, const float *const *rows, const float *weights, size_t k,

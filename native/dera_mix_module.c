@@ -1,4 +1,4 @@
-/* CPython binding for dera_mix_logits: takes raw addresses (as llama_get_logits_ith gives
+/* CPython binding for the mixing and scoring kernels: takes raw addresses (as llama_get_logits_ith gives
  * them through ctypes) so that a step costs one C call and no copy. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -6,25 +6,6 @@
 
 #include "dera_mix.h"
 #include "dera_score.h"
-
-static PyObject *mix_logits(PyObject *self, PyObject *args) {
-    (void)self;
-    unsigned long long out, aligned, reference;
-    Py_ssize_t n_vocab;
-    double lam;
-    if (!PyArg_ParseTuple(args, "KKKnd", &out, &aligned, &reference, &n_vocab, &lam)) {
-        return NULL;
-    }
-    if (!out || !aligned || !reference || n_vocab < 0 || !isfinite(lam)) {
-        PyErr_SetString(PyExc_ValueError, "mix_logits: null buffer, negative size or non-finite lam");
-        return NULL;
-    }
-    Py_BEGIN_ALLOW_THREADS
-    dera_mix_logits((float *)(uintptr_t)out, (const float *)(uintptr_t)aligned,
-                    (const float *)(uintptr_t)reference, (size_t)n_vocab, lam);
-    Py_END_ALLOW_THREADS
-    Py_RETURN_NONE;
-}
 
 static PyObject *mix_terms(PyObject *self, PyObject *args) {
     (void)self;
@@ -83,9 +64,6 @@ static PyObject *score_rows(PyObject *self, PyObject *args) {
 }
 
 static PyMethodDef methods[] = {
-    {"mix_logits", mix_logits, METH_VARARGS,
-     "mix_logits(out, aligned, reference, n_vocab, lam): out = lam*aligned + (1-lam)*reference "
-     "over float32 buffers given by address; out may equal aligned."},
     {"mix_terms", mix_terms, METH_VARARGS,
      "mix_terms(out, rows, weights, n_vocab): out = sum of weights[j] * rows[j] over float32 "
      "buffers given by address (tuples of up to 16); out may equal any row."},

@@ -26,7 +26,9 @@ def _arrays(n: int = 4099, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 def _mix(path: str, a: np.ndarray, r: np.ndarray, lam: float) -> np.ndarray:
     out = a.copy()
     mixer = mixing.LogitMixer(path)
-    mixer.mix_in_place(out.ctypes.data, r.ctypes.data, out.size, lam)
+    mixer.mix_terms_in_place(
+        out.ctypes.data, [out.ctypes.data, r.ctypes.data], [lam, 1 - lam], out.size
+    )
     return out
 
 
@@ -145,8 +147,7 @@ def test_k_term_mix_native_equals_numpy_bits_and_the_float64_sum(weights):
 def test_two_terms_give_the_dera_kernels_bits(lam):
     aligned, reference = _rows(2, seed=3)
     dera = np.empty_like(aligned)
-    mixing._native.mix_logits(dera.ctypes.data, aligned.ctypes.data, reference.ctypes.data,
-                              len(dera), lam)  # fmt: skip
+    mixing.mix_numpy(dera, aligned, reference, lam)  # the two-term formula, bit for bit
     terms = _native_terms([aligned, reference], [lam, 1.0 - lam])
     assert np.array_equal(dera, terms)
     in_place = aligned.copy()

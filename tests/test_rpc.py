@@ -26,8 +26,7 @@ import dera_local.llama.devices
 from dera_local.cli import cli
 from dera_local.errors import BadParameterError, WorkerError
 from dera_local.model_sets.mixture import load_mixture
-from dera_local.rpc.endpoints import parse_endpoints
-from dera_local.rpc.loopback import is_loopback
+from dera_local.rpc.endpoints import is_loopback, parse_endpoints
 
 pytestmark = pytest.mark.skipif(
     not dera_local.llama.devices.has_rpc(), reason="llama.cpp built without GGML_RPC"

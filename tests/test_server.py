@@ -522,7 +522,7 @@ def test_serve_checks_its_host_and_lam():
     from click.testing import CliRunner
 
     from dera_local.cli import cli
-    from dera_local.rpc.loopback import is_loopback
+    from dera_local.rpc.endpoints import is_loopback
 
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("localhost")
     assert not is_loopback("0.0.0.0")

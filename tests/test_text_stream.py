@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dera_local.engine.text_stream import TextStream
+from dera_local.engine.outputs import TextStream
 
 
 def _feed(stream: TextStream, pieces: list[bytes]) -> list[str]:

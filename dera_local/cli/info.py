@@ -3,15 +3,19 @@ run them (mixing path, llama.cpp build features)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import click
 
 from ..engine.mixing import LogitMixer
 from ..errors import DeraError
 from ..llama import backend
+from ..llama import log as llama_log
+from ..llama.backend import LoadedModel, LoadOptions
 from ..llama.gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
 from ..model_sets.mixture import parse_mix
-from ..rpc.placement import Placement, RpcPlacement
-from ..rpc.report import placement_lines
+from ..rpc.endpoints import hello
+from ..rpc.placement import LayerMap, Placement, RpcPlacement, prepare
 from ..sources.catalog import find_pair
 from ..sources.default_pair import built_in_calibration, calibration_lines, is_built_in_adapter
 from ..sources.resolve import model_path, resolve_models
@@ -276,3 +280,49 @@ def info(
         ) as models:
             report = measure_draft_costs(models)
         click.echo("speculation measured on this machine:\n" + "\n".join(report.lines()))
+
+
+MIB = 2**20
+
+
+def worker_lines(endpoints: list[str], timeout: float) -> list[str]:
+    """One line per worker: its protocol version and each device's free/total memory."""
+    lines = []
+    for endpoint in endpoints:
+        version = ".".join(map(str, hello(endpoint, timeout)))
+        offload = prepare(Placement((endpoint,), timeout))
+        memory = [
+            f"{d.name} {free // MIB} MiB free of {total // MIB} MiB"
+            for d in offload.worker_devices
+            for free, total in [offload.calls(d.memory)]
+        ]
+        offload.calls.close()
+        lines.append(f"worker {endpoint}: protocol {version}; " + ", ".join(memory))
+    return lines
+
+
+def layer_plan(path: str | Path, where: Placement, n_gpu_layers: int | None = None) -> LayerMap:
+    """Where llama.cpp puts each layer of the model at `path` (and the MiB per buffer),
+    from a load that reads only the metadata (llama.cpp's no_alloc)."""
+    model = LoadedModel(Path(path), LoadOptions(n_gpu_layers, no_alloc=True), where)
+    try:
+        return model.layers
+    finally:
+        model.close()
+
+
+def placement_lines(models: list[tuple[str, str, Placement]]) -> list[str]:
+    """For (role, model path, placement) triples: the workers, then each model's plan."""
+    llama_log.install()
+    endpoints = list(dict.fromkeys(e for _, _, where in models for e in where.endpoints))
+    if not endpoints:
+        return []
+    timeout = min(where.timeout for _, _, where in models)
+    lines = ["RPC workers:"] + [f"  {line}" for line in worker_lines(endpoints, timeout)]
+    lines.append("placement (llama.cpp's split, planned from the metadata alone):")
+    for role, path, where in models:
+        if where.remote:
+            lines.append(f"  {role}: {layer_plan(path, where).describe()}")
+        else:
+            lines.append(f"  {role}: this machine")
+    return lines

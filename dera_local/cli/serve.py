@@ -9,7 +9,7 @@ import click
 from ..analysis.sweep import parse_lambdas
 from ..engine.mixing import validate_lam
 from ..errors import BadParameterError, DeraError
-from ..rpc.loopback import is_loopback
+from ..rpc.endpoints import is_loopback
 from ..server.lam_range import LamRange
 from ..sources.default_pair import recommended_lams
 from .open_models import open_pair

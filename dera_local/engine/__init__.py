@@ -7,6 +7,6 @@ retire), `slots` and `kv_sequences` (per-slot state and the KV sequences it hold
 `source_decodes` (each model's decode, overlapped across threads), `mixing` (the
 native hook and its numpy twin), `mixing_step` (one slot's mix and sample),
 `guidance` (mixture terms, CFG), `logprobs` and `logprob_format` (what an answer
-records), `outputs` and `text_stream` (tokens to text, stop strings), `stream` (one
-generation as a stream, its result), `slot_runner` (the decoders a model set keeps).
+records), `outputs` (tokens to text, held back at a split character or a possible stop
+string), `stream` (one generation as a stream, and its result).
 """

@@ -14,9 +14,9 @@ Each `step()` builds one batch from every live slot's pending input (the next ch
 prompt, its last sampled token, or that token and k drafted ones in each of its
 sequences), decodes every source context once (overlapped in threads where the models
 sit on different devices: source_decodes.py), then per slot mixes its K rows with the
-native hook (slot_mixing.py), samples and advances. A speculating slot walks its rows
-(slot_drafts.py, speculative.verify_drafts) and drops the rejected positions from every
-sequence of every context. Slots join between steps
+native hook, samples and advances (mixing_step.py). A speculating slot walks its rows
+(speculation/slot_drafts.py) and drops the rejected positions from every sequence of
+every context. Slots join between steps
 (`admit`) and leave as soon as they end or are cancelled (`retire`), so the batch changes
 shape every step.
 
@@ -39,12 +39,12 @@ from collections.abc import Sequence
 from ..errors import BadParameterError, PromptError
 from ..llama.backend import Context, TokenBatch
 from ..sampling.chain import SamplerChain
-from ..speculation.slot_drafts import drafting_for, plan_drafts, walk_drafts
+from ..speculation.slot_drafts import drafting_for, plan_drafts
 from ..speculation.step_costs import StepCosts
 from .guidance import mixture_terms
 from .kv_sequences import KVSequences
 from .logprobs import SequenceLogprobs
-from .mixing_step import sample_slot
+from .mixing_step import take_tokens
 from .outputs import SequenceOutput
 from .request import GenerationRequest
 from .slots import Lane, Slot
@@ -336,7 +336,7 @@ class BatchDecoder:
             lane.pending = lane.pending[n:]
             lane.position += n
         for slot, rows in sampled:
-            self._take_tokens(slot, rows)
+            take_tokens(self, slot, rows)
         if not reads_prompts:
             seconds = time.perf_counter() - started - drafting_seconds
             self.step_costs.record(len(entries), seconds)
@@ -355,43 +355,6 @@ class BatchDecoder:
         longest = max(lane.position for lane in slot.lanes)
         room = min(self.max_drafts, spare_rows, self.n_ctx_per_slot - 1 - longest)
         return plan_drafts(slot, room, base_rows, sharing)
-
-    def _take_tokens(self, slot: Slot, rows: list[list[int]]) -> None:
-        """Samples the slot's rows: one token, or a walk over its verified drafts (the
-        caches then drop the positions after the last kept token, in every lane)."""
-        texts: list[str] = []
-
-        def advance(token: int) -> str | None:
-            finish = slot.output.advance(token)
-            texts.append(slot.output.new_text)
-            return finish
-
-        drafting = slot.drafting
-        if drafting is not None and drafting.drafts:
-            n_rows = len(drafting.drafts) + 1
-            kept, finish = walk_drafts(
-                slot,
-                lambda i: self._sample(slot, [lane_rows[i] for lane_rows in rows]),
-                advance,
-            )
-            for lane in slot.lanes:  # the last token and the kept drafts stay cached
-                lane.position -= n_rows - len(kept)
-                self.sequences.cut(lane.seq_id, lane.position)
-        else:
-            kept = [self._sample(slot, [lane_rows[-1] for lane_rows in rows])]
-            finish = advance(kept[0])
-        if slot.first_token_at is None:
-            slot.first_token_at = time.perf_counter()
-        for lane in slot.lanes:
-            lane.pending = [kept[-1]]
-        if finish is not None:
-            texts.append(slot.output.flush())  # the held-back end of the text
-        elif drafting is not None:
-            drafting.drafter.extend(kept)
-        slot.output.new_text = "".join(texts)
-
-    def _sample(self, slot: Slot, rows: list[int]) -> int:
-        return sample_slot(self.models, self.contexts, slot, rows)
 
 
 def _check_borrowed(contexts: list[Context], n_ctx: int, n_sequences: int, rows: int) -> None:

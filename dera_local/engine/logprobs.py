@@ -11,17 +11,12 @@ draws from it.
 
 from __future__ import annotations
 
-import ctypes
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from ..errors import BadParameterError
-
-
-def float_view(address: int, n: int) -> np.ndarray:
-    """A numpy view (no copy) of n float32 values at a C address."""
-    return np.ctypeslib.as_array(ctypes.cast(address, ctypes.POINTER(ctypes.c_float)), (n,))
+from .mixing import mix_numpy
 
 
 def log_softmax_at(logits: np.ndarray, token: int) -> float:
@@ -93,8 +88,6 @@ class SequenceLogprobs:
         if self.top_n:
             self.top.append(top_logprobs(mixed, self.top_n))
         if self.grid:
-            from .mixing import mix_numpy  # mixing imports this module
-
             row = np.empty_like(aligned)
             values = []
             for lam in self.grid:

@@ -7,6 +7,7 @@ loaded. Both follow the same rules (see native/dera_mix.h) and round identically
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import warnings
@@ -15,7 +16,6 @@ from collections.abc import Sequence
 import numpy as np
 
 from ..errors import BadParameterError
-from .logprobs import float_view
 
 try:  # the compiled hook is optional: a machine without a C compiler gets numpy
     from .. import _native
@@ -62,8 +62,15 @@ def validate_lam(lam: float, *, warn: bool = True) -> float:
     return value
 
 
+def float_view(address: int, n: int) -> np.ndarray:
+    """A numpy view (no copy) of n float32 values at a C address."""
+    return np.ctypeslib.as_array(ctypes.cast(address, ctypes.POINTER(ctypes.c_float)), (n,))
+
+
 def mix_numpy(out: np.ndarray, aligned: np.ndarray, reference: np.ndarray, lam: float) -> None:
-    """The numpy twin of dera_mix_logits; `out` may be `aligned`."""
+    """DeRa's two-term mix in numpy, out = lam * aligned + (1 - lam) * reference with
+    the -inf rules of native/dera_mix.h (the K-term kernel gives its bits for two
+    terms); `out` may be `aligned`."""
     wa = np.float32(lam)
     wr = np.float32(1.0 - lam)
     if wr == 0:
@@ -102,7 +109,7 @@ def mix_terms_numpy(out: np.ndarray, rows: list[np.ndarray], weights: list[float
 
 
 class LogitMixer:
-    """Mixes two logits buffers (given by address) into the first, by the active path."""
+    """Mixes logits rows (given by address) into one, by the active path."""
 
     def __init__(self, path: str | None = None) -> None:
         wanted = path or os.environ.get("DERA_HOOK") or (NATIVE if _native else NUMPY)
@@ -115,22 +122,12 @@ class LogitMixer:
             )
         self.path = wanted
 
-    def mix_in_place(
-        self, aligned_addr: int, reference_addr: int, n_vocab: int, lam: float
-    ) -> None:
-        """aligned[:] = lam * aligned + (1 - lam) * reference."""
-        if self.path == NATIVE:
-            _native.mix_logits(aligned_addr, aligned_addr, reference_addr, n_vocab, lam)
-        else:
-            aligned = float_view(aligned_addr, n_vocab)
-            mix_numpy(aligned, aligned, float_view(reference_addr, n_vocab), lam)
-
     def mix_terms_in_place(
         self, out_addr: int, row_addrs: Sequence[int], weights: Sequence[float], n_vocab: int
     ) -> None:
         """out[:] = sum of weights[i] * rows[i] (K-term mixtures: CFG, proxy-tuning, specs);
         `out` may be one of the rows. With two terms (lam, 1 - lam) the bits equal
-        mix_in_place's."""
+        mix_numpy's."""
         if self.path == NATIVE:
             _native.mix_terms(out_addr, tuple(row_addrs), tuple(weights), n_vocab)
         else:

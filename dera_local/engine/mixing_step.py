@@ -1,12 +1,16 @@
-"""The mixing step of one slot: its terms' logits rows (one per source and prompt) summed
-with their weights by the native hook into the first row (source 0, positive prompt),
-where llama.cpp's sampler chain then samples. DeRa is two terms (lam, 1 - lam); CFG adds
-the negative prompt's rows; proxy-tuning and --mix specs are K sources."""
+"""After a step's decode, each slot that sampled: its terms' logits rows (one per source
+and prompt) summed with their weights by the native hook into the first row (source 0,
+positive prompt), where llama.cpp's sampler chain samples; then the token (or the walk
+over verified drafts) advances the slot. DeRa is two terms (lam, 1 - lam); CFG adds the
+negative prompt's rows; proxy-tuning and --mix specs are K sources."""
 
 from __future__ import annotations
 
+import time
+
 from ..llama.backend import Context
-from .logprobs import float_view
+from ..speculation.slot_drafts import walk_drafts
+from .mixing import float_view
 from .slots import Slot
 
 
@@ -31,3 +35,41 @@ def sample_slot(models, contexts: list[Context], slot: Slot, rows: list[int]) ->
     if before is not None:
         slot.logprobs.add(token, before[0], before[1], float_view(out_address, n_vocab))
     return token
+
+
+def take_tokens(decoder, slot: Slot, rows: list[list[int]]) -> None:
+    """Samples the slot's rows of `decoder`'s last batch: one token, or a walk over
+    its verified drafts (the caches then drop the positions after the last kept
+    token, in every lane)."""
+    texts: list[str] = []
+
+    def advance(token: int) -> str | None:
+        finish = slot.output.advance(token)
+        texts.append(slot.output.new_text)
+        return finish
+
+    drafting = slot.drafting
+    if drafting is not None and drafting.drafts:
+        n_rows = len(drafting.drafts) + 1
+        kept, finish = walk_drafts(
+            slot,
+            lambda i: sample_slot(
+                decoder.models, decoder.contexts, slot, [lane_rows[i] for lane_rows in rows]
+            ),
+            advance,
+        )
+        for lane in slot.lanes:  # the last token and the kept drafts stay cached
+            lane.position -= n_rows - len(kept)
+            decoder.sequences.cut(lane.seq_id, lane.position)
+    else:
+        kept = [sample_slot(decoder.models, decoder.contexts, slot, [r[-1] for r in rows])]
+        finish = advance(kept[0])
+    if slot.first_token_at is None:
+        slot.first_token_at = time.perf_counter()
+    for lane in slot.lanes:
+        lane.pending = [kept[-1]]
+    if finish is not None:
+        texts.append(slot.output.flush())  # the held-back end of the text
+    elif drafting is not None:
+        drafting.drafter.extend(kept)
+    slot.output.new_text = "".join(texts)

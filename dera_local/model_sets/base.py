@@ -5,19 +5,21 @@ A subclass provides the interface the batched step (batch.BatchDecoder) reads:
 `model` (tokenizer, end tokens, chat template), `n_ctx`, `n_vocab`, `n_batch`, `mixer`,
 `source_weights(lam)`, `open_source_contexts(...)`, `logprob_sources`,
 `overlap_decodes`; and for `stream()`: `speculation` (the default) and `_slots` (the
-slot_runner.SlotRunner every single generation runs on).
+`SlotRunner` every single generation runs on, below).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+from ..engine.decoder import BatchDecoder
 from ..engine.guidance import Guidance, guidance_for
 from ..engine.logprobs import check_top_logprobs
 from ..engine.mixing import validate_lam
 from ..engine.request import GenerationRequest, resolved_sampling
 from ..engine.stream import GenerationStream, slot_steps
 from ..errors import BadParameterError, PromptError
+from ..llama.backend import Context
 from ..sampling.chain import SamplingParams
 from ..speculation.drafts import AcceptRule, Drafter, SpeculationParams, sample_equals_draft
 from ..speculation.step_costs import StepCosts
@@ -198,3 +200,58 @@ class ModelSet:
             pass
         assert stream.result is not None
         return stream.result
+
+
+class SlotRunner:
+    """`home`: a decoder over the generation contexts opened at load (a pair's: one
+    prompt, room for its drafts), used by every generation that fits it, so no second KV
+    cache is allocated and nothing is opened before the first token. Generations that
+    need more (a negative prompt's second sequence, more drafts), or model sets without
+    load-time contexts, use a second decoder opened on first use and reopened bigger when
+    a generation first asks for more (its old caches are dropped then)."""
+
+    def __init__(self, models, contexts: list[Context] | None = None, max_drafts: int = 0):
+        self.models = models
+        self.home = None
+        if contexts is not None:
+            self.home = BatchDecoder(
+                models, 1, models.n_ctx, max_drafts=max_drafts, contexts=contexts
+            )
+        self.extra: BatchDecoder | None = None
+
+    def decoder_for(self, n_prompts: int, max_drafts: int = 0) -> BatchDecoder:
+        home = self.home
+        if home is not None and n_prompts == 1 and max_drafts <= home.opened_for_drafts:
+            return home
+        extra = self.extra
+        if (
+            extra is None
+            or extra.prompts_per_slot < n_prompts
+            or extra.opened_for_drafts < max_drafts
+        ):
+            self._close_extra()
+            self.extra = BatchDecoder(
+                self.models,
+                1,
+                self.models.n_ctx,
+                prompts_per_slot=n_prompts,
+                max_drafts=max_drafts,
+            )
+        return self.extra
+
+    def forget(self) -> None:
+        """Forgets every cached prompt: the next call reads its whole prompt."""
+        if self.home is not None:
+            self.home.forget_cached()
+        self._close_extra()
+
+    def close(self) -> None:
+        if self.home is not None:
+            self.home.close()
+            self.home = None
+        self._close_extra()
+
+    def _close_extra(self) -> None:
+        if self.extra is not None:
+            self.extra.close()
+            self.extra = None

@@ -20,7 +20,6 @@ from pathlib import Path
 
 from ..engine.guidance import warn_if_weights_cancel
 from ..engine.mixing import LogitMixer
-from ..engine.slot_runner import SlotRunner
 from ..errors import BadParameterError
 from ..llama import backend
 from ..llama import log as llama_log
@@ -28,7 +27,7 @@ from ..llama.backend import Context, ContextOptions, LoadedModel, LoraAdapter
 from ..llama.gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
 from ..rpc.placement import DEFAULT_RPC_TIMEOUT, Placement, RpcPlacement
 from ..speculation.drafts import SpeculationParams
-from .base import ModelSet
+from .base import ModelSet, SlotRunner
 from .guard import PairGuard
 from .loading import (
     PairOptions,

@@ -15,14 +15,13 @@ import os
 from typing import NamedTuple
 
 from ..engine.mixing import LogitMixer
-from ..engine.slot_runner import SlotRunner
 from ..engine.stream import GenerationResult, GenerationStream
 from ..errors import BadParameterError
 from ..llama import backend
 from ..llama.backend import Context, ContextOptions, LoadedModel
 from ..rpc.placement import DEFAULT_RPC_TIMEOUT, RpcPlacement
 from ..speculation.drafts import ModelDrafter, SpeculationParams
-from .base import ModelSet
+from .base import ModelSet, SlotRunner
 from .guard import PairGuard
 from .loading import (
     LoadedPair,

@@ -7,6 +7,7 @@ with a timeout: connect, send the protocol's HELLO, read the version back.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 import socket
 import struct
@@ -148,3 +149,13 @@ def _reason(exc: OSError) -> str:
 
 def _dotted(version: tuple[int, int, int]) -> str:
     return ".".join(map(str, version))
+
+
+def is_loopback(host: str) -> bool:
+    """True for 127.0.0.0/8, ::1 and localhost."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

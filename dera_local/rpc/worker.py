@@ -17,8 +17,7 @@ from pathlib import Path
 from ..errors import BadParameterError, RuntimeFailure
 from ..llama import backend
 from ..llama import devices as ggml_devices
-from .endpoints import DEFAULT_PORT, parse_endpoints
-from .loopback import is_loopback
+from .endpoints import DEFAULT_PORT, is_loopback, parse_endpoints
 
 EXPOSED_WARNING = (
     "the RPC worker listens on {host}, not on loopback: llama.cpp's RPC protocol has no "

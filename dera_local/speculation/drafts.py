@@ -22,7 +22,7 @@ from typing import Protocol
 
 import numpy as np
 
-from ..engine.logprobs import float_view
+from ..engine.mixing import float_view
 from ..errors import BadParameterError
 
 # Rule deciding whether a drafted token is kept, given the token the chain sampled for

@@ -70,9 +70,6 @@ class StepCosts:
             }
         return self._medians
 
-    def is_measured(self, rows: int) -> bool:
-        return rows in self._timings
-
     def timings(self, rows: int) -> int:
         """How many kept timings the shape has (up to WINDOW)."""
         return len(self._timings.get(rows, ()))
