@@ -12,7 +12,7 @@ from ..chat import ChatSession
 from ..engine.guidance import validate_cfg_scale
 from ..engine.mixing import validate_lam
 from ..errors import DeraError
-from .open_models import open_pair
+from .open_models import open_model_set
 from .options import (
     cfg_options,
     model_options,
@@ -136,7 +136,7 @@ def chat(
     negative = negative_prompt_from(negative_prompt, negative_prompt_file)
     cfg_scale = validate_cfg_scale(cfg_scale)
     interactive = sys.stdin is not None and sys.stdin.isatty()
-    with open_pair(**model, one_model_ok=negative is not None) as pair:
+    with open_model_set(**model, one_model_ok=negative is not None) as pair:
         session = ChatSession(
             pair,
             system=system,

@@ -10,7 +10,7 @@ import click
 from ..engine.logprob_format import chat_content
 from ..errors import DeraError
 from ..speculation.draft_length import report_lines
-from .open_models import open_pair
+from .open_models import open_model_set
 from .options import (
     cfg_options,
     model_options,
@@ -94,7 +94,7 @@ def generate(
     if top_logprobs is not None and not as_json:
         raise DeraError("--logprobs goes with --json (it adds to the JSON object)")
     params = sampling_from(**sampling)
-    with open_pair(**model, one_model_ok=negative is not None) as pair:
+    with open_model_set(**model, one_model_ok=negative is not None) as pair:
         encode = prompt_encoder(pair, chat, system, [text])
         encoded = encode(text)
         stream = pair.stream(

@@ -20,7 +20,7 @@ from ..sources.catalog import find_pair
 from ..sources.default_pair import built_in_calibration, calibration_lines, is_built_in_adapter
 from ..sources.resolve import model_path, resolve_models
 from ..speculation.probe import measure_draft_costs
-from .open_models import open_pair, speculation_from
+from .open_models import open_model_set, speculation_from
 from .options import draft_options, hook_option, model_source_options, rpc_options
 
 
@@ -267,7 +267,7 @@ def info(
             rpc_draft=rpc_draft,
             rpc_timeout=rpc_timeout,
         )
-        with open_pair(
+        with open_model_set(
             **flags,
             lora_scale=1.0,
             draft_model=None,

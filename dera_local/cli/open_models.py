@@ -21,7 +21,7 @@ def speculation_from(
     )
 
 
-def open_pair(
+def open_model_set(
     aligned: str | None,
     reference: str | None,
     lora: str | None,

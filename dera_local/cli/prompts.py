@@ -34,7 +34,7 @@ def chat_options(function: Callable) -> Callable:
 def prompt_encoder(
     pair: DeraPair, chat: bool | None, system: str | None, prompts: Sequence[object]
 ) -> Callable[[str | list[dict]], str | list[int]]:
-    """A function turning a prompt (text or chat messages) into what the pair is fed: the
+    """A function turning a prompt (text or chat messages) into what the model set is fed: the
     text as it is, or the chat-rendered token ids."""
     if system is not None and not chat and any(isinstance(p, str) for p in prompts):
         raise BadParameterError("--system applies to chat prompts: add --chat")
@@ -61,7 +61,7 @@ def hint_if_raw_prompts_ended_at_once(pair: DeraPair, chat: bool | None, n_empty
 
 
 def negative_for(encode, chat: bool | None, prompt, negative: str | None):
-    """The negative prompt as the pair is fed it: raw text as it is; with --chat, the
+    """The negative prompt as the model set is fed it: raw text as it is; with --chat, the
     same conversation with the negative prompt as its system message (so the two
     sequences differ only there)."""
     if negative is None or not chat:

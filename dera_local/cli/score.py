@@ -12,7 +12,7 @@ from ..analysis.score import score, score_mixture
 from ..analysis.sweep import parse_lambdas
 from ..model_sets.pair import DeraPair
 from ..sources.datafiles import read_pairs
-from .open_models import open_pair
+from .open_models import open_model_set
 from .options import (
     cfg_options,
     lam_grid,
@@ -58,7 +58,7 @@ def score_command(
     negative = negative_prompt_from(negative_prompt, negative_prompt_file)
     pairs = read_pairs(data_file)
     with (
-        open_pair(**model, one_model_ok=negative is not None) as pair,
+        open_model_set(**model, one_model_ok=negative is not None) as pair,
         open_output(out) as sink,
         click.progressbar(pairs, label="score", file=sys.stderr) as bar,
     ):

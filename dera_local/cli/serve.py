@@ -1,4 +1,4 @@
-"""`dera-local serve`: the pair behind a local OpenAI-compatible API (loopback by default)."""
+"""`dera-local serve`: the loaded models behind OpenAI and Ollama APIs (loopback by default)."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from ..errors import BadParameterError, DeraError
 from ..rpc.endpoints import is_loopback
 from ..server.lam_range import LamRange
 from ..sources.default_pair import recommended_lams
-from .open_models import open_pair
+from .open_models import open_model_set
 from .options import lam_option, model_options, split_options
 
 
@@ -165,7 +165,7 @@ def serve(
                 "tokens each; raise -c or lower --parallel"
             )
         model["n_ctx"] = share
-    with open_pair(**model) as pair:
+    with open_model_set(**model) as pair:
         if presets is None:
             presets = [p for p in recommended_lams(pair) if bounds.holds(p)]
         if not pair.depends_on_lam:  # a fixed --mix: no lam to pick

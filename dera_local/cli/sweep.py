@@ -13,7 +13,7 @@ from ..analysis.report import plot, summarize, write_csv
 from ..analysis.sweep import parse_cfg_scales, parse_lambdas, sweep
 from ..errors import DeraError
 from ..sources.datafiles import load_reward, read_prompts
-from .open_models import open_pair
+from .open_models import open_model_set
 from .options import (
     lam_grid,
     model_options,
@@ -90,7 +90,10 @@ def sweep_command(
         raise DeraError("--plot needs --reward: the picture is reward against KL")
     params = sampling_from(**sampling)
     rows = []
-    with open_pair(**model, one_model_ok=negative is not None) as pair, open_output(out) as sink:
+    with (
+        open_model_set(**model, one_model_ok=negative is not None) as pair,
+        open_output(out) as sink,
+    ):
         grid = lam_grid(pair, grid)
         encode = prompt_encoder(pair, chat, system, [p for _, p in prompts])
         generator = sweep(

@@ -8,7 +8,7 @@ import time
 from collections.abc import Generator, Iterator
 from dataclasses import asdict, dataclass
 
-from ..model_sets.guard import PairGuard
+from ..model_sets.guard import ModelSetGuard
 from ..speculation.drafts import DraftCounts
 from .decoder import BatchDecoder
 from .logprobs import SequenceLogprobs
@@ -69,7 +69,7 @@ class GenerationStream:
     never iterated holds nothing."""
 
     def __init__(
-        self, steps: Generator[str, None, GenerationResult], guard: PairGuard | None = None
+        self, steps: Generator[str, None, GenerationResult], guard: ModelSetGuard | None = None
     ) -> None:
         self._steps = steps
         self._guard = guard
@@ -94,7 +94,7 @@ class GenerationStream:
 
 
 def slot_steps(
-    decoder: BatchDecoder, guard: PairGuard, request: GenerationRequest
+    decoder: BatchDecoder, guard: ModelSetGuard, request: GenerationRequest
 ) -> Generator[str, None, GenerationResult]:
     """One generation as the only slot of `decoder`: yields text, returns the result.
     The decoder keeps each sequence's cache afterwards, so a next prompt that starts

@@ -23,7 +23,7 @@ from ..llama.backend import Context
 from ..sampling.chain import SamplingParams
 from ..speculation.drafts import AcceptRule, Drafter, SpeculationParams, sample_equals_draft
 from ..speculation.step_costs import StepCosts
-from .guard import PairClosedError, PairGuard
+from .guard import ModelSetGuard, PairClosedError
 
 
 class ModelSet:
@@ -34,7 +34,7 @@ class ModelSet:
     default_drafter: Drafter | None = None  # None: prompt lookup (a pair: its draft model)
     n_ctx: int
     n_vocab: int
-    guard: PairGuard
+    guard: ModelSetGuard
     speculation: SpeculationParams
 
     def close(self) -> None:  # pragma: no cover - every subclass frees its own

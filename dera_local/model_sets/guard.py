@@ -24,7 +24,7 @@ class PairClosedError(DeraError):
     """The pair was closed; load it again to generate."""
 
 
-class PairGuard:
+class ModelSetGuard:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._owner: object | None = None  # the generation that holds the pair

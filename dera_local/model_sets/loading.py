@@ -22,8 +22,8 @@ DEFAULT_N_CTX = 4096
 
 
 @dataclass(frozen=True)
-class PairOptions:
-    """Resource settings shared by both models (llama.cpp's -c, -b, -t, -ngl)."""
+class ModelSetOptions:
+    """Resource settings shared by every model of a set (llama.cpp's -c, -b, -t, -ngl)."""
 
     n_ctx: int = DEFAULT_N_CTX  # 0 = the models' training context
     n_batch: int = 512
@@ -67,7 +67,7 @@ class LoadedPair:
                 resource.close()
 
 
-def load_options_for(options: PairOptions, notes: list[str]) -> LoadOptions:
+def load_options_for(options: ModelSetOptions, notes: list[str]) -> LoadOptions:
     use_extra_bufts = True
     if backend.built_with_amx():
         use_extra_bufts = False
@@ -79,7 +79,7 @@ def load_options_for(options: PairOptions, notes: list[str]) -> LoadOptions:
     return LoadOptions(n_gpu_layers=options.n_gpu_layers, use_extra_bufts=use_extra_bufts)
 
 
-def overlap_by_default(options: PairOptions, source_models: list[LoadedModel]) -> bool:
+def overlap_by_default(options: ModelSetOptions, source_models: list[LoadedModel]) -> bool:
     """Whether different models' decodes run in threads at the same time: where layers
     are offloaded to a GPU or to RPC workers they can overlap; on this machine's CPU
     they would compete for the same cores. Never where two sources share an RPC worker
@@ -170,7 +170,7 @@ def read_lora(path: str | os.PathLike[str], base: GGUFInfo) -> GGUFInfo:
 def load_models(
     aligned: str | os.PathLike[str] | None,
     reference: str | os.PathLike[str],
-    options: PairOptions,
+    options: ModelSetOptions,
     *,
     lora: str | os.PathLike[str] | None = None,
     lora_scale: float = 1.0,

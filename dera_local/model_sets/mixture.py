@@ -28,9 +28,9 @@ from ..llama.gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
 from ..rpc.placement import DEFAULT_RPC_TIMEOUT, Placement, RpcPlacement
 from ..speculation.drafts import SpeculationParams
 from .base import ModelSet, SlotRunner
-from .guard import PairGuard
+from .guard import ModelSetGuard
 from .loading import (
-    PairOptions,
+    ModelSetOptions,
     check_vocab_sizes,
     load_options_for,
     overlap_by_default,
@@ -52,7 +52,7 @@ class LoadedSource:
     adapter: LoraAdapter | None
 
 
-def _load_sources(terms: list[MixTerm], options: PairOptions) -> list[LoadedSource]:
+def _load_sources(terms: list[MixTerm], options: ModelSetOptions) -> list[LoadedSource]:
     """Checks every header (shared tokenizer: the first differing id is named), then
     loads each distinct model file once and each adapter on its model."""
     llama_log.install(options.verbose)
@@ -104,9 +104,9 @@ def _load_sources(terms: list[MixTerm], options: PairOptions) -> list[LoadedSour
 def load_mixture(
     spec,
     *,
-    n_ctx: int = PairOptions.n_ctx,
-    n_batch: int = PairOptions.n_batch,
-    n_threads: int = PairOptions.n_threads,
+    n_ctx: int = ModelSetOptions.n_ctx,
+    n_batch: int = ModelSetOptions.n_batch,
+    n_threads: int = ModelSetOptions.n_threads,
     n_gpu_layers: int | None = None,
     flash_attn: str = "off",
     hook: str | None = None,
@@ -121,7 +121,7 @@ def load_mixture(
     without its own (see load_pair)."""
     terms = merge_repeats(as_terms(spec))
     warn_if_weights_cancel([t.weight for t in terms], "mixture")
-    options = PairOptions(
+    options = ModelSetOptions(
         n_ctx,
         n_batch,
         n_threads,
@@ -140,9 +140,9 @@ def load_proxy(
     *,
     lora: str | os.PathLike[str] | None = None,
     lora_scale: float = 1.0,
-    n_ctx: int = PairOptions.n_ctx,
-    n_batch: int = PairOptions.n_batch,
-    n_threads: int = PairOptions.n_threads,
+    n_ctx: int = ModelSetOptions.n_ctx,
+    n_batch: int = ModelSetOptions.n_batch,
+    n_threads: int = ModelSetOptions.n_threads,
     n_gpu_layers: int | None = None,
     flash_attn: str = "off",
     hook: str | None = None,
@@ -176,7 +176,9 @@ def load_proxy(
         MixTerm(tuned, lam_weight=1.0),
         MixTerm(Source(str(reference), rpc=where.of("reference").endpoints), lam_weight=-1.0),
     ]
-    options = PairOptions(n_ctx, n_batch, n_threads, n_gpu_layers, flash_attn, verbose, rpc=where)
+    options = ModelSetOptions(
+        n_ctx, n_batch, n_threads, n_gpu_layers, flash_attn, verbose, rpc=where
+    )
     return Mixture(
         terms, options, LogitMixer(hook), logprob_sources=(1, 2), speculation=speculation
     )
@@ -197,7 +199,7 @@ class Mixture(ModelSet):
     def __init__(
         self,
         terms: list[MixTerm],
-        options: PairOptions,
+        options: ModelSetOptions,
         mixer: LogitMixer,
         *,
         logprob_sources: tuple[int, int] | None = None,
@@ -218,7 +220,7 @@ class Mixture(ModelSet):
         self.n_batch = min(options.n_batch, self.n_ctx)
         self.logprob_sources = logprob_sources or (0, 1 if len(terms) > 1 else 0)
         self.depends_on_lam = any(t.lam_weight for t in terms)
-        self.guard = PairGuard()
+        self.guard = ModelSetGuard()
         self.overlap_decodes = overlap_by_default(options, [s.model for s in self.sources])
         # Prompt lookup drafts, verified in one batched step (see speculative.py).
         self.speculation = speculation or SpeculationParams()

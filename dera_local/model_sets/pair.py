@@ -22,10 +22,10 @@ from ..llama.backend import Context, ContextOptions, LoadedModel
 from ..rpc.placement import DEFAULT_RPC_TIMEOUT, RpcPlacement
 from ..speculation.drafts import ModelDrafter, SpeculationParams
 from .base import ModelSet, SlotRunner
-from .guard import PairGuard
+from .guard import ModelSetGuard
 from .loading import (
     LoadedPair,
-    PairOptions,
+    ModelSetOptions,
     check_overlap,
     load_models,
     overlap_by_default,
@@ -59,7 +59,7 @@ class DeraPair(ModelSet):
         self.n_ctx = loaded.aligned_ctx.n_ctx
         self.n_vocab = loaded.aligned_model.n_vocab
         self.overlap_decodes = overlap_decodes
-        self.guard = PairGuard()  # one generation at a time; nothing after close()
+        self.guard = ModelSetGuard()  # one generation at a time; nothing after close()
         # One model file and no adapter: the mixture equals that model for every lam, so
         # there is one source context and nothing is mixed.
         self.identical = loaded.aligned_model is loaded.reference_model and (
@@ -196,9 +196,9 @@ def load_pair(
     *,
     lora: str | os.PathLike[str] | None = None,
     lora_scale: float = 1.0,
-    n_ctx: int = PairOptions.n_ctx,
-    n_batch: int = PairOptions.n_batch,
-    n_threads: int = PairOptions.n_threads,
+    n_ctx: int = ModelSetOptions.n_ctx,
+    n_batch: int = ModelSetOptions.n_batch,
+    n_threads: int = ModelSetOptions.n_threads,
     n_gpu_layers: int | None = None,
     flash_attn: str = "off",
     hook: str | None = None,
@@ -237,7 +237,7 @@ def load_pair(
     if flash_attn not in ("on", "off", "auto"):
         raise BadParameterError(f"flash_attn must be 'on', 'off' or 'auto', got {flash_attn!r}")
     speculation = speculation or SpeculationParams()
-    options = PairOptions(
+    options = ModelSetOptions(
         n_ctx,
         n_batch,
         n_threads,
