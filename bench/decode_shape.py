@@ -17,7 +17,8 @@ import statistics
 import time
 from pathlib import Path
 
-from dera_local.llama.backend import Context, ContextOptions, LoadedModel, LoadOptions, TokenBatch
+from dera_local.llama.backend import LoadedModel, LoadOptions
+from dera_local.llama.context import Context, ContextOptions, TokenBatch
 
 PROMPT = list(range(100, 140))
 

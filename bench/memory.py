@@ -24,11 +24,11 @@ PROMPT = "Explain how a bicycle stays upright."
 
 def _child(case: str, base: str, lora: str, copy: str, n_ctx: int) -> None:
     import dera_local
-    from dera_local.llama import backend
+    from dera_local.llama import backend, context
 
     if case == "single":
         model = backend.LoadedModel(Path(base), backend.LoadOptions())
-        ctx = backend.Context(model, backend.ContextOptions(n_ctx=n_ctx))
+        ctx = context.Context(model, context.ContextOptions(n_ctx=n_ctx))
         ctx.decode(model.tokenize(PROMPT, add_special=True, parse_special=True))
         for token in range(100, 116):
             ctx.decode([token])

@@ -25,7 +25,7 @@ import time
 from common import PairSpec, machine, qwen_pair, smollm2_pair, table
 
 import dera_local
-from dera_local.llama.backend import Context, ContextOptions, TokenBatch
+from dera_local.llama.context import Context, ContextOptions, TokenBatch
 from dera_local.model_sets.mixture import MixTerm, Source, load_mixture
 from dera_local.speculation.drafts import SpeculationParams
 

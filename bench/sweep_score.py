@@ -14,7 +14,7 @@ from common import PairSpec, median_of, run_pairs, table, timed
 import dera_local
 from dera_local.analysis.score import score
 from dera_local.analysis.sweep import LambdaSweep
-from dera_local.llama.backend import TokenBatch
+from dera_local.llama.context import TokenBatch
 from dera_local.speculation.drafts import SpeculationParams
 
 # lam < 1 keeps every sequence going for the demo pair (its adapter ends answers early)

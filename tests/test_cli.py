@@ -129,7 +129,7 @@ def test_every_sampling_setting_has_a_flag_that_reaches_it(run, monkeypatch):
     import dataclasses
     import importlib
 
-    from dera_local.cli import options
+    from dera_local.cli import sampling_options as options
     from dera_local.sampling.chain import SamplingParams
 
     assert set(options.SAMPLING_FIELDS) == {f.name for f in dataclasses.fields(SamplingParams)}

@@ -19,7 +19,7 @@ import numpy as np
 from ..engine.guidance import guidance_for, mixture_terms
 from ..engine.mixing import NATIVE, _native, mix_numpy, mix_terms_numpy
 from ..errors import BadParameterError
-from ..llama.backend import Context, TokenBatch
+from ..llama.context import Context, TokenBatch
 from ..model_sets.pair import DeraPair
 from .sweep import parse_lambdas
 

@@ -12,16 +12,10 @@ from ..chat import ChatSession
 from ..engine.guidance import validate_cfg_scale
 from ..engine.mixing import validate_lam
 from ..errors import DeraError
+from .files import read_text_file
 from .open_models import open_model_set
-from .options import (
-    cfg_options,
-    model_options,
-    negative_prompt_from,
-    read_text_file,
-    sampling_from,
-    sampling_options,
-    split_options,
-)
+from .options import model_options, split_options
+from .sampling_options import cfg_options, negative_prompt_from, sampling_from, sampling_options
 
 HELP = """commands:
   /lambda X      set lam (1 = aligned, 0 = reference, >1 extrapolates)

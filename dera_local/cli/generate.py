@@ -10,22 +10,16 @@ import click
 from ..engine.logprob_format import chat_content
 from ..errors import DeraError
 from ..speculation.draft_length import report_lines
+from .files import read_text_file
 from .open_models import open_model_set
-from .options import (
-    cfg_options,
-    model_options,
-    negative_prompt_from,
-    read_text_file,
-    sampling_from,
-    sampling_options,
-    split_options,
-)
+from .options import model_options, split_options
 from .prompts import (
     chat_options,
     hint_if_raw_prompts_ended_at_once,
     negative_for,
     prompt_encoder,
 )
+from .sampling_options import cfg_options, negative_prompt_from, sampling_from, sampling_options
 
 
 def _read_prompt(prompt: str | None, file: str | None) -> str:

@@ -12,16 +12,11 @@ from ..analysis.score import score, score_mixture
 from ..analysis.sweep import parse_lambdas
 from ..model_sets.pair import DeraPair
 from ..sources.datafiles import read_pairs
+from .files import open_output
 from .open_models import open_model_set
-from .options import (
-    cfg_options,
-    lam_grid,
-    model_options,
-    negative_prompt_from,
-    open_output,
-    split_options,
-)
+from .options import model_options, split_options
 from .prompts import chat_options, negative_for, prompt_encoder
+from .sampling_options import cfg_options, lam_grid, negative_prompt_from
 
 
 @click.command("score")

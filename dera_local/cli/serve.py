@@ -13,7 +13,8 @@ from ..rpc.endpoints import is_loopback
 from ..server.lam_range import LamRange
 from ..sources.default_pair import recommended_lams
 from .open_models import open_model_set
-from .options import lam_option, model_options, split_options
+from .options import model_options, split_options
+from .sampling_options import lam_option
 
 
 def _check_port_free(host: str, port: int) -> None:

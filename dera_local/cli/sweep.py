@@ -13,22 +13,21 @@ from ..analysis.report import plot, summarize, write_csv
 from ..analysis.sweep import parse_cfg_scales, parse_lambdas, sweep
 from ..errors import DeraError
 from ..sources.datafiles import load_reward, read_prompts
+from .files import open_output
 from .open_models import open_model_set
-from .options import (
-    lam_grid,
-    model_options,
-    negative_prompt_from,
-    negative_prompt_options,
-    open_output,
-    sampling_from,
-    sampling_options,
-    split_options,
-)
+from .options import model_options, split_options
 from .prompts import (
     chat_options,
     hint_if_raw_prompts_ended_at_once,
     negative_for,
     prompt_encoder,
+)
+from .sampling_options import (
+    lam_grid,
+    negative_prompt_from,
+    negative_prompt_options,
+    sampling_from,
+    sampling_options,
 )
 
 

@@ -37,7 +37,7 @@ import time
 from collections.abc import Sequence
 
 from ..errors import BadParameterError, PromptError
-from ..llama.backend import Context, TokenBatch
+from ..llama.context import Context, TokenBatch
 from ..sampling.chain import SamplerChain
 from ..speculation.slot_drafts import drafting_for, plan_drafts
 from ..speculation.step_costs import StepCosts

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ..llama.backend import Context, TokenBatch
+from ..llama.context import Context, TokenBatch
 from .source_decodes import SourceDecodes
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 
-from ..llama.backend import Context
+from ..llama.context import Context
 from ..speculation.slot_drafts import walk_drafts
 from .mixing import float_view
 from .slots import Slot

@@ -15,7 +15,7 @@ from __future__ import annotations
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-from ..llama.backend import Context, TokenBatch
+from ..llama.context import Context, TokenBatch
 
 
 class SourceDecodes:

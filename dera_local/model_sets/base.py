@@ -19,7 +19,7 @@ from ..engine.mixing import validate_lam
 from ..engine.request import GenerationRequest, resolved_sampling
 from ..engine.stream import GenerationStream, slot_steps
 from ..errors import BadParameterError, PromptError
-from ..llama.backend import Context
+from ..llama.context import Context
 from ..sampling.chain import SamplingParams
 from ..speculation.drafts import AcceptRule, Drafter, SpeculationParams, sample_equals_draft
 from ..speculation.step_costs import StepCosts

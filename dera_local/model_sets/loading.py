@@ -14,7 +14,8 @@ from pathlib import Path
 from ..errors import BadParameterError, IncompatibleModelsError, ModelFileError
 from ..llama import backend
 from ..llama import log as llama_log
-from ..llama.backend import Context, ContextOptions, LoadedModel, LoadOptions, LoraAdapter
+from ..llama.backend import LoadedModel, LoadOptions, LoraAdapter
+from ..llama.context import Context, ContextOptions
 from ..llama.gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
 from ..rpc.placement import RpcPlacement
 

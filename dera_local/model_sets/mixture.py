@@ -23,7 +23,8 @@ from ..engine.mixing import LogitMixer
 from ..errors import BadParameterError
 from ..llama import backend
 from ..llama import log as llama_log
-from ..llama.backend import Context, ContextOptions, LoadedModel, LoraAdapter
+from ..llama.backend import LoadedModel, LoraAdapter
+from ..llama.context import Context, ContextOptions
 from ..llama.gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
 from ..rpc.placement import DEFAULT_RPC_TIMEOUT, Placement, RpcPlacement
 from ..speculation.drafts import SpeculationParams

@@ -18,7 +18,8 @@ from ..engine.mixing import LogitMixer
 from ..engine.stream import GenerationResult, GenerationStream
 from ..errors import BadParameterError
 from ..llama import backend
-from ..llama.backend import Context, ContextOptions, LoadedModel
+from ..llama.backend import LoadedModel
+from ..llama.context import Context, ContextOptions
 from ..rpc.placement import DEFAULT_RPC_TIMEOUT, RpcPlacement
 from ..speculation.drafts import ModelDrafter, SpeculationParams
 from .base import ModelSet, SlotRunner
