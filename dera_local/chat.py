@@ -87,6 +87,13 @@ class ChatTemplate:
         add_special = not (self.bos_token and text.startswith(self.bos_token))
         return pair.tokenize(text, add_special=add_special)
 
+    def negative_tokens(self, pair: DeraPair, messages: Sequence[dict], negative: str) -> list[int]:
+        """The negative sequence of a chat for classifier-free guidance: the same turns
+        under the negative prompt as their system message (any system message of the
+        chat is replaced)."""
+        turns = [m for m in messages if m["role"] != "system"]
+        return self.tokens(pair, [{"role": "system", "content": negative}, *turns])
+
     @classmethod
     def for_pair(cls, pair: DeraPair, override: str | None = None) -> ChatTemplate:
         """The override, else the aligned model's template, else ChatML."""
@@ -169,8 +176,7 @@ class ChatSession:
         old turns."""
         if self.negative_prompt is None:
             return None
-        head = [{"role": "system", "content": self.negative_prompt}]
-        return self.template.tokens(self.pair, head + self.messages)
+        return self.template.negative_tokens(self.pair, self.messages, self.negative_prompt)
 
     def _reply_room(self) -> int:
         """Tokens kept free for the reply: max_tokens, but at most half the context."""

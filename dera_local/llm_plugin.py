@@ -121,10 +121,10 @@ class DeraModel(llm.Model):
         template = ChatTemplate.for_pair(pair)
         guidance = {}
         if options.negative_prompt is not None:
-            turns = [m for m in messages if m["role"] != "system"]
-            negative = [{"role": "system", "content": options.negative_prompt}] + turns
             guidance = {
-                "negative_prompt": template.tokens(pair, negative),
+                "negative_prompt": template.negative_tokens(
+                    pair, messages, options.negative_prompt
+                ),
                 "cfg_scale": 1.0 if options.cfg_scale is None else options.cfg_scale,
             }
         try:

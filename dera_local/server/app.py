@@ -1,9 +1,6 @@
-"""The Starlette app: /v1/chat/completions, /v1/completions, /v1/models, /health, and
-Ollama's API under /api/ (see ollama.py).
-
-Per-request lam comes in the extra body field `dera_lambda` (what the openai client's
-`extra_body` sends). Errors are OpenAI-style JSON objects; nothing answers with a
-traceback.
+"""The Starlette app: the two API dialects (OpenAI's /v1 in openai.py, Ollama's /api in
+ollama.py) over one run path (jobs.py), the guard every request passes (API key, body
+size, no traceback ever), the chat page at /, /health, and the worker's lifespan.
 """
 
 from __future__ import annotations
@@ -13,39 +10,26 @@ import importlib.resources
 import secrets
 import sys
 import traceback
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..chat import ChatTemplate
-from ..errors import BadParameterError, DeraError
-from ..model_sets.pair import DeraPair, GenerationResult
+from ..errors import BadParameterError
+from ..model_sets.pair import DeraPair
 from ..rpc import faults as rpc_faults
 from .jobs import (
-    Failure,
-    check_schema_grammar,
-    error_kind,
-    failure_of,
-    finish,
+    Served,
     log,
-    read_json,
-    start,
 )
-from .lam_range import LamRange, describe_lam
+from .lam_range import LamRange
 from .ollama import ollama_error, ollama_routes
-from .requests import (
-    MODEL_ID,
-    RequestError,
-    chat_messages,
-    completion_prompt,
-    parse_common,
-)
-from .responses import ChatShape, CompletionShape, event
-from .worker import GenerationWorker, Job
+from .openai import error_response, openai_routes
+from .worker import GenerationWorker
 
 DEFAULT_LAM_PRESETS = (0.0, 0.5, 1.0, 1.5, 2.0)
 # The chat page at /: three small files shipped in the package, read once.
@@ -60,25 +44,8 @@ _MEDIA_TYPES = {
 }
 
 
-def error_response(
-    status: int,
-    message: str,
-    kind: str = "invalid_request_error",
-    param: str | None = None,
-    headers: dict | None = None,
-) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
 def _ollama_error(status: int, message: str, kind: str = "", headers=None) -> JSONResponse:
     return ollama_error(status, message, headers)
-
-
-def failure_response(failure: Failure) -> JSONResponse:
-    return error_response(
-        failure.status, failure.message, failure.kind, failure.param, failure.headers
-    )
 
 
 class _Guard:
@@ -150,101 +117,17 @@ def create_app(
             cli_hint="widen --lam-range or change --lam/--lam-presets",
         )
     worker = GenerationWorker(pair, max_queue, parallel=parallel, guided=guided)
+    served = Served(
+        pair=pair,
+        worker=worker,
+        template=ChatTemplate.for_pair(pair, chat_template),
+        default_lam=default_lam,
+        lam_presets=lam_presets,
+        lam_range=lam_range,
+        max_body_bytes=max_body_bytes,
+        body_timeout=body_timeout,
+    )
     pair_is_remote = pair.is_remote
-
-    def token_bytes(token: int) -> bytes:
-        return pair.model.token_bytes(token, special=True)
-
-    template = ChatTemplate.for_pair(pair, chat_template)
-    vocab = pair.model.vocab
-
-    async def respond(request: Request, chat: bool) -> Response:
-        try:
-            body = await read_json(request, max_body_bytes, body_timeout)
-            parsed = parse_common(
-                body,
-                default_lam,
-                chat=chat,
-                lam_range=lam_range if pair.depends_on_lam else None,
-                n_vocab=pair.n_vocab,
-            )
-            await check_schema_grammar(parsed.request.sampling, vocab, "response_format")
-            negative = parsed.negative_prompt
-            if negative is not None and not worker.guided:
-                raise RequestError(
-                    "this server was started with --no-cfg: negative prompts are off",
-                    "dera_negative_prompt",
-                )
-            if chat:
-                messages = chat_messages(body)
-
-                def prompt() -> list[int]:
-                    return template.tokens(pair, messages)
-
-                def negative_prompt() -> list[int]:  # the same turns under its system message
-                    turns = [m for m in messages if m["role"] != "system"]
-                    head = [{"role": "system", "content": negative}]
-                    return template.tokens(pair, head + turns)
-            else:
-                text_or_ids = completion_prompt(body, pair.n_vocab)
-
-                def prompt() -> list[int]:
-                    if isinstance(text_or_ids, str):
-                        return pair.tokenize(text_or_ids)
-                    return text_or_ids
-
-                def negative_prompt() -> list[int]:
-                    return pair.tokenize(negative)
-
-            job = Job(
-                prompt,
-                parsed.request,
-                negative_prompt if negative is not None else None,
-                cfg_scale=parsed.cfg_scale,
-                per_token=parsed.per_token,
-                fields={
-                    "prompt": "messages" if chat else "prompt",
-                    "negative prompt": "dera_negative_prompt",
-                },
-            )
-            shape = (ChatShape if chat else CompletionShape)(parsed, token_bytes)
-            first, chunks = await start(worker, job)
-            if parsed.stream:
-                return StreamingResponse(_sse(shape, first, chunks), media_type="text/event-stream")
-            result = await finish(request, first, chunks)
-        except DeraError as exc:
-            return failure_response(failure_of(exc))
-        except Failure as failure:
-            return failure_response(failure)
-        if result is None:  # the client went away
-            return Response(status_code=499)
-        return JSONResponse(shape.whole(result))
-
-    async def chat_completions(request: Request) -> Response:
-        return await respond(request, chat=True)
-
-    async def completions(request: Request) -> Response:
-        return await respond(request, chat=False)
-
-    async def models(request: Request) -> Response:
-        entries = [(MODEL_ID, default_lam)] + [(f"{MODEL_ID}@{lam:g}", lam) for lam in lam_presets]
-        body = {
-            "object": "list",
-            "data": [
-                {
-                    "id": model_id,
-                    "object": "model",
-                    "created": 0,
-                    "owned_by": "dera-local",
-                    "dera_lambda": lam,
-                    "description": describe_lam(lam, default=model_id == MODEL_ID),
-                }
-                for model_id, lam in entries
-            ],
-        }
-        if pair.depends_on_lam:
-            body["dera_lam_range"] = [lam_range.low, lam_range.high]
-        return JSONResponse(body)
 
     async def page(request: Request) -> Response:
         name = request.path_params.get("name", "index.html")
@@ -281,24 +164,11 @@ def create_app(
             return ollama_error(405, f"{request.method} is not allowed here")
         return error_response(405, f"{request.method} is not allowed here")
 
-    ollama = ollama_routes(
-        pair,
-        worker,
-        template,
-        default_lam=default_lam,
-        lam_presets=lam_presets,
-        lam_range=lam_range,
-        max_body_bytes=max_body_bytes,
-        body_timeout=body_timeout,
-    )
-
     app = Starlette(
         routes=[
-            Route("/v1/chat/completions", chat_completions, methods=["POST"]),
-            Route("/v1/completions", completions, methods=["POST"]),
-            Route("/v1/models", models, methods=["GET"]),
+            *openai_routes(served),
+            *ollama_routes(served),
             Route("/health", health, methods=["GET"]),
-            *ollama,
             Route("/", page, methods=["GET"]),
             Route("/{name:str}", page_or_404, methods=["GET"]),
         ],
@@ -317,30 +187,3 @@ def _closing(worker: GenerationWorker):
         worker.close()
 
     return lifespan
-
-
-async def _sse(shape, first, chunks: AsyncIterator) -> AsyncIterator[str]:
-    """Server-sent events in OpenAI's chunk format; closing it (client gone) cancels."""
-    try:
-        yield event(shape.opening())
-        item = first
-        while True:
-            if isinstance(item, GenerationResult):
-                yield event(shape.closing(item))
-                if shape.parsed.include_usage:
-                    yield event(shape.usage_chunk(item))
-                break
-            yield event(shape.delta(item))
-            try:
-                item = await chunks.__anext__()
-            except StopAsyncIteration:  # ended without a result: the server is stopping
-                yield event(
-                    {"error": {"message": "the server is shutting down", "type": "server_error"}}
-                )
-                break
-            except DeraError as exc:  # failed mid-stream (an RPC worker lost): say so, end
-                yield event({"error": {"message": str(exc), "type": error_kind(exc)}})
-                break
-        yield "data: [DONE]\n\n"
-    finally:
-        await chunks.aclose()

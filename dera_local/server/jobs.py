@@ -1,25 +1,83 @@
-"""What every API of the server shares to run one request on the batching worker: the
-body read under a size limit and a deadline, the job started (or refused: queue full,
-shutting down, a bad prompt), its chunks followed to the end, and every failure as one
-`Failure` (status, message, kind) that each API writes in its own error shape (OpenAI's
-error object, Ollama's error string)."""
+"""The one run path both dialects (OpenAI's /v1 and Ollama's /api) share: what they
+serve (`Served`), the body read under a size limit and a deadline, the typed request's
+grammar checked off the decode thread, the job started (or refused: queue full, shutting
+down, a bad prompt), then streamed by the dialect's encoder or finished as one object,
+and every failure as one `Failure` (status, message, kind, field) that each dialect
+writes in its own error shape (OpenAI's error object, Ollama's error string)."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 
 from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
 
+from ..chat import ChatTemplate
 from ..errors import ContextFullError, DeraError, PromptError, RuntimeFailure, WorkerError
 from ..model_sets.pair import GenerationResult
 from ..sampling.chain import GrammarError, SamplingParams, check_grammar
-from .requests import RequestError
+from .lam_range import LamRange
+from .requests import ParsedRequest, RequestError
 from .worker import GenerationWorker, Job, QueueFull, ShuttingDown
 
 log = logging.getLogger("dera_local.server")
+
+
+@dataclass(frozen=True)
+class Served:
+    """What both dialects serve and how: the model set, its batching worker and chat
+    template, the server's lam (default, presets, range) and body limits."""
+
+    pair: object  # a loaded model set (DeraPair, Mixture)
+    worker: GenerationWorker
+    template: ChatTemplate
+    default_lam: float
+    lam_presets: Sequence[float]
+    lam_range: LamRange
+    max_body_bytes: int
+    body_timeout: float
+
+    @property
+    def lam_range_if_used(self) -> LamRange | None:
+        """The range a request's lam must lie in; None for a set without a lam dial."""
+        return self.lam_range if self.pair.depends_on_lam else None
+
+    async def body(self, request: Request):
+        return await read_json(request, self.max_body_bytes, self.body_timeout)
+
+
+@dataclass(frozen=True)
+class Encoder:
+    """How a dialect writes an answer: as a stream (`stream(first, chunks)` yields the
+    lines; closing it cancels the job) or as one object (`whole(result)`)."""
+
+    stream: Callable[[object, AsyncIterator], AsyncIterator[str]]
+    media_type: str
+    whole: Callable[[GenerationResult], dict]
+
+
+def refuse_unguided(served: Served, parsed: ParsedRequest, field: str) -> None:
+    if parsed.negative_prompt is not None and not served.worker.guided:
+        raise RequestError("this server was started with --no-cfg: negative prompts are off", field)
+
+
+async def run(
+    request: Request, served: Served, job: Job, stream: bool, encoder: Encoder
+) -> Response:
+    """Runs a job to its answer: streamed by the encoder, or whole (499 when the client
+    went away first). Refusals and failures are raised as Failures, for the dialect to
+    write in its error shape."""
+    first, chunks = await start(served.worker, job)
+    if stream:
+        return StreamingResponse(encoder.stream(first, chunks), media_type=encoder.media_type)
+    result = await finish(request, first, chunks)
+    if result is None:  # the client went away
+        return Response(status_code=499)
+    return JSONResponse(encoder.whole(result))
 
 
 class Failure(Exception):

@@ -11,24 +11,23 @@ import hashlib
 import importlib.metadata
 import json
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from ..chat import ChatTemplate
 from ..errors import DeraError
 from ..llama.gguf_inspect import read_gguf
 from ..model_sets.pair import GenerationResult
-from .jobs import Failure, check_schema_grammar, failure_of, finish, read_json, start
-from .lam_range import LamRange, describe_lam
+from .jobs import Encoder, Failure, Served, check_schema_grammar, failure_of, refuse_unguided, run
+from .lam_range import describe_lam
 from .ollama_requests import DEFAULTS, chat_messages, generate_prompt, lam_of_name, parse_ollama
 from .requests import MODEL_ID, RequestError, checked_lam
 from .responses import dera
-from .worker import GenerationWorker, Job
+from .worker import Job
 
 # The Ollama API level these endpoints mirror (structured outputs, `format` as a schema,
 # came with Ollama 0.5); clients that check a minimum version read this.
@@ -96,22 +95,12 @@ class ModelCard:
         }
 
 
-def ollama_routes(
-    pair,
-    worker: GenerationWorker,
-    template: ChatTemplate,
-    *,
-    default_lam: float,
-    lam_presets: Sequence[float],
-    lam_range: LamRange,
-    max_body_bytes: int,
-    body_timeout: float,
-) -> list[Route]:
+def ollama_routes(served: Served) -> list[Route]:
+    pair, default_lam = served.pair, served.default_lam
     card = ModelCard.of(pair)
     names = [(f"{MODEL_ID}:latest", default_lam)] + [
-        (f"{MODEL_ID}:{lam:g}", lam) for lam in lam_presets
+        (f"{MODEL_ID}:{lam:g}", lam) for lam in served.lam_presets
     ]
-    depends_on_lam = pair.depends_on_lam
 
     async def tags(request: Request) -> Response:
         models = []
@@ -133,15 +122,15 @@ def ollama_routes(
 
     async def show(request: Request) -> Response:
         try:
-            body = await read_json(request, max_body_bytes, body_timeout)
+            body = await served.body(request)
             if not isinstance(body, dict):
                 raise RequestError("the request body must be a JSON object")
             name = body.get("model", body.get("name"))  # older clients send "name"
             if name is None:
                 raise RequestError("'model' is required (see /api/tags)", "model")
             lam = lam_of_name(name, default_lam)
-            if lam is not None and depends_on_lam:  # what /api/chat would refuse
-                lam = checked_lam(lam, lam_range, "model", "'model'")
+            if lam is not None and pair.depends_on_lam:  # what /api/chat would refuse
+                lam = checked_lam(lam, served.lam_range, "model", "'model'")
         except DeraError as exc:
             return _failure(failure_of(exc))
         except Failure as failure:
@@ -165,43 +154,40 @@ def ollama_routes(
     async def answer(request: Request, chat: bool) -> Response:
         started = time.perf_counter()
         try:
-            body = await read_json(request, max_body_bytes, body_timeout)
+            body = await served.body(request)
             parsed = parse_ollama(
                 body,
                 default_lam,
                 chat=chat,
-                lam_range=lam_range if depends_on_lam else None,
+                lam_range=served.lam_range_if_used,
                 n_ctx=pair.n_ctx,
             )
             if parsed is None:
                 return _not_found(body["model"])
             await check_schema_grammar(parsed.request.sampling, pair.model.vocab, "format")
-            negative = parsed.negative_prompt
-            if negative is not None and not worker.guided:
-                raise RequestError(
-                    "this server was started with --no-cfg: negative prompts are off", "options"
-                )
-            prompt, negative_prompt, load_only = _prompts(body, chat, negative, pair, template)
+            refuse_unguided(served, parsed, "options")
+            prompt, negative_prompt, load_only = _prompts(
+                body, chat, parsed.negative_prompt, served
+            )
+            model = body["model"]
             if load_only:  # Ollama: an empty prompt loads the model and answers at once
-                return JSONResponse(_final(body["model"], chat, "", "load", None, started))
+                return JSONResponse(_final(model, chat, "", "load", None, started))
             fields = {"prompt": "messages" if chat else "prompt", "negative prompt": "options"}
             job = Job(
                 prompt, parsed.request, negative_prompt, cfg_scale=parsed.cfg_scale, fields=fields
             )
-            first, chunks = await start(worker, job)
-            if parsed.stream:
-                lines = _ndjson(body["model"], chat, first, chunks, started)
-                return StreamingResponse(lines, media_type="application/x-ndjson")
-            result = await finish(request, first, chunks)
+            encoder = Encoder(
+                lambda first, chunks: _ndjson(model, chat, first, chunks, started),
+                "application/x-ndjson",
+                lambda result: _final(
+                    model, chat, result.text, result.finish_reason, result, started
+                ),
+            )
+            return await run(request, served, job, parsed.stream, encoder)
         except DeraError as exc:
             return _failure(failure_of(exc))
         except Failure as failure:
             return _failure(failure)
-        if result is None:
-            return Response(status_code=499)
-        return JSONResponse(
-            _final(body["model"], chat, result.text, result.finish_reason, result, started)
-        )
 
     async def chat_endpoint(request: Request) -> Response:
         return await answer(request, chat=True)
@@ -220,12 +206,13 @@ def ollama_routes(
 
 
 def _prompts(
-    body: dict, chat: bool, negative: str | None, pair, template: ChatTemplate
+    body: dict, chat: bool, negative: str | None, served: Served
 ) -> tuple[Callable, Callable | None, bool]:
     """The job's prompt and negative prompt makers (run on the worker thread), and
     whether the request only asks to load the model (an empty /api/generate prompt)."""
+    pair, template = served.pair, served.template
     if chat:
-        messages = turns = chat_messages(body)
+        messages = chat_messages(body)
     else:
         text, system_text, raw = generate_prompt(body)
         if not text:
@@ -237,15 +224,13 @@ def _prompts(
                 False,
             )
         system = [] if system_text is None else [{"role": "system", "content": system_text}]
-        turns = [{"role": "user", "content": text}]
-        messages = system + turns
+        messages = [*system, {"role": "user", "content": text}]
 
     def prompt() -> list[int]:
         return template.tokens(pair, messages)
 
-    def negative_prompt() -> list[int]:  # the same turns under its own system message
-        rest = [m for m in turns if m["role"] != "system"]
-        return template.tokens(pair, [{"role": "system", "content": negative}] + rest)
+    def negative_prompt() -> list[int]:
+        return template.negative_tokens(pair, messages, negative)
 
     return prompt, (None if negative is None else negative_prompt), False
 
