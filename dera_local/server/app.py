@@ -22,13 +22,12 @@ from ..chat import ChatTemplate
 from ..errors import BadParameterError
 from ..model_sets.pair import DeraPair
 from ..rpc import faults as rpc_faults
-from .jobs import (
-    Served,
-    log,
-)
+from .jobs import Failure, Served, log
 from .lam_range import LamRange
-from .ollama import ollama_error, ollama_routes
-from .openai import error_response, openai_routes
+from .ollama import failure_response as ollama_failure
+from .ollama import ollama_routes
+from .openai import failure_response as openai_failure
+from .openai import openai_routes
 from .worker import GenerationWorker
 
 DEFAULT_LAM_PRESETS = (0.0, 0.5, 1.0, 1.5, 2.0)
@@ -44,8 +43,9 @@ _MEDIA_TYPES = {
 }
 
 
-def _ollama_error(status: int, message: str, kind: str = "", headers=None) -> JSONResponse:
-    return ollama_error(status, message, headers)
+def _writer(path: str):
+    """How errors on this path are written: Ollama's endpoints in Ollama's shape."""
+    return ollama_failure if path.startswith("/api/") else openai_failure
 
 
 class _Guard:
@@ -63,21 +63,18 @@ class _Guard:
             return
         headers = dict(scope.get("headers") or [])
         path = scope["path"]
-        # Ollama's endpoints answer errors in Ollama's shape: {"error": "..."}
-        error = _ollama_error if path.startswith("/api/") else error_response
+        write = _writer(path)
         if self.api_key and path.startswith(("/v1/", "/api/")):
             given = headers.get(b"authorization", b"").decode("latin-1")
             expected = f"Bearer {self.api_key}"
             if not secrets.compare_digest(given.encode(), expected.encode()):
-                await error(
-                    401,
-                    "missing or wrong API key (Authorization: Bearer ...)",
-                    "authentication_error",
-                )(scope, receive, send)
+                wrong_key = "missing or wrong API key (Authorization: Bearer ...)"
+                await write(Failure(401, wrong_key, "authentication_error"))(scope, receive, send)
                 return
         length = headers.get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body_bytes:
-            await error(413, f"request body over {self.max_body_bytes} bytes")(scope, receive, send)
+            too_big = Failure(413, f"request body over {self.max_body_bytes} bytes")
+            await write(too_big)(scope, receive, send)
             return
         try:
             await self.app(scope, receive, send)
@@ -85,7 +82,7 @@ class _Guard:
             log.debug("%s: the client hung up", path)
         except Exception:
             traceback.print_exc(file=sys.stderr)
-            await error(500, "internal server error", "server_error")(scope, receive, send)
+            await write(Failure(500, "internal server error", "server_error"))(scope, receive, send)
 
 
 def create_app(
@@ -155,14 +152,12 @@ def create_app(
         )
 
     async def not_found(request: Request, exc) -> Response:
-        if request.url.path.startswith("/api/"):
-            return ollama_error(404, f"no route {request.url.path}")
-        return error_response(404, f"no route {request.url.path}", "not_found_error")
+        failure = Failure(404, f"no route {request.url.path}", "not_found_error")
+        return _writer(request.url.path)(failure)
 
     async def wrong_method(request: Request, exc) -> Response:
-        if request.url.path.startswith("/api/"):
-            return ollama_error(405, f"{request.method} is not allowed here")
-        return error_response(405, f"{request.method} is not allowed here")
+        failure = Failure(405, f"{request.method} is not allowed here")
+        return _writer(request.url.path)(failure)
 
     app = Starlette(
         routes=[

@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 from starlette.requests import ClientDisconnect, Request
@@ -78,6 +78,19 @@ async def run(
     if result is None:  # the client went away
         return Response(status_code=499)
     return JSONResponse(encoder.whole(result))
+
+
+async def answered(
+    attempt: Callable[[], Awaitable[Response]], write: Callable[[Failure], Response]
+) -> Response:
+    """The attempt's response, or its failure (a DeraError or a Failure) written in the
+    dialect's error shape by `write`."""
+    try:
+        return await attempt()
+    except DeraError as exc:
+        return write(failure_of(exc))
+    except Failure as failure:
+        return write(failure)
 
 
 class Failure(Exception):

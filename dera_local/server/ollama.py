@@ -22,7 +22,7 @@ from starlette.routing import Route
 from ..errors import DeraError
 from ..llama.gguf_inspect import read_gguf
 from ..model_sets.pair import GenerationResult
-from .jobs import Encoder, Failure, Served, check_schema_grammar, failure_of, refuse_unguided, run
+from .jobs import Encoder, Failure, Served, answered, check_schema_grammar, refuse_unguided, run
 from .lam_range import describe_lam
 from .ollama_requests import DEFAULTS, chat_messages, generate_prompt, lam_of_name, parse_ollama
 from .requests import MODEL_ID, RequestError, checked_lam
@@ -121,20 +121,18 @@ def ollama_routes(served: Served) -> list[Route]:
         return JSONResponse({"version": OLLAMA_API_VERSION, "dera_local": _own_version()})
 
     async def show(request: Request) -> Response:
-        try:
-            body = await served.body(request)
-            if not isinstance(body, dict):
-                raise RequestError("the request body must be a JSON object")
-            name = body.get("model", body.get("name"))  # older clients send "name"
-            if name is None:
-                raise RequestError("'model' is required (see /api/tags)", "model")
-            lam = lam_of_name(name, default_lam)
-            if lam is not None and pair.depends_on_lam:  # what /api/chat would refuse
-                lam = checked_lam(lam, served.lam_range, "model", "'model'")
-        except DeraError as exc:
-            return _failure(failure_of(exc))
-        except Failure as failure:
-            return _failure(failure)
+        return await answered(lambda: describe(request), failure_response)
+
+    async def describe(request: Request) -> Response:
+        body = await served.body(request)
+        if not isinstance(body, dict):
+            raise RequestError("the request body must be a JSON object")
+        name = body.get("model", body.get("name"))  # older clients send "name"
+        if name is None:
+            raise RequestError("'model' is required (see /api/tags)", "model")
+        lam = lam_of_name(name, default_lam)
+        if lam is not None and pair.depends_on_lam:  # what /api/chat would refuse
+            lam = checked_lam(lam, served.lam_range, "model", "'model'")
         if lam is None:
             return _not_found(name)
         parameters = "\n".join(f"{key} {value:g}" for key, value in DEFAULTS.items())
@@ -153,47 +151,38 @@ def ollama_routes(served: Served) -> list[Route]:
 
     async def answer(request: Request, chat: bool) -> Response:
         started = time.perf_counter()
-        try:
-            body = await served.body(request)
-            parsed = parse_ollama(
-                body,
-                default_lam,
-                chat=chat,
-                lam_range=served.lam_range_if_used,
-                n_ctx=pair.n_ctx,
-            )
-            if parsed is None:
-                return _not_found(body["model"])
-            await check_schema_grammar(parsed.request.sampling, pair.model.vocab, "format")
-            refuse_unguided(served, parsed, "options")
-            prompt, negative_prompt, load_only = _prompts(
-                body, chat, parsed.negative_prompt, served
-            )
-            model = body["model"]
-            if load_only:  # Ollama: an empty prompt loads the model and answers at once
-                return JSONResponse(_final(model, chat, "", "load", None, started))
-            fields = {"prompt": "messages" if chat else "prompt", "negative prompt": "options"}
-            job = Job(
-                prompt, parsed.request, negative_prompt, cfg_scale=parsed.cfg_scale, fields=fields
-            )
-            encoder = Encoder(
-                lambda first, chunks: _ndjson(model, chat, first, chunks, started),
-                "application/x-ndjson",
-                lambda result: _final(
-                    model, chat, result.text, result.finish_reason, result, started
-                ),
-            )
-            return await run(request, served, job, parsed.stream, encoder)
-        except DeraError as exc:
-            return _failure(failure_of(exc))
-        except Failure as failure:
-            return _failure(failure)
+        body = await served.body(request)
+        parsed = parse_ollama(
+            body,
+            default_lam,
+            chat=chat,
+            lam_range=served.lam_range_if_used,
+            n_ctx=pair.n_ctx,
+        )
+        if parsed is None:
+            return _not_found(body["model"])
+        await check_schema_grammar(parsed.request.sampling, pair.model.vocab, "format")
+        refuse_unguided(served, parsed, "options")
+        prompt, negative_prompt, load_only = _prompts(body, chat, parsed.negative_prompt, served)
+        model = body["model"]
+        if load_only:  # Ollama: an empty prompt loads the model and answers at once
+            return JSONResponse(_final(model, chat, "", "load", None, started))
+        fields = {"prompt": "messages" if chat else "prompt", "negative prompt": "options"}
+        job = Job(
+            prompt, parsed.request, negative_prompt, cfg_scale=parsed.cfg_scale, fields=fields
+        )
+        encoder = Encoder(
+            lambda first, chunks: _ndjson(model, chat, first, chunks, started),
+            "application/x-ndjson",
+            lambda result: _final(model, chat, result.text, result.finish_reason, result, started),
+        )
+        return await run(request, served, job, parsed.stream, encoder)
 
     async def chat_endpoint(request: Request) -> Response:
-        return await answer(request, chat=True)
+        return await answered(lambda: answer(request, chat=True), failure_response)
 
     async def generate_endpoint(request: Request) -> Response:
-        return await answer(request, chat=False)
+        return await answered(lambda: answer(request, chat=False), failure_response)
 
     return [
         Route("/api/tags", tags, methods=["GET"]),
@@ -242,7 +231,8 @@ def _own_version() -> str:
         return "unknown"
 
 
-def _failure(failure: Failure) -> JSONResponse:
+def failure_response(failure: Failure) -> JSONResponse:
+    """A Failure as Ollama's error: {"error": message}."""
     return ollama_error(failure.status, failure.message, failure.headers)
 
 

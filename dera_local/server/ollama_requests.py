@@ -23,6 +23,9 @@ from .requests import (
     checked_lam,
     client_seed,
     is_number,
+    message_list,
+    object_field,
+    true_or_false,
     unicode_text,
 )
 
@@ -112,12 +115,8 @@ def parse_ollama(
     if "model" not in body:
         raise RequestError("'model' is required (see /api/tags)", "model")
     lam = lam_of_name(body["model"], default_lam)
-    stream = body.get("stream", True)
-    if not isinstance(stream, bool):
-        raise RequestError("'stream' must be true or false", "stream")
-    options = body.get("options") or {}
-    if not isinstance(options, dict):
-        raise RequestError("'options' must be an object", "options")
+    stream = true_or_false(body, "stream", True)
+    options = object_field(body, "options")
     values = _options(options, n_ctx)
     if lam is None:
         return None
@@ -154,11 +153,8 @@ def parse_ollama(
 
 
 def chat_messages(body: dict) -> list[dict]:
-    messages = body.get("messages")
-    if not isinstance(messages, list) or not messages:
-        raise RequestError("'messages' must be a non-empty list", "messages")
     out = []
-    for index, message in enumerate(messages):
+    for index, message in enumerate(message_list(body)):
         if not isinstance(message, dict):
             raise RequestError(f"messages[{index}] must be an object", "messages")
         for name, value in message.items():

@@ -18,9 +18,9 @@ from .jobs import (
     Encoder,
     Failure,
     Served,
+    answered,
     check_schema_grammar,
     error_kind,
-    failure_of,
     refuse_unguided,
     run,
 )
@@ -30,21 +30,10 @@ from .responses import ChatShape, CompletionShape, event
 from .worker import Job
 
 
-def error_response(
-    status: int,
-    message: str,
-    kind: str = "invalid_request_error",
-    param: str | None = None,
-    headers: dict | None = None,
-) -> JSONResponse:
-    body = {"error": {"message": message, "type": kind, "param": param, "code": None}}
-    return JSONResponse(body, status_code=status, headers=headers)
-
-
 def failure_response(failure: Failure) -> JSONResponse:
-    return error_response(
-        failure.status, failure.message, failure.kind, failure.param, failure.headers
-    )
+    """A Failure as OpenAI's error object."""
+    error = {"message": failure.message, "type": failure.kind, "param": failure.param, "code": None}
+    return JSONResponse({"error": error}, status_code=failure.status, headers=failure.headers)
 
 
 def openai_routes(served: Served) -> list[Route]:
@@ -54,44 +43,39 @@ def openai_routes(served: Served) -> list[Route]:
         return pair.model.token_bytes(token, special=True)
 
     async def respond(request: Request, chat: bool) -> Response:
-        try:
-            body = await served.body(request)
-            parsed = parse_common(
-                body,
-                served.default_lam,
-                chat=chat,
-                lam_range=served.lam_range_if_used,
-                n_vocab=pair.n_vocab,
-            )
-            await check_schema_grammar(parsed.request.sampling, pair.model.vocab, "response_format")
-            refuse_unguided(served, parsed, "dera_negative_prompt")
-            prompt, negative_prompt = _prompts(served, body, chat, parsed.negative_prompt)
-            job = Job(
-                prompt,
-                parsed.request,
-                negative_prompt,
-                cfg_scale=parsed.cfg_scale,
-                per_token=parsed.per_token,
-                fields={
-                    "prompt": "messages" if chat else "prompt",
-                    "negative prompt": "dera_negative_prompt",
-                },
-            )
-            shape = (ChatShape if chat else CompletionShape)(parsed, token_bytes)
-            encoder = Encoder(
-                lambda first, chunks: _sse(shape, first, chunks), "text/event-stream", shape.whole
-            )
-            return await run(request, served, job, parsed.stream, encoder)
-        except DeraError as exc:
-            return failure_response(failure_of(exc))
-        except Failure as failure:
-            return failure_response(failure)
+        body = await served.body(request)
+        parsed = parse_common(
+            body,
+            served.default_lam,
+            chat=chat,
+            lam_range=served.lam_range_if_used,
+            n_vocab=pair.n_vocab,
+        )
+        await check_schema_grammar(parsed.request.sampling, pair.model.vocab, "response_format")
+        refuse_unguided(served, parsed, "dera_negative_prompt")
+        prompt, negative_prompt = _prompts(served, body, chat, parsed.negative_prompt)
+        job = Job(
+            prompt,
+            parsed.request,
+            negative_prompt,
+            cfg_scale=parsed.cfg_scale,
+            per_token=parsed.per_token,
+            fields={
+                "prompt": "messages" if chat else "prompt",
+                "negative prompt": "dera_negative_prompt",
+            },
+        )
+        shape = (ChatShape if chat else CompletionShape)(parsed, token_bytes)
+        encoder = Encoder(
+            lambda first, chunks: _sse(shape, first, chunks), "text/event-stream", shape.whole
+        )
+        return await run(request, served, job, parsed.stream, encoder)
 
     async def chat_completions(request: Request) -> Response:
-        return await respond(request, chat=True)
+        return await answered(lambda: respond(request, chat=True), failure_response)
 
     async def completions(request: Request) -> Response:
-        return await respond(request, chat=False)
+        return await answered(lambda: respond(request, chat=False), failure_response)
 
     async def models(request: Request) -> Response:
         presets = [(f"{MODEL_ID}@{lam:g}", lam) for lam in served.lam_presets]

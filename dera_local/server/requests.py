@@ -62,6 +62,21 @@ def _number(
     return float(value)
 
 
+def true_or_false(body: dict, name: str, default: bool) -> bool:
+    value = body.get(name, default)
+    if not isinstance(value, bool):
+        raise RequestError(f"'{name}' must be true or false", name)
+    return value
+
+
+def object_field(body: dict, name: str) -> dict:
+    """An optional JSON object field ({} when absent or null)."""
+    value = body.get(name) or {}
+    if not isinstance(value, dict):
+        raise RequestError(f"'{name}' must be an object", name)
+    return value
+
+
 def shown_number(value: float) -> str:
     """A number for a message: %g, and a huge integer cut short rather than converted."""
     if isinstance(value, int) and abs(value) >= 10**15:
@@ -151,12 +166,8 @@ def parse_common(
     if refused is not None:
         name, reason = refused
         raise RequestError(f"'{name}': {reason}", name)
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool):
-        raise RequestError("'stream' must be true or false", "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise RequestError("'stream_options' must be an object", "stream_options")
+    stream = true_or_false(body, "stream", False)
+    options = object_field(body, "stream_options")
     model = body.get("model", MODEL_ID)
     if not isinstance(model, str):
         raise RequestError("'model' must be a string", "model")
@@ -298,12 +309,17 @@ def _guidance(body: dict) -> tuple[str | None, float]:
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 
 
-def chat_messages(body: dict) -> list[dict]:
+def message_list(body: dict) -> list:
+    """The body's `messages`: a non-empty list (each item checked by the dialect)."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise RequestError("'messages' must be a non-empty list", "messages")
+    return messages
+
+
+def chat_messages(body: dict) -> list[dict]:
     out = []
-    for index, message in enumerate(messages):
+    for index, message in enumerate(message_list(body)):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise RequestError(f"messages[{index}] needs a string 'role'", "messages")
         for name, value in message.items():
