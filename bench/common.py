@@ -96,6 +96,20 @@ def qwen_pair() -> PairSpec | None:
     return PairSpec("Qwen2.5-Coder-0.5B x2 (151,936 tokens)", *files)
 
 
+def bench_parser(doc: str, *, runs: int, tokens: int, pairs: str | None = None):
+    """The arguments every speed benchmark takes: --runs, --tokens, --threads (all cores
+    by default), and --pairs when it measures several pairs."""
+    import argparse
+
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--runs", type=int, default=runs)
+    parser.add_argument("--tokens", type=int, default=tokens)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    if pairs is not None:
+        parser.add_argument("--pairs", default=pairs)
+    return parser
+
+
 def median_of(runs: int, measure: Callable[[], float]) -> float:
     measure()  # warm-up: page cache, allocator, first-call costs
     return statistics.median(measure() for _ in range(runs))
@@ -148,15 +162,9 @@ def run_pairs(
     """The command line every pair benchmark shares: --runs, --tokens, --threads, --pairs;
     with a `baseline` list, also --baseline-checkout (the list then gets the imported
     module and the checkout's path, see baseline.py)."""
-    import argparse
-
     from baseline import add_argument, load_baseline
 
-    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--tokens", type=int, default=tokens)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--pairs", default="tiny,smollm2,qwen")
+    parser = bench_parser(doc, runs=5, tokens=tokens, pairs="tiny,smollm2,qwen")
     if baseline is not None:
         add_argument(parser)
     args = parser.parse_args()

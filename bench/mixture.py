@@ -22,7 +22,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from common import PairSpec, machine, qwen_pair, smollm2_pair, table
+from common import PairSpec, bench_parser, machine, qwen_pair, smollm2_pair, table
 
 import dera_local
 from dera_local.llama.context import Context, ContextOptions, TokenBatch
@@ -166,14 +166,8 @@ def _steps_table(paths: list[str], threads: int, tokens: int, runs: int) -> str:
 
 
 def main() -> None:
-    import argparse
-    import os
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=5)
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--pairs", default="smollm2,qwen")
+    parser = bench_parser(__doc__, runs=5, tokens=64, pairs="smollm2,qwen")
     parser.add_argument("--steps-only", nargs="+", metavar="GGUF", help="table 1 for these")
     args = parser.parse_args()
     makers = {"smollm2": smollm2_pair, "qwen": qwen_pair}

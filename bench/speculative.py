@@ -15,16 +15,22 @@ the adaptive off-switch must keep it at today's speed).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
-import os
 import statistics
 import sys
 from pathlib import Path
 
 import speculative_fresh
 from baseline import add_argument, load_baseline
-from common import assembled_gguf, divergence_gap, machine, qwen_pair, smollm2_pair, table
+from common import (
+    assembled_gguf,
+    bench_parser,
+    divergence_gap,
+    machine,
+    qwen_pair,
+    smollm2_pair,
+    table,
+)
 
 import dera_local
 from dera_local.chat import ChatTemplate
@@ -223,11 +229,7 @@ def draft_pair_files() -> tuple[str, str, str] | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--tokens", type=int, default=160)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--pairs", default="smollm2,qwen")
+    parser = bench_parser(__doc__, runs=3, tokens=160, pairs="smollm2,qwen")
     parser.add_argument("--draft-pair", action="store_true")
     parser.add_argument("--cfg", action="store_true", help="generate with a negative prompt")
     parser.add_argument(

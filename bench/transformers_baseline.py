@@ -11,13 +11,11 @@ Only pairs of two model files apply (transformers cannot apply a llama.cpp LoRA 
 
 from __future__ import annotations
 
-import argparse
-import os
 import statistics
 import time
 from pathlib import Path
 
-from common import PairSpec, machine, qwen_pair, table, tiny_pair
+from common import PairSpec, bench_parser, machine, qwen_pair, table, tiny_pair
 
 import dera_local
 
@@ -90,11 +88,7 @@ def dera_per_token(spec: PairSpec, n: int, runs: int, threads: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("--pairs", default="qwen")
+    parser = bench_parser(__doc__, runs=3, tokens=32, pairs="qwen")
     args = parser.parse_args()
     makers = {"tiny": tiny_pair, "qwen": qwen_pair}
     print(f"## dera-local vs transformers + LogitsProcessor\n\nMachine: {machine()}\n")
