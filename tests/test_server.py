@@ -537,8 +537,8 @@ def test_errors_map_to_whose_fault_they_are():
         ModelFileError,
         RuntimeFailure,
     )
-    from dera_local.server.openai import failure_response
     from dera_local.server.jobs import failure_of
+    from dera_local.server.openai import failure_response
     from dera_local.server.requests import RequestError
 
     def dera_error_response(error):

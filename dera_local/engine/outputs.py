@@ -1,8 +1,11 @@
-"""One generated sequence's output and the single set of rules for when it ends.
+"""One generated sequence's output and the single set of rules for when it ends, and
+the text it may show as it arrives.
 
-Every decoding loop (one stream, a lam sweep, and later batched serving and speculative
-verification) feeds each sampled token to `SequenceOutput.advance` and stops the
-sequence when it returns a finish reason, so the rules live here only.
+Every slot of the batched decoder (one stream, a sweep point, a server request, a
+speculating slot walking its drafts) feeds each sampled token to
+`SequenceOutput.advance` and stops when it returns a finish reason, so the rules live
+here only. `TextStream` holds back the bytes of a UTF-8 character split across tokens
+and any tail that could still grow into a stop string.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ step costs the slowest decode instead of the sum. Each context is driven by exac
 thread (llama.cpp contexts are not thread-safe, but two contexts may decode at once):
 the first in the caller's thread, every other one in a worker thread of its own. On one
 CPU the decodes would only compete for the same cores, so overlapping is off there (see
-loading.default_overlap).
+model_sets/loading.overlap_by_default).
 """
 
 from __future__ import annotations

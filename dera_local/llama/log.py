@@ -15,7 +15,7 @@ _GGML_LOG_LEVEL_ERROR = 4
 _verbose = False
 _recent: collections.deque[tuple[int, str]] = collections.deque(maxlen=40)
 # Lines kept while a model loads: where llama.cpp put each layer and how big each
-# device's share of the weights is (see placement.py).
+# device's share of the weights is (see rpc/placement.py).
 _LOAD_SIGNS = ("assigned to device", "model buffer size")
 _load_lines: list[str] | None = None
 

@@ -151,7 +151,7 @@ class ModelSet:
         top_logprobs: also the N (up to 20) most likely tokens of the mixture at each step
             (result.logprobs.top); implies logprobs.
         json_schema: constrain the answer to JSON matching this schema (text or parsed;
-            {} = any JSON object), as a grammar (see structured.py); not with a grammar
+            {} = any JSON object), as a grammar (see sampling/json_schema.py); not with a grammar
             in `sampling`.
         speculation: how many tokens to draft and verify per step (default: the model
             set's, see load_pair; SpeculationParams(draft_max=0) turns it off).

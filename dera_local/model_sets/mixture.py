@@ -223,7 +223,7 @@ class Mixture(ModelSet):
         self.depends_on_lam = any(t.lam_weight for t in terms)
         self.guard = ModelSetGuard()
         self.overlap_decodes = overlap_by_default(options, [s.model for s in self.sources])
-        # Prompt lookup drafts, verified in one batched step (see speculative.py).
+        # Prompt lookup drafts, verified in one batched step (see speculation/drafts.py).
         self.speculation = speculation or SpeculationParams()
         self._slots = SlotRunner(self)
         self._scoring: list[Context] | None = None

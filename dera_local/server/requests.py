@@ -1,5 +1,7 @@
-"""Validation of OpenAI-style request bodies into a typed request; every problem is
-a RequestError that the app turns into a 400 with an OpenAI-style error object."""
+"""OpenAI-style request bodies (/v1/chat/completions, /v1/completions) into a typed
+`ParsedRequest` (a GenerationRequest and what the answer's shape needs), and the checks
+both dialects share (numbers of any size, lam against the server's range, text). Every
+problem is a RequestError naming its field, which the dialect writes as a 400."""
 
 from __future__ import annotations
 
