@@ -7,14 +7,13 @@ logprobs, and with top_logprobs=20, alternating in one process; median ms per to
 
 from __future__ import annotations
 
-import argparse
 import statistics
 import sys
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, smollm2_pair, table  # noqa: E402
+from common import bench_parser, demo_pair_or_exit, machine, table  # noqa: E402
 
 import dera_local  # noqa: E402
 from dera_local.speculation.drafts import SpeculationParams  # noqa: E402
@@ -23,13 +22,8 @@ PROMPT = "The numbers from 1 to 300, separated by commas: 1, 2, 3, 4, 5, 6, 7,"
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--runs", type=int, default=7)
-    parser.add_argument("--tokens", type=int, default=64)
-    args = parser.parse_args()
-    spec = smollm2_pair()
-    if spec is None:
-        return
+    args = bench_parser(__doc__, runs=7, tokens=64).parse_args()
+    spec = demo_pair_or_exit()
     print(f"machine: {machine()}")
     modes = {
         "no logprobs": {},
@@ -38,7 +32,10 @@ def main() -> None:
     }
     times: dict[str, list[float]] = {name: [] for name in modes}
     greedy = dera_local.SamplingParams(temperature=0)
-    with dera_local.load_pair(spec.aligned, spec.reference, lora=spec.lora, n_ctx=1024) as pair:
+    pair = dera_local.load_pair(
+        spec.aligned, spec.reference, lora=spec.lora, n_ctx=1024, n_threads=args.threads
+    )
+    with pair:
         for _ in range(args.runs + 1):  # the first round warms up
             for name, extra in modes.items():
                 pair.clear_cache()
