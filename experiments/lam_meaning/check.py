@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
-from importance import TARGETS, log, read_rows, result_files, sample
+from stages import TARGETS, log, read_rows, result_files, sample
 
 SLICE_PROMPTS = 4
 SLICE_SEEDS = 6

@@ -8,8 +8,8 @@ import statistics
 from pathlib import Path
 
 import numpy as np
-from importance import PROPOSALS, ROOT, TARGETS, read_rows
 from provenance import provenance
+from stages import PROPOSALS, ROOT, TARGETS, read_rows
 from weights import PromptDraws, argmin_parabola, bootstrap, crossing, estimate, proposal_means
 
 # The built-in pair's model-card metadata, bundled with the package (dera-local info).
