@@ -193,6 +193,13 @@ def negative_prompt_from(negative_prompt: str | None, negative_prompt_file: str 
 DEFAULT_LAM_GRID = (0.0, 0.5, 1.0, 1.5, 2.0)
 
 
+lambdas_option = click.option(
+    "--lambdas",
+    default=None,
+    help="Comma-separated lam grid (default 0,0.5,1,1.5,2; 1 for a fixed --mix).",
+)
+
+
 def lam_grid(models, grid: list[float] | None) -> list[float]:
     """The --lambdas grid, or the default: 0..2 (lam 1 alone for a fixed-weight --mix)."""
     if grid is not None:

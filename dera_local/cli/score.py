@@ -16,15 +16,11 @@ from .files import open_output
 from .open_models import open_model_set
 from .options import model_options, split_options
 from .prompts import chat_options, negative_for, prompt_encoder
-from .sampling_options import cfg_options, lam_grid, negative_prompt_from
+from .sampling_options import cfg_options, lam_grid, lambdas_option, negative_prompt_from
 
 
 @click.command("score")
-@click.option(
-    "--lambdas",
-    default=None,
-    help="Comma-separated lam grid (default 0,0.5,1,1.5,2; 1 for a fixed --mix).",
-)
+@lambdas_option
 @click.option(
     "--data", "data_file", required=True, help='JSONL of {"prompt": ..., "response": ...} objects.'
 )

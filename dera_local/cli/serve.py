@@ -42,6 +42,17 @@ def _parse_presets(text: str) -> list[float]:
         raise BadParameterError(f"--lam-presets {text!r}: {exc}") from None
 
 
+def _deadline(flag: str, seconds: float, what: str):
+    """A --*-timeout option: the seconds a client has for something."""
+    return click.option(
+        flag,
+        type=click.FloatRange(0.1),
+        default=seconds,
+        show_default=True,
+        help=f"Seconds a client has {what}",
+    )
+
+
 @click.command("serve")
 @click.option("--host", default="127.0.0.1", show_default=True, envvar="DERA_HOST")
 @click.option(
@@ -62,20 +73,12 @@ def _parse_presets(text: str) -> list[float]:
     help="Requests waiting or running before new ones get 503.",
 )
 @click.option("--max-body-bytes", type=click.IntRange(1024), default=1 << 20, show_default=True)
-@click.option(
-    "--body-timeout",
-    type=click.FloatRange(0.1),
-    default=30.0,
-    show_default=True,
-    help="Seconds a client has to send a request body (then 408).",
-)
-@click.option(
+@_deadline("--body-timeout", 30.0, "to send a request body (then 408).")
+@_deadline(
     "--header-timeout",
-    type=click.FloatRange(0.1),
-    default=10.0,
-    show_default=True,
-    help="Seconds a client has to send a request's headers, from connecting or from the "
-    "request's first byte (then 408 and the connection is closed).",
+    10.0,
+    "to send a request's headers, from connecting or from the request's first byte "
+    "(then 408 and the connection is closed).",
 )
 @click.option(
     "--parallel",

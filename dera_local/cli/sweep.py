@@ -24,6 +24,7 @@ from .prompts import (
 )
 from .sampling_options import (
     lam_grid,
+    lambdas_option,
     negative_prompt_from,
     negative_prompt_options,
     sampling_from,
@@ -32,11 +33,7 @@ from .sampling_options import (
 
 
 @click.command("sweep")
-@click.option(
-    "--lambdas",
-    default=None,
-    help="Comma-separated lam grid (default 0,0.5,1,1.5,2; 1 for a fixed --mix).",
-)
+@lambdas_option
 @click.option(
     "--prompts",
     "prompts_file",
