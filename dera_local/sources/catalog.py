@@ -91,7 +91,7 @@ class CatalogPair:
                 f"beta {self.beta:g} with length-normalized DPO: a per-token KL strength, "
                 "so beta/lam is only a rough scale"
             )
-        return f"beta {self.beta:g} (lam reaches beta/lam)"
+        return f"beta {self.beta:g} (DeRa at lam approximates beta/lam; not measured for this pair)"
 
     def checked_note(self) -> str:
         checked = self.checked

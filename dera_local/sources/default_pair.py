@@ -49,8 +49,8 @@ CALIBRATION_FILE = "lam-calibration.json"
 
 
 def built_in_calibration() -> dict:
-    """The built-in pair's measured lam calibration and useful range (its model card's
-    metadata, written by experiments/lam_meaning/importance.py)."""
+    """The built-in pair's measured lam calibration and its useful range (judged from
+    samples); the model card's metadata, written by experiments/lam_meaning/importance.py."""
     path = resources.files("dera_local.bundled_models") / ADAPTER_DIR / CALIBRATION_FILE
     return json.loads(path.read_text())
 
@@ -64,8 +64,8 @@ def is_built_in_adapter(path: str | os.PathLike[str] | None) -> bool:
 
 def recommended_lams(model_set) -> tuple[float, ...]:
     """The lams worth offering for a loaded model set (the server's presets): for the
-    built-in pair, those in its measured useful range (from lam 2 on its answers are short
-    but often broken); for other pairs, the whole 0..2 grid."""
+    built-in pair, those in its useful range (judged from samples, not measured: from lam
+    2 on its answers are short but often broken); for other pairs, the whole 0..2 grid."""
     loaded = getattr(model_set, "loaded", None)
     adapter = getattr(loaded, "adapter_info", None)
     if adapter is None or not is_built_in_adapter(adapter.path):
@@ -84,7 +84,8 @@ def calibration_lines(calibration: dict) -> list[str]:
     return [
         f"lam calibration (measured on this pair): closest to the exact beta/lam target at lam "
         f"{targets} is DeRa at lam {closest}",
-        f"  (even there {min(gaps):.1f} to {max(gaps):.0f} nats per answer apart; "
-        "docs: Choosing lam)",
-        f"useful lam range: {low:g} to {high:g} (beyond, answers are short but often broken)",
+        f"  (even there at least {min(gaps):.1f} to {max(gaps):.0f} nats per answer apart: "
+        "KL(DeRa || target), answers up to 96 tokens, temperature 1; docs: Choosing lam)",
+        f"useful lam range: {low:g} to {high:g} (judged from samples, not measured: beyond, "
+        "answers are short but often broken)",
     ]

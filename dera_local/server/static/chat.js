@@ -44,6 +44,13 @@ fetch("/v1/models").then((r) => (r.ok ? r.json() : null)).then((models) => {
   if (!range) return;
   [ui.lam.min, ui.lam.max] = range.map(String);
   ui.lam.dispatchEvent(new Event("input"));
+  // Compare by default at the lowest, middle and highest of the lams the server offers
+  // (its presets follow the pair's useful range), never outside them.
+  const offered = [...new Set((models.data || []).map((m) => m.dera_lambda))].sort((a, b) => a - b);
+  if (offered.length >= 2) {
+    const picks = [offered[0], offered[Math.floor((offered.length - 1) / 2)], offered[offered.length - 1]];
+    ui.compareLams.value = [...new Set(picks)].join(", ");
+  }
 }).catch(() => {});
 
 function setBusy(value) { busy = value; ui.send.disabled = value; }
@@ -181,7 +188,7 @@ async function chat(text) {
 function parseLams(text) {
   const lams = text.split(/[\s,]+/).filter(Boolean).map(Number);
   if (lams.length < 2 || lams.length > 4 || lams.some((x) => !Number.isFinite(x))) {
-    throw new Error("compare needs 2 to 4 lam values, e.g. 0, 1, 2");
+    throw new Error("compare needs 2 to 4 lam values, e.g. 0, 0.5, 1");
   }
   return lams;
 }
