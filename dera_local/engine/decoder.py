@@ -247,6 +247,7 @@ class BatchDecoder:
             tag=tag,
             drafting=drafting,
             started=started,
+            kill_test=request.kill_test,
         )
         self.live.append(slot)
         return slot

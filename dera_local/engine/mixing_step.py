@@ -10,6 +10,7 @@ import time
 
 from ..llama.context import Context
 from ..speculation.slot_drafts import walk_drafts
+from .exact import FINISH_KILLED
 from .mixing import float_view
 from .slots import Slot
 
@@ -22,7 +23,7 @@ def sample_slot(models, contexts: list[Context], slot: Slot, rows: list[int]) ->
     out_address = contexts[0].logits_address(rows[0])
     terms = slot.terms
     before = None
-    if slot.logprobs is not None:  # copies: the mix overwrites the first row
+    if slot.logprobs is not None or slot.kill_test is not None:  # the mix overwrites row 0
         aligned, reference = models.logprob_sources
         before = (
             float_view(contexts[aligned].logits_address(rows[0]), n_vocab).copy(),
@@ -32,8 +33,10 @@ def sample_slot(models, contexts: list[Context], slot: Slot, rows: list[int]) ->
         addresses = [contexts[t.source].logits_address(rows[t.prompt]) for t in terms]
         models.mixer.mix_terms_in_place(out_address, addresses, slot.weights, n_vocab)
     token = slot.chain.sample_at(contexts[0].ptr, rows[0])
-    if before is not None:
+    if slot.logprobs is not None:
         slot.logprobs.add(token, before[0], before[1], float_view(out_address, n_vocab))
+    if slot.kill_test is not None:  # its coin is independent of the token drawn
+        slot.kill_test.step(before[0], before[1])
     return token
 
 
@@ -64,6 +67,8 @@ def take_tokens(decoder, slot: Slot, rows: list[list[int]]) -> None:
     else:
         kept = [sample_slot(decoder.models, decoder.contexts, slot, [r[-1] for r in rows])]
         finish = advance(kept[0])
+        if slot.kill_test is not None and slot.kill_test.killed:
+            finish = slot.output.end(FINISH_KILLED)
     if slot.first_token_at is None:
         slot.first_token_at = time.perf_counter()
     for lane in slot.lanes:

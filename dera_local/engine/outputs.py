@@ -51,19 +51,19 @@ class SequenceOutput:
         self.new_text = ""
         if self._model.is_end_of_generation(token):
             self.end_token = token
-            return self._end(FINISH_STOP)
+            return self.end(FINISH_STOP)
         self.tokens.append(token)
         piece = self._text.push(self._model.token_bytes(token))
         if piece:
             self.pieces.append(piece)
             self.new_text = piece
         if self._text.stopped:
-            return self._end(FINISH_STOP)
+            return self.end(FINISH_STOP)
         if len(self.tokens) == self._max_tokens:
-            return self._end(FINISH_LENGTH)
+            return self.end(FINISH_LENGTH)
         # The newest token would be decoded at position n_prompt + len(tokens) - 1.
         if self._n_prompt + len(self.tokens) - 1 >= self._n_ctx:
-            return self._end(FINISH_LENGTH)
+            return self.end(FINISH_LENGTH)
         return None
 
     @property
@@ -71,7 +71,9 @@ class SequenceOutput:
         """How many more tokens max_tokens allows (None: no limit but the context)."""
         return None if self._max_tokens < 0 else self._max_tokens - len(self.tokens)
 
-    def _end(self, reason: str) -> str:
+    def end(self, reason: str) -> str:
+        """Ends the sequence here for a reason decided outside these rules (an exact
+        realignment attempt killed at this token)."""
         self.finish_reason = reason
         return reason
 

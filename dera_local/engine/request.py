@@ -42,6 +42,7 @@ class GenerationRequest:
     accept: AcceptRule = sample_equals_draft
     target_lam: float | None = None
     logits_observer: object = None
+    kill_test: object = None  # exact realignment: the attempt's kill test (engine/exact.py)
 
     def __post_init__(self) -> None:  # sequences as tuples: the value is frozen all through
         object.__setattr__(self, "prompt", tuple(self.prompt))

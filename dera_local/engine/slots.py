@@ -53,6 +53,7 @@ class Slot:
     reused_negative_prompt_tokens: int | None = None
     tag: object = None  # the caller's handle (e.g. the server's job)
     drafting: Drafting | None = None  # speculation, when admitted with it
+    kill_test: object = None  # exact realignment's per-token test (engine/exact.py)
     started: float = field(default_factory=time.perf_counter)
     first_token_at: float | None = None
     weights: list[float] = field(init=False)  # the terms' weights, in term order

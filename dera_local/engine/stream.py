@@ -40,6 +40,8 @@ class GenerationResult:
     negative_prompt_tokens: list[int] | None = None
     cfg_scale: float | None = None
     reused_negative_prompt_tokens: int | None = None  # read from its cache, not decoded
+    # Exact realignment (stream(..., exact=True)): attempts, killed, tokens spent, Z.
+    exact: dict | None = None
 
     @property
     def tokens_per_second(self) -> float:
@@ -52,6 +54,8 @@ class GenerationResult:
         if self.negative_prompt_tokens is None:  # no guidance: nothing to report
             for key in ("negative_prompt_tokens", "cfg_scale", "reused_negative_prompt_tokens"):
                 del data[key]
+        if self.exact is None:
+            del data["exact"]
         data["tokens_per_second"] = self.tokens_per_second
         del data["logprobs"]  # per token: see logprob_format (it needs the tokenizer)
         if self.logprobs is not None:

@@ -11,8 +11,10 @@ A subclass provides the interface the batched step (batch.BatchDecoder) reads:
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 
 from ..engine.decoder import BatchDecoder
+from ..engine.exact import DEFAULT_BUDGET, exact_steps
 from ..engine.guidance import Guidance, guidance_for
 from ..engine.logprobs import check_top_logprobs
 from ..engine.mixing import validate_lam
@@ -134,6 +136,8 @@ class ModelSet:
         logits_observer=None,
         negative_prompt: str | Sequence[int] | None = None,
         cfg_scale: float = 1.0,
+        exact: bool = False,
+        exact_budget: int = DEFAULT_BUDGET,
     ) -> GenerationStream:
         """Starts a generation from a prompt (text, or token ids fed as they are): the one
         slot of a batched decoder kept with its caches (a next prompt that starts the same
@@ -163,6 +167,13 @@ class ModelSet:
             h_neg) over the mixture of each prompt (see guidance.py); the negative prompt
             (text or ids) is read as a second sequence of the same batched contexts;
             drafts are verified in both sequences at once.
+        exact: draw the answer from the model retrained at beta/lam itself (on the aligned
+            model's implicit reward) instead of DeRa's per-token mix: attempts decode DeRa
+            and each survives every token with the probability the exact target allows
+            (see engine/exact.py); the first survivor is returned, its cost in
+            result.exact. A pair's plain DeRa, 0 <= lam <= 1, temperature in (0, 1], no
+            truncation, penalties, bias or grammar; no speculation. exact_budget: the
+            sequence-tokens the attempts may spend (then ExactBudgetError).
         """
         prompt_tokens, lam = self._prompt_and_lam(prompt, lam, max_tokens)
         check_top_logprobs(top_logprobs)
@@ -182,10 +193,23 @@ class ModelSet:
             target_lam=self.exact_target(lam, guidance),
             logits_observer=logits_observer,
         )
+        if exact:  # attempts are plain DeRa, one token per step
+            request = replace(request, speculation=SpeculationParams(draft_max=0), drafter=None)
         decoder = self._slots.decoder_for(
             1 if guidance is None else 2, request.speculation.draft_max
         )
-        return GenerationStream(slot_steps(decoder, self.guard, request), self.guard)
+        if not exact:
+            return GenerationStream(slot_steps(decoder, self.guard, request), self.guard)
+
+        def run_attempt(attempt: GenerationRequest):
+            steps = slot_steps(decoder, self.guard, attempt)
+            while True:
+                try:
+                    next(steps)
+                except StopIteration as end:
+                    return end.value
+
+        return GenerationStream(exact_steps(run_attempt, request, exact_budget), self.guard)
 
     def step_costs(self, speculation: SpeculationParams | None = None) -> StepCosts:
         """What a decode step of single generations costs here, by its rows, as measured

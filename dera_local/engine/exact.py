@@ -1,0 +1,180 @@
+"""Exact realignment (issue 35): answers drawn from the model retrained at beta/lam
+itself, not from DeRa's per-token approximation of it, for 0 <= lam <= 1.
+
+On the aligned model's implicit reward, the model retrained at beta/lam is
+`Pi_lam(y) ∝ q_ref(y)^(1-lam) q_1(y)^lam` over whole answers (here q are the two models
+as sampled, at temperature T: each token's softmax(logits / T)). DeRa samples each
+token from `d(v|s) = q_ref(v|s)^(1-lam) q_1(v|s)^lam / z(s)`, with
+`z(s) = sum_v q_ref(v|s)^(1-lam) q_1(v|s)^lam`, so `Pi_lam(y) = DeRa(y) prod_t z(s_t) / Z`.
+For lam in [0, 1], z <= 1 (Hoelder's inequality). So an attempt decodes plain DeRa and,
+at every token, survives with probability z(s_t) (a coin of its own, independent of
+the token drawn): an attempt that survives to its end is an exact draw from Pi_lam, and
+the share of attempts that survive estimates Z. Attempts run one after another, so the
+answer returned is always the first survivor by the order attempts started (returning
+whichever finishes first would favour short answers).
+
+Here the first version: one attempt at a time, temperature in (0, 1], no truncation,
+penalties, logit bias or grammar (whose masks would have to apply to both models before
+the mix), no negative prompt or mixture, no speculation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+import numpy as np
+
+from ..errors import BadParameterError, DeraError
+
+FINISH_KILLED = "killed"  # an attempt that did not survive its kill test
+DEFAULT_BUDGET = 20_000  # sequence-tokens per exact answer (about 4x the worst measured need)
+
+
+class ExactBudgetError(DeraError):
+    """Exact realignment spent its token budget without a surviving attempt."""
+
+
+def log_overlap(
+    aligned: np.ndarray, reference: np.ndarray, lam: float, temperature: float
+) -> float:
+    """log z(s) = log sum_v q_ref(v)^(1-lam) q_1(v)^lam, q = softmax(logits / T), in
+    float64 (a -inf logit is a token its model cannot draw: it adds nothing)."""
+    log_q1 = _log_softmax(aligned.astype(np.float64) / temperature)
+    log_qr = _log_softmax(reference.astype(np.float64) / temperature)
+    terms = lam * log_q1 + (1.0 - lam) * log_qr
+    top = terms.max()
+    return float(top + math.log(np.exp(terms - top).sum()))
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    top = x.max()
+    return x - (top + math.log(np.exp(x - top).sum()))
+
+
+@dataclass
+class KillTest:
+    """One attempt's kill test: `step(aligned_row, reference_row)` at every token."""
+
+    lam: float
+    temperature: float
+    coins: np.random.Generator
+    log_w: float = 0.0  # sum of log z over the attempt's tokens
+    killed: bool = False
+
+    def step(self, aligned: np.ndarray, reference: np.ndarray) -> None:
+        if self.killed or self.lam in (0.0, 1.0):  # z = 1 exactly: nothing to test
+            return
+        log_z = log_overlap(aligned, reference, self.lam, self.temperature)
+        self.log_w += log_z
+        if self.coins.random() >= math.exp(min(log_z, 0.0)):
+            self.killed = True
+
+
+@dataclass
+class ExactRun:
+    """What an exact answer cost: attempts (the accepted one included), killed ones,
+    sequence-tokens decoded, and the running estimate of Z (survivors / attempts)."""
+
+    attempts: int = 0
+    killed: int = 0
+    tokens_spent: int = 0
+    log_w: list[float] = field(default_factory=list)
+
+    @property
+    def z_estimate(self) -> float:
+        return (self.attempts - self.killed) / self.attempts if self.attempts else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "attempts": self.attempts,
+            "killed": self.killed,
+            "tokens_spent": self.tokens_spent,
+            "z_estimate": self.z_estimate,
+        }
+
+
+def check_exact(request) -> None:
+    """Refuses, in one line naming the reason, what exact realignment cannot sample."""
+    sampling = request.sampling
+    if request.target_lam is None:
+        raise BadParameterError(
+            "exact realignment needs a pair's plain DeRa (no negative prompt, mixture or "
+            "proxy-tuning): only there is the retrained target defined"
+        )
+    if not 0.0 <= request.lam <= 1.0:
+        raise BadParameterError(
+            f"exact realignment needs 0 <= lam <= 1 (lam {request.lam:g}): beyond 1 the "
+            "target rewards disagreement and has no normaliser without a length cap"
+        )
+    if not 0.0 < sampling.temperature <= 1.0:
+        raise BadParameterError("exact realignment needs a temperature in (0, 1]")
+    refused = [
+        (sampling.top_k != 0, "top-k"),
+        (sampling.top_p != 1.0, "top-p"),
+        (sampling.min_p != 0.0, "min-p"),
+        (sampling.repeat_penalty != 1.0, "a repeat penalty"),
+        (sampling.frequency_penalty != 0.0 or sampling.presence_penalty != 0.0, "penalties"),
+        (bool(sampling.logit_bias), "a logit bias"),
+        (sampling.grammar is not None, "a grammar or JSON schema (not yet)"),
+    ]
+    for present, what in refused:
+        if present:
+            raise BadParameterError(
+                f"exact realignment samples the target itself: turn off {what} "
+                "(top_k 0, top_p 1, min_p 0, no penalties, bias or grammar)"
+            )
+
+
+def attempt_requests(request):
+    """The attempts of one exact answer, in the order they start: attempt 0 samples
+    with the request's own seed (so that at lam 0 and 1, where nothing is killed, the
+    answer is plain DeRa's with that seed); later ones with seeds drawn from a stream of
+    their own, and the kill coins from another, both seeded by the request's seed."""
+    seed = request.sampling.seed
+    seeds = np.random.default_rng([seed, 1])
+    coins = np.random.default_rng([seed, 2])
+    attempt = 0
+    while True:
+        sampler_seed = seed if attempt == 0 else int(seeds.integers(2**31))
+        kill = KillTest(request.lam, request.sampling.temperature, coins)
+        yield replace(
+            request, sampling=replace(request.sampling, seed=sampler_seed), kill_test=kill
+        )
+        attempt += 1
+
+
+def exact_steps(run_attempt, request, budget: int = DEFAULT_BUDGET):
+    """Runs attempts (`run_attempt(request)` -> GenerationResult, decoded to its end)
+    until one survives; a generator that yields the survivor's text and returns its
+    result with `exact` set. Raises ExactBudgetError past `budget` tokens."""
+    check_exact(request)
+    run = ExactRun()
+    for attempt in attempt_requests(request):
+        if run.tokens_spent >= budget:
+            raise ExactBudgetError(_out_of_budget(run, budget))
+        result = run_attempt(attempt)
+        run.attempts += 1
+        run.tokens_spent += len(result.tokens) + (result.finish_reason != "length")
+        run.log_w.append(attempt.kill_test.log_w)
+        if attempt.kill_test.killed:
+            run.killed += 1
+            continue
+        result.exact = run.to_dict()
+        if result.text:
+            yield result.text
+        return result
+
+
+def _out_of_budget(run: ExactRun, budget: int) -> str:
+    seen = run.attempts - run.killed
+    cost = (
+        f"about {run.tokens_spent / seen:,.0f} tokens an answer"
+        if seen
+        else (f"over {budget:,} tokens an answer")
+    )
+    return (
+        f"exact realignment spent its budget of {budget:,} tokens: {seen} of "
+        f"{run.attempts} attempts survived, so expect {cost}; raise the budget, or use "
+        "a lam nearer 0 or 1"
+    )

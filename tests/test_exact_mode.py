@@ -1,0 +1,224 @@
+"""Exact realignment (dera_local/engine/exact.py) on a tiny LoRA pair whose answers,
+capped at two tokens, can all be enumerated: the exact draws follow
+Pi_lam(y) ∝ q_ref(y)^(1-lam) q_1(y)^lam computed in numpy from each model run alone
+(chi-square), the share of surviving attempts matches the enumerated Z (binomial
+interval), lam 0 and 1 kill nothing and give plain DeRa's answer for the same seed, and
+what exact mode cannot sample is refused in one line."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from reference_impl import solo_logits
+from tiny_models import write_tiny_lora
+
+import dera_local
+from dera_local.engine.exact import ExactBudgetError, log_overlap
+
+scipy_stats = pytest.importorskip("scipy.stats")
+
+CAP = 2
+PROMPT = "hello"
+
+
+def pure(temperature: float, seed: int) -> dera_local.SamplingParams:
+    return dera_local.SamplingParams(
+        temperature=temperature, top_k=0, top_p=1.0, min_p=0.0, seed=seed
+    )
+
+
+@pytest.fixture(scope="module")
+def weak_lora(tmp_path_factory):
+    """An adapter half as strong as the shared one: one attempt in 7 to 15 survives two
+    tokens (the target is cheap enough to sample a thousand times), and DeRa's answers
+    are still told apart from the target's (test_the_check_tells_deras_answers_apart)."""
+    return write_tiny_lora(tmp_path_factory.mktemp("exact") / "weak.gguf", seed=9, alpha=4.0)
+
+
+@pytest.fixture(scope="module")
+def lora_pair(reference_path, weak_lora):
+    with dera_local.load_pair(None, reference_path, lora=weak_lora, n_ctx=256, n_threads=2) as pair:
+        yield pair
+
+
+def _log_softmax(row: np.ndarray, temperature: float) -> np.ndarray:
+    x = row.astype(np.float64) / temperature
+    return x - (x.max() + np.log(np.exp(x - x.max()).sum()))
+
+
+def enumerated_target(pair, base, lora, lam: float, temperature: float):
+    """Every answer of at most CAP tokens with its unnormalised target mass
+    q_1^lam q_ref^(1-lam), from each model run alone (llama-cpp-python) in numpy. Keys
+    are the answers' tokens, without the end token (as GenerationResult has them)."""
+    prompt = pair.tokenize(PROMPT)
+    ends = [t for t in range(pair.n_vocab) if pair.model.is_end_of_generation(t)]
+
+    def step(prefix):
+        log_a = _log_softmax(solo_logits(str(base), prefix, lora=str(lora))[-1], temperature)
+        log_r = _log_softmax(solo_logits(str(base), prefix)[-1], temperature)
+        return lam * log_a + (1 - lam) * log_r
+
+    mass: dict[tuple, float] = {}
+    first = step(prompt)
+    for v1 in range(pair.n_vocab):
+        if v1 in ends:
+            mass[()] = mass.get((), 0.0) + math.exp(first[v1])
+            continue
+        second = step(prompt + [v1])
+        for v2 in range(pair.n_vocab):
+            key = (v1,) if v2 in ends else (v1, v2)
+            mass[key] = mass.get(key, 0.0) + math.exp(first[v1] + second[v2])
+    return mass
+
+
+def _first_token_bins(mass: dict[tuple, float]) -> dict:
+    bins: dict = {}
+    for key, m in mass.items():
+        label = key[0] if key else "end"
+        bins[label] = bins.get(label, 0.0) + m
+    return bins
+
+
+def _p_value(expected: dict, observed: dict) -> float:
+    """Chi-square p of observed counts against expected ones, by label; labels expecting
+    fewer than 5 are pooled, and a pool still under 5 joins the largest bin (the test's
+    approximation needs it)."""
+    big = sorted((label for label, e in expected.items() if e >= 5), key=expected.get)
+    rest = [label for label in expected if label not in big]
+    exp = [expected[b] for b in big]
+    obs = [observed.get(b, 0) for b in big]
+    pooled_e = sum(expected[b] for b in rest)
+    pooled_o = sum(observed.get(b, 0) for b in rest)
+    if pooled_e >= 5:
+        exp.append(pooled_e)
+        obs.append(pooled_o)
+    elif exp:
+        exp[-1] += pooled_e
+        obs[-1] += pooled_o
+    if len(exp) < 2:
+        return 1.0  # one bin: nothing to compare
+    return float(scipy_stats.chisquare(obs, exp).pvalue)
+
+
+def _first_token_p_value(mass: dict[tuple, float], drawn: list[tuple]) -> float:
+    """Answers binned by their first token against the enumerated target."""
+    z, n = sum(mass.values()), len(drawn)
+    expected = {label: m / z * n for label, m in _first_token_bins(mass).items()}
+    observed: dict = {}
+    for tokens in drawn:
+        label = tokens[0] if tokens else "end"
+        observed[label] = observed.get(label, 0) + 1
+    return _p_value(expected, observed)
+
+
+def _length_p_value(mass: dict[tuple, float], drawn: list[tuple]) -> float:
+    z, n = sum(mass.values()), len(drawn)
+    expected = {i: sum(m for k, m in mass.items() if len(k) == i) / z * n for i in range(CAP + 1)}
+    observed = {i: sum(len(t) == i for t in drawn) for i in range(CAP + 1)}
+    return _p_value(expected, observed)
+
+
+@pytest.mark.parametrize(("lam", "temperature"), [(0.3, 1.0), (0.7, 1.0), (0.3, 0.7), (0.7, 0.7)])
+def test_exact_draws_follow_the_enumerated_target(
+    lora_pair, reference_path, weak_lora, lam, temperature
+):
+    mass = enumerated_target(lora_pair, reference_path, weak_lora, lam, temperature)
+    z = sum(mass.values())
+    n = 1000
+    drawn, attempts = [], 0
+    for seed in range(n):
+        result = lora_pair.generate(
+            PROMPT, lam=lam, sampling=pure(temperature, seed), max_tokens=CAP, exact=True
+        )
+        drawn.append(tuple(result.tokens))
+        attempts += result.exact["attempts"]
+        assert result.finish_reason in ("stop", "length")
+    assert _first_token_p_value(mass, drawn) > 0.001
+    assert _length_p_value(mass, drawn) > 0.001
+    # survivors / attempts estimates Z (binomial interval over the attempts made)
+    rate = n / attempts
+    assert abs(rate - z) < 4 * math.sqrt(z * (1 - z) / attempts), (rate, z)
+
+
+def test_the_check_tells_deras_answers_apart(lora_pair, reference_path, weak_lora):
+    """The chi-square above has the power to see DeRa's approximation: plain DeRa's
+    answers at the same lam, temperature and seeds fail it."""
+    lam, temperature, n = 0.3, 1.0, 1000
+    mass = enumerated_target(lora_pair, reference_path, weak_lora, lam, temperature)
+    plain = [
+        tuple(
+            lora_pair.generate(
+                PROMPT, lam=lam, sampling=pure(temperature, seed), max_tokens=CAP
+            ).tokens
+        )
+        for seed in range(n)
+    ]
+    assert _first_token_p_value(mass, plain) < 1e-6
+
+
+@pytest.mark.parametrize("lam", [0.0, 1.0])
+def test_at_lam_0_and_1_nothing_is_killed_and_the_answer_is_plain_deras(lora_pair, lam):
+    for seed in range(20):
+        sampling = pure(1.0, seed)
+        plain = lora_pair.generate(PROMPT, lam=lam, sampling=sampling, max_tokens=8)
+        exact = lora_pair.generate(PROMPT, lam=lam, sampling=sampling, max_tokens=8, exact=True)
+        assert exact.tokens == plain.tokens
+        assert exact.exact == {**exact.exact, "attempts": 1, "killed": 0, "z_estimate": 1.0}
+
+
+def test_an_exact_answer_is_repeatable_from_its_seed(lora_pair):
+    one = lora_pair.generate(PROMPT, lam=0.5, sampling=pure(1.0, 7), max_tokens=CAP, exact=True)
+    two = lora_pair.generate(PROMPT, lam=0.5, sampling=pure(1.0, 7), max_tokens=CAP, exact=True)
+    assert (one.tokens, one.exact) == (two.tokens, two.exact)
+    assert one.to_dict()["exact"]["attempts"] >= 1
+
+
+def test_the_kill_probability_is_the_overlap_of_the_two_tempered_models():
+    rng = np.random.default_rng(0)
+    a, r = rng.normal(size=50), rng.normal(size=50)
+    for lam in (0.2, 0.5, 0.9):
+        for temperature in (1.0, 0.6):
+            qa = np.exp(_log_softmax(a, temperature))
+            qr = np.exp(_log_softmax(r, temperature))
+            expected = float(np.sum(qa**lam * qr ** (1 - lam)))
+            assert math.exp(log_overlap(a, r, lam, temperature)) == pytest.approx(
+                expected, rel=1e-12
+            )
+            assert expected <= 1.0  # Hoelder: an attempt is killed, never favoured
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "says"),
+    [
+        ({"lam": 1.5}, "0 <= lam <= 1"),
+        ({"lam": -0.2}, "0 <= lam <= 1"),
+        ({"sampling": dera_local.SamplingParams(seed=1)}, "turn off top-k"),
+        ({"sampling": dera_local.SamplingParams(temperature=0)}, "temperature in (0, 1]"),
+        (
+            {"sampling": dera_local.SamplingParams(temperature=1.5, top_k=0, top_p=1, min_p=0)},
+            "temperature in (0, 1]",
+        ),  # fmt: skip
+        ({"json_schema": {"type": "string"}}, "grammar"),
+        ({"negative_prompt": "be rude"}, "pair's plain DeRa"),
+    ],
+)
+@pytest.mark.filterwarnings("ignore:lam=")
+def test_what_exact_mode_cannot_sample_is_refused_in_one_line(lora_pair, kwargs, says):
+    settings = {"lam": 0.5, "sampling": pure(1.0, 1), **kwargs}
+    with pytest.raises(dera_local.BadParameterError) as caught:
+        lora_pair.generate(PROMPT, max_tokens=CAP, exact=True, **settings)
+    assert says in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_a_spent_budget_is_one_line_with_the_acceptance_seen(pair):
+    """The shared tiny pair's two models are far apart (about one attempt in 100 survives
+    two tokens at lam 0.5), so a budget of 20 tokens runs out."""
+    with pytest.raises(ExactBudgetError) as caught:
+        pair.generate(
+            PROMPT, lam=0.5, sampling=pure(1.0, 3), max_tokens=CAP, exact=True, exact_budget=20
+        )
+    message = str(caught.value)
+    assert "spent its budget of 20 tokens" in message and "attempts survived" in message
+    assert "\n" not in message
