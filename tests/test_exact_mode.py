@@ -222,3 +222,23 @@ def test_a_spent_budget_is_one_line_with_the_acceptance_seen(pair):
     message = str(caught.value)
     assert "spent its budget of 20 tokens" in message and "attempts survived" in message
     assert "\n" not in message
+
+
+def test_the_cli_samples_exactly_and_refuses_in_one_line(run):
+    """generate --exact: the truncation samplers default to off, the answer's cost goes
+    to --json, and what exact mode refuses is one line with exit status 1."""
+    import json
+
+    result = run("generate", "--exact", "--lam", "0.5", "--temp", "1", "-n", "2", "-s", "4",
+                 "--json", "hello")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert data["exact"]["attempts"] >= 1 and data["finish_reason"] in ("stop", "length")
+    refused = run("generate", "--exact", "--lam", "1.5", "hello")
+    assert refused.exit_code == 1
+    assert refused.stderr.strip().splitlines() == [
+        "Error: exact realignment needs 0 <= lam <= 1 (lam 1.5): beyond 1 the target rewards "
+        "disagreement and has no normaliser without a length cap"
+    ]
+    explicit = run("generate", "--exact", "--top-k", "40", "--lam", "0.5", "hello")
+    assert explicit.exit_code == 1 and "turn off top-k" in explicit.stderr

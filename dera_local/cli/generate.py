@@ -19,7 +19,14 @@ from .prompts import (
     negative_for,
     prompt_encoder,
 )
-from .sampling_options import cfg_options, negative_prompt_from, sampling_from, sampling_options
+from .sampling_options import (
+    cfg_options,
+    exact_options,
+    exact_sampling,
+    negative_prompt_from,
+    sampling_from,
+    sampling_options,
+)
 
 
 def _read_prompt(prompt: str | None, file: str | None) -> str:
@@ -59,6 +66,7 @@ def _read_prompt(prompt: str | None, file: str | None) -> str:
 )
 @chat_options
 @cfg_options
+@exact_options
 @model_options
 @sampling_options
 def generate(
@@ -71,6 +79,8 @@ def generate(
     negative_prompt: str | None,
     negative_prompt_file: str | None,
     cfg_scale: float,
+    exact: bool,
+    exact_budget: int,
     **kwargs,
 ) -> None:
     """Continue PROMPT with the DeRa mixture of the aligned and reference models
@@ -87,7 +97,7 @@ def generate(
         raise DeraError("the prompt is not UTF-8 text") from None
     if top_logprobs is not None and not as_json:
         raise DeraError("--logprobs goes with --json (it adds to the JSON object)")
-    params = sampling_from(**sampling)
+    params = sampling_from(**(exact_sampling(sampling) if exact else sampling))
     with open_model_set(**model, one_model_ok=negative is not None) as pair:
         encode = prompt_encoder(pair, chat, system, [text])
         encoded = encode(text)
@@ -101,6 +111,8 @@ def generate(
             cfg_scale=cfg_scale,
             logprobs=as_json,
             top_logprobs=top_logprobs or 0,
+            exact=exact,
+            exact_budget=exact_budget,
         )
         if as_json:
             for _ in stream:
@@ -115,6 +127,13 @@ def generate(
             for chunk in stream:
                 click.echo(chunk, nl=False)
             click.echo()
+            if stream.result.exact is not None:
+                run = stream.result.exact
+                click.echo(
+                    f"exact: {run['attempts']} attempts ({run['killed']} killed), "
+                    f"{run['tokens_spent']} tokens, Z estimate {run['z_estimate']:.3g}",
+                    err=True,
+                )
         if model["verbose"] and stream.result.speculation is not None:
             click.echo("\n".join(report_lines(stream.result.speculation)), err=True)
         hint_if_raw_prompts_ended_at_once(pair, chat, int(not stream.result.tokens))

@@ -10,6 +10,7 @@ from collections.abc import Callable
 
 import click
 
+from ..engine.exact import DEFAULT_BUDGET
 from ..errors import DeraError
 from ..sampling.chain import SamplingParams
 from ..sampling.json_schema import json_schema_grammar
@@ -191,6 +192,39 @@ def negative_prompt_from(negative_prompt: str | None, negative_prompt_file: str 
 
 
 DEFAULT_LAM_GRID = (0.0, 0.5, 1.0, 1.5, 2.0)
+
+
+exact_options = stacked(
+    click.option(
+        "--exact",
+        is_flag=True,
+        help="Draw the answer from the model retrained at beta/lam itself (on the aligned "
+        "model's implicit reward), not DeRa's per-token mix: DeRa attempts killed token by "
+        "token (0 <= lam <= 1, temperature <= 1; top-k, top-p and min-p default to off).",
+    ),
+    click.option(
+        "--exact-budget",
+        type=click.IntRange(1),
+        default=DEFAULT_BUDGET,
+        show_default=True,
+        help="Tokens the attempts of one exact answer may spend.",
+    ),
+)
+
+# With --exact, the truncation samplers are off unless the command line sets them:
+# exact realignment samples the target itself.
+EXACT_SAMPLING = {"top_k": 0, "top_p": 1.0, "min_p": 0.0}
+
+
+def exact_sampling(sampling: dict) -> dict:
+    """The sampling flags with the truncation that the user did not set turned off."""
+    context = click.get_current_context()
+    unset = {
+        name: off
+        for name, off in EXACT_SAMPLING.items()
+        if context.get_parameter_source(name) == click.core.ParameterSource.DEFAULT
+    }
+    return {**sampling, **unset}
 
 
 lambdas_option = click.option(
