@@ -21,7 +21,7 @@ the mix), no negative prompt or mixture, no speculation.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -59,14 +59,12 @@ class KillTest:
     lam: float
     temperature: float
     coins: np.random.Generator
-    log_w: float = 0.0  # sum of log z over the attempt's tokens
     killed: bool = False
 
     def step(self, aligned: np.ndarray, reference: np.ndarray) -> None:
         if self.killed or self.lam in (0.0, 1.0):  # z = 1 exactly: nothing to test
             return
         log_z = log_overlap(aligned, reference, self.lam, self.temperature)
-        self.log_w += log_z
         if self.coins.random() >= math.exp(min(log_z, 0.0)):
             self.killed = True
 
@@ -79,7 +77,6 @@ class ExactRun:
     attempts: int = 0
     killed: int = 0
     tokens_spent: int = 0
-    log_w: list[float] = field(default_factory=list)
 
     @property
     def z_estimate(self) -> float:
@@ -156,7 +153,6 @@ def exact_steps(run_attempt, request, budget: int = DEFAULT_BUDGET):
         result = run_attempt(attempt)
         run.attempts += 1
         run.tokens_spent += len(result.tokens) + (result.finish_reason != "length")
-        run.log_w.append(attempt.kill_test.log_w)
         if attempt.kill_test.killed:
             run.killed += 1
             continue
