@@ -18,8 +18,9 @@ class GenerationRequest:
     """What one slot generates.
 
     prompt: token ids, fed as they are. lam: the mixture's dial (a proxy-tuned model's
-    alpha). sampling: with a concrete seed and the grammar resolved (`resolved()` makes
-    it so). max_tokens: -1 until the context is full. stop: strings that end the answer.
+    alpha). sampling: with a concrete seed and the grammar resolved (`resolved_sampling`
+    makes it so). max_tokens: -1 until the context is full. stop: strings that end the
+    answer. kill_test: exact realignment's per-token test of one attempt (engine/exact.py).
     logprobs / top_logprobs / logprob_lams: what to record per token (see
     logprobs.SequenceLogprobs). guidance: a negative prompt's ids and scale (CFG).
     speculation, drafter, accept: how drafts are made and kept (never what is sampled).
