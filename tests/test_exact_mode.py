@@ -242,3 +242,77 @@ def test_the_cli_samples_exactly_and_refuses_in_one_line(run):
     ]
     explicit = run("generate", "--exact", "--top-k", "40", "--lam", "0.5", "hello")
     assert explicit.exit_code == 1 and "turn off top-k" in explicit.stderr
+
+
+# --- the server: dera_exact on /v1, options.exact on Ollama's API ------------------------
+
+
+@pytest.fixture(scope="module")
+def exact_server(reference_path, weak_lora, tmp_path_factory):
+    from server_process import start_server
+
+    pytest.importorskip("uvicorn")
+    log = open(tmp_path_factory.mktemp("exact-server") / "stderr.log", "w")  # noqa: SIM115
+    process, base = start_server(
+        ["-mr", str(reference_path), "--lora", str(weak_lora), "-c", "1024", "--parallel", "2"],
+        log=log,
+    )
+    yield base
+    process.terminate()
+    process.wait(timeout=10)
+    log.close()
+
+
+def _post(base: str, path: str, body: dict) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{base}{path}", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_the_server_answers_exactly_on_both_dialects(exact_server):
+    chat = [{"role": "user", "content": PROMPT}]
+    body = {"messages": chat, "max_tokens": CAP, "temperature": 1, "seed": 3}
+    status, answer = _post(
+        exact_server, "/v1/chat/completions", {**body, "dera_lambda": 0.5, "dera_exact": True}
+    )
+    assert status == 200, answer
+    cost = answer["dera"]["exact"]
+    assert cost["attempts"] >= 1 and cost["attempts"] == cost["killed"] + 1
+    # at lam 0 nothing is killed: the answer is plain DeRa's for the seed
+    plain = _post(exact_server, "/v1/chat/completions", {**body, "dera_lambda": 0.0})[1]
+    exact = _post(
+        exact_server, "/v1/chat/completions", {**body, "dera_lambda": 0.0, "dera_exact": True}
+    )[1]
+    assert exact["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+    assert exact["dera"]["exact"]["attempts"] == 1
+    # Ollama: its truncation and penalty defaults are off for an exact request
+    options = {"num_predict": CAP, "temperature": 1, "seed": 3, "exact": True}
+    ollama = {"model": "dera-local:0.5", "stream": False, "messages": chat, "options": options}
+    status, answer = _post(exact_server, "/api/chat", ollama)
+    assert status == 200 and answer["dera"]["exact"]["attempts"] >= 1, answer
+
+
+def test_the_server_refuses_what_exact_mode_cannot_sample_naming_the_field(exact_server):
+    chat = [{"role": "user", "content": PROMPT}]
+    status, answer = _post(exact_server, "/v1/chat/completions",
+                           {"messages": chat, "dera_lambda": 1.5, "dera_exact": True})  # fmt: skip
+    assert status == 400 and answer["error"]["param"] == "dera_exact"
+    assert "0 <= lam <= 1" in answer["error"]["message"]
+    status, answer = _post(exact_server, "/v1/chat/completions",
+                           {"messages": chat, "top_k": 5, "dera_exact": True})  # fmt: skip
+    assert status == 400 and "turn off top-k" in answer["error"]["message"]
+    status, answer = _post(exact_server, "/v1/chat/completions",
+                           {"messages": chat, "dera_exact": "yes"})  # fmt: skip
+    assert status == 400 and answer["error"]["param"] == "dera_exact"
+    status, answer = _post(exact_server, "/api/chat", {"model": "dera-local:0.5", "messages": chat,
+                           "stream": False, "options": {"exact": True, "top_k": 40}})  # fmt: skip
+    assert status == 400 and "'options'" in answer["error"] and "top-k" in answer["error"]

@@ -149,7 +149,7 @@ def exact_steps(run_attempt, request, budget: int = DEFAULT_BUDGET):
     run = ExactRun()
     for attempt in attempt_requests(request):
         if run.tokens_spent >= budget:
-            raise ExactBudgetError(_out_of_budget(run, budget))
+            raise ExactBudgetError(out_of_budget(run, budget))
         result = run_attempt(attempt)
         run.attempts += 1
         run.tokens_spent += len(result.tokens) + (result.finish_reason != "length")
@@ -162,7 +162,7 @@ def exact_steps(run_attempt, request, budget: int = DEFAULT_BUDGET):
         return result
 
 
-def _out_of_budget(run: ExactRun, budget: int) -> str:
+def out_of_budget(run: ExactRun, budget: int) -> str:
     seen = run.attempts - run.killed
     cost = (
         f"about {run.tokens_spent / seen:,.0f} tokens an answer"

@@ -13,6 +13,7 @@ COMMON = {
     "model", "stream", "stream_options", "max_tokens", "temperature", "top_p", "top_k",
     "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty", "seed", "stop",
     "logit_bias", "logprobs", "n", "dera_lambda", "dera_negative_prompt", "dera_cfg_scale",
+    "dera_exact",
 }  # fmt: skip
 CHAT = {"messages", "max_completion_tokens", "top_logprobs", "response_format"}
 COMPLETION = {"prompt", "echo", "best_of", "suffix"}

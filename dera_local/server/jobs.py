@@ -11,12 +11,13 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from ..chat import ChatTemplate
+from ..engine.exact import ExactBudgetError, check_exact
 from ..errors import ContextFullError, DeraError, PromptError, RuntimeFailure, WorkerError
 from ..model_sets.pair import GenerationResult
 from ..sampling.chain import GrammarError, SamplingParams, check_grammar
@@ -58,6 +59,18 @@ class Encoder:
     stream: Callable[[object, AsyncIterator], AsyncIterator[str]]
     media_type: str
     whole: Callable[[GenerationResult], dict]
+
+
+def check_exact_request(served: Served, parsed: ParsedRequest, field: str) -> None:
+    """An exact request that exact realignment cannot sample is a 400 naming `field`."""
+    if not parsed.exact:
+        return
+    guided = parsed.negative_prompt is not None
+    target = None if guided else served.pair.exact_target(parsed.request.lam, None)
+    try:
+        check_exact(replace(parsed.request, target_lam=target))
+    except DeraError as exc:
+        raise RequestError(f"'{field}': {exc}", field) from None
 
 
 def refuse_unguided(served: Served, parsed: ParsedRequest, field: str) -> None:
@@ -120,6 +133,8 @@ def failure_of(exc: DeraError) -> Failure:
     """The caller's fault is 400; a full KV cache 503 (retry later); a lost RPC worker
     503 (nothing works until it is back and the server restarted); any other runtime
     failure 500."""
+    if isinstance(exc, ExactBudgetError):  # the attempts cost more than allowed
+        return Failure(503, str(exc), "exact_budget_spent")
     if isinstance(exc, ContextFullError):
         return Failure(503, str(exc), "server_busy", headers={"Retry-After": "1"})
     if isinstance(exc, WorkerError):

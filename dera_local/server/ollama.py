@@ -22,7 +22,16 @@ from starlette.routing import Route
 from ..errors import DeraError
 from ..llama.gguf_inspect import read_gguf
 from ..model_sets.pair import GenerationResult
-from .jobs import Encoder, Failure, Served, answered, check_schema_grammar, refuse_unguided, run
+from .jobs import (
+    Encoder,
+    Failure,
+    Served,
+    answered,
+    check_exact_request,
+    check_schema_grammar,
+    refuse_unguided,
+    run,
+)
 from .lam_range import describe_lam
 from .ollama_requests import DEFAULTS, chat_messages, generate_prompt, lam_of_name, parse_ollama
 from .requests import MODEL_ID, RequestError, checked_lam
@@ -163,13 +172,19 @@ def ollama_routes(served: Served) -> list[Route]:
             return _not_found(body["model"])
         await check_schema_grammar(parsed.request.sampling, pair.model.vocab, "format")
         refuse_unguided(served, parsed, "options")
+        check_exact_request(served, parsed, "options")
         prompt, negative_prompt, load_only = _prompts(body, chat, parsed.negative_prompt, served)
         model = body["model"]
         if load_only:  # Ollama: an empty prompt loads the model and answers at once
             return JSONResponse(_final(model, chat, "", "load", None, started))
         fields = {"prompt": "messages" if chat else "prompt", "negative prompt": "options"}
         job = Job(
-            prompt, parsed.request, negative_prompt, cfg_scale=parsed.cfg_scale, fields=fields
+            prompt,
+            parsed.request,
+            negative_prompt,
+            cfg_scale=parsed.cfg_scale,
+            fields=fields,
+            exact=parsed.exact,
         )
         encoder = Encoder(
             lambda first, chunks: _ndjson(model, chat, first, chunks, started),

@@ -33,6 +33,7 @@ from .requests import (
 # so an app gets what it gets from Ollama; num_predict -1: until the end or the context.
 DEFAULTS = {"temperature": 0.8, "top_k": 40, "top_p": 0.9, "min_p": 0.0, "repeat_penalty": 1.1}
 DEFAULT_REPEAT_LAST_N = 64
+EXACT_DEFAULTS = {"top_k": 0, "top_p": 1.0, "min_p": 0.0, "repeat_penalty": 1.0}
 
 # options: name -> (low, high, integer?) for the numbers honoured
 NUMBERS = {
@@ -122,12 +123,16 @@ def parse_ollama(
         return None
     field = ("options", "option 'lam'") if "lam" in values else ("model", "'model'")
     lam = checked_lam(values.get("lam", lam), lam_range, *field)
+    exact = values.get("exact", False)
+    # exact realignment samples the target itself: Ollama's truncation and penalty
+    # defaults are off for it (what a request sets is kept, and refused if it must be)
+    defaults = {**DEFAULTS, **EXACT_DEFAULTS} if exact else DEFAULTS
     sampling = SamplingParams(
-        temperature=values.get("temperature", DEFAULTS["temperature"]),
-        top_k=int(values.get("top_k", DEFAULTS["top_k"])),
-        top_p=values.get("top_p", DEFAULTS["top_p"]),
-        min_p=values.get("min_p", DEFAULTS["min_p"]),
-        repeat_penalty=values.get("repeat_penalty", DEFAULTS["repeat_penalty"]),
+        temperature=values.get("temperature", defaults["temperature"]),
+        top_k=int(values.get("top_k", defaults["top_k"])),
+        top_p=values.get("top_p", defaults["top_p"]),
+        min_p=values.get("min_p", defaults["min_p"]),
+        repeat_penalty=values.get("repeat_penalty", defaults["repeat_penalty"]),
         repeat_last_n=_repeat_last_n(values.get("repeat_last_n"), n_ctx),
         presence_penalty=values.get("presence_penalty", 0.0),
         frequency_penalty=values.get("frequency_penalty", 0.0),
@@ -149,6 +154,7 @@ def parse_ollama(
         model=body["model"],
         negative_prompt=negative,
         cfg_scale=cfg_scale,
+        exact=exact,
     )
 
 
@@ -218,6 +224,10 @@ def _options(options: dict, n_ctx: int) -> dict:
                 bounds = "" if math.isinf(low) else f" from {low:g} to {high:g}"
                 raise RequestError(f"option '{name}' must be {kind}{bounds}", "options")
             values[name] = value
+        elif name == "exact":  # dera-local's own: exact realignment (engine/exact.py)
+            if value is not None and not isinstance(value, bool):
+                raise RequestError("option 'exact' must be true or false", "options")
+            values[name] = bool(value)
         elif name == "num_ctx":
             if value is not None and (not is_number(value) or value > n_ctx):
                 raise RequestError(

@@ -19,6 +19,7 @@ from .jobs import (
     Failure,
     Served,
     answered,
+    check_exact_request,
     check_schema_grammar,
     error_kind,
     refuse_unguided,
@@ -53,6 +54,7 @@ def openai_routes(served: Served) -> list[Route]:
         )
         await check_schema_grammar(parsed.request.sampling, pair.model.vocab, "response_format")
         refuse_unguided(served, parsed, "dera_negative_prompt")
+        check_exact_request(served, parsed, "dera_exact")
         prompt, negative_prompt = _prompts(served, body, chat, parsed.negative_prompt)
         job = Job(
             prompt,
@@ -60,6 +62,7 @@ def openai_routes(served: Served) -> list[Route]:
             negative_prompt,
             cfg_scale=parsed.cfg_scale,
             per_token=parsed.per_token,
+            exact=parsed.exact,
             fields={
                 "prompt": "messages" if chat else "prompt",
                 "negative prompt": "dera_negative_prompt",

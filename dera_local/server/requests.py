@@ -45,6 +45,7 @@ class ParsedRequest:
     per_token: bool = False  # the client asked for per-token log-probabilities
     negative_prompt: str | None = None  # classifier-free guidance, with cfg_scale
     cfg_scale: float = 1.0
+    exact: bool = False  # exact realignment (dera_exact; Ollama's options.exact)
 
 
 def _number(
@@ -213,6 +214,7 @@ def parse_common(
         per_token=per_token,
         negative_prompt=negative,
         cfg_scale=cfg_scale,
+        exact=true_or_false(body, "dera_exact", False),
     )
 
 

@@ -41,6 +41,8 @@ def dera(result: GenerationResult, per_token: bool = False) -> dict:
     if logprobs is None:
         return {"lam": result.lam}
     body = {"lam": result.lam, **logprobs.summary()}
+    if result.exact is not None:  # exact realignment: what the answer cost
+        body["exact"] = result.exact
     if per_token:
         body["token_logprobs"] = {
             "aligned": logprobs.aligned,

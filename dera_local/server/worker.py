@@ -9,10 +9,19 @@ from __future__ import annotations
 import asyncio
 import collections
 import threading
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field, replace
 
 from ..engine.decoder import BatchDecoder
+from ..engine.exact import (
+    DEFAULT_BUDGET,
+    FINISH_KILLED,
+    ExactBudgetError,
+    ExactRun,
+    attempt_requests,
+    check_exact,
+    out_of_budget,
+)
 from ..engine.guidance import Guidance
 from ..engine.logprobs import SequenceLogprobs
 from ..engine.request import GenerationRequest
@@ -20,6 +29,7 @@ from ..engine.slots import Slot
 from ..engine.stream import slot_result
 from ..errors import BadParameterError
 from ..model_sets.pair import DeraPair, GenerationResult
+from ..speculation.drafts import SpeculationParams
 
 # The decode thread builds every request's sampler chain, and llama.cpp's grammar parser
 # recurses once per nested group (up to grammar_bounds.MAX_GROUP_DEPTH, under 0.5 MB):
@@ -55,6 +65,7 @@ class Job:
     negative_prompt: Callable[[], list[int]] | None = None  # classifier-free guidance
     cfg_scale: float = 1.0
     per_token: bool = False  # stream each token's log-probabilities with its text
+    exact: bool = False  # exact realignment: attempts until one survives (engine/exact.py)
     cancelled: threading.Event = field(default_factory=threading.Event)
     # The request fields that held each prompt ({"prompt": "messages", ...}), so that
     # a prompt that does not fit is refused naming its field.
@@ -84,14 +95,19 @@ class _Waiting:
     job: Job
     deliver: Callable[[object], None]  # thread-safe: a TextChunk, a result, an error, None
     delivered_tokens: int = 0
+    attempts: Iterator[GenerationRequest] | None = None  # an exact job's attempts to come
+    run: ExactRun | None = None  # and what they cost so far
 
-    def chunk(self, slot: Slot) -> TextChunk:
+    def chunk(self, slot: Slot, whole: bool = False) -> TextChunk:
+        """The tokens sampled since the last chunk, with the text the last step made safe
+        to show (`whole`: all of the answer's text, for an exact answer shown at once)."""
         start, end = self.delivered_tokens, len(slot.output.tokens)
         self.delivered_tokens = end
         logprobs = None
         if self.job.per_token and slot.logprobs is not None:
             logprobs = slot.logprobs.slice(start, end)
-        return TextChunk(slot.new_text, slot.output.tokens[start:end], logprobs)
+        text = slot.output.text if whole else slot.new_text
+        return TextChunk(text, slot.output.tokens[start:end], logprobs)
 
 
 class GenerationWorker:
@@ -122,6 +138,7 @@ class GenerationWorker:
         # Each slot drafts by prompt lookup over its own text (a draft model follows one
         # text, so it cannot serve several slots) and verifies in the shared step.
         self.speculation = pair.speculation
+        self.exact_budget = DEFAULT_BUDGET  # sequence-tokens per exact answer
         self._decoder = BatchDecoder(
             pair,
             parallel,
@@ -231,10 +248,35 @@ class GenerationWorker:
         if not decoder.live:
             return
         for slot in decoder.step():
-            if slot.new_text:
+            exact = slot.tag.run is not None
+            if slot.new_text and not exact:  # an exact answer is shown once it survived
                 slot.tag.deliver(slot.tag.chunk(slot))
             if slot.finish_reason is not None:
-                self._finish(slot, "completed", last=slot_result(slot))
+                if exact:
+                    self._end_attempt(slot)
+                else:
+                    self._finish(slot, "completed", last=slot_result(slot))
+
+    def _end_attempt(self, slot: Slot) -> None:
+        """An exact job's attempt ended: the survivor is the answer (its text in one
+        chunk); a killed one is followed by the next attempt in the slot it frees, until
+        the budget is spent."""
+        waiting, run = slot.tag, slot.tag.run
+        run.attempts += 1
+        run.tokens_spent += len(slot.output.tokens) + (slot.finish_reason != "length")
+        if slot.finish_reason != FINISH_KILLED:
+            result = slot_result(slot)
+            result.exact = run.to_dict()
+            waiting.deliver(waiting.chunk(slot, whole=True))
+            self._finish(slot, "completed", last=result)
+            return
+        run.killed += 1
+        if run.tokens_spent >= self.exact_budget:
+            error = ExactBudgetError(out_of_budget(run, self.exact_budget))
+            self._finish(slot, "failed", last=error)
+            return
+        self._decoder.retire(slot)
+        self._decoder.admit(next(waiting.attempts), tag=waiting)
 
     def _start(self, waiting: _Waiting) -> None:
         job = waiting.job
@@ -253,6 +295,11 @@ class GenerationWorker:
                 speculation=self.speculation,
                 target_lam=self.pair.exact_target(job.request.lam, guidance),
             )
+            if job.exact:  # attempts are plain DeRa, one token per step
+                request = replace(request, speculation=SpeculationParams(draft_max=0))
+                check_exact(request)
+                waiting.attempts, waiting.run = attempt_requests(request), ExactRun()
+                request = next(waiting.attempts)
             self._decoder.admit(request, tag=waiting)
         except BaseException as exc:  # handed to the request that asked
             self._release(job, "failed")
