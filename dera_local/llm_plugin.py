@@ -4,10 +4,11 @@
 - the model `dera-local`: the pair `dera-local chat` would load (DERA_ALIGNED /
   DERA_REFERENCE / DERA_LORA / DERA_PAIR, else the built-in pair), and
   `dera-local/<pair>` for every catalog pair already pulled;
-- options `-o lam`, `-o temperature`, `-o max_tokens`, `-o seed`, `-o negative_prompt`,
-  `-o cfg_scale`; streaming; conversations (`llm -c`, `llm chat`) through the model's
-  chat template; each logged response's JSON records lam and the answer's KL to the
-  reference;
+- options `-o lam`, `-o temperature`, `-o max_tokens`, `-o seed`, `-o exact`,
+  `-o negative_prompt`, `-o cfg_scale`; streaming; conversations (`llm -c`,
+  `llm chat`) through the model's chat template; each logged response's JSON records
+  lam and the answer's KL to the reference (and, with `-o exact 1`, what the exact
+  answer cost);
 - the command `llm dera pairs`.
 
 Models load once per process, on first use."""
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import replace
 
 import click
 import llm
@@ -89,6 +91,11 @@ class DeraModel(llm.Model):
         cfg_scale: float | None = Field(
             description="Guidance strength with negative_prompt (1 = none)", default=None
         )
+        exact: bool | None = Field(
+            description="Draw from the model retrained at beta/lam itself, not DeRa's "
+            "per-token mix (0 <= lam <= 1, temperature <= 1): attempts killed token by token",
+            default=None,
+        )
 
         @field_validator("lam")
         @classmethod
@@ -118,6 +125,8 @@ class DeraModel(llm.Model):
         if temperature is None:  # dera-local's default, as `dera-local chat`
             temperature = SamplingParams().temperature
         sampling = SamplingParams(temperature=temperature, seed=options.seed)
+        if options.exact:  # exact realignment samples the target itself: no truncation
+            sampling = replace(sampling, top_k=0, top_p=1.0, min_p=0.0)
         template = ChatTemplate.for_pair(pair)
         guidance = {}
         if options.negative_prompt is not None:
@@ -134,6 +143,7 @@ class DeraModel(llm.Model):
                 sampling=sampling,
                 max_tokens=options.max_tokens or 512,
                 logprobs=True,  # for the answer's KL to the reference, logged below
+                exact=bool(options.exact),
                 **guidance,
             )
             yield from generation
@@ -147,6 +157,8 @@ class DeraModel(llm.Model):
             "dera": summary,
             "tokens_per_second": round(result.tokens_per_second, 2),
         }
+        if result.exact is not None:  # what the exact answer cost
+            response.response_json["exact"] = result.exact
         if hasattr(response, "set_usage"):
             response.set_usage(input=len(result.prompt_tokens), output=len(result.tokens))
 

@@ -316,3 +316,24 @@ def test_the_server_refuses_what_exact_mode_cannot_sample_naming_the_field(exact
     status, answer = _post(exact_server, "/api/chat", {"model": "dera-local:0.5", "messages": chat,
                            "stream": False, "options": {"exact": True, "top_k": 40}})  # fmt: skip
     assert status == 400 and "'options'" in answer["error"] and "top-k" in answer["error"]
+
+
+def test_the_llm_plugin_answers_exactly(reference_path, weak_lora, monkeypatch, tmp_path):
+    llm = pytest.importorskip("llm")
+    from dera_local import llm_plugin
+
+    monkeypatch.delenv("DERA_ALIGNED", raising=False)
+    monkeypatch.setenv("DERA_REFERENCE", str(reference_path))
+    monkeypatch.setenv("DERA_LORA", str(weak_lora))
+    monkeypatch.setenv("LLM_USER_PATH", str(tmp_path))
+    try:
+        model = llm.get_model("dera-local")
+        response = model.prompt("hello", lam=0.5, temperature=1, seed=3, max_tokens=CAP, exact=True)
+        response.text()
+        cost = response.response_json["exact"]
+        assert cost["attempts"] >= 1 and cost["attempts"] == cost["killed"] + 1
+        refused = model.prompt("hello", lam=1.5, exact=True)
+        with pytest.raises(llm.ModelError, match="0 <= lam <= 1"):
+            refused.text()
+    finally:
+        llm_plugin.close_models()
