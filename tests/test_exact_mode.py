@@ -337,3 +337,51 @@ def test_the_llm_plugin_answers_exactly(reference_path, weak_lora, monkeypatch, 
             refused.text()
     finally:
         llm_plugin.close_models()
+
+
+def test_a_spent_budget_on_the_server_is_a_503_and_the_server_goes_on(
+    aligned_path, reference_path, tmp_path
+):
+    """The shared tiny pair's models are far apart: with --exact-budget 6 an exact answer
+    at lam 0.5 runs out (503, one line, with the acceptance seen), streamed or not, and a
+    plain request still answers."""
+
+    from server_process import start_server
+
+    pytest.importorskip("uvicorn")
+    with open(tmp_path / "stderr.log", "w") as log:
+        process, base = start_server(
+            [
+                "-m",
+                str(aligned_path),
+                "-mr",
+                str(reference_path),
+                "-c",
+                "512",
+                "--exact-budget",
+                "6",
+            ],
+            log=log,
+        )
+    try:
+        chat = [{"role": "user", "content": PROMPT}]
+        body = {
+            "messages": chat,
+            "max_tokens": CAP,
+            "temperature": 1,
+            "seed": 3,
+            "dera_lambda": 0.5,
+        }
+        status, answer = _post(base, "/v1/chat/completions", {**body, "dera_exact": True})
+        assert status == 503 and answer["error"]["type"] == "exact_budget_spent", answer
+        assert "spent its budget of 6 tokens" in answer["error"]["message"]
+        # streamed: nothing is shown before an attempt survives, so the refusal comes first
+        status, answer = _post(
+            base, "/v1/chat/completions", {**body, "dera_exact": True, "stream": True}
+        )
+        assert status == 503 and answer["error"]["type"] == "exact_budget_spent"
+        assert _post(base, "/v1/chat/completions", body)[0] == 200
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+    assert "Traceback" not in (tmp_path / "stderr.log").read_text()

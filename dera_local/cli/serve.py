@@ -7,6 +7,7 @@ import socket
 import click
 
 from ..analysis.sweep import parse_lambdas
+from ..engine.exact import DEFAULT_BUDGET
 from ..engine.mixing import validate_lam
 from ..errors import BadParameterError, DeraError
 from ..rpc.endpoints import is_loopback
@@ -111,6 +112,13 @@ def _deadline(flag: str, seconds: float, what: str):
     help="Accept negative prompts (dera_negative_prompt, dera_cfg_scale): each slot gets "
     "room for a second sequence, so the KV cache is twice -c.",
 )
+@click.option(
+    "--exact-budget",
+    type=click.IntRange(1),
+    default=DEFAULT_BUDGET,
+    show_default=True,
+    help="Tokens the attempts of one exact answer (dera_exact) may spend before a 503.",
+)
 @model_options
 def serve(
     host: str,
@@ -126,6 +134,7 @@ def serve(
     lam_range: str,
     chat_template: str | None,
     guided: bool,
+    exact_budget: int,
     **kwargs,
 ) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models and /health."""
@@ -185,6 +194,7 @@ def serve(
             parallel=parallel,
             lam_presets=presets,
             guided=guided,
+            exact_budget=exact_budget,
             lam_range=bounds,
         )
         click.echo(

@@ -19,6 +19,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ..chat import ChatTemplate
+from ..engine.exact import DEFAULT_BUDGET
 from ..errors import BadParameterError
 from ..model_sets.pair import DeraPair
 from ..rpc import faults as rpc_faults
@@ -97,6 +98,7 @@ def create_app(
     parallel: int = 4,
     lam_presets: Sequence[float] = DEFAULT_LAM_PRESETS,
     guided: bool = True,
+    exact_budget: int = DEFAULT_BUDGET,
     lam_range: LamRange | None = None,
 ) -> Starlette:
     """The ASGI app serving `pair`; run it with uvicorn (see cli/serve.py).
@@ -113,7 +115,9 @@ def create_app(
             f"lam {outside[0]:g} is outside the server's lam range {lam_range}",
             cli_hint="widen --lam-range or change --lam/--lam-presets",
         )
-    worker = GenerationWorker(pair, max_queue, parallel=parallel, guided=guided)
+    worker = GenerationWorker(
+        pair, max_queue, parallel=parallel, guided=guided, exact_budget=exact_budget
+    )
     served = Served(
         pair=pair,
         worker=worker,

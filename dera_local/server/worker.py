@@ -117,7 +117,13 @@ class GenerationWorker:
     settings, stop strings and length."""
 
     def __init__(
-        self, pair: DeraPair, max_queue: int, *, parallel: int = 4, guided: bool = True
+        self,
+        pair: DeraPair,
+        max_queue: int,
+        *,
+        parallel: int = 4,
+        guided: bool = True,
+        exact_budget: int = DEFAULT_BUDGET,
     ) -> None:
         """Each of the `parallel` slots holds pair.n_ctx tokens (serve loads the pair with
         its share of -c); `guided`: each also has a sequence for a negative prompt."""
@@ -138,7 +144,7 @@ class GenerationWorker:
         # Each slot drafts by prompt lookup over its own text (a draft model follows one
         # text, so it cannot serve several slots) and verifies in the shared step.
         self.speculation = pair.speculation
-        self.exact_budget = DEFAULT_BUDGET  # sequence-tokens per exact answer
+        self.exact_budget = exact_budget  # sequence-tokens per exact answer
         self._decoder = BatchDecoder(
             pair,
             parallel,
