@@ -78,6 +78,15 @@ class ExactRun:
     killed: int = 0
     tokens_spent: int = 0
 
+    def record(self, tokens: int, finish_reason: str) -> bool:
+        """Counts one ended attempt (`tokens` sampled; a sequence that ended on its end
+        token or was killed also decoded the token that ended it); True if it survived."""
+        self.attempts += 1
+        self.tokens_spent += tokens + (finish_reason != "length")
+        killed = finish_reason == FINISH_KILLED
+        self.killed += killed
+        return not killed
+
     @property
     def z_estimate(self) -> float:
         return (self.attempts - self.killed) / self.attempts if self.attempts else 0.0
@@ -151,10 +160,7 @@ def exact_steps(run_attempt, request, budget: int = DEFAULT_BUDGET):
         if run.tokens_spent >= budget:
             raise ExactBudgetError(out_of_budget(run, budget))
         result = run_attempt(attempt)
-        run.attempts += 1
-        run.tokens_spent += len(result.tokens) + (result.finish_reason != "length")
-        if attempt.kill_test.killed:
-            run.killed += 1
+        if not run.record(len(result.tokens), result.finish_reason):
             continue
         result.exact = run.to_dict()
         if result.text:

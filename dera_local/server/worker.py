@@ -15,7 +15,6 @@ from dataclasses import dataclass, field, replace
 from ..engine.decoder import BatchDecoder
 from ..engine.exact import (
     DEFAULT_BUDGET,
-    FINISH_KILLED,
     ExactBudgetError,
     ExactRun,
     attempt_requests,
@@ -268,15 +267,12 @@ class GenerationWorker:
         chunk); a killed one is followed by the next attempt in the slot it frees, until
         the budget is spent."""
         waiting, run = slot.tag, slot.tag.run
-        run.attempts += 1
-        run.tokens_spent += len(slot.output.tokens) + (slot.finish_reason != "length")
-        if slot.finish_reason != FINISH_KILLED:
+        if run.record(len(slot.output.tokens), slot.finish_reason):
             result = slot_result(slot)
             result.exact = run.to_dict()
             waiting.deliver(waiting.chunk(slot, whole=True))
             self._finish(slot, "completed", last=result)
             return
-        run.killed += 1
         if run.tokens_spent >= self.exact_budget:
             error = ExactBudgetError(out_of_budget(run, self.exact_budget))
             self._finish(slot, "failed", last=error)
