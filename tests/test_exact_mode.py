@@ -8,6 +8,7 @@ what exact mode cannot sample is refused in one line."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -15,12 +16,14 @@ from reference_impl import solo_logits
 from tiny_models import write_tiny_lora
 
 import dera_local
+from dera_local.engine import exact_attempts
 from dera_local.engine.exact import ExactBudgetError, log_overlap
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
 CAP = 2
 PROMPT = "hello"
+PURE = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "min_p": 0.0, "seed": 1}
 
 
 def pure(temperature: float, seed: int) -> dera_local.SamplingParams:
@@ -48,28 +51,66 @@ def _log_softmax(row: np.ndarray, temperature: float) -> np.ndarray:
     return x - (x.max() + np.log(np.exp(x - x.max()).sum()))
 
 
-def enumerated_target(pair, base, lora, lam: float, temperature: float):
-    """Every answer of at most CAP tokens with its unnormalised target mass
-    q_1^lam q_ref^(1-lam), from each model run alone (llama-cpp-python) in numpy. Keys
-    are the answers' tokens, without the end token (as GenerationResult has them)."""
-    prompt = pair.tokenize(PROMPT)
-    ends = [t for t in range(pair.n_vocab) if pair.model.is_end_of_generation(t)]
+# A grammar mask: one or two of the letters a-d. Which tokens it lets through, written
+# out by hand (the tiny vocabulary has no merge within a-d): a letter first; then a
+# letter or the end.
+GRAMMAR = "root ::= [a-d] [a-d]?"
+LETTERS = [ord(c) for c in "abcd"]  # byte-level tokens: a byte's id is its value
 
-    def step(prefix):
-        log_a = _log_softmax(solo_logits(str(base), prefix, lora=str(lora))[-1], temperature)
-        log_r = _log_softmax(solo_logits(str(base), prefix)[-1], temperature)
-        return lam * log_a + (1 - lam) * log_r
+
+def grammar_allowed(pair):
+    ends = [t for t in range(pair.n_vocab) if pair.model.is_end_of_generation(t)]
+    return lambda answer: LETTERS if not answer else LETTERS + ends
+
+
+def masked(temperature: float, seed: int) -> dera_local.SamplingParams:
+    return dera_local.SamplingParams(
+        temperature=temperature, top_k=0, top_p=1.0, min_p=0.0, seed=seed, grammar=GRAMMAR
+    )
+
+
+def enumerated_target(
+    pair, base, lora, lam: float, temperature: float, allowed=None, cap: int = CAP
+):
+    """Every answer of at most `cap` tokens with its unnormalised target mass
+    q_1^lam q_ref^(1-lam), from each model run alone (llama-cpp-python) in numpy. Keys
+    are the answers' tokens, without the end token (as GenerationResult has them).
+    `allowed(answer_so_far)`: the tokens a mask lets through there (both models are
+    masked and renormalised first; only those are followed); default all."""
+    prompt = pair.tokenize(PROMPT)
+    ends = {t for t in range(pair.n_vocab) if pair.model.is_end_of_generation(t)}
+    everything = list(range(pair.n_vocab))
+
+    def step(answer: tuple) -> np.ndarray:
+        prefix = prompt + list(answer)
+        a = solo_logits(str(base), prefix, lora=str(lora))[-1].astype(np.float64)
+        r = solo_logits(str(base), prefix)[-1].astype(np.float64)
+        if allowed is not None:
+            barred = np.ones(pair.n_vocab, dtype=bool)
+            barred[list(allowed(answer))] = False
+            a[barred] = r[barred] = -np.inf
+        log_a, log_r = _log_softmax(a, temperature), _log_softmax(r, temperature)
+        with np.errstate(invalid="ignore"):  # -inf * 0 where lam is 0 or 1: no mass
+            terms = lam * log_a + (1 - lam) * log_r
+        return np.nan_to_num(terms, nan=-np.inf, neginf=-np.inf)
 
     mass: dict[tuple, float] = {}
-    first = step(prompt)
-    for v1 in range(pair.n_vocab):
-        if v1 in ends:
-            mass[()] = mass.get((), 0.0) + math.exp(first[v1])
-            continue
-        second = step(prompt + [v1])
-        for v2 in range(pair.n_vocab):
-            key = (v1,) if v2 in ends else (v1, v2)
-            mass[key] = mass.get(key, 0.0) + math.exp(first[v1] + second[v2])
+
+    def walk(answer: tuple, log_mass: float) -> None:
+        terms = step(answer)
+        for v in everything if allowed is None else allowed(answer):
+            if terms[v] == -np.inf:
+                continue
+            if v in ends:
+                key = answer
+            elif len(answer) + 1 == cap:  # cut at the cap: no end token
+                key = (*answer, v)
+            else:
+                walk((*answer, v), log_mass + terms[v])
+                continue
+            mass[key] = mass.get(key, 0.0) + math.exp(log_mass + terms[v])
+
+    walk((), 0.0)
     return mass
 
 
@@ -113,10 +154,10 @@ def _first_token_p_value(mass: dict[tuple, float], drawn: list[tuple]) -> float:
     return _p_value(expected, observed)
 
 
-def _length_p_value(mass: dict[tuple, float], drawn: list[tuple]) -> float:
+def _length_p_value(mass: dict[tuple, float], drawn: list[tuple], cap: int = CAP) -> float:
     z, n = sum(mass.values()), len(drawn)
-    expected = {i: sum(m for k, m in mass.items() if len(k) == i) / z * n for i in range(CAP + 1)}
-    observed = {i: sum(len(t) == i for t in drawn) for i in range(CAP + 1)}
+    expected = {i: sum(m for k, m in mass.items() if len(k) == i) / z * n for i in range(cap + 1)}
+    observed = {i: sum(len(t) == i for t in drawn) for i in range(cap + 1)}
     return _p_value(expected, observed)
 
 
@@ -142,6 +183,135 @@ def test_exact_draws_follow_the_enumerated_target(
     assert abs(rate - z) < 4 * math.sqrt(z * (1 - z) / attempts), (rate, z)
 
 
+# (lam 0.7 at T 0.7 is left out: its masked target keeps one attempt in 230)
+@pytest.mark.parametrize(("lam", "temperature"), [(0.3, 1.0), (0.7, 1.0), (0.3, 0.7)])
+def test_exact_draws_under_a_grammar_follow_the_masked_models_target(
+    lora_pair, reference_path, weak_lora, lam, temperature
+):
+    """The target of two masked models: each masked and renormalised, then realigned."""
+    allowed = grammar_allowed(lora_pair)
+    mass = enumerated_target(lora_pair, reference_path, weak_lora, lam, temperature, allowed)
+    assert all(key and set(key) <= set(LETTERS) for key in mass if mass[key] > 0)
+    z = sum(mass.values())
+    n = 1000
+    drawn, attempts = [], 0
+    for seed in range(n):
+        result = lora_pair.generate(  # four attempts at a time: this target is costly
+            PROMPT,
+            lam=lam,
+            sampling=masked(temperature, seed),
+            max_tokens=CAP,
+            exact=True,
+            exact_parallel=4,
+        )
+        drawn.append(tuple(result.tokens))
+        attempts += result.exact["attempts"]
+    assert set(drawn) <= {key for key, m in mass.items() if m > 0}
+    assert _first_token_p_value(mass, drawn) > 0.001
+    assert _length_p_value(mass, drawn) > 0.001
+    rate = n / attempts
+    assert abs(rate - z) < 4 * math.sqrt(z * (1 - z) / attempts), (rate, z)
+
+
+class FirstToFinish:
+    """The pitfall rule: the first survivor to end is the answer (short ones end first)."""
+
+    def __init__(self) -> None:
+        self.first = None
+        self.ended: dict[int, bool] = {}
+
+    def end(self, number: int, survived: bool) -> None:
+        self.ended[number] = survived
+        if survived and self.first is None:
+            self.first = number
+
+    def answer(self):
+        return self.first
+
+    def may_answer(self, number: int) -> bool:
+        return self.first is None
+
+
+# For the pitfall: answers of one letter or of three, so that short survivors finish two
+# steps before long ones (the end token is rare: about 8% of the target is one letter).
+SHORT_OR_LONG = "root ::= [a-b] | [a-b] [a-b] [a-b]"
+AB = [ord("a"), ord("b")]
+PARALLEL_LAM, PARALLEL_N, PARALLEL_CAP = 0.7, 1000, 3
+
+
+@pytest.fixture(scope="module")
+def parallel_target(lora_pair, reference_path, weak_lora):
+    ends = [t for t in range(lora_pair.n_vocab) if lora_pair.model.is_end_of_generation(t)]
+    allowed = lambda answer: AB + ends if len(answer) == 1 else AB  # noqa: E731
+    return enumerated_target(
+        lora_pair, reference_path, weak_lora, PARALLEL_LAM, 1.0, allowed, cap=PARALLEL_CAP
+    )
+
+
+def _parallel_draws(pair, parallel: int) -> list[tuple]:
+    sampling = dera_local.SamplingParams(**PURE, grammar=SHORT_OR_LONG)
+    return [
+        tuple(
+            pair.generate(
+                PROMPT,
+                lam=PARALLEL_LAM,
+                sampling=replace(sampling, seed=seed),
+                max_tokens=PARALLEL_CAP,
+                exact=True,
+                exact_parallel=parallel,
+            ).tokens
+        )
+        for seed in range(PARALLEL_N)
+    ]
+
+
+def test_parallel_attempts_return_the_first_started_survivor_and_stay_exact(
+    lora_pair, parallel_target
+):
+    drawn = _parallel_draws(lora_pair, 8)
+    assert _first_token_p_value(parallel_target, drawn) > 0.001
+    assert _length_p_value(parallel_target, drawn, PARALLEL_CAP) > 0.001
+
+
+def test_returning_the_first_attempt_to_finish_fails_that_check(
+    lora_pair, parallel_target, monkeypatch
+):
+    """The test above has the power to see the pitfall: with the first survivor to end
+    returned instead, one-letter answers are too frequent and the length check fails."""
+    monkeypatch.setattr(exact_attempts, "SmallestNumber", FirstToFinish)
+    drawn = _parallel_draws(lora_pair, 8)
+    assert _length_p_value(parallel_target, drawn, PARALLEL_CAP) < 1e-6
+
+
+def test_parallel_attempts_give_the_answer_one_at_a_time_gives(lora_pair):
+    """An attempt's seeds depend only on its number: the answer does not depend on how
+    many attempts run at once."""
+    for seed in range(30):
+        sampling = pure(1.0, seed)
+        one, eight = (
+            lora_pair.generate(
+                PROMPT, lam=0.5, sampling=sampling, max_tokens=CAP, exact=True, exact_parallel=p
+            )
+            for p in (1, 8)
+        )
+        assert one.tokens == eight.tokens
+        assert (one.exact["attempts"], one.exact["killed"]) == (
+            eight.exact["attempts"],
+            eight.exact["killed"],
+        )
+        assert eight.exact["tokens_spent"] >= one.exact["tokens_spent"]
+
+
+def test_the_answer_waits_for_every_attempt_started_before_it():
+    rule = exact_attempts.SmallestNumber()
+    rule.end(2, True)  # attempt 2 survived and ended first: 0 and 1 still run
+    assert rule.answer() is None and rule.may_answer(1) and not rule.may_answer(3)
+    rule.end(0, False)
+    assert rule.answer() is None
+    rule.end(1, True)
+    assert rule.answer() == 1
+
+
 def test_the_check_tells_deras_answers_apart(lora_pair, reference_path, weak_lora):
     """The chi-square above has the power to see DeRa's approximation: plain DeRa's
     answers at the same lam, temperature and seeds fail it."""
@@ -159,9 +329,12 @@ def test_the_check_tells_deras_answers_apart(lora_pair, reference_path, weak_lor
 
 
 @pytest.mark.parametrize("lam", [0.0, 1.0])
-def test_at_lam_0_and_1_nothing_is_killed_and_the_answer_is_plain_deras(lora_pair, lam):
+@pytest.mark.parametrize("sampled", [pure, masked])
+def test_at_lam_0_and_1_nothing_is_killed_and_the_answer_is_plain_deras(
+    lora_pair, lam, sampled
+):
     for seed in range(20):
-        sampling = pure(1.0, seed)
+        sampling = sampled(1.0, seed)
         plain = lora_pair.generate(PROMPT, lam=lam, sampling=sampling, max_tokens=8)
         exact = lora_pair.generate(PROMPT, lam=lam, sampling=sampling, max_tokens=8, exact=True)
         assert exact.tokens == plain.tokens
@@ -200,7 +373,10 @@ def test_the_kill_probability_is_the_overlap_of_the_two_tempered_models():
             {"sampling": dera_local.SamplingParams(temperature=1.5, top_k=0, top_p=1, min_p=0)},
             "temperature in (0, 1]",
         ),  # fmt: skip
-        ({"json_schema": {"type": "string"}}, "grammar"),
+        (
+            {"sampling": dera_local.SamplingParams(**PURE, logit_bias=((5, 2.0),))},
+            "logit bias other than -100",
+        ),  # fmt: skip
         ({"negative_prompt": "be rude"}, "pair's plain DeRa"),
     ],
 )

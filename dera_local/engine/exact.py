@@ -9,13 +9,18 @@ token from `d(v|s) = q_ref(v|s)^(1-lam) q_1(v|s)^lam / z(s)`, with
 For lam in [0, 1], z <= 1 (Hoelder's inequality). So an attempt decodes plain DeRa and,
 at every token, survives with probability z(s_t) (a coin of its own, independent of
 the token drawn): an attempt that survives to its end is an exact draw from Pi_lam, and
-the share of attempts that survive estimates Z. Attempts run one after another, so the
-answer returned is always the first survivor by the order attempts started (returning
-whichever finishes first would favour short answers).
+the share of attempts that survive estimates Z. Attempts are numbered in the order they
+start, and the answer is the surviving attempt with the smallest number (several run at
+once as parallel slots: engine/exact_attempts.py; returning whichever finishes first
+would favour short answers, which finish first).
 
-Here the first version: one attempt at a time, temperature in (0, 1], no truncation,
-penalties, logit bias or grammar (whose masks would have to apply to both models before
-the mix), no negative prompt or mixture, no speculation.
+Masks that only remove tokens (a grammar or JSON schema, logit-bias bans) apply to both
+models: the target is the exact realignment of the two masked, renormalised models, and
+z is computed from them (Hoelder again: z <= 1). DeRa's draw is unchanged by this (the
+mix of the masked models is the masked mix), so only the kill test sees the mask, and at
+lam 0 and 1 nothing is killed, as grammar-constrained decoding of one model behaves.
+What is not a fixed mask (top-k, top-p, min-p, penalties, a finite bias), lam outside
+[0, 1], guidance, mixtures and speculation are refused (check_exact).
 """
 
 from __future__ import annotations
@@ -36,12 +41,23 @@ class ExactBudgetError(DeraError):
 
 
 def log_overlap(
-    aligned: np.ndarray, reference: np.ndarray, lam: float, temperature: float
+    aligned: np.ndarray,
+    reference: np.ndarray,
+    lam: float,
+    temperature: float,
+    allowed: np.ndarray | None = None,
 ) -> float:
     """log z(s) = log sum_v q_ref(v)^(1-lam) q_1(v)^lam, q = softmax(logits / T), in
-    float64 (a -inf logit is a token its model cannot draw: it adds nothing)."""
-    log_q1 = _log_softmax(aligned.astype(np.float64) / temperature)
-    log_qr = _log_softmax(reference.astype(np.float64) / temperature)
+    float64 (a -inf logit is a token its model cannot draw: it adds nothing). `allowed`
+    (a boolean mask: a grammar's, bans) masks both models first, so q are the masked,
+    renormalised models and z <= 1 still."""
+    aligned = aligned.astype(np.float64) / temperature
+    reference = reference.astype(np.float64) / temperature
+    if allowed is not None:
+        aligned[~allowed] = -np.inf
+        reference[~allowed] = -np.inf
+    log_q1 = _log_softmax(aligned)
+    log_qr = _log_softmax(reference)
     terms = lam * log_q1 + (1.0 - lam) * log_qr
     top = terms.max()
     return float(top + math.log(np.exp(terms - top).sum()))
@@ -54,29 +70,36 @@ def _log_softmax(x: np.ndarray) -> np.ndarray:
 
 @dataclass
 class KillTest:
-    """One attempt's kill test: `step(aligned_row, reference_row)` at every token."""
+    """One attempt's kill test: `step(aligned_row, reference_row, allowed)` at every
+    token, before it is drawn (`allowed`: the chain's mask at that point, if any)."""
 
     lam: float
     temperature: float
     coins: np.random.Generator
     killed: bool = False
 
-    def step(self, aligned: np.ndarray, reference: np.ndarray) -> None:
+    def step(
+        self, aligned: np.ndarray, reference: np.ndarray, allowed: np.ndarray | None = None
+    ) -> None:
         if self.killed or self.lam in (0.0, 1.0):  # z = 1 exactly: nothing to test
             return
-        log_z = log_overlap(aligned, reference, self.lam, self.temperature)
+        log_z = log_overlap(aligned, reference, self.lam, self.temperature, allowed)
         if self.coins.random() >= math.exp(min(log_z, 0.0)):
             self.killed = True
 
 
 @dataclass
 class ExactRun:
-    """What an exact answer cost: attempts (the accepted one included), killed ones,
-    sequence-tokens decoded, and the running estimate of Z (survivors / attempts)."""
+    """What an exact answer cost: attempts up to the accepted one (it included), the
+    killed ones among them, sequence-tokens decoded by every attempt (discarded ones
+    too), attempts started after the accepted one and dropped, and the running estimate
+    of Z (survivors / attempts). One answer's estimate is 1 / attempts; pooled over
+    many answers (sum of answers / sum of attempts) it converges to Z."""
 
     attempts: int = 0
     killed: int = 0
     tokens_spent: int = 0
+    discarded: int = 0
 
     def record(self, tokens: int, finish_reason: str) -> bool:
         """Counts one ended attempt (`tokens` sampled; a sequence that ended on its end
@@ -96,6 +119,7 @@ class ExactRun:
             "attempts": self.attempts,
             "killed": self.killed,
             "tokens_spent": self.tokens_spent,
+            "discarded": self.discarded,
             "z_estimate": self.z_estimate,
         }
 
@@ -121,14 +145,14 @@ def check_exact(request) -> None:
         (sampling.min_p != 0.0, "min-p"),
         (sampling.repeat_penalty != 1.0, "a repeat penalty"),
         (sampling.frequency_penalty != 0.0 or sampling.presence_penalty != 0.0, "penalties"),
-        (bool(sampling.logit_bias), "a logit bias"),
-        (sampling.grammar is not None, "a grammar or JSON schema (not yet)"),
+        (any(bias > -100 for _, bias in sampling.logit_bias), "a logit bias other than -100"),
     ]
     for present, what in refused:
         if present:
             raise BadParameterError(
                 f"exact realignment samples the target itself: turn off {what} "
-                "(top_k 0, top_p 1, min_p 0, no penalties, bias or grammar)"
+                "(top_k 0, top_p 1, min_p 0, no penalties; a grammar, a JSON schema and "
+                "bans by a bias of -100 are fine)"
             )
 
 
@@ -136,36 +160,20 @@ def attempt_requests(request):
     """The attempts of one exact answer, in the order they start: attempt 0 samples
     with the request's own seed (so that at lam 0 and 1, where nothing is killed, the
     answer is plain DeRa's with that seed); later ones with seeds drawn from a stream of
-    their own, and the kill coins from another, both seeded by the request's seed."""
+    their own. Each attempt's kill coins come from a stream seeded by the request's seed
+    and the attempt's number, so what an attempt does does not depend on how many run
+    beside it."""
     seed = request.sampling.seed
     seeds = np.random.default_rng([seed, 1])
-    coins = np.random.default_rng([seed, 2])
     attempt = 0
     while True:
         sampler_seed = seed if attempt == 0 else int(seeds.integers(2**31))
+        coins = np.random.default_rng([seed, 2, attempt])
         kill = KillTest(request.lam, request.sampling.temperature, coins)
         yield replace(
             request, sampling=replace(request.sampling, seed=sampler_seed), kill_test=kill
         )
         attempt += 1
-
-
-def exact_steps(run_attempt, request, budget: int = DEFAULT_BUDGET):
-    """Runs attempts (`run_attempt(request)` -> GenerationResult, decoded to its end)
-    until one survives; a generator that yields the survivor's text and returns its
-    result with `exact` set. Raises ExactBudgetError past `budget` tokens."""
-    check_exact(request)
-    run = ExactRun()
-    for attempt in attempt_requests(request):
-        if run.tokens_spent >= budget:
-            raise ExactBudgetError(out_of_budget(run, budget))
-        result = run_attempt(attempt)
-        if not run.record(len(result.tokens), result.finish_reason):
-            continue
-        result.exact = run.to_dict()
-        if result.text:
-            yield result.text
-        return result
 
 
 def out_of_budget(run: ExactRun, budget: int) -> str:

@@ -76,16 +76,22 @@ class KVSequences:
         batch: TokenBatch,
         decodes: SourceDecodes,
     ) -> None:
-        """Reads `tokens` once into the first target sequence, in chunks of the batch's
-        capacity, and shares them with the others."""
-        first = targets[0]
-        self._cut_all(first, 0)
-        for start in range(0, len(tokens), batch.capacity):
+        """Reads `tokens` once into the target sequence that caches the longest start of
+        them (only the rest is read, in chunks of the batch's capacity), and shares them
+        with the others."""
+        first = max(targets, key=lambda s: common_prefix(self.cached[s], tokens))
+        keep = common_prefix(self.cached[first], tokens)
+        if not self._cut_all(first, keep):
+            keep = 0
+            self._cut_all(first, 0)
+        for start in range(keep, len(tokens), batch.capacity):
             chunk = tokens[start : start + batch.capacity]
             batch.fill([(t, start + i, first, False) for i, t in enumerate(chunk)])
             decodes.run(batch)
         self.cached[first] = tokens
-        for seq_id in targets[1:]:
+        for seq_id in targets:
+            if seq_id == first:
+                continue
             for ctx in self.contexts:
                 ctx.remove_positions(seq_id, 0)
                 ctx.copy_sequence(first, seq_id)

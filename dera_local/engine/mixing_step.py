@@ -22,7 +22,9 @@ def sample_slot(models, contexts: list[Context], slot: Slot, rows: list[int]) ->
     n_vocab = models.n_vocab
     out_address = contexts[0].logits_address(rows[0])
     terms = slot.terms
-    before = None
+    before = allowed = None
+    if slot.kill_test is not None and slot.chain.masks:  # the mask the chain will apply
+        allowed = slot.chain.allowed_tokens()
     if slot.logprobs is not None or slot.kill_test is not None:  # the mix overwrites row 0
         aligned, reference = models.logprob_sources
         before = (
@@ -36,7 +38,7 @@ def sample_slot(models, contexts: list[Context], slot: Slot, rows: list[int]) ->
     if slot.logprobs is not None:
         slot.logprobs.add(token, before[0], before[1], float_view(out_address, n_vocab))
     if slot.kill_test is not None:  # its coin is independent of the token drawn
-        slot.kill_test.step(before[0], before[1])
+        slot.kill_test.step(before[0], before[1], allowed)
     return token
 
 

@@ -42,6 +42,7 @@ class GenerationResult:
     reused_negative_prompt_tokens: int | None = None  # read from its cache, not decoded
     # Exact realignment (stream(..., exact=True)): attempts, killed, tokens spent, Z.
     exact: dict | None = None
+    end_token: int | None = None  # the end-of-generation token that ended it, if one did
 
     @property
     def tokens_per_second(self) -> float:
@@ -97,31 +98,45 @@ class GenerationStream:
         self._steps.close()
 
 
+def claimed(
+    guard: ModelSetGuard, steps: Generator[str, None, GenerationResult]
+) -> Generator[str, None, GenerationResult]:
+    """`steps` run as the model set's one generation: the guard refuses a second one
+    started while it runs (from the first step to the end or close)."""
+    owner = object()
+    guard.claim(owner)
+    try:
+        return (yield from steps)
+    finally:
+        guard.release(owner)
+
+
 def slot_steps(
     decoder: BatchDecoder, guard: ModelSetGuard, request: GenerationRequest
 ) -> Generator[str, None, GenerationResult]:
     """One generation as the only slot of `decoder`: yields text, returns the result.
     The decoder keeps each sequence's cache afterwards, so a next prompt that starts
     the same way (the next chat turn; its negative prompt too) reads only the rest."""
-    owner = object()
-    guard.claim(owner)
+    return claimed(guard, _one_slot(decoder, request))
+
+
+def _one_slot(
+    decoder: BatchDecoder, request: GenerationRequest
+) -> Generator[str, None, GenerationResult]:
+    slot = decoder.admit(request)
     try:
-        slot = decoder.admit(request)
-        try:
-            while slot.finish_reason is None:
-                decoder.step()
-                if slot.new_text:
-                    yield slot.new_text
-        except GeneratorExit:  # closed between steps: the caches are consistent
-            decoder.retire(slot)
-            raise
-        except BaseException:  # a decode may have stopped half way: forget those caches
-            decoder.retire(slot, forget=True)
-            raise
+        while slot.finish_reason is None:
+            decoder.step()
+            if slot.new_text:
+                yield slot.new_text
+    except GeneratorExit:  # closed between steps: the caches are consistent
         decoder.retire(slot)
-        return slot_result(slot)
-    finally:
-        guard.release(owner)
+        raise
+    except BaseException:  # a decode may have stopped half way: forget those caches
+        decoder.retire(slot, forget=True)
+        raise
+    decoder.retire(slot)
+    return slot_result(slot)
 
 
 def slot_result(slot: Slot) -> GenerationResult:
@@ -148,4 +163,5 @@ def slot_result(slot: Slot) -> GenerationResult:
         negative_prompt_tokens=None if guidance is None else list(guidance.negative_tokens),
         cfg_scale=slot.cfg_scale,
         reused_negative_prompt_tokens=slot.reused_negative_prompt_tokens,
+        end_token=slot.output.end_token,
     )

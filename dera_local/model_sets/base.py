@@ -14,12 +14,13 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from ..engine.decoder import BatchDecoder
-from ..engine.exact import DEFAULT_BUDGET, exact_steps
+from ..engine.exact import DEFAULT_BUDGET
+from ..engine.exact_attempts import check_parallel, exact_attempts
 from ..engine.guidance import Guidance, guidance_for
 from ..engine.logprobs import check_top_logprobs
 from ..engine.mixing import validate_lam
 from ..engine.request import GenerationRequest, resolved_sampling
-from ..engine.stream import GenerationStream, slot_steps
+from ..engine.stream import GenerationStream, claimed, slot_steps
 from ..errors import BadParameterError, PromptError
 from ..llama.context import Context
 from ..sampling.chain import SamplingParams
@@ -138,6 +139,7 @@ class ModelSet:
         cfg_scale: float = 1.0,
         exact: bool = False,
         exact_budget: int = DEFAULT_BUDGET,
+        exact_parallel: int = 1,
     ) -> GenerationStream:
         """Starts a generation from a prompt (text, or token ids fed as they are): the one
         slot of a batched decoder kept with its caches (a next prompt that starts the same
@@ -170,10 +172,13 @@ class ModelSet:
         exact: draw the answer from the model retrained at beta/lam itself (on the aligned
             model's implicit reward) instead of DeRa's per-token mix: attempts decode DeRa
             and each survives every token with the probability the exact target allows
-            (see engine/exact.py); the first survivor is returned, its cost in
-            result.exact. A pair's plain DeRa, 0 <= lam <= 1, temperature in (0, 1], no
-            truncation, penalties, bias or grammar; no speculation. exact_budget: the
-            sequence-tokens the attempts may spend (then ExactBudgetError).
+            (see engine/exact.py); the surviving attempt that started first is returned,
+            its cost in result.exact. A pair's plain DeRa, 0 <= lam <= 1, temperature in
+            (0, 1], no truncation or penalties (a grammar, a JSON schema and bans by a
+            bias of -100 mask both models); no speculation. exact_budget: the
+            sequence-tokens attempts may spend before a new one would start (then
+            ExactBudgetError). exact_parallel: attempts decoded at once, as slots of one
+            batch sharing the prompt's cache.
         """
         prompt_tokens, lam = self._prompt_and_lam(prompt, lam, max_tokens)
         check_top_logprobs(top_logprobs)
@@ -195,21 +200,14 @@ class ModelSet:
         )
         if exact:  # attempts are plain DeRa, one token per step
             request = replace(request, speculation=SpeculationParams(draft_max=0), drafter=None)
+        n_slots = check_parallel(exact_parallel) if exact else 1
         decoder = self._slots.decoder_for(
-            1 if guidance is None else 2, request.speculation.draft_max
+            1 if guidance is None else 2, request.speculation.draft_max, n_slots
         )
         if not exact:
             return GenerationStream(slot_steps(decoder, self.guard, request), self.guard)
-
-        def run_attempt(attempt: GenerationRequest):
-            steps = slot_steps(decoder, self.guard, attempt)
-            while True:
-                try:
-                    next(steps)
-                except StopIteration as end:
-                    return end.value
-
-        return GenerationStream(exact_steps(run_attempt, request, exact_budget), self.guard)
+        steps = exact_attempts(decoder, request, parallel=n_slots, budget=exact_budget)
+        return GenerationStream(claimed(self.guard, steps), self.guard)
 
     def step_costs(self, speculation: SpeculationParams | None = None) -> StepCosts:
         """What a decode step of single generations costs here, by its rows, as measured
@@ -243,20 +241,26 @@ class SlotRunner:
             )
         self.extra: BatchDecoder | None = None
 
-    def decoder_for(self, n_prompts: int, max_drafts: int = 0) -> BatchDecoder:
+    def decoder_for(self, n_prompts: int, max_drafts: int = 0, n_slots: int = 1) -> BatchDecoder:
         home = self.home
-        if home is not None and n_prompts == 1 and max_drafts <= home.opened_for_drafts:
+        if (
+            home is not None
+            and n_prompts == 1
+            and n_slots == 1
+            and max_drafts <= home.opened_for_drafts
+        ):
             return home
         extra = self.extra
         if (
             extra is None
             or extra.prompts_per_slot < n_prompts
             or extra.opened_for_drafts < max_drafts
+            or extra.n_slots < n_slots
         ):
             self._close_extra()
             self.extra = BatchDecoder(
                 self.models,
-                1,
+                n_slots,
                 self.models.n_ctx,
                 prompts_per_slot=n_prompts,
                 max_drafts=max_drafts,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import math
 import os
 import random
@@ -13,6 +14,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import llama_cpp
+import numpy as np
 
 from ..errors import BadParameterError
 from .grammar_bounds import check_gbnf
@@ -141,6 +143,14 @@ def check_grammar(grammar: str, vocab: llama_cpp.llama_vocab_p) -> None:
     llama_cpp.llama_sampler_free(compiled_grammar(grammar, vocab))
 
 
+# llama_token_data as numpy sees it (id, logit, p: 12 bytes, as the C struct).
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+def _is_grammar(sampler: llama_cpp.llama_sampler_p) -> bool:
+    return llama_cpp.llama_sampler_name(sampler) == b"grammar"
+
+
 class SamplerChain:
     """A llama.cpp sampler chain built from SamplingParams; free it with close() (or use
     it as a context manager). `SamplerChain.live` counts chains not yet freed."""
@@ -161,11 +171,20 @@ class SamplerChain:
         )
         SamplerChain.live += 1
         self._observer = observer
+        self._n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+        self._grammar: llama_cpp.llama_sampler_p | None = None  # owned by the chain
+        self._candidates: np.ndarray | None = None  # allowed_tokens' scratch array
+        # Tokens a logit bias of -100 bans: a fixed mask (exact realignment needs it).
+        self.banned = np.array(
+            [t for t, bias in params.logit_bias if bias <= -100], dtype=np.int64
+        )
         try:
             if observer is not None:
                 llama_cpp.llama_sampler_chain_add(self.ptr, observer)
             for sampler in self._samplers(params, vocab, n_ctx):
                 llama_cpp.llama_sampler_chain_add(self.ptr, sampler)
+                if _is_grammar(sampler):
+                    self._grammar = sampler
         except BaseException:
             self.close()
             raise
@@ -212,6 +231,36 @@ class SamplerChain:
         yield llama_cpp.llama_sampler_init_temp(params.temperature)
         seed = params.seed if params.seed is not None else llama_cpp.LLAMA_DEFAULT_SEED
         yield llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF)
+
+    @property
+    def masks(self) -> bool:
+        """Whether the chain removes tokens by a mask (a grammar, or bans by bias)."""
+        return self._grammar is not None or len(self.banned) > 0
+
+    def allowed_tokens(self) -> np.ndarray:
+        """The tokens the chain's masks let through at this point of the answer (the
+        grammar in its current state; bias bans): a boolean array over the vocabulary.
+        Asks the grammar sampler itself (apply, which leaves its state as it is), so it
+        is the mask the next sample_at applies."""
+        allowed = np.ones(self._n_vocab, dtype=bool)
+        allowed[self.banned] = False
+        if self._grammar is not None:
+            if self._candidates is None:
+                self._candidates = np.zeros(self._n_vocab, dtype=_TOKEN_DATA)
+            candidates = self._candidates
+            candidates["id"] = np.arange(self._n_vocab, dtype=np.int32)
+            candidates["logit"] = 0.0
+            candidates["p"] = 0.0
+            array = llama_cpp.llama_token_data_array(
+                data=candidates.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data)),
+                size=self._n_vocab,
+                selected=-1,
+                sorted=False,
+            )
+            llama_cpp.llama_sampler_apply(self._grammar, ctypes.byref(array))
+            rejected = candidates["id"][np.isneginf(candidates["logit"])]
+            allowed[rejected] = False
+        return allowed
 
     def sample_at(self, ctx: llama_cpp.llama_context_p, index: int) -> int:
         """Samples from output `index` of ctx's last batch (-1: the last output), and

@@ -1,0 +1,113 @@
+"""What an exact answer costs (issue 35): sequence-tokens and wall time per exact answer
+on the built-in pair, by lam, with 1, 4 and 8 attempts decoded at once, against one plain
+DeRa answer at the same lam (same prompts, seeds, temperature 1, no truncation, answers
+capped at --tokens), measured in one process.
+
+    python bench/exact_cost.py                       # lam 0.25 0.5 0.75 0.9, 4 answers each
+    python bench/exact_cost.py --lams 0.75 --answers 8 --parallel 1,4,8
+
+Per cell: the median over the answers of the wall time, and the mean sequence-tokens
+(every attempt's, discarded ones too) and attempts. "x DeRa": wall time over the median
+time of one plain DeRa answer (same lam, same prompts and seeds).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import bench_parser, demo_pair_or_exit, machine, table  # noqa: E402
+
+PROMPTS = [
+    "Why is the sky blue?",
+    "Give me a tip for learning to cook.",
+    "What is a black hole?",
+    "How do plants make food?",
+]
+
+
+def main() -> None:
+    parser = bench_parser(__doc__, runs=1, tokens=96)
+    parser.add_argument("--lams", default="0.25,0.5,0.75,0.9")
+    parser.add_argument("--parallel", default="1,4,8")
+    parser.add_argument("--answers", type=int, default=4, help="exact answers per cell")
+    args = parser.parse_args()
+    import dera_local
+
+    spec = demo_pair_or_exit()
+    lams = [float(x) for x in args.lams.split(",")]
+    widths = [int(x) for x in args.parallel.split(",")]
+    print(f"machine: {machine()}; {args.threads} threads; answers <= {args.tokens} tokens\n")
+    rows = []
+    with dera_local.load_pair(
+        spec.aligned,
+        spec.reference,
+        lora=spec.lora,
+        n_ctx=1024,
+        n_threads=args.threads,
+        speculation=dera_local.SpeculationParams(draft_max=0),
+    ) as pair:
+        session = dera_local.ChatSession(pair)
+        encoded = []
+        for text in PROMPTS:
+            session.messages = [{"role": "user", "content": text}]
+            encoded.append(session.prompt_tokens())
+
+        def settings(i: int) -> dict:
+            sampling = dera_local.SamplingParams(
+                temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, seed=100 + i
+            )
+            return {"sampling": sampling, "max_tokens": args.tokens}
+
+        for lam in lams:
+            plain = []
+            for i in range(args.answers):
+                start = time.perf_counter()
+                pair.generate(encoded[i % len(encoded)], lam=lam, **settings(i))
+                plain.append(time.perf_counter() - start)
+            one = statistics.median(plain)
+            for width in widths:
+                times, tokens, attempts = [], [], []
+                for i in range(args.answers):
+                    start = time.perf_counter()
+                    result = pair.generate(
+                        encoded[i % len(encoded)],
+                        lam=lam,
+                        exact=True,
+                        exact_parallel=width,
+                        exact_budget=10**9,
+                        **settings(i),
+                    )
+                    times.append(time.perf_counter() - start)
+                    tokens.append(result.exact["tokens_spent"])
+                    attempts.append(result.exact["attempts"])
+                wall = statistics.median(times)
+                rows.append(
+                    [
+                        f"{lam:g}",
+                        str(width),
+                        f"{statistics.mean(attempts):.1f}",
+                        f"{statistics.mean(tokens):,.0f}",
+                        f"{wall:.2f}",
+                        f"{one:.2f}",
+                        f"{wall / one:.1f}",
+                    ]
+                )
+                print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+    headers = [
+        "lam",
+        "attempts at once",
+        "attempts",
+        "sequence-tokens",
+        "s / exact answer",
+        "s / DeRa answer",
+        "x DeRa",
+    ]
+    print(table(headers, rows))
+
+
+if __name__ == "__main__":
+    main()
