@@ -132,8 +132,7 @@ _ISAS = (("avx512f", "AVX-512"), ("avx2", "AVX2 without AVX-512"), ("asimd", "NE
 
 def machine() -> str:
     import platform
-
-    import llama_cpp
+    from importlib import metadata
 
     cpu, isa = "unknown CPU", ""
     try:
@@ -148,8 +147,17 @@ def machine() -> str:
     return (
         f"{cpu} ({isa or 'ISA unknown'}), {os.cpu_count()} cores, "
         f"{platform.system()} {platform.machine()}, "
-        f"Python {platform.python_version()}, llama-cpp-python {llama_cpp.__version__}"
+        f"Python {platform.python_version()}, llama-cpp-python {_version(metadata)}"
     )
+
+
+def _version(metadata) -> str:
+    """llama-cpp-python's version without importing it (the synthetic study runs
+    without it)."""
+    try:
+        return metadata.version("llama_cpp_python")
+    except metadata.PackageNotFoundError:
+        return "not installed"
 
 
 def run_pairs(

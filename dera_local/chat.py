@@ -11,6 +11,8 @@ from datetime import datetime
 from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment, SecurityError
 
+from .engine.exact import DEFAULT_BUDGET
+from .engine.exact_attempts import DEFAULT_PARALLEL
 from .errors import DeraError
 from .model_sets.pair import DeraPair, GenerationStream
 from .sampling.chain import SamplingParams
@@ -130,10 +132,15 @@ class ChatSession:
         max_tokens: int = 512,
         negative_prompt: str | None = None,
         cfg_scale: float = 1.0,
+        exact: bool = False,
+        exact_budget: int = DEFAULT_BUDGET,
+        exact_parallel: int = DEFAULT_PARALLEL,
     ) -> None:
         """negative_prompt: classifier-free guidance; the negative sequence is this
         conversation with the negative prompt as its system message, steered away from
-        with cfg_scale (see DeraPair.stream)."""
+        with cfg_scale (see DeraPair.stream). exact, exact_budget, exact_parallel: each
+        reply drawn by exact realignment (see DeraPair.stream; the sampling must be
+        untruncated)."""
         self.pair = pair
         self.template = ChatTemplate.for_pair(pair, template)
         self.system = system
@@ -142,6 +149,9 @@ class ChatSession:
         self.max_tokens = max_tokens
         self.negative_prompt = negative_prompt
         self.cfg_scale = cfg_scale
+        self.exact = exact
+        self.exact_budget = exact_budget
+        self.exact_parallel = exact_parallel
         self.messages: list[dict] = []  # user and assistant turns, without the system prompt
         self._warned_about_dropping = False
 
@@ -188,6 +198,10 @@ class ChatSession:
         stream ends (or when record_reply is called with a partial reply)."""
         self.messages.append({"role": "user", "content": text})
         settings = {"lam": self.lam, "sampling": self.sampling, "max_tokens": self.max_tokens}
+        if self.exact:
+            settings.update(
+                exact=True, exact_budget=self.exact_budget, exact_parallel=self.exact_parallel
+            )
         settings.update(overrides)
         try:
             prompt = self.prompt_tokens()
@@ -207,6 +221,13 @@ class ChatSession:
 
     def record_reply(self, text: str) -> None:
         self.messages.append({"role": "assistant", "content": text})
+
+    def drop_last_turn(self) -> None:
+        """Forgets the last user turn and its reply (one that failed: nothing was shown)."""
+        if self.messages and self.messages[-1]["role"] == "assistant":
+            self.messages.pop()
+        if self.messages and self.messages[-1]["role"] == "user":
+            self.messages.pop()
 
 
 class _RecordingStream(GenerationStream):

@@ -212,18 +212,60 @@ def test_the_page_sends_a_negative_prompt_and_scale(browser, page_server):
     assert _text(answer) == expected
 
 
+def test_the_exact_toggle_asks_for_exact_realignment_and_shows_its_cost(browser, page_server):
+    """With Exact on, the page sends dera_exact: at lam 1 one attempt is the answer (its
+    cost under it); at lam 2 the server's one-line refusal is the reply, marked an error."""
+    from selenium.webdriver.common.by import By
+
+    browser.get(page_server + "/")
+    browser.find_element(By.ID, "settings").click()
+    _set(browser, "temperature", "1")
+    _set(browser, "max-tokens", str(MAX_TOKENS))
+    _set(browser, "lam", "1")
+    browser.find_element(By.ID, "exact-toggle").click()
+    _send(browser, "hello")
+    [answer] = _wait_done(browser, ".message.assistant", 1)
+    stats = answer.find_element(By.CSS_SELECTOR, ".stats")
+    assert stats.get_attribute("data-attempts") == "1"
+    assert "exact: 1 attempts (0 killed)" in stats.text
+
+    browser.find_element(By.ID, "new-chat").click()
+    _set(browser, "lam", "2")
+    _send(browser, "hello")
+
+    def refused(driver):
+        found = driver.find_elements(By.CSS_SELECTOR, ".message.assistant.error")
+        return found[0] if found else False
+
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    error = WebDriverWait(browser, 60).until(refused)
+    assert "exact realignment needs 0 <= lam <= 1" in _text(error)
+
+
 def test_the_page_and_its_files_are_served_and_other_paths_are_404(page_server):
+    """Browsers get the page at /; a client that does not ask for HTML gets
+    `Ollama is running` there, as Ollama answers."""
     import urllib.error
     import urllib.request
 
+    html = {"Accept": "text/html,application/xhtml+xml,*/*;q=0.8"}  # as browsers ask
     for path, kind in (
         ("/", "text/html"),
         ("/chat.js", "text/javascript"),
         ("/chat.css", "text/css"),
     ):
-        with urllib.request.urlopen(page_server + path) as response:
+        request = urllib.request.Request(page_server + path, headers=html)
+        with urllib.request.urlopen(request) as response:
             assert response.headers["Content-Type"].startswith(kind)
             assert len(response.read()) > 500
+    # Ollama's health probe of its base URL (no HTML asked for): Ollama's own answer
+    for method in ("GET", "HEAD"):
+        probe = urllib.request.Request(page_server + "/", method=method)
+        with urllib.request.urlopen(probe) as response:
+            assert response.status == 200
+            assert response.headers["Content-Type"].startswith("text/plain")
+            assert response.read() == (b"Ollama is running" if method == "GET" else b"")
     with pytest.raises(urllib.error.HTTPError) as missing:
         urllib.request.urlopen(page_server + "/secrets.txt")
     assert missing.value.code == 404

@@ -420,6 +420,54 @@ def test_the_cli_samples_exactly_and_refuses_in_one_line(run):
     assert explicit.exit_code == 1 and "turn off top-k" in explicit.stderr
 
 
+def test_chat_exact_answers_each_turn_and_toggles_and_fails_in_one_line(
+    run, lora_pair, reference_path, weak_lora, monkeypatch
+):
+    """chat --exact: each reply's cost on stderr; /exact off and on swap the sampling
+    (truncation back on and off); a lam exact mode refuses is one error line and the
+    session goes on, that turn forgotten. The replies equal ChatSession's in Python."""
+    script = "hello\n/lambda 1.5\nagain\n/lambda 0.5\n/exact off\nthird\n/exact on\nbye\n"
+    monkeypatch.delenv("DERA_ALIGNED")
+    result = run("chat", "-mr", str(reference_path), "--lora", str(weak_lora), "-c", "256",
+                 "--exact", "--lam", "0.5", "--temp", "1", "-s", "3", "-n", "2",
+                 stdin=script)  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [
+        "error: exact realignment needs 0 <= lam <= 1 (lam 1.5): beyond 1 the target "
+        "rewards disagreement and has no normaliser without a length cap"
+    ]
+    assert result.stderr.count("exact: ") == 2  # hello and bye
+    assert "exact realignment off" in result.stderr and "exact realignment on" in result.stderr
+    untruncated = dera_local.SamplingParams(**{**PURE, "seed": 3})
+    truncated = dera_local.SamplingParams(temperature=1.0, seed=3)
+    session = dera_local.ChatSession(
+        lora_pair, lam=0.5, sampling=untruncated, max_tokens=2, exact=True
+    )
+    replies = [session.say("hello")]
+    session.exact, session.sampling = False, truncated
+    replies.append(session.say("third"))
+    session.exact, session.sampling = True, untruncated
+    replies.append(session.say("bye"))
+    assert result.stdout == "".join(reply + "\n" for reply in replies)
+
+
+def test_sweep_exact_draws_every_lam_of_its_range(run, tmp_path):
+    import json
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("hello\nworld\n")
+    result = run("sweep", "--exact", "--prompts", str(prompts), "-n", "3", "--temp", "1",
+                 "-s", "5")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [row["lam"] for row in rows] == [0.0, 0.25, 0.5, 0.75, 1.0] * 2
+    assert all(row["exact"]["attempts"] >= 1 for row in rows)
+    assert all(row["exact"]["attempts"] == 1 for row in rows if row["lam"] in (0.0, 1.0))
+    refused = run("sweep", "--exact", "--lambdas", "0.5,2", "--prompts", str(prompts))
+    assert refused.exit_code == 1 and "0 <= lam <= 1" in refused.stderr
+
+
 # --- the server: dera_exact on /v1, options.exact on Ollama's API ------------------------
 
 
@@ -475,6 +523,30 @@ def test_the_server_answers_exactly_on_both_dialects(exact_server):
     ollama = {"model": "dera-local:0.5", "stream": False, "messages": chat, "options": options}
     status, answer = _post(exact_server, "/api/chat", ollama)
     assert status == 200 and answer["dera"]["exact"]["attempts"] >= 1, answer
+
+
+def test_a_json_schema_masks_both_models_and_the_answer_stays_exact(exact_server):
+    import json
+
+    schema = {"enum": ["yes", "no", "maybe"]}
+    body = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "dera_lambda": 0.5,
+        "dera_exact": True,
+        "temperature": 1,
+        "seed": 3,
+        "max_tokens": 12,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": schema}},
+    }
+    status, answer = _post(exact_server, "/v1/chat/completions", body)
+    assert status == 200, answer
+    assert json.loads(answer["choices"][0]["message"]["content"]) in schema["enum"]
+    assert answer["dera"]["exact"]["attempts"] >= 1
+    status, answer = _post(exact_server, "/api/chat", {
+        "model": "dera-local:0.5", "messages": body["messages"], "stream": False,
+        "format": schema, "options": {"exact": True, "seed": 3, "temperature": 1}})  # fmt: skip
+    assert status == 200, answer
+    assert json.loads(answer["message"]["content"]) in schema["enum"]
 
 
 def test_the_server_refuses_what_exact_mode_cannot_sample_naming_the_field(exact_server):

@@ -105,3 +105,20 @@ def test_the_closed_form_matches_the_program_for_a_geometric_reference():
         per_token = dera(chain, aligned, lam)
         assert 1 - per_token[0, chain.start, END] == pytest.approx(mixed, rel=1e-9)
         assert abs(exact - mixed) > 1e-3  # the approximation is not exact here
+
+
+def test_the_synthetic_study_needs_no_llama_cpp():
+    """synthetic.py (and its provenance) imports with llama_cpp unimportable: the exact
+    study is numpy alone (the full run, ~40 s of CPU, gave the stored results again)."""
+    import subprocess
+
+    folder = Path(__file__).resolve().parents[1] / "experiments" / "lam_meaning"
+    code = (
+        "import sys; sys.modules['llama_cpp'] = None; sys.path.insert(0, sys.argv[1]);"
+        "import synthetic, provenance; print(provenance.provenance()['machine'])"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(folder)], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert "llama-cpp-python" in done.stdout

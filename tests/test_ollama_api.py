@@ -184,3 +184,52 @@ def test_json_format_constrains_the_answer(client):
         assert isinstance(json.loads(answer.message.content)["a"], int)
     else:
         assert answer.message.content.lstrip().startswith("{")
+
+
+def test_logprobs_in_ollamas_format_are_v1s_for_the_same_answer(client, v1):
+    """Ollama's logprobs/top_logprobs (>= 0.12.11), streamed and not: each token with its
+    log-probability under the mixture and its alternatives, as /v1 gives them."""
+    options = {"temperature": 0, "num_predict": 8}
+    whole = client.chat(
+        model="dera-local:0.5", messages=CHAT, options=options, logprobs=True, top_logprobs=3
+    )
+    reply = v1.chat.completions.create(
+        model="dera-local", messages=CHAT, max_tokens=8, temperature=0, logprobs=True,
+        top_logprobs=3, extra_body={"dera_lambda": 0.5, "repeat_penalty": 1.1, "top_k": 40,
+                                    "top_p": 0.9},
+    )  # fmt: skip
+    expected = [
+        (e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs])
+        for e in reply.choices[0].logprobs.content
+    ]
+    got = [(e.token, e.logprob, [(t.token, t.logprob) for t in e.top_logprobs])
+           for e in whole.logprobs]  # fmt: skip
+    assert got == expected and len(got) == whole.eval_count
+    assert "".join(token for token, _, _ in got) == whole.message.content
+    parts = list(
+        client.chat(
+            model="dera-local:0.5", messages=CHAT, options=options, logprobs=True, stream=True
+        )
+    )
+    streamed = [(e.token, e.logprob) for p in parts for e in (p.logprobs or [])]
+    assert streamed == [(token, value) for token, value, _ in got]
+    plain = client.chat(model="dera-local:0.5", messages=CHAT, options=options)
+    assert not plain.logprobs  # only when asked
+
+
+def test_what_ollama_clients_probe_is_answered(client, server):
+    """/api/version is numeric semver; /api/show has capabilities and the context length
+    where Ollama's clients read it (<architecture>.context_length); keep_alive passes."""
+    import re
+
+    status, body = _raw(server, "/api/version")
+    assert re.fullmatch(r"\d+\.\d+\.\d+", json.loads(body)["version"])
+    shown = client.show("dera-local")
+    assert "completion" in shown.capabilities
+    architecture = shown.modelinfo["general.architecture"]
+    # what one request may use: the server's -c 512 shared by its 2 slots
+    assert shown.modelinfo[f"{architecture}.context_length"] == 256
+    answer = client.chat(
+        model="dera-local", messages=CHAT, options={"num_predict": 2}, keep_alive="5m"
+    )
+    assert answer.done

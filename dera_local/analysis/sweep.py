@@ -14,6 +14,8 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from ..engine.decoder import BatchDecoder
+from ..engine.exact import DEFAULT_BUDGET
+from ..engine.exact_attempts import DEFAULT_PARALLEL
 from ..engine.guidance import guidance_for, validate_cfg_scale
 from ..engine.mixing import validate_lam
 from ..engine.request import GenerationRequest
@@ -81,6 +83,8 @@ class SweepRow:
     # For a pair's plain DeRa (no CFG): the answer's mismatch to the exact target at lam
     # (logprobs.mismatch); None otherwise.
     mismatch: float | None = None
+    # With sweep(..., exact=True): what the exact answer cost (GenerationResult.exact).
+    exact: dict | None = None
 
     @property
     def kl_to_reference(self) -> float:
@@ -239,10 +243,24 @@ def sweep(
     cfg_scales: Sequence[float] | None = None,
     negative_prompt: str | Sequence[int] | None = None,
     speculation: SpeculationParams | None = None,
+    exact: bool = False,
+    exact_budget: int = DEFAULT_BUDGET,
+    exact_parallel: int = DEFAULT_PARALLEL,
 ) -> Iterator[SweepRow]:
     """Yields rows for (prompt_id, prompt) pairs, every lam (and CFG scale) per prompt, in
     one batched set of contexts; `reward` (text -> float) fills each row's reward. An
-    item may be (prompt_id, prompt, negative_prompt) to give each its own negative."""
+    item may be (prompt_id, prompt, negative_prompt) to give each its own negative.
+
+    exact: each row's answer drawn by exact realignment instead (DeraPair.stream's
+    exact; every lam in [0, 1], no CFG): one lam after another, each answer's attempts
+    decoded `exact_parallel` at once; the row's `exact` says what it cost."""
+    if exact:
+        if cfg_scales is not None:
+            raise BadParameterError("exact realignment has no CFG: drop the CFG scales")
+        yield from _exact_rows(
+            pair, prompts, lambdas, sampling, max_tokens, stop, reward, exact_budget, exact_parallel
+        )
+        return
     with LambdaSweep(
         pair, lambdas, max_tokens=max_tokens, cfg_scales=cfg_scales, speculation=speculation
     ) as runner:
@@ -254,6 +272,43 @@ def sweep(
                 if reward is not None:
                     row.reward = _checked_reward(reward, row.text)
                 yield row
+
+
+def _exact_rows(
+    pair, prompts, lambdas, sampling, max_tokens, stop, reward, budget, parallel
+) -> Iterator[SweepRow]:
+    grid = parse_lambdas(lambdas, pair.check_lam)
+    sampling = (sampling or SamplingParams()).with_seed()  # one seed for every lam, as a sweep
+    for prompt_id, prompt, *_ in prompts:
+        for lam in grid:
+            result = pair.generate(
+                prompt,
+                lam=lam,
+                sampling=sampling,
+                max_tokens=max_tokens,
+                stop=stop,
+                logprobs=True,
+                exact=True,
+                exact_budget=budget,
+                exact_parallel=parallel,
+            )
+            sums = result.logprobs.sums()
+            row = SweepRow(
+                prompt_id=prompt_id,
+                lam=lam,
+                text=result.text,
+                tokens=result.tokens,
+                finish_reason=result.finish_reason,
+                logprob_aligned=sums["aligned"],
+                logprob_reference=sums["reference"],
+                logprob_mixture=sums["mixture"],
+                end_token=result.end_token,
+                mismatch=result.logprobs.mismatch(),
+                exact=result.exact,
+            )
+            if reward is not None:
+                row.reward = _checked_reward(reward, row.text)
+            yield row
 
 
 def _checked_reward(reward: Callable[[str], float], text: str) -> float:

@@ -15,13 +15,23 @@ from ..errors import DeraError
 from .files import read_text_file
 from .open_models import open_model_set
 from .options import model_options, split_options
-from .sampling_options import cfg_options, negative_prompt_from, sampling_from, sampling_options
+from .sampling_options import (
+    cfg_options,
+    exact_cost_line,
+    exact_options,
+    exact_sampling,
+    exact_settings,
+    negative_prompt_from,
+    sampling_from,
+    sampling_options,
+)
 
 HELP = """commands:
   /lambda X      set lam (1 = aligned, 0 = reference, >1 extrapolates)
   /system TEXT   set the system prompt and start over
   /negative TEXT set the negative prompt (classifier-free guidance; empty: off)
   /cfg S         set the guidance scale (1 = off, >1 steers away from the negative)
+  /exact on|off  draw replies from the retrained target itself (0 <= lam <= 1)
   /reset         forget the conversation
   /help          this text
   /quit          leave (Ctrl-D too); Ctrl-C stops the current reply"""
@@ -49,8 +59,9 @@ def _lines(interactive: bool) -> Iterator[str]:
         yield line.rstrip("\n")
 
 
-def _command(session: ChatSession, line: str) -> bool:
-    """Runs a /command; returns False when the session should end."""
+def _command(session: ChatSession, line: str, sampling: dict | None = None) -> bool:
+    """Runs a /command; returns False when the session should end. `sampling`: the
+    SamplingParams for replies with /exact off and on."""
     name, _, argument = line.partition(" ")
     argument = argument.strip()
     if name in ("/quit", "/exit"):
@@ -75,6 +86,14 @@ def _command(session: ChatSession, line: str) -> bool:
             click.echo(f"error: {exc}", err=True)
         else:
             click.echo(f"cfg scale = {session.cfg_scale:g}", err=True)
+    elif name == "/exact":
+        if argument not in ("on", "off"):
+            click.echo("error: /exact on or /exact off", err=True)
+        else:
+            session.exact = argument == "on"
+            if sampling is not None:
+                session.sampling = sampling[session.exact]
+            click.echo(f"exact realignment {argument}", err=True)
     elif name == "/reset":
         session.reset()
         click.echo("conversation cleared", err=True)
@@ -90,14 +109,26 @@ def _command(session: ChatSession, line: str) -> bool:
 
 
 def _reply(session: ChatSession, line: str) -> None:
-    stream = session.send(line)
+    """Streams the reply to a user turn; a reply that fails (exact realignment's spent
+    budget, a lam it cannot sample) is one error line, and the turn is forgotten."""
+    try:
+        stream = session.send(line)
+    except DeraError as exc:  # refused before anything ran: the turn is already gone
+        click.echo(f"error: {exc}", err=True)
+        return
     try:
         for chunk in stream:
             click.echo(chunk, nl=False)
     except KeyboardInterrupt:
         stream.close()
         click.echo(" [stopped]", nl=False)
+    except DeraError as exc:
+        session.drop_last_turn()
+        click.echo(f"error: {exc}", err=True)
+        return
     click.echo()
+    if stream.result is not None and stream.result.exact is not None:
+        click.echo(exact_cost_line(stream.result.exact), err=True)
 
 
 @click.command()
@@ -110,6 +141,7 @@ def _reply(session: ChatSession, line: str) -> None:
 )
 @click.option("--chat-template-file", default=None, help="Read the chat template from a file.")
 @cfg_options
+@exact_options
 @model_options
 @sampling_options
 def chat(
@@ -119,13 +151,18 @@ def chat(
     negative_prompt: str | None,
     negative_prompt_file: str | None,
     cfg_scale: float,
+    exact: bool,
+    exact_budget: int,
+    exact_parallel: int,
     **kwargs,
 ) -> None:
     """Chat with the DeRa pair; /lambda X changes lam as you go, /help lists commands."""
     model, sampling, rest = split_options(kwargs)
     if chat_template_file:
         template = read_text_file(chat_template_file, "chat template file")
-    params = sampling_from(**sampling)
+    # replies' sampling with /exact off and on (on: truncation the user did not set off)
+    by_exact = {False: sampling_from(**sampling), True: sampling_from(**exact_sampling(sampling))}
+    params = by_exact[exact]
     lam = validate_lam(rest["lam"])
     negative = negative_prompt_from(negative_prompt, negative_prompt_file)
     cfg_scale = validate_cfg_scale(cfg_scale)
@@ -140,6 +177,7 @@ def chat(
             max_tokens=rest["max_tokens"],
             negative_prompt=negative,
             cfg_scale=cfg_scale,
+            **exact_settings(exact, exact_budget, exact_parallel),
         )
         if interactive:
             click.echo(f"lam = {lam:g}; /help for commands, /quit to leave", err=True)
@@ -147,7 +185,7 @@ def chat(
             if not line.strip():
                 continue
             if line.startswith("/"):
-                if not _command(session, line):
+                if not _command(session, line, by_exact):
                     break
                 continue
             _reply(session, line)

@@ -21,8 +21,10 @@ from .prompts import (
 )
 from .sampling_options import (
     cfg_options,
+    exact_cost_line,
     exact_options,
     exact_sampling,
+    exact_settings,
     negative_prompt_from,
     sampling_from,
     sampling_options,
@@ -81,6 +83,7 @@ def generate(
     cfg_scale: float,
     exact: bool,
     exact_budget: int,
+    exact_parallel: int,
     **kwargs,
 ) -> None:
     """Continue PROMPT with the DeRa mixture of the aligned and reference models
@@ -111,8 +114,7 @@ def generate(
             cfg_scale=cfg_scale,
             logprobs=as_json,
             top_logprobs=top_logprobs or 0,
-            exact=exact,
-            exact_budget=exact_budget,
+            **exact_settings(exact, exact_budget, exact_parallel),
         )
         if as_json:
             for _ in stream:
@@ -128,12 +130,7 @@ def generate(
                 click.echo(chunk, nl=False)
             click.echo()
             if stream.result.exact is not None:
-                run = stream.result.exact
-                click.echo(
-                    f"exact: {run['attempts']} attempts ({run['killed']} killed), "
-                    f"{run['tokens_spent']} tokens, Z estimate {run['z_estimate']:.3g}",
-                    err=True,
-                )
+                click.echo(exact_cost_line(stream.result.exact), err=True)
         if model["verbose"] and stream.result.speculation is not None:
             click.echo("\n".join(report_lines(stream.result.speculation)), err=True)
         hint_if_raw_prompts_ended_at_once(pair, chat, int(not stream.result.tokens))

@@ -11,6 +11,7 @@ from collections.abc import Callable
 import click
 
 from ..engine.exact import DEFAULT_BUDGET
+from ..engine.exact_attempts import DEFAULT_PARALLEL, MAX_PARALLEL
 from ..errors import DeraError
 from ..sampling.chain import SamplingParams
 from ..sampling.json_schema import json_schema_grammar
@@ -207,9 +208,30 @@ exact_options = stacked(
         type=click.IntRange(1),
         default=DEFAULT_BUDGET,
         show_default=True,
-        help="Tokens the attempts of one exact answer may spend.",
+        help="Tokens the attempts of one exact answer may spend (checked when an "
+        "attempt would start).",
+    ),
+    click.option(
+        "--exact-parallel",
+        type=click.IntRange(1, MAX_PARALLEL),
+        default=DEFAULT_PARALLEL,
+        show_default=True,
+        help="Attempts of an exact answer decoded at once (slots sharing the prompt).",
     ),
 )
+
+
+def exact_settings(exact: bool, exact_budget: int, exact_parallel: int) -> dict:
+    """The stream() keywords of the --exact flags."""
+    return {"exact": exact, "exact_budget": exact_budget, "exact_parallel": exact_parallel}
+
+
+def exact_cost_line(exact: dict) -> str:
+    """One line of what an exact answer cost (for stderr)."""
+    return (
+        f"exact: {exact['attempts']} attempts ({exact['killed']} killed), "
+        f"{exact['tokens_spent']} tokens, Z estimate {exact['z_estimate']:.3g}"
+    )
 
 # With --exact, the truncation samplers are off unless the command line sets them:
 # exact realignment samples the target itself.

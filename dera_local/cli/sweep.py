@@ -27,9 +27,15 @@ from .sampling_options import (
     lambdas_option,
     negative_prompt_from,
     negative_prompt_options,
+    exact_options,
+    exact_sampling,
+    exact_settings,
     sampling_from,
     sampling_options,
 )
+
+
+EXACT_LAM_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 @click.command("sweep")
@@ -56,6 +62,7 @@ from .sampling_options import (
     "--cfg-negative-prompt): one row per (prompt, lam, scale).",
 )
 @negative_prompt_options
+@exact_options
 @chat_options
 @model_options
 @sampling_options
@@ -71,9 +78,14 @@ def sweep_command(
     plot_path: str | None,
     chat: bool | None,
     system: str | None,
+    exact: bool,
+    exact_budget: int,
+    exact_parallel: int,
     **kwargs,
 ) -> None:
-    """Decode each prompt at every lam in one batch; one JSONL row per (prompt, lam)."""
+    """Decode each prompt at every lam in one batch; one JSONL row per (prompt, lam).
+    With --exact, each answer is drawn by exact realignment (one lam after another;
+    every lam in [0, 1])."""
     model, sampling, rest = split_options(kwargs)
     grid = parse_lambdas(lambdas) if lambdas is not None else None
     scales = parse_cfg_scales(cfg_scales) if cfg_scales is not None else None
@@ -84,12 +96,14 @@ def sweep_command(
     reward_fn = load_reward(reward) if reward else None
     if plot_path and reward_fn is None:
         raise DeraError("--plot needs --reward: the picture is reward against KL")
-    params = sampling_from(**sampling)
+    params = sampling_from(**(exact_sampling(sampling) if exact else sampling))
     rows = []
     with (
         open_model_set(**model, one_model_ok=negative is not None) as pair,
         open_output(out) as sink,
     ):
+        if exact and grid is None:  # exact realignment's range
+            grid = list(EXACT_LAM_GRID)
         grid = lam_grid(pair, grid)
         encode = prompt_encoder(pair, chat, system, [p for _, p in prompts])
         generator = sweep(
@@ -104,6 +118,7 @@ def sweep_command(
             max_tokens=rest["max_tokens"],
             stop=rest["stop"],
             reward=reward_fn,
+            **exact_settings(exact, exact_budget, exact_parallel),
         )
         # The first row before the progress bar: a sweep that cannot start fails with its
         # one line, not after a bar's label.
@@ -118,6 +133,8 @@ def sweep_command(
                 record["kl_to_reference"] = row.kl_to_reference
                 if row.mismatch is None:  # CFG rows: no exact target to compare with
                     del record["mismatch"]
+                if row.exact is None:
+                    del record["exact"]
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")
                 sink.flush()
                 bar.update(1)

@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from ..engine.decoder import BatchDecoder
 from ..engine.exact import DEFAULT_BUDGET
-from ..engine.exact_attempts import check_parallel, exact_attempts
+from ..engine.exact_attempts import DEFAULT_PARALLEL, check_parallel, exact_attempts
 from ..engine.guidance import Guidance, guidance_for
 from ..engine.logprobs import check_top_logprobs
 from ..engine.mixing import validate_lam
@@ -139,7 +139,7 @@ class ModelSet:
         cfg_scale: float = 1.0,
         exact: bool = False,
         exact_budget: int = DEFAULT_BUDGET,
-        exact_parallel: int = 1,
+        exact_parallel: int = DEFAULT_PARALLEL,
     ) -> GenerationStream:
         """Starts a generation from a prompt (text, or token ids fed as they are): the one
         slot of a batched decoder kept with its caches (a next prompt that starts the same
@@ -200,7 +200,7 @@ class ModelSet:
         )
         if exact:  # attempts are plain DeRa, one token per step
             request = replace(request, speculation=SpeculationParams(draft_max=0), drafter=None)
-        n_slots = check_parallel(exact_parallel) if exact else 1
+        n_slots = check_parallel(exact_parallel) if exact and 0.0 < lam < 1.0 else 1
         decoder = self._slots.decoder_for(
             1 if guidance is None else 2, request.speculation.draft_max, n_slots
         )

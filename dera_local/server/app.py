@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import JSONResponse, Response
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 from starlette.routing import Route
 
 from ..chat import ChatTemplate
@@ -134,6 +134,13 @@ def create_app(
         name = request.path_params.get("name", "index.html")
         return Response(_STATIC[name], media_type=_MEDIA_TYPES[name.rsplit(".", 1)[1]])
 
+    async def root(request: Request) -> Response:
+        """The chat page for browsers; for anything else (an Ollama client's or a
+        script's health probe of the base URL it calls) Ollama's own answer."""
+        if "text/html" in request.headers.get("accept", ""):
+            return await page(request)
+        return PlainTextResponse("Ollama is running")
+
     async def page_or_404(request: Request) -> Response:
         if request.path_params["name"] not in _STATIC:
             return await not_found(request, None)
@@ -168,7 +175,7 @@ def create_app(
             *openai_routes(served),
             *ollama_routes(served),
             Route("/health", health, methods=["GET"]),
-            Route("/", page, methods=["GET"]),
+            Route("/", root, methods=["GET", "HEAD"]),
             Route("/{name:str}", page_or_404, methods=["GET"]),
         ],
         middleware=[Middleware(_Guard, api_key=api_key, max_body_bytes=max_body_bytes)],

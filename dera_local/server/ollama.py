@@ -19,6 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from ..engine.logprob_format import chat_content
 from ..errors import DeraError
 from ..llama.gguf_inspect import read_gguf
 from ..model_sets.pair import GenerationResult
@@ -90,6 +91,8 @@ class ModelCard:
                 "general.name": main.name,
                 "dera.models": [str(path) for path in paths],
                 "dera.context_length": pair.n_ctx,
+                # what Ollama's clients read for the context (e.g. "llama.context_length")
+                f"{main.architecture}.context_length": pair.n_ctx,
             },
         )
 
@@ -176,22 +179,27 @@ def ollama_routes(served: Served) -> list[Route]:
         prompt, negative_prompt, load_only = _prompts(body, chat, parsed.negative_prompt, served)
         model = body["model"]
         if load_only:  # Ollama: an empty prompt loads the model and answers at once
-            return JSONResponse(_final(model, chat, "", "load", None, started))
+            return JSONResponse(_Shape(model, chat, started).final("", "load", None))
         fields = {"prompt": "messages" if chat else "prompt", "negative prompt": "options"}
         job = Job(
             prompt,
             parsed.request,
             negative_prompt,
             cfg_scale=parsed.cfg_scale,
+            per_token=parsed.per_token,
             fields=fields,
             exact=parsed.exact,
         )
+        shape = _Shape(model, chat, started, token_bytes if parsed.per_token else None)
         encoder = Encoder(
-            lambda first, chunks: _ndjson(model, chat, first, chunks, started),
+            lambda first, chunks: _ndjson(shape, first, chunks),
             "application/x-ndjson",
-            lambda result: _final(model, chat, result.text, result.finish_reason, result, started),
+            lambda result: shape.final(result.text, result.finish_reason, result),
         )
         return await run(request, served, job, parsed.stream, encoder)
+
+    def token_bytes(token: int) -> bytes:
+        return pair.model.token_bytes(token, special=True)
 
     async def chat_endpoint(request: Request) -> Response:
         return await answered(lambda: answer(request, chat=True), failure_response)
@@ -259,50 +267,59 @@ def _not_found(name) -> JSONResponse:
     )
 
 
-def _chunk(model: str, chat: bool, text: str, done: bool) -> dict:
-    body = {"model": model, "created_at": _timestamp(datetime.now(timezone.utc))}
-    if chat:
-        body["message"] = {"role": "assistant", "content": text}
-    else:
-        body["response"] = text
-    body["done"] = done
-    return body
+@dataclass
+class _Shape:
+    """Ollama's objects for one answer: chunks, the last object, and with `token_bytes`
+    (logprobs asked for) each token's log-probability in Ollama's format (>= 0.12.11:
+    token, logprob, bytes, top_logprobs; the mixture's, as /v1 gives them)."""
+
+    model: str
+    chat: bool
+    started: float
+    token_bytes: Callable[[int], bytes] | None = None
+
+    def chunk(self, text: str, done: bool, tokens=(), logprobs=None) -> dict:
+        body = {"model": self.model, "created_at": _timestamp(datetime.now(timezone.utc))}
+        if self.chat:
+            body["message"] = {"role": "assistant", "content": text}
+        else:
+            body["response"] = text
+        body["done"] = done
+        if self.token_bytes is not None and logprobs is not None and tokens:
+            body["logprobs"] = chat_content(tokens, logprobs, self.token_bytes)
+        return body
+
+    def final(self, text: str, reason: str, result: GenerationResult | None) -> dict:
+        """The last object of a stream (text "") or the whole answer: done, why, and
+        Ollama's counts and durations (nanoseconds), with DeRa's `dera` object."""
+        whole = result is not None and text != ""
+        body = self.chunk(
+            text,
+            True,
+            result.tokens if whole else (),
+            result.logprobs if whole else None,
+        )
+        body["done_reason"] = reason
+        body["total_duration"] = int((time.perf_counter() - self.started) * 1e9)
+        body["load_duration"] = 0  # loaded once, when the server started
+        if result is not None:
+            body["prompt_eval_count"] = len(result.prompt_tokens) - result.reused_prompt_tokens
+            body["prompt_eval_duration"] = int(result.prompt_seconds * 1e9)
+            body["eval_count"] = len(result.tokens)
+            body["eval_duration"] = int(result.generation_seconds * 1e9)
+            body["dera"] = dera(result)
+        return body
 
 
-def _final(
-    model: str,
-    chat: bool,
-    text: str,
-    reason: str,
-    result: GenerationResult | None,
-    started: float,
-) -> dict:
-    """The last object of a stream (text "") or the whole answer: done, why, and
-    Ollama's counts and durations (nanoseconds), with DeRa's `dera` object."""
-    body = _chunk(model, chat, text, True)
-    body["done_reason"] = reason
-    body["total_duration"] = int((time.perf_counter() - started) * 1e9)
-    body["load_duration"] = 0  # loaded once, when the server started
-    if result is not None:
-        body["prompt_eval_count"] = len(result.prompt_tokens) - result.reused_prompt_tokens
-        body["prompt_eval_duration"] = int(result.prompt_seconds * 1e9)
-        body["eval_count"] = len(result.tokens)
-        body["eval_duration"] = int(result.generation_seconds * 1e9)
-        body["dera"] = dera(result)
-    return body
-
-
-async def _ndjson(
-    model: str, chat: bool, first, chunks: AsyncIterator, started: float
-) -> AsyncIterator[str]:
+async def _ndjson(shape: _Shape, first, chunks: AsyncIterator) -> AsyncIterator[str]:
     """One JSON object per line; closing it (client gone) cancels the job."""
     try:
         item = first
         while True:
             if isinstance(item, GenerationResult):
-                yield _line(_final(model, chat, "", item.finish_reason, item, started))
+                yield _line(shape.final("", item.finish_reason, item))
                 break
-            yield _line(_chunk(model, chat, item.text, False))
+            yield _line(shape.chunk(item.text, False, item.tokens, item.logprobs))
             try:
                 item = await chunks.__anext__()
             except StopAsyncIteration:  # ended without a result: the server is stopping

@@ -23,6 +23,7 @@ from .requests import (
     checked_lam,
     client_seed,
     is_number,
+    logprob_fields,
     message_list,
     object_field,
     true_or_false,
@@ -67,7 +68,7 @@ REFUSED_OPTIONS = {
 _NEUTRAL_OPTIONS = {"mirostat": 0, "tfs_z": 1.0, "typical_p": 1.0}
 
 # Top-level fields: shared, per endpoint, harmless, refused.
-COMMON = {"model", "stream", "format", "options", "keep_alive"}
+COMMON = {"model", "stream", "format", "options", "keep_alive", "logprobs", "top_logprobs"}
 CHAT = {"messages"}
 GENERATE = {"prompt", "system", "raw"}
 HARMLESS = {"keep_alive"}
@@ -79,8 +80,6 @@ REFUSED = {
     "template": "prompt templates are the model's own; a custom 'template' is not supported",
     "context": "'context' (token ids of an earlier answer) is not supported: send the "
     "conversation as /api/chat messages",
-    "logprobs": "log-probabilities are served by /v1/chat/completions (logprobs: true)",
-    "top_logprobs": "log-probabilities are served by /v1/chat/completions (top_logprobs)",
 }
 
 
@@ -141,6 +140,8 @@ def parse_ollama(
     )
     num_predict = int(values.get("num_predict", -1))
     negative, cfg_scale = _guidance(options, values)
+    # Ollama (>= 0.12.11): top-level logprobs (true/false) and top_logprobs (0-20)
+    per_token, top_logprobs = logprob_fields(body, chat=True)
     return ParsedRequest(
         request=GenerationRequest(
             lam=lam,
@@ -149,9 +150,11 @@ def parse_ollama(
             max_tokens=-1 if num_predict < 0 else num_predict,
             stop=_stop(options.get("stop")),
             logprobs=True,  # always: every answer carries its `dera` object
+            top_logprobs=top_logprobs,
         ),
         stream=stream,
         model=body["model"],
+        per_token=per_token,
         negative_prompt=negative,
         cfg_scale=cfg_scale,
         exact=exact,

@@ -197,7 +197,7 @@ def parse_common(
         grammar=_response_format(body) if chat else None,
         logit_bias=_logit_bias(body, n_vocab),
     )
-    per_token, top_logprobs = _logprobs(body, chat)
+    per_token, top_logprobs = logprob_fields(body, chat)
     negative, cfg_scale = _guidance(body)
     return ParsedRequest(
         request=GenerationRequest(
@@ -224,7 +224,7 @@ def client_seed(seed: int | None) -> int | None:
     return None if seed is None else seed & 0x7FFFFFFF
 
 
-def _logprobs(body: dict, chat: bool) -> tuple[bool, int]:
+def logprob_fields(body: dict, chat: bool) -> tuple[bool, int]:
     """Per-token log-probabilities asked for: chat's logprobs (true/false) and
     top_logprobs (0-20), or the completions API's logprobs (0-20 alternatives)."""
     if chat:

@@ -11,7 +11,7 @@ const ui = {
   apiKeyRow: $("api-key-row"), compare: $("compare-toggle"), compareBar: $("compare-bar"),
   compareLams: $("compare-lams"), messages: $("messages"), prompt: $("prompt"),
   send: $("send"), form: $("composer"), newChat: $("new-chat"), status: $("status"),
-  settings: $("settings"),
+  settings: $("settings"), exact: $("exact-toggle"),
 };
 let history = []; // the conversation so far: {role, content}
 let busy = false;
@@ -89,6 +89,8 @@ function requestBody(messages, lam) {
   };
   // Classifier-free guidance: the server renders the negative prompt as the system
   // message of a second sequence of the same conversation.
+  // Exact realignment: the server draws from the retrained target itself (dera_exact).
+  if (ui.exact.checked) body.dera_exact = true;
   const negative = ui.negative.value.trim();
   if (negative) {
     body.dera_negative_prompt = negative;
@@ -110,6 +112,11 @@ function showStats(node, stats) {
   line.textContent = `${tokens} tokens · ${perSecond.toFixed(1)} tokens/s · ` +
     `KL to the reference ${kl.toFixed(3)} nats`;
   line.title = "KL(π_λ ‖ π_ref) of this answer: log π_λ(answer) − log π_ref(answer)";
+  const exact = stats.dera.exact;
+  if (exact) {
+    line.dataset.attempts = String(exact.attempts);
+    line.textContent += ` · exact: ${exact.attempts} attempts (${exact.killed} killed)`;
+  }
   node.append(line);
 }
 
