@@ -65,9 +65,14 @@ class ChatTemplate:
         self.bos_token = bos_token
         self.eos_token = eos_token
 
-    def render(self, messages: Sequence[dict], *, add_generation_prompt: bool = True) -> str:
+    def render(
+        self, messages: Sequence[dict], *, add_generation_prompt: bool = True, **variables
+    ) -> str:
+        """`variables`: more the template reads (`tools`, for a template with a tools
+        section; see dera_local/tools)."""
         try:
             text = self._template.render(
+                **variables,
                 messages=list(messages),
                 add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token,
@@ -82,19 +87,21 @@ class ChatTemplate:
             raise DeraError(f"the chat template rendered over {MAX_RENDERED_CHARS} characters")
         return text
 
-    def tokens(self, pair: DeraPair, messages: Sequence[dict]) -> list[int]:
+    def tokens(self, pair: DeraPair, messages: Sequence[dict], **variables) -> list[int]:
         """The token ids that ask the model for the next assistant turn."""
-        text = self.render(messages)
+        text = self.render(messages, **variables)
         # Templates that write the BOS text themselves must not get a second BOS.
         add_special = not (self.bos_token and text.startswith(self.bos_token))
         return pair.tokenize(text, add_special=add_special)
 
-    def negative_tokens(self, pair: DeraPair, messages: Sequence[dict], negative: str) -> list[int]:
+    def negative_tokens(
+        self, pair: DeraPair, messages: Sequence[dict], negative: str, **variables
+    ) -> list[int]:
         """The negative sequence of a chat for classifier-free guidance: the same turns
         under the negative prompt as their system message (any system message of the
         chat is replaced)."""
         turns = [m for m in messages if m["role"] != "system"]
-        return self.tokens(pair, [{"role": "system", "content": negative}, *turns])
+        return self.tokens(pair, [{"role": "system", "content": negative}, *turns], **variables)
 
     @classmethod
     def for_pair(cls, pair: DeraPair, override: str | None = None) -> ChatTemplate:

@@ -66,6 +66,7 @@ def write_tiny_model(
     logit_scale: float = 0.6,
     architecture: str = "llama",
     matrix_type: gguf.GGMLQuantizationType = gguf.GGMLQuantizationType.F32,
+    context_length: int = N_CTX_TRAIN,
 ) -> Path:
     """Writes a random-weight llama model; `logit_scale` spreads the logits so that greedy
     choices are rarely near-ties (which would make exactness tests fragile). The block
@@ -91,7 +92,7 @@ def write_tiny_model(
             writer.add_tensor(name, packed, raw_dtype=matrix_type)
 
     writer.add_name(f"tiny-llama-{seed}")
-    writer.add_context_length(N_CTX_TRAIN)
+    writer.add_context_length(context_length)
     writer.add_embedding_length(N_EMBD)
     writer.add_block_count(N_LAYERS)
     writer.add_feed_forward_length(N_FF)

@@ -46,6 +46,9 @@ class SamplingParams:
     # (token id, bias) pairs added to the mixed logits first in the chain, as OpenAI's
     # logit_bias; -100 bans the token (it becomes -inf), as OpenAI documents.
     logit_bias: tuple[tuple[int, float], ...] = ()
+    # With a grammar: it applies only once one of these words appears in the answer (from
+    # that word on: llama.cpp's lazy grammar), as tool calls that may or may not come.
+    grammar_triggers: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         for name in _REAL_FIELDS:  # a 400-digit integer is a number, but not a float
@@ -118,15 +121,21 @@ class GrammarError(BadParameterError):
         self.reason = reason
 
 
-def compiled_grammar(grammar: str, vocab: llama_cpp.llama_vocab_p) -> llama_cpp.llama_sampler_p:
+def compiled_grammar(
+    grammar: str, vocab: llama_cpp.llama_vocab_p, triggers: tuple[str, ...] = ()
+) -> llama_cpp.llama_sampler_p:
     """llama.cpp's grammar sampler for GBNF text (root rule "root"), after the checks
-    that keep its parser from crashing (grammar_bounds); the caller owns it. A grammar
-    llama.cpp refuses is a BadParameterError with its reason."""
+    that keep its parser from crashing (grammar_bounds); the caller owns it. With
+    `triggers`, lazy: it applies from the first trigger word on. A grammar llama.cpp
+    refuses is a BadParameterError with its reason."""
     check_gbnf(grammar)
     # llama.cpp prints parse errors straight to stderr (fprintf, not its log): catch
     # them, so that the user sees one line that includes the reason.
     with captured_stderr() as printed:
-        sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
+        if triggers:
+            sampler = _lazy_grammar(grammar, vocab, triggers)
+        else:
+            sampler = llama_cpp.llama_sampler_init_grammar(vocab, grammar.encode("utf-8"), b"root")
     if not sampler:
         reason = next((line for line in printed() if "error" in line), "")
         reason = reason.split("error parsing grammar:", 1)[-1].strip()
@@ -135,6 +144,30 @@ def compiled_grammar(grammar: str, vocab: llama_cpp.llama_vocab_p) -> llama_cpp.
             f"the GBNF grammar does not parse{detail}; check its rule 'root'", reason
         )
     return sampler
+
+
+def _lazy_grammar(grammar: str, vocab, triggers: tuple[str, ...]):
+    """llama.cpp's lazy grammar: its patterns must match the whole answer so far, and
+    the grammar reads it from the first group (the trigger word) on. A trigger that is
+    one token of the vocabulary (Qwen's <tool_call>) also triggers as that token."""
+    patterns = [f"[\\s\\S]*?({_ecma_escape(word)})[\\s\\S]*".encode() for word in triggers]
+    words = (ctypes.c_char_p * len(patterns))(*patterns)
+    single = [t for t in (_single_token(vocab, word) for word in triggers) if t is not None]
+    tokens = (llama_cpp.llama_token * max(len(single), 1))(*single)
+    return llama_cpp.llama_sampler_init_grammar_lazy_patterns(
+        vocab, grammar.encode("utf-8"), b"root", words, len(patterns), tokens, len(single)
+    )
+
+
+def _ecma_escape(word: str) -> str:
+    return "".join(f"\\{c}" if c in r"\^$.|?*+()[]{}/" else c for c in word)
+
+
+def _single_token(vocab, word: str) -> int | None:
+    text = word.encode("utf-8")
+    out = (llama_cpp.llama_token * 4)()
+    n = llama_cpp.llama_tokenize(vocab, text, len(text), out, 4, False, True)
+    return int(out[0]) if n == 1 else None
 
 
 def check_grammar(grammar: str, vocab: llama_cpp.llama_vocab_p) -> None:
@@ -204,7 +237,7 @@ class SamplerChain:
                 entry.bias = -math.inf if bias <= -100 else float(bias)
             yield llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(entries), entries)
         if params.grammar is not None:
-            yield compiled_grammar(params.grammar, vocab)
+            yield compiled_grammar(params.grammar, vocab, params.grammar_triggers)
         penalize = (
             params.repeat_penalty != 1.0
             or params.frequency_penalty != 0.0

@@ -15,7 +15,10 @@ COMMON = {
     "logit_bias", "logprobs", "n", "dera_lambda", "dera_negative_prompt", "dera_cfg_scale",
     "dera_exact",
 }  # fmt: skip
-CHAT = {"messages", "max_completion_tokens", "top_logprobs", "response_format"}
+CHAT = {
+    "messages", "max_completion_tokens", "top_logprobs", "response_format", "tools",
+    "tool_choice", "parallel_tool_calls",
+}  # fmt: skip
 COMPLETION = {"prompt", "echo", "best_of", "suffix"}
 
 # Changes nothing about the answer: accepted and not used.
@@ -23,11 +26,8 @@ HARMLESS = {"user", "metadata", "store", "service_tier", "safety_identifier", "p
 
 # Refused, with the reason (values that ask for nothing, such as "tools": [], pass).
 REFUSED = {
-    "tools": "tool calls are not supported",
-    "tool_choice": "tool calls are not supported",
-    "functions": "function calls are not supported",
-    "function_call": "function calls are not supported",
-    "parallel_tool_calls": "tool calls are not supported",
+    "functions": "the legacy 'functions' are not supported: use 'tools'",
+    "function_call": "the legacy 'function_call' is not supported: use 'tool_choice'",
     "audio": "audio output is not supported",
     "modalities": "only text output is supported",
     "prediction": "predicted outputs are not supported (speculative decoding drafts itself)",

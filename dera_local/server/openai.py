@@ -7,6 +7,7 @@ field `dera_lambda` (what the openai client's `extra_body` sends) or a model id
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
+from dataclasses import replace
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -14,6 +15,7 @@ from starlette.routing import Route
 
 from ..errors import DeraError
 from ..model_sets.pair import GenerationResult
+from ..tools.render import native_tools, tool_messages
 from .jobs import (
     Encoder,
     Failure,
@@ -28,6 +30,7 @@ from .jobs import (
 from .lam_range import describe_lam
 from .requests import MODEL_ID, chat_messages, completion_prompt, parse_common
 from .responses import ChatShape, CompletionShape, event
+from .tool_requests import ToolRequest, parse_tool_fields, with_tool_grammar
 from .worker import Job
 
 
@@ -53,9 +56,14 @@ def openai_routes(served: Served) -> list[Route]:
             n_vocab=pair.n_vocab,
         )
         await check_schema_grammar(parsed.request.sampling, pair.model.vocab, "response_format")
+        tools = parse_tool_fields(body, served.template.source) if chat else None
+        if tools is not None and tools.calls_expected:
+            sampling = with_tool_grammar(parsed.request.sampling, tools, "response_format")
+            parsed = replace(parsed, request=replace(parsed.request, sampling=sampling))
+            await check_schema_grammar(sampling, pair.model.vocab, "tools")
         refuse_unguided(served, parsed, "dera_negative_prompt")
         check_exact_request(served, parsed, "dera_exact")
-        prompt, negative_prompt = _prompts(served, body, chat, parsed.negative_prompt)
+        prompt, negative_prompt = _prompts(served, body, chat, parsed.negative_prompt, tools)
         job = Job(
             prompt,
             parsed.request,
@@ -68,7 +76,7 @@ def openai_routes(served: Served) -> list[Route]:
                 "negative prompt": "dera_negative_prompt",
             },
         )
-        shape = (ChatShape if chat else CompletionShape)(parsed, token_bytes)
+        shape = ChatShape(parsed, token_bytes, tools) if chat else CompletionShape(parsed, token_bytes)
         encoder = Encoder(
             lambda first, chunks: _sse(shape, first, chunks), "text/event-stream", shape.whole
         )
@@ -108,17 +116,22 @@ def openai_routes(served: Served) -> list[Route]:
     ]
 
 
-def _prompts(served: Served, body: dict, chat: bool, negative: str | None):
+def _prompts(
+    served: Served, body: dict, chat: bool, negative: str | None, tools: ToolRequest | None = None
+):
     """The job's prompt and negative prompt makers (run on the worker thread)."""
     pair, template = served.pair, served.template
     if chat:
-        messages = chat_messages(body)
+        native = native_tools(template.source)
+        messages, variables = tool_messages(
+            chat_messages(body), None if tools is None else tools.tools, native
+        )
 
         def prompt() -> list[int]:
-            return template.tokens(pair, messages)
+            return template.tokens(pair, messages, **variables)
 
         def negative_prompt() -> list[int]:
-            return template.negative_tokens(pair, messages, negative)
+            return template.negative_tokens(pair, messages, negative, **variables)
     else:
         text_or_ids = completion_prompt(body, pair.n_vocab)
 
@@ -140,6 +153,8 @@ async def _sse(shape, first, chunks: AsyncIterator) -> AsyncIterator[str]:
         item = first
         while True:
             if isinstance(item, GenerationResult):
+                for chunk in shape.held_back(item):  # text or tool calls held back
+                    yield event(chunk)
                 yield event(shape.closing(item))
                 if shape.parsed.include_usage:
                     yield event(shape.usage_chunk(item))

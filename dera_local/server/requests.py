@@ -5,6 +5,7 @@ problem is a RequestError naming its field, which the dialect writes as a 400.""
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -310,7 +311,13 @@ def _guidance(body: dict) -> tuple[str | None, float]:
 
 # The roles a chat may have, as the chat template names them: OpenAI's "developer" is
 # the system message of newer models.
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
+ROLES = {
+    "system": "system",
+    "developer": "system",
+    "user": "user",
+    "assistant": "assistant",
+    "tool": "tool",
+}
 
 
 def message_list(body: dict) -> list:
@@ -322,20 +329,34 @@ def message_list(body: dict) -> list:
 
 
 def chat_messages(body: dict) -> list[dict]:
+    """The conversation: system/developer, user, assistant (with `tool_calls`, its
+    arguments parsed) and `tool` turns (a tool's result)."""
     out = []
     for index, message in enumerate(message_list(body)):
+        where = f"messages[{index}]"
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-            raise RequestError(f"messages[{index}] needs a string 'role'", "messages")
+            raise RequestError(f"{where} needs a string 'role'", "messages")
+        role = message["role"]
+        allowed = {"role", "content", "name"}  # "name" (a participant's) changes nothing
+        if role == "assistant":
+            allowed |= {"tool_calls", "refusal"}
+        if role == "tool":
+            allowed |= {"tool_call_id", "tool_name"}
         for name, value in message.items():
-            if name in ("role", "content", "name") or value in (None, [], ""):
-                continue  # "name" (a participant's name) changes nothing here
+            if name in allowed or value in (None, [], ""):
+                continue
             reason = (
-                "tool calls are not supported"
-                if "tool" in name or "function" in name
-                else (f"unknown field '{name[:40]}'")
+                f"'{name[:40]}' belongs to {'assistant' if name == 'tool_calls' else 'tool'} messages"
+                if name in ("tool_calls", "tool_call_id", "tool_name")
+                else f"unknown field '{name[:40]}'"
             )
-            raise RequestError(f"messages[{index}]: {reason}", "messages")
+            raise RequestError(f"{where}: {reason}", "messages")
+        calls = None
+        if role == "assistant" and message.get("tool_calls"):
+            calls = tool_call_list(message["tool_calls"], where)
         content = message.get("content")
+        if content is None and calls:
+            content = ""
         if isinstance(content, list):  # [{"type": "text", "text": ...}, ...]
             parts = [p.get("text") for p in content if isinstance(p, dict)]
             if not all(isinstance(p, str) for p in parts) or len(parts) != len(content):
@@ -343,15 +364,51 @@ def chat_messages(body: dict) -> list[dict]:
             content = "".join(parts)
         if not isinstance(content, str):
             raise RequestError(f"messages[{index}] needs string 'content'", "messages")
-        role = ROLES.get(message["role"])
+        role = ROLES.get(role)
         if role is None:
             raise RequestError(
-                f"messages[{index}]: role {message['role'][:40]!r} is not one of "
-                "system, developer, user, assistant",
+                f"{where}: role {message['role'][:40]!r} is not one of "
+                "system, developer, user, assistant, tool",
                 "messages",
             )
-        out.append({"role": role, "content": unicode_text(content, "messages")})
+        turn = {"role": role, "content": unicode_text(content, "messages")}
+        if calls:
+            turn["tool_calls"] = calls
+        for name in ("tool_call_id", "name", "tool_name"):
+            if role == "tool" and isinstance(message.get(name), str):
+                turn[name] = message[name]
+        out.append(turn)
     return out
+
+
+def tool_call_list(value, where: str) -> list[dict]:
+    """An assistant message's `tool_calls`, checked, arguments parsed (OpenAI sends them
+    as JSON text, Ollama as an object)."""
+    if not isinstance(value, list):
+        raise RequestError(f"{where}: 'tool_calls' must be a list", "messages")
+    calls = []
+    for j, call in enumerate(value):
+        function = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(function, dict) or not isinstance(function.get("name"), str):
+            raise RequestError(
+                f"{where}: tool_calls[{j}] needs a 'function' with a string 'name'", "messages"
+            )
+        arguments = function.get("arguments", {})
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments) if arguments.strip() else {}
+            except ValueError:
+                raise RequestError(
+                    f"{where}: tool_calls[{j}] arguments are not JSON", "messages"
+                ) from None
+        if not isinstance(arguments, dict):
+            raise RequestError(f"{where}: tool_calls[{j}] arguments must be an object", "messages")
+        entry = {"type": "function", "function": {"name": function["name"], "arguments": arguments}}
+        if isinstance(call.get("id"), str):
+            entry["id"] = call["id"]
+        calls.append(entry)
+    return calls
+
 
 
 def completion_prompt(body: dict, n_vocab: int = 2**31) -> str | list[int]:

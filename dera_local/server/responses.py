@@ -9,6 +9,7 @@ import uuid
 
 from ..engine.logprob_format import TokenBytes, chat_content, completion_logprobs
 from ..model_sets.pair import GenerationResult
+from ..tools.parse import ToolTextFilter, parse_calls
 from .requests import ParsedRequest
 from .worker import TextChunk
 
@@ -72,6 +73,10 @@ class Shape:
             **extra,
         }
 
+    def held_back(self, result: GenerationResult) -> list[dict]:
+        """Chunks a stream held back until the end (tool calls: ChatShape)."""
+        return []
+
     def usage_chunk(self, result: GenerationResult) -> dict:
         return {**self._envelope([]), "usage": usage(result), "dera": dera(result, self.per_token)}
 
@@ -95,7 +100,36 @@ class Shape:
 
 
 class ChatShape(Shape):
+    """OpenAI's chat objects. With tools the answer may be calls: a stream holds its text
+    back from a possible call opener on (ToolTextFilter) and, at the end, sends the
+    calls as `tool_calls` deltas (finish_reason "tool_calls"), or the held text if it is
+    not a clean call."""
+
     prefix, object = "chatcmpl", "chat.completion.chunk"
+
+    def __init__(self, parsed, token_bytes, tools=None) -> None:
+        super().__init__(parsed, token_bytes)
+        self.tools = tools if tools is not None and tools.calls_expected else None
+        self.filter = ToolTextFilter() if self.tools is not None else None
+        self.calls: list = []
+
+    def _calls_of(self, text: str) -> tuple[str, list]:
+        if self.tools is None:
+            return text, []
+        return parse_calls(text, self.tools.names)
+
+    def held_back(self, result: GenerationResult) -> list[dict]:
+        """The chunks a stream held back: the calls, or the text that was not one."""
+        if self.filter is None or not self.filter.held:
+            return []
+        _, calls = parse_calls(self.filter.held, self.tools.names)
+        if not calls:
+            choice = {"index": 0, "delta": {"content": self.filter.held}, "finish_reason": None}
+            return [self._envelope([choice])]
+        self.calls = calls
+        deltas = [{"index": i, **call.openai()} for i, call in enumerate(calls)]
+        choice = {"index": 0, "delta": {"tool_calls": deltas}, "finish_reason": None}
+        return [self._envelope([choice])]
 
     def opening(self) -> dict:
         return self._envelope(
@@ -106,7 +140,8 @@ class ChatShape(Shape):
         return {"content": chat_content(tokens, logprobs, self.token_bytes, start)}
 
     def delta(self, chunk: TextChunk) -> dict:
-        choice = {"index": 0, "delta": {"content": chunk.text}, "finish_reason": None}
+        text = chunk.text if self.filter is None else self.filter.feed(chunk.text)
+        choice = {"index": 0, "delta": {"content": text}, "finish_reason": None}
         entries = self._stream_logprobs(chunk.tokens, chunk.logprobs)
         if entries is not None:
             choice["logprobs"] = entries
@@ -114,14 +149,18 @@ class ChatShape(Shape):
         return self._envelope([choice])
 
     def closing(self, result: GenerationResult) -> dict:
-        choice = {"index": 0, "delta": {}, "finish_reason": result.finish_reason}
+        reason = "tool_calls" if self.calls else result.finish_reason
+        choice = {"index": 0, "delta": {}, "finish_reason": reason}
         rest = self._rest(result)
         if rest is not None:
             choice["logprobs"] = rest
         return {**self._envelope([choice]), "dera": dera(result, self.per_token)}
 
     def whole(self, result: GenerationResult) -> dict:
-        message = {"role": "assistant", "content": result.text}
+        content, calls = self._calls_of(result.text)
+        message = {"role": "assistant", "content": content or (None if calls else "")}
+        if calls:
+            message["tool_calls"] = [call.openai() for call in calls]
         logprobs = None
         if self.per_token and result.logprobs is not None:
             logprobs = self._format(result.tokens, result.logprobs, 0, 0)
@@ -130,7 +169,7 @@ class ChatShape(Shape):
                 {
                     "index": 0,
                     "message": message,
-                    "finish_reason": result.finish_reason,
+                    "finish_reason": "tool_calls" if calls else result.finish_reason,
                     "logprobs": logprobs,
                 }
             ],
