@@ -145,7 +145,7 @@ def test_streaming_chat_and_generate_join_to_the_whole_answer(client, server, v1
         ({"model": "dera-local", "messages": CHAT, "options": {"lam": 9}}, 400, "outside"),
         ({"model": "dera-local", "messages": CHAT, "options": {"num_ctx": 100000}}, 400, "-c"),
         ({"model": "dera-local", "messages": CHAT, "options": {"warp": 1}}, 400, "unknown"),
-        ({"model": "dera-local", "messages": [{"role": "tool", "content": "x"}]}, 400, "role"),
+        ({"model": "dera-local", "messages": [{"role": "robot", "content": "x"}]}, 400, "role"),
         ({"model": "dera-local", "messages": CHAT, "format": "yaml"}, 400, "format"),
         ({"model": "dera-local", "prompt": "x"}, 400, "belongs to /api/generate"),
     ],

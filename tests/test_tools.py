@@ -230,3 +230,141 @@ def test_the_generic_rendering_describes_the_tools_in_the_system_message(pair):
     native, variables = tool_messages(CHAT, parse_tools(TOOLS), native=True)
     assert native == CHAT and variables["tools"][0]["function"]["name"] == "get_weather"
     assert dera_local  # the package's face is imported (tools are reachable from it)
+
+
+# --- Ollama's API: tools on /api/chat -----------------------------------------------------
+
+
+def get_weather(city: str, unit: str) -> str:
+    """The weather in a city.
+
+    Args:
+      city: the city
+      unit: celsius or fahrenheit
+    """
+    return f"21 degrees {unit} in {city}"
+
+
+@pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
+def test_the_ollama_client_with_a_python_function_as_a_tool(server, lam):
+    """The ollama client turns the function into a tool; the answer is text or calls
+    (auto: the tiny model seldom opens one), and calls carry their arguments as an
+    object. With the opener forced by a tool-only template turn, see the /v1 tests."""
+    ollama = pytest.importorskip("ollama")
+    client = ollama.Client(host=server)
+    reply = client.chat(
+        model=f"dera-local:{lam:g}", messages=CHAT, tools=[get_weather],
+        options={"num_predict": 8, "temperature": 1, "seed": 1},
+    )  # fmt: skip
+    assert reply.done
+    for call in reply.message.tool_calls or []:
+        assert call.function.name == "get_weather" and isinstance(call.function.arguments, dict)
+    shown = client.show("dera-local")
+    assert "tools" in shown.capabilities
+
+
+def test_ollama_tool_turns_render_and_a_call_comes_back_as_an_object(server, client):
+    """A history with a call and its result renders on /api/chat; the answer that /v1
+    gives as a call (same lam, seed and sampling: tool_choice required there, the
+    grammar from the first token) parses the same way in Ollama's form."""
+    import urllib.request
+
+    history = CHAT + [
+        {"role": "assistant", "content": "", "tool_calls": [
+            {"function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}}]},
+        {"role": "tool", "tool_name": "get_weather", "content": "21 degrees"},
+    ]  # fmt: skip
+    body = {"model": "dera-local", "messages": history, "tools": TOOLS, "stream": False,
+            "options": {"num_predict": 8, "temperature": 0}}  # fmt: skip
+    request = urllib.request.Request(
+        f"{server}/api/chat", json.dumps(body).encode(), {"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request) as response:
+        answer = json.loads(response.read())
+    assert answer["done"] is True and answer["message"]["role"] == "assistant"
+
+
+def test_ollamas_answer_with_a_call_has_the_arguments_as_an_object():
+    from dera_local.engine.stream import GenerationResult
+    from dera_local.server.ollama import _Shape
+    from dera_local.server.tool_requests import ToolRequest
+    from dera_local.tools.spec import ToolChoice
+
+    tools = ToolRequest(parse_tools(TOOLS), ToolChoice("auto"), True, False)
+    text = 'Checking.\n<tool_call>\n{"name": "now", "arguments": {"zone": "utc"}}\n</tool_call>'
+    result = GenerationResult(text, [1, 2], [3], "stop", 1.0, 1)
+    body = _Shape("dera-local", True, 0.0, tools=tools).final(text, "stop", result)
+    assert body["message"]["content"] == "Checking."
+    assert body["message"]["tool_calls"] == [
+        {"function": {"index": 0, "name": "now", "arguments": {"zone": "utc"}}}
+    ]
+    shape = _Shape("dera-local", True, 0.0, tools=tools)
+    assert shape.held.feed(text) == "Checking.\n" and shape.held.held.startswith("<tool_call>")
+
+
+# --- /v1/responses ------------------------------------------------------------------------
+
+
+def test_responses_text_equals_chat_at_the_same_settings(client):
+    reply = client.responses.create(
+        model="dera-local", input="hello", instructions="Be brief.", max_output_tokens=8,
+        temperature=0, extra_body={"dera_lambda": 0.5},
+    )  # fmt: skip
+    chat = client.chat.completions.create(
+        model="dera-local", max_tokens=8, temperature=0, extra_body={"dera_lambda": 0.5},
+        messages=[{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}],
+    )  # fmt: skip
+    assert reply.output_text == chat.choices[0].message.content
+    assert reply.usage.output_tokens == chat.usage.completion_tokens
+    assert reply.status in ("completed", "incomplete") and reply.model_extra["dera"]["lam"] == 0.5
+
+
+def test_responses_json_schema_and_a_function_call_streamed_and_not(client):
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    reply = client.responses.create(
+        model="dera-local", input="hello", max_output_tokens=200, temperature=1,
+        text={"format": {"type": "json_schema", "name": "answer", "schema": schema}},
+    )  # fmt: skip
+    jsonschema.validate(json.loads(reply.output_text), schema)
+    flat = [{"type": "function", **t["function"]} for t in TOOLS]
+    settings = dict(model="dera-local", input=CHAT[0]["content"], tools=flat,
+                    tool_choice="required", max_output_tokens=600, temperature=1,
+                    parallel_tool_calls=False, extra_body={"seed": 4})  # fmt: skip
+    whole = client.responses.create(**settings)
+    calls = [item for item in whole.output if item.type == "function_call"]
+    assert calls
+    for call in calls:
+        jsonschema.validate(json.loads(call.arguments), SCHEMAS[call.name])
+    events = list(client.responses.create(**settings, stream=True))
+    kinds = [e.type for e in events]
+    assert kinds[0] == "response.created" and kinds[-1] == "response.completed"
+    streamed = [e.item for e in events if e.type == "response.output_item.done"]
+    assert [(c.name, json.loads(c.arguments)) for c in streamed if c.type == "function_call"] == [
+        (c.name, json.loads(c.arguments)) for c in calls
+    ]
+    # a function call output turn renders and the conversation goes on
+    follow = client.responses.create(
+        model="dera-local", tools=flat, tool_choice="none", max_output_tokens=6,
+        input=[{"role": "user", "content": "weather?"},
+               {"type": "function_call", "call_id": calls[0].call_id, "name": calls[0].name,
+                "arguments": calls[0].arguments},
+               {"type": "function_call_output", "call_id": calls[0].call_id, "output": "21"}],
+    )  # fmt: skip
+    assert follow.status in ("completed", "incomplete")
+
+
+@pytest.mark.parametrize(
+    ("extra", "field"),
+    [
+        ({"previous_response_id": "resp_1"}, "previous_response_id"),
+        ({"store": True}, "store"),
+        ({"tools": [{"type": "web_search"}]}, "tools"),
+        ({"input": [{"type": "input_image"}]}, "input"),
+        ({"max_output_tokens": 0}, "max_output_tokens"),
+    ],
+)
+def test_responses_refusals_name_the_field(client, extra, field):
+    settings = {"model": "dera-local", "input": "hello", **extra}
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.responses.create(**settings)
+    assert refused.value.body["param"] == field, refused.value.body

@@ -12,7 +12,7 @@ import importlib.metadata
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 from starlette.requests import Request
@@ -23,6 +23,8 @@ from ..engine.logprob_format import chat_content
 from ..errors import DeraError
 from ..llama.gguf_inspect import read_gguf
 from ..model_sets.pair import GenerationResult
+from ..tools.parse import ToolTextFilter, parse_calls
+from ..tools.render import native_tools, tool_messages
 from .jobs import (
     Encoder,
     Failure,
@@ -37,6 +39,7 @@ from .lam_range import describe_lam
 from .ollama_requests import DEFAULTS, chat_messages, generate_prompt, lam_of_name, parse_ollama
 from .requests import MODEL_ID, RequestError, checked_lam
 from .responses import dera
+from .tool_requests import ToolRequest, parse_tool_fields, with_tool_grammar
 from .worker import Job
 
 # The Ollama API level these endpoints mirror (structured outputs, `format` as a schema,
@@ -156,7 +159,9 @@ def ollama_routes(served: Served) -> list[Route]:
                 "template": "",  # the model's own chat template (GGUF metadata) is used
                 "details": card.details,
                 "model_info": {**card.info, "dera.lambda": lam},
-                "capabilities": ["completion"],
+                # tools: every template can have them (a generic rendering where the
+                # model's own has no tools section; see dera_local/tools)
+                "capabilities": ["completion", "tools"],
                 "modified_at": card.modified_at,
             }
         )
@@ -174,9 +179,16 @@ def ollama_routes(served: Served) -> list[Route]:
         if parsed is None:
             return _not_found(body["model"])
         await check_schema_grammar(parsed.request.sampling, pair.model.vocab, "format")
+        tools = parse_tool_fields(body, served.template.source) if chat else None
+        if tools is not None:  # Ollama has no tool_choice: the model may call (auto)
+            sampling = with_tool_grammar(parsed.request.sampling, tools, "format")
+            parsed = replace(parsed, request=replace(parsed.request, sampling=sampling))
+            await check_schema_grammar(sampling, pair.model.vocab, "tools")
         refuse_unguided(served, parsed, "options")
         check_exact_request(served, parsed, "options")
-        prompt, negative_prompt, load_only = _prompts(body, chat, parsed.negative_prompt, served)
+        prompt, negative_prompt, load_only = _prompts(
+            body, chat, parsed.negative_prompt, served, tools
+        )
         model = body["model"]
         if load_only:  # Ollama: an empty prompt loads the model and answers at once
             return JSONResponse(_Shape(model, chat, started).final("", "load", None))
@@ -190,7 +202,7 @@ def ollama_routes(served: Served) -> list[Route]:
             fields=fields,
             exact=parsed.exact,
         )
-        shape = _Shape(model, chat, started, token_bytes if parsed.per_token else None)
+        shape = _Shape(model, chat, started, token_bytes if parsed.per_token else None, tools)
         encoder = Encoder(
             lambda first, chunks: _ndjson(shape, first, chunks),
             "application/x-ndjson",
@@ -218,13 +230,18 @@ def ollama_routes(served: Served) -> list[Route]:
 
 
 def _prompts(
-    body: dict, chat: bool, negative: str | None, served: Served
+    body: dict, chat: bool, negative: str | None, served: Served, tools: ToolRequest | None
 ) -> tuple[Callable, Callable | None, bool]:
     """The job's prompt and negative prompt makers (run on the worker thread), and
     whether the request only asks to load the model (an empty /api/generate prompt)."""
     pair, template = served.pair, served.template
+    variables: dict = {}
     if chat:
-        messages = chat_messages(body)
+        messages, variables = tool_messages(
+            chat_messages(body),
+            None if tools is None else tools.tools,
+            native_tools(template.source),
+        )
     else:
         text, system_text, raw = generate_prompt(body)
         if not text:
@@ -239,10 +256,10 @@ def _prompts(
         messages = [*system, {"role": "user", "content": text}]
 
     def prompt() -> list[int]:
-        return template.tokens(pair, messages)
+        return template.tokens(pair, messages, **variables)
 
     def negative_prompt() -> list[int]:
-        return template.negative_tokens(pair, messages, negative)
+        return template.negative_tokens(pair, messages, negative, **variables)
 
     return prompt, (None if negative is None else negative_prompt), False
 
@@ -277,11 +294,18 @@ class _Shape:
     chat: bool
     started: float
     token_bytes: Callable[[int], bytes] | None = None
+    tools: ToolRequest | None = None  # with tools: text held back from a call opener on
+    held: ToolTextFilter = field(default_factory=ToolTextFilter)
 
-    def chunk(self, text: str, done: bool, tokens=(), logprobs=None) -> dict:
+    def chunk(self, text: str, done: bool, tokens=(), logprobs=None, calls=()) -> dict:
         body = {"model": self.model, "created_at": _timestamp(datetime.now(timezone.utc))}
         if self.chat:
             body["message"] = {"role": "assistant", "content": text}
+            if calls:  # Ollama's form: the arguments as an object
+                body["message"]["tool_calls"] = [
+                    {"function": {"index": i, "name": c.name, "arguments": c.arguments}}
+                    for i, c in enumerate(calls)
+                ]
         else:
             body["response"] = text
         body["done"] = done
@@ -293,11 +317,15 @@ class _Shape:
         """The last object of a stream (text "") or the whole answer: done, why, and
         Ollama's counts and durations (nanoseconds), with DeRa's `dera` object."""
         whole = result is not None and text != ""
+        calls = []
+        if whole and self.tools is not None:
+            text, calls = parse_calls(text, self.tools.names)
         body = self.chunk(
             text,
             True,
             result.tokens if whole else (),
             result.logprobs if whole else None,
+            calls,
         )
         body["done_reason"] = reason
         body["total_duration"] = int((time.perf_counter() - self.started) * 1e9)
@@ -317,9 +345,14 @@ async def _ndjson(shape: _Shape, first, chunks: AsyncIterator) -> AsyncIterator[
         item = first
         while True:
             if isinstance(item, GenerationResult):
+                if shape.tools is not None and shape.held.held:  # calls, or text after all
+                    _, calls = parse_calls(shape.held.held, shape.tools.names)
+                    text = "" if calls else shape.held.held
+                    yield _line(shape.chunk(text, False, calls=calls))
                 yield _line(shape.final("", item.finish_reason, item))
                 break
-            yield _line(shape.chunk(item.text, False, item.tokens, item.logprobs))
+            text = item.text if shape.tools is None else shape.held.feed(item.text)
+            yield _line(shape.chunk(text, False, item.tokens, item.logprobs))
             try:
                 item = await chunks.__anext__()
             except StopAsyncIteration:  # ended without a result: the server is stopping

@@ -26,6 +26,7 @@ from .requests import (
     logprob_fields,
     message_list,
     object_field,
+    tool_call_list,
     true_or_false,
     unicode_text,
 )
@@ -69,11 +70,10 @@ _NEUTRAL_OPTIONS = {"mirostat": 0, "tfs_z": 1.0, "typical_p": 1.0}
 
 # Top-level fields: shared, per endpoint, harmless, refused.
 COMMON = {"model", "stream", "format", "options", "keep_alive", "logprobs", "top_logprobs"}
-CHAT = {"messages"}
+CHAT = {"messages", "tools"}
 GENERATE = {"prompt", "system", "raw"}
 HARMLESS = {"keep_alive"}
 REFUSED = {
-    "tools": "tool calls are not supported",
     "think": "this model has no thinking mode",
     "images": "images are not supported (text models only)",
     "suffix": "fill-in-the-middle (suffix) is not supported",
@@ -162,25 +162,37 @@ def parse_ollama(
 
 
 def chat_messages(body: dict) -> list[dict]:
+    """The conversation: system, user, assistant (with `tool_calls`, arguments as
+    objects) and `tool` turns (a tool's result, with its `tool_name`)."""
     out = []
     for index, message in enumerate(message_list(body)):
+        where = f"messages[{index}]"
         if not isinstance(message, dict):
-            raise RequestError(f"messages[{index}] must be an object", "messages")
-        for name, value in message.items():
-            if name in ("role", "content") or value in (None, [], "", {}):
-                continue
-            if name in ("images", "tool_calls", "thinking", "tool_name"):
-                reason = "images" if name == "images" else "tool calls and thinking"
-                raise RequestError(f"messages[{index}]: {reason} are not supported", "messages")
-            raise RequestError(f"messages[{index}]: unknown field '{name}'", "messages")
+            raise RequestError(f"{where} must be an object", "messages")
         role, content = message.get("role"), message.get("content", "")
-        if role not in ("system", "user", "assistant"):
+        allowed = {"role", "content"} | ({"tool_calls"} if role == "assistant" else set())
+        allowed |= {"tool_name", "tool_call_id"} if role == "tool" else set()
+        for name, value in message.items():
+            if name in allowed or value in (None, [], "", {}):
+                continue
+            if name in ("images", "thinking"):
+                reason = "images" if name == "images" else "thinking"
+                raise RequestError(f"{where}: {reason} are not supported", "messages")
+            raise RequestError(f"{where}: unknown field '{name}'", "messages")
+        if role not in ("system", "user", "assistant", "tool"):
             raise RequestError(
-                f"messages[{index}]: role must be system, user or assistant", "messages"
+                f"{where}: role must be system, user, assistant or tool", "messages"
             )
+        if content is None:
+            content = ""
         if not isinstance(content, str):
-            raise RequestError(f"messages[{index}] needs string 'content'", "messages")
-        out.append({"role": role, "content": unicode_text(content, "messages")})
+            raise RequestError(f"{where} needs string 'content'", "messages")
+        turn = {"role": role, "content": unicode_text(content, "messages")}
+        if role == "assistant" and message.get("tool_calls"):
+            turn["tool_calls"] = tool_call_list(message["tool_calls"], where)
+        if role == "tool" and isinstance(message.get("tool_name"), str):
+            turn["name"] = message["tool_name"]
+        out.append(turn)
     return out
 
 

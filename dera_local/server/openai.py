@@ -30,6 +30,7 @@ from .jobs import (
 from .lam_range import describe_lam
 from .requests import MODEL_ID, chat_messages, completion_prompt, parse_common
 from .responses import ChatShape, CompletionShape, event
+from .responses_api import responses_route
 from .tool_requests import ToolRequest, parse_tool_fields, with_tool_grammar
 from .worker import Job
 
@@ -40,6 +41,40 @@ def failure_response(failure: Failure) -> JSONResponse:
     return JSONResponse({"error": error}, status_code=failure.status, headers=failure.headers)
 
 
+async def chat_job(served: Served, body, chat: bool = True, fields: dict | None = None):
+    """A /v1 body (chat or completions; the Responses API translates into chat) as its
+    typed request, its tools and the job to run: checked, grammars compiled off the
+    decode thread, prompts made on the worker."""
+    pair = served.pair
+    parsed = parse_common(
+        body,
+        served.default_lam,
+        chat=chat,
+        lam_range=served.lam_range_if_used,
+        n_vocab=pair.n_vocab,
+    )
+    await check_schema_grammar(parsed.request.sampling, pair.model.vocab, "response_format")
+    tools = parse_tool_fields(body, served.template.source) if chat else None
+    if tools is not None and tools.calls_expected:
+        sampling = with_tool_grammar(parsed.request.sampling, tools, "response_format")
+        parsed = replace(parsed, request=replace(parsed.request, sampling=sampling))
+        await check_schema_grammar(sampling, pair.model.vocab, "tools")
+    refuse_unguided(served, parsed, "dera_negative_prompt")
+    check_exact_request(served, parsed, "dera_exact")
+    prompt, negative_prompt = _prompts(served, body, chat, parsed.negative_prompt, tools)
+    job = Job(
+        prompt,
+        parsed.request,
+        negative_prompt,
+        cfg_scale=parsed.cfg_scale,
+        per_token=parsed.per_token,
+        exact=parsed.exact,
+        fields=fields
+        or {"prompt": "messages" if chat else "prompt", "negative prompt": "dera_negative_prompt"},
+    )
+    return parsed, tools, job
+
+
 def openai_routes(served: Served) -> list[Route]:
     pair = served.pair
 
@@ -48,34 +83,7 @@ def openai_routes(served: Served) -> list[Route]:
 
     async def respond(request: Request, chat: bool) -> Response:
         body = await served.body(request)
-        parsed = parse_common(
-            body,
-            served.default_lam,
-            chat=chat,
-            lam_range=served.lam_range_if_used,
-            n_vocab=pair.n_vocab,
-        )
-        await check_schema_grammar(parsed.request.sampling, pair.model.vocab, "response_format")
-        tools = parse_tool_fields(body, served.template.source) if chat else None
-        if tools is not None and tools.calls_expected:
-            sampling = with_tool_grammar(parsed.request.sampling, tools, "response_format")
-            parsed = replace(parsed, request=replace(parsed.request, sampling=sampling))
-            await check_schema_grammar(sampling, pair.model.vocab, "tools")
-        refuse_unguided(served, parsed, "dera_negative_prompt")
-        check_exact_request(served, parsed, "dera_exact")
-        prompt, negative_prompt = _prompts(served, body, chat, parsed.negative_prompt, tools)
-        job = Job(
-            prompt,
-            parsed.request,
-            negative_prompt,
-            cfg_scale=parsed.cfg_scale,
-            per_token=parsed.per_token,
-            exact=parsed.exact,
-            fields={
-                "prompt": "messages" if chat else "prompt",
-                "negative prompt": "dera_negative_prompt",
-            },
-        )
+        parsed, tools, job = await chat_job(served, body, chat)
         shape = ChatShape(parsed, token_bytes, tools) if chat else CompletionShape(parsed, token_bytes)
         encoder = Encoder(
             lambda first, chunks: _sse(shape, first, chunks), "text/event-stream", shape.whole
@@ -113,6 +121,11 @@ def openai_routes(served: Served) -> list[Route]:
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/v1/completions", completions, methods=["POST"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route(
+            "/v1/responses",
+            responses_route(served, chat_job, failure_response),
+            methods=["POST"],
+        ),
     ]
 
 
