@@ -5,7 +5,9 @@
   DERA_REFERENCE / DERA_LORA / DERA_PAIR, else the built-in pair), and
   `dera-local/<pair>` for every catalog pair already pulled;
 - options `-o lam`, `-o temperature`, `-o max_tokens`, `-o seed`, `-o exact`,
-  `-o negative_prompt`, `-o cfg_scale`; streaming; conversations (`llm -c`,
+  `-o negative_prompt`, `-o cfg_scale`, `-o tool_choice`; tools (`llm -T`, `--functions`:
+  the calls sampled from the DeRa mixture, see dera_local/tools); streaming;
+  conversations (`llm -c`,
   `llm chat`) through the model's chat template; each logged response's JSON records
   lam and the answer's KL to the reference (and, with `-o exact 1`, what the exact
   answer cost);
@@ -21,7 +23,7 @@ from dataclasses import replace
 
 import click
 import llm
-from llm.parts import ReasoningPart, TextPart
+from llm.parts import ReasoningPart, TextPart, ToolCallPart, ToolResultPart
 from pydantic import Field, field_validator
 
 from .chat import ChatTemplate
@@ -30,6 +32,10 @@ from .errors import DeraError
 from .sampling.chain import SamplingParams
 from .sources.catalog import load_catalog
 from .sources.resolve import DEFAULT_QUANT, pulled_quants
+from .tools.grammar import calls_grammar
+from .tools.parse import ToolTextFilter, parse_calls
+from .tools.render import OPEN, native_tools, tool_messages
+from .tools.spec import Tool
 
 MODEL_ID = "dera-local"
 _loaded: dict[str | None, object] = {}  # pair name (None: the default pair) -> DeraPair
@@ -69,6 +75,7 @@ def close_models() -> None:
 
 class DeraModel(llm.Model):
     can_stream = True
+    supports_tools = True
 
     class Options(llm.Options):
         lam: float | None = Field(
@@ -95,6 +102,12 @@ class DeraModel(llm.Model):
             description="Draw from the model retrained at beta/lam itself, not DeRa's "
             "per-token mix (0 <= lam <= 1, temperature <= 1): attempts killed token by token",
             default=None,
+        )
+        tool_choice: str | None = Field(
+            description="With tools: auto (the model may call them) or required (the "
+            "first answer of a chain calls one tool; after its result it answers freely)",
+            default=None,
+            pattern="^(auto|required)$",
         )
 
         @field_validator("lam")
@@ -128,17 +141,31 @@ class DeraModel(llm.Model):
         if options.exact:  # exact realignment samples the target itself: no truncation
             sampling = replace(sampling, top_k=0, top_p=1.0, min_p=0.0)
         template = ChatTemplate.for_pair(pair)
+        tools = [Tool(t.name, t.description or "", t.input_schema or {"type": "object"})
+                 for t in prompt.tools]  # fmt: skip
+        answered_tools = any(m["role"] == "tool" for m in messages)
+        messages, variables = tool_messages(messages, tools, native_tools(template.source))
+        if tools:
+            required = options.tool_choice == "required" and not answered_tools
+            try:  # required: one call (then llm runs it and asks again); auto: any number
+                grammar = calls_grammar(tools, parallel=not required)
+            except DeraError as exc:
+                raise llm.ModelError(str(exc)) from None
+            sampling = replace(
+                sampling, grammar=grammar, grammar_triggers=() if required else (OPEN,)
+            )
         guidance = {}
         if options.negative_prompt is not None:
             guidance = {
                 "negative_prompt": template.negative_tokens(
-                    pair, messages, options.negative_prompt
+                    pair, messages, options.negative_prompt, **variables
                 ),
                 "cfg_scale": 1.0 if options.cfg_scale is None else options.cfg_scale,
             }
+        held = ToolTextFilter() if tools else None
         try:
             generation = pair.stream(
-                template.tokens(pair, messages),
+                template.tokens(pair, messages, **variables),
                 lam=lam,
                 sampling=sampling,
                 max_tokens=options.max_tokens or 512,
@@ -146,9 +173,20 @@ class DeraModel(llm.Model):
                 exact=bool(options.exact),
                 **guidance,
             )
-            yield from generation
+            for chunk in generation:
+                shown = chunk if held is None else held.feed(chunk)
+                if shown:
+                    yield shown
         except DeraError as exc:
             raise llm.ModelError(str(exc)) from None
+        if held is not None and held.held:  # the calls, or text that was not one
+            _, calls = parse_calls(held.held, {t.name for t in tools})
+            for call in calls:
+                response.add_tool_call(
+                    llm.ToolCall(name=call.name, arguments=call.arguments, tool_call_id=call.id)
+                )
+            if not calls:
+                yield held.held
         result = generation.result
         summary = result.to_dict().get("dera", {})
         response.response_json = {
@@ -165,21 +203,34 @@ class DeraModel(llm.Model):
 
 def _messages(prompt) -> list[dict]:
     """The chat llm sends this turn (llm >= 0.36: `prompt.messages` is the whole chain,
-    earlier turns of the conversation included) as role/content messages. Only text:
-    attachments and tool calls are refused."""
+    earlier turns of the conversation included) as role/content messages, with the
+    model's tool calls on its turns and each tool result as a `tool` turn. Attachments
+    are refused."""
     out = []
     for message in prompt.messages:
-        texts = []
+        texts, calls = [], []
         for part in message.parts:
-            if not isinstance(part, (TextPart, ReasoningPart)):
-                raise llm.ModelError(
-                    f"dera-local takes text only, not {type(part).__name__} (attachments, tools)"
-                )
-            if isinstance(part, TextPart):
+            if isinstance(part, ToolResultPart):
+                out.append({"role": "tool", "tool_call_id": part.tool_call_id or "",
+                            "name": part.name, "content": part.output})  # fmt: skip
+            elif isinstance(part, ToolCallPart):
+                function = {"name": part.name, "arguments": part.arguments}
+                calls.append({"id": part.tool_call_id or "", "type": "function",
+                              "function": function})  # fmt: skip
+            elif isinstance(part, TextPart):
                 texts.append(part.text)
-        if message.role not in ("system", "user", "assistant"):
-            raise llm.ModelError(f"dera-local has no {message.role!r} turns (text chat only)")
-        out.append({"role": message.role, "content": "".join(texts)})
+            elif not isinstance(part, ReasoningPart):
+                raise llm.ModelError(
+                    f"dera-local takes text and tools only, not {type(part).__name__}"
+                )
+        if message.role not in ("system", "user", "assistant", "tool"):
+            raise llm.ModelError(f"dera-local has no {message.role!r} turns")
+        if texts or calls or message.role != "tool":
+            turn = {"role": message.role, "content": "".join(texts)}
+            if calls:
+                turn["tool_calls"] = calls
+            if message.role != "tool" or texts:
+                out.append(turn)
     return out
 
 

@@ -210,9 +210,10 @@ def test_a_schema_the_converter_cannot_handle_is_a_400_naming_it(server):
 @pytest.mark.parametrize(
     "field, value",
     [
-        ("tools", [{"type": "function", "function": {"name": "f", "parameters": {}}}]),
-        ("tool_choice", "auto"),
+        ("tools", [{"type": "function", "function": {"name": "bad name"}}]),
+        ("tool_choice", "required"),  # without tools
         ("functions", [{"name": "f"}]),
+        ("function_call", "auto"),
         ("n", 2),
         ("audio", {"voice": "alloy", "format": "wav"}),
         ("modalities", ["text", "audio"]),

@@ -144,7 +144,7 @@ def test_every_sampling_setting_has_a_flag_that_reaches_it(run, monkeypatch):
     args = ["--temp", "0.5", "--top-k", "7", "--top-p", "0.9", "--min-p", "0.1"]
     args += ["--repeat-penalty", "1.1", "--repeat-last-n", "32", "--frequency-penalty", "0.2"]
     args += ["--presence-penalty", "0.3", "-s", "42", "--grammar", 'root ::= "x"']
-    args += ["--logit-bias", "5+1.5", "--logit-bias", "7-inf"]
+    args += ["--logit-bias", "5+1.5", "--logit-bias", "7-inf", "--grammar-trigger", "<x>"]
     run("generate", "hi", *args)
     assert seen == {
         "temperature": 0.5,
@@ -161,6 +161,7 @@ def test_every_sampling_setting_has_a_flag_that_reaches_it(run, monkeypatch):
         "json_schema": None,
         "json_schema_file": None,
         "logit_bias": ("5+1.5", "7-inf"),
+        "grammar_triggers": ("<x>",),
     }
     assert options.parse_logit_bias(("5+1.5", "7-inf")) == ((5, 1.5), (7, -100.0))
 

@@ -330,9 +330,7 @@ def test_the_check_tells_deras_answers_apart(lora_pair, reference_path, weak_lor
 
 @pytest.mark.parametrize("lam", [0.0, 1.0])
 @pytest.mark.parametrize("sampled", [pure, masked])
-def test_at_lam_0_and_1_nothing_is_killed_and_the_answer_is_plain_deras(
-    lora_pair, lam, sampled
-):
+def test_at_lam_0_and_1_nothing_is_killed_and_the_answer_is_plain_deras(lora_pair, lam, sampled):
     for seed in range(20):
         sampling = sampled(1.0, seed)
         plain = lora_pair.generate(PROMPT, lam=lam, sampling=sampling, max_tokens=8)

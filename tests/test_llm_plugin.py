@@ -120,3 +120,55 @@ def test_guidance_options(model, pair):
         cfg_scale=2.0,
     )
     assert steered == expected.text
+
+
+@pytest.fixture
+def long_context_model(monkeypatch, tmp_path):
+    """The tiny pair with room for a tool's description (a byte-level vocabulary)."""
+    from tiny_models import write_tiny_model
+
+    from dera_local import llm_plugin
+
+    aligned = write_tiny_model(tmp_path / "a.gguf", seed=1, context_length=4096)
+    reference = write_tiny_model(tmp_path / "r.gguf", seed=2, context_length=4096)
+    monkeypatch.setenv("DERA_ALIGNED", str(aligned))
+    monkeypatch.setenv("DERA_REFERENCE", str(reference))
+    monkeypatch.setenv("LLM_USER_PATH", str(tmp_path))
+    llm_plugin.close_models()
+    yield llm.get_model("dera-local")
+    llm_plugin.close_models()
+
+
+def test_tools_are_called_and_their_results_answered(long_context_model):
+    """llm's chain: the first answer calls the tool (tool_choice required: the grammar
+    from its first token), llm runs it, and the model answers with the result in its
+    prompt. The call's arguments validate against the tool's schema."""
+    jsonschema = pytest.importorskip("jsonschema")
+    calls = []
+
+    def llm_version() -> str:
+        "The installed version of llm."
+        calls.append(True)
+        return "0.36"
+
+    chain = long_context_model.chain(
+        "Which version of llm is installed?", tools=[llm_version],
+        options={"tool_choice": "required", "max_tokens": 120, "temperature": 1, "seed": 2},
+    )  # fmt: skip
+    chain.text()
+    responses = list(chain.responses())
+    first_calls = responses[0].tool_calls()
+    assert calls and first_calls and first_calls[0].name == "llm_version"
+    schema = llm.Tool.function(llm_version).input_schema
+    jsonschema.validate(first_calls[0].arguments, schema)
+    assert len(responses) >= 2 and not responses[-1].tool_calls()  # answered after the result
+
+
+def test_the_cli_takes_tools_with_dash_t(long_context_model):
+    result = CliRunner().invoke(
+        llm_cli,
+        ["-m", "dera-local", "-T", "llm_version", "-o", "tool_choice", "required",
+         "-o", "max_tokens", "120", "-o", "seed", "2", "--td", "Which version?"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert "llm_version" in result.output  # --td: the tool call and its result are shown

@@ -44,8 +44,11 @@ CLOCK = {
     "function": {
         "name": "now",
         "description": "The time",
-        "parameters": {"type": "object", "properties": {"zone": {"enum": ["utc", "local"]}},
-                       "required": ["zone"]},  # fmt: skip
+        "parameters": {
+            "type": "object",
+            "properties": {"zone": {"enum": ["utc", "local"]}},
+            "required": ["zone"],
+        },  # fmt: skip
     },
 }
 TOOLS = [WEATHER, CLOCK]
@@ -58,7 +61,7 @@ CHAT = [{"role": "user", "content": "What is the weather in Paris?"}]
 # <tool_response> blocks.
 TOOLS_TEMPLATE = (
     "{% if tools %}<|im_start|>system\nTools:\n{% for t in tools %}{{ t.function | tojson }}\n"
-    "{% endfor %}Call one as <tool_call>\n{\"name\": ..., \"arguments\": ...}\n</tool_call>"
+    '{% endfor %}Call one as <tool_call>\n{"name": ..., "arguments": ...}\n</tool_call>'
     "<|im_end|>\n{% endif %}"
     "{% for m in messages %}"
     "{% if m.role == 'tool' %}<|im_start|>user\n<tool_response>\n{{ m.content }}\n"
@@ -133,7 +136,8 @@ def test_a_tool_result_turn_renders_and_the_answer_goes_on(client):
     history = CHAT + [
         {"role": "assistant", "content": None, "tool_calls": [{
             "id": "call_1", "type": "function",
-            "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "celsius"}'},
+            "function": {"name": "get_weather",
+                         "arguments": '{"city": "Paris", "unit": "celsius"}'},
         }]},
         {"role": "tool", "tool_call_id": "call_1", "content": '{"celsius": 21}'},
     ]  # fmt: skip
@@ -271,7 +275,8 @@ def test_ollama_tool_turns_render_and_a_call_comes_back_as_an_object(server, cli
 
     history = CHAT + [
         {"role": "assistant", "content": "", "tool_calls": [
-            {"function": {"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}}]},
+            {"function": {"name": "get_weather",
+                          "arguments": {"city": "Paris", "unit": "celsius"}}}]},
         {"role": "tool", "tool_name": "get_weather", "content": "21 degrees"},
     ]  # fmt: skip
     body = {"model": "dera-local", "messages": history, "tools": TOOLS, "stream": False,

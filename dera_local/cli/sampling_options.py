@@ -77,13 +77,14 @@ def _sampling_field_option(field: dataclasses.Field) -> Callable:
     )
 
 
-# Flags generated from the dataclass; logit_bias has its own (llama.cpp's syntax).
+# Flags generated from the dataclass; logit_bias (llama.cpp's syntax) and
+# grammar_triggers (repeatable) have their own.
 GENERATED_FIELDS = tuple(
     f.name for f in dataclasses.fields(SamplingParams) if f.name in _SAMPLING_FLAGS
 )
 
 
-SAMPLING_FIELDS = (*GENERATED_FIELDS, "logit_bias")
+SAMPLING_FIELDS = (*GENERATED_FIELDS, "logit_bias", "grammar_triggers")
 
 
 SAMPLING_KEYS = (*SAMPLING_FIELDS, "grammar_file", "json_schema", "json_schema_file")
@@ -126,6 +127,14 @@ sampling_options = stacked(
         multiple=True,
         metavar="ID(+|-)BIAS",
         help="Add BIAS to token ID's logit, e.g. 15043+1; 15043-inf bans it (repeatable).",
+    ),
+    click.option(
+        "--grammar-trigger",
+        "grammar_triggers",
+        multiple=True,
+        metavar="WORD",
+        help="Apply the grammar only once WORD appears in the answer, from WORD on "
+        "(llama.cpp's lazy grammar; repeatable).",
     ),
     click.option(
         "--grammar-file",
@@ -233,6 +242,7 @@ def exact_cost_line(exact: dict) -> str:
         f"{exact['tokens_spent']} tokens, Z estimate {exact['z_estimate']:.3g}"
     )
 
+
 # With --exact, the truncation samplers are off unless the command line sets them:
 # exact realignment samples the target itself.
 EXACT_SAMPLING = {"top_k": 0, "top_p": 1.0, "min_p": 0.0}
@@ -282,4 +292,7 @@ def sampling_from(
         if fields.get("grammar"):
             raise DeraError("give a grammar or a JSON schema, not both")
         fields["grammar"] = json_schema_grammar(json_schema)
+    if fields.get("grammar_triggers") and not fields.get("grammar"):
+        raise DeraError("--grammar-trigger needs a grammar (--grammar or --grammar-file)")
+    fields["grammar_triggers"] = tuple(fields.get("grammar_triggers") or ())
     return SamplingParams(**fields, logit_bias=parse_logit_bias(logit_bias))

@@ -23,17 +23,16 @@ from .prompts import (
     prompt_encoder,
 )
 from .sampling_options import (
+    exact_options,
+    exact_sampling,
+    exact_settings,
     lam_grid,
     lambdas_option,
     negative_prompt_from,
     negative_prompt_options,
-    exact_options,
-    exact_sampling,
-    exact_settings,
     sampling_from,
     sampling_options,
 )
-
 
 EXACT_LAM_GRID = (0.0, 0.25, 0.5, 0.75, 1.0)
 

@@ -208,9 +208,7 @@ class SamplerChain:
         self._grammar: llama_cpp.llama_sampler_p | None = None  # owned by the chain
         self._candidates: np.ndarray | None = None  # allowed_tokens' scratch array
         # Tokens a logit bias of -100 bans: a fixed mask (exact realignment needs it).
-        self.banned = np.array(
-            [t for t, bias in params.logit_bias if bias <= -100], dtype=np.int64
-        )
+        self.banned = np.array([t for t, bias in params.logit_bias if bias <= -100], dtype=np.int64)
         try:
             if observer is not None:
                 llama_cpp.llama_sampler_chain_add(self.ptr, observer)

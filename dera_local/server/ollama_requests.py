@@ -180,9 +180,7 @@ def chat_messages(body: dict) -> list[dict]:
                 raise RequestError(f"{where}: {reason} are not supported", "messages")
             raise RequestError(f"{where}: unknown field '{name}'", "messages")
         if role not in ("system", "user", "assistant", "tool"):
-            raise RequestError(
-                f"{where}: role must be system, user, assistant or tool", "messages"
-            )
+            raise RequestError(f"{where}: role must be system, user, assistant or tool", "messages")
         if content is None:
             content = ""
         if not isinstance(content, str):

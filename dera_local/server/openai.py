@@ -84,7 +84,9 @@ def openai_routes(served: Served) -> list[Route]:
     async def respond(request: Request, chat: bool) -> Response:
         body = await served.body(request)
         parsed, tools, job = await chat_job(served, body, chat)
-        shape = ChatShape(parsed, token_bytes, tools) if chat else CompletionShape(parsed, token_bytes)
+        shape = (
+            ChatShape(parsed, token_bytes, tools) if chat else CompletionShape(parsed, token_bytes)
+        )
         encoder = Encoder(
             lambda first, chunks: _sse(shape, first, chunks), "text/event-stream", shape.whole
         )

@@ -345,8 +345,9 @@ def chat_messages(body: dict) -> list[dict]:
         for name, value in message.items():
             if name in allowed or value in (None, [], ""):
                 continue
+            owner = "assistant" if name == "tool_calls" else "tool"
             reason = (
-                f"'{name[:40]}' belongs to {'assistant' if name == 'tool_calls' else 'tool'} messages"
+                f"'{name[:40]}' belongs to {owner} messages"
                 if name in ("tool_calls", "tool_call_id", "tool_name")
                 else f"unknown field '{name[:40]}'"
             )
@@ -408,7 +409,6 @@ def tool_call_list(value, where: str) -> list[dict]:
             entry["id"] = call["id"]
         calls.append(entry)
     return calls
-
 
 
 def completion_prompt(body: dict, n_vocab: int = 2**31) -> str | list[int]:

@@ -87,7 +87,9 @@ def chat_body(body: Any) -> dict:
         chat["tools"] = _tools(body["tools"])
     if body.get("tool_choice") is not None:
         chat["tool_choice"] = _tool_choice(body["tool_choice"])
-    text_format = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
+    text_format = (
+        (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
+    )
     if body.get("text") is not None and not isinstance(body.get("text"), dict):
         raise RequestError("'text' must be an object", "text")
     if text_format is not None:
@@ -125,7 +127,9 @@ def _messages(items) -> list[dict]:
         if kind == "message":
             role = item.get("role")
             if role not in ("user", "system", "developer", "assistant"):
-                raise RequestError(f"{where}: role must be user, system, developer or assistant", "input")
+                raise RequestError(
+                    f"{where}: role must be user, system, developer or assistant", "input"
+                )
             messages.append({"role": role, "content": _text_of(item.get("content"), where)})
         elif kind == "function_call":
             if not isinstance(item.get("name"), str):
@@ -148,7 +152,9 @@ def _messages(items) -> list[dict]:
                 {"role": "tool", "tool_call_id": item.get("call_id", ""), "content": output}
             )
         else:
-            raise RequestError(f"{where}: items of type {str(kind)[:40]!r} are not supported", "input")
+            raise RequestError(
+                f"{where}: items of type {str(kind)[:40]!r} are not supported", "input"
+            )
     return messages
 
 
@@ -192,7 +198,9 @@ def renamed(failure: Failure) -> Failure:
     param = FIELD_OF.get(failure.param, failure.param)
     message = failure.message
     for chat_name, ours in FIELD_OF.items():
-        message = message.replace(f"'{chat_name}'", f"'{ours}'").replace(f"{chat_name}[", f"{ours}[")
+        message = message.replace(f"'{chat_name}'", f"'{ours}'").replace(
+            f"{chat_name}[", f"{ours}["
+        )
     return Failure(failure.status, message, failure.kind, param, failure.headers)
 
 
@@ -281,7 +289,9 @@ class ResponseShape:
         opened, shown = False, []
         try:
             yield self.event("response.created", response=self.response("in_progress", [], None))
-            yield self.event("response.in_progress", response=self.response("in_progress", [], None))
+            yield self.event(
+                "response.in_progress", response=self.response("in_progress", [], None)
+            )
             item = first
             while not isinstance(item, GenerationResult):
                 text = item.text if held is None else held.feed(item.text)
@@ -333,7 +343,9 @@ class ResponseShape:
                                  output_index=index, arguments=done["arguments"])  # fmt: skip
                 yield self.event("response.output_item.done", output_index=index, item=done)
                 output.append(done)
-            yield self.event("response.completed", response=self.response("completed", output, result))
+            yield self.event(
+                "response.completed", response=self.response("completed", output, result)
+            )
         finally:
             await chunks.aclose()
 

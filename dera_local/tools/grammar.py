@@ -13,6 +13,9 @@ from .render import CLOSE, OPEN
 from .spec import Tool, ToolError
 
 _ROOT = re.compile(r"^root ::=", re.MULTILINE)
+# Calls in one answer, at most: past them the grammar is complete and only the end may
+# come (a model that keeps opening calls would otherwise run to max_tokens, cut mid-call).
+MAX_PARALLEL_CALLS = 8
 
 
 def _literal(text: str) -> str:
@@ -42,5 +45,6 @@ def calls_grammar(tools: list[Tool], parallel: bool, field: str = "tools") -> st
         raise ToolError(f"'{field}': {exc}", field) from None
     inner = _ROOT.sub("tool-call-json ::=", inner, count=1)
     call = f"tool-call ::= {_literal(OPEN + chr(10))} tool-call-json {_literal(chr(10) + CLOSE)}"
-    root = 'root ::= tool-call ("\\n" tool-call)*' if parallel else "root ::= tool-call"
+    more = MAX_PARALLEL_CALLS - 1
+    root = f'root ::= tool-call ("\\n" tool-call){{0,{more}}}' if parallel else "root ::= tool-call"
     return f"{root}\n{call}\n{inner}"

@@ -22,7 +22,11 @@ class ToolCall:
     def openai(self) -> dict:
         """OpenAI's form: the arguments as a JSON string."""
         arguments = json.dumps(self.arguments, ensure_ascii=False)
-        return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": arguments}}
+        return {
+            "id": self.id,
+            "type": "function",
+            "function": {"name": self.name, "arguments": arguments},
+        }
 
 
 def parse_calls(text: str, names: set[str]) -> tuple[str, list[ToolCall]]:
@@ -72,7 +76,11 @@ class ToolTextFilter:
             return pending[:start]
         # a tail that could still grow into the opener stays back
         keep = next(
-            (n for n in range(min(len(OPEN) - 1, len(pending)), 0, -1) if OPEN.startswith(pending[-n:])),
+            (
+                n
+                for n in range(min(len(OPEN) - 1, len(pending)), 0, -1)
+                if OPEN.startswith(pending[-n:])
+            ),
             0,
         )
         self.held = pending[len(pending) - keep :] if keep else ""

@@ -95,10 +95,12 @@ def parse_tool_choice(value: Any, tools: list[Tool], field: str = "tool_choice")
         name = value["function"].get("name")
         if not any(t.name == name for t in tools):
             names = ", ".join(t.name for t in tools)
-            raise ToolError(f"'{field}' names {name!r}, which is not one of the tools ({names})", field)
+            raise ToolError(
+                f"'{field}' names {name!r}, which is not one of the tools ({names})", field
+            )
         return ToolChoice("named", name)
     raise ToolError(
-        f"'{field}' must be \"none\", \"auto\", \"required\" or "
+        f'\'{field}\' must be "none", "auto", "required" or '
         '{"type": "function", "function": {"name": ...}}',
         field,
     )

@@ -102,10 +102,14 @@ def analyse(lam: float, tables: dict) -> dict:
         "cap_share": mean("cap_share"),
         "attempts_per_answer": mean("attempts"),
         "tokens_per_answer": mean("tokens"),
-        "reverse_kl": [bootstrap(tables["reverse"][:, j : j + 1], lambda m: float(m[0]))
-                       for j in range(len(grid))],  # fmt: skip
-        "forward_kl": [bootstrap(tables["forward"][:, j : j + 1], lambda m: float(m[0]))
-                       for j in range(len(grid))],  # fmt: skip
+        "reverse_kl": [
+            bootstrap(tables["reverse"][:, j : j + 1], lambda m: float(m[0]))
+            for j in range(len(grid))
+        ],  # fmt: skip
+        "forward_kl": [
+            bootstrap(tables["forward"][:, j : j + 1], lambda m: float(m[0]))
+            for j in range(len(grid))
+        ],  # fmt: skip
         "reverse_calibration": reverse_cal,
         "forward_calibration": forward_cal,
         "ratios": ratios,
@@ -116,7 +120,7 @@ def analyse(lam: float, tables: dict) -> dict:
 def judge(ratios: dict, measurable: bool) -> str:
     if not measurable:
         return "not measurable (a prompt has fewer than 5 exact draws)"
-    inside = [0.9 <= low and high <= 1.1 for _, low, high in ratios.values()]
+    inside = [low >= 0.9 and high <= 1.1 for _, low, high in ratios.values()]
     outside = [high < 0.9 or low > 1.1 for _, low, high in ratios.values()]
     if any(outside):
         return "fails"
@@ -140,8 +144,7 @@ def markdown(result: dict) -> str:
         "| quantity | exact draws | part 1 (importance sampling) |",
         "|---|---|---|",
         f"| target's words | {_ci(result['words'], 1)} | {part1.get('words', '-')} |",
-        f"| KL(Pi ‖ pi_ref), nats | {_ci(result['kl_to_reference'], 1)} | "
-        f"{part1.get('kl', '-')} |",
+        f"| KL(Pi ‖ pi_ref), nats | {_ci(result['kl_to_reference'], 1)} | {part1.get('kl', '-')} |",
         f"| log Z | {_ci(result['log_z'])} | |",
         f"| share of answers at the 96-token cap | {_ci(result['cap_share'])} | |",
         f"| attempts per answer | {_ci(result['attempts_per_answer'], 1)} | |",
