@@ -34,7 +34,7 @@ from .sources.catalog import load_catalog
 from .sources.resolve import DEFAULT_QUANT, pulled_quants
 from .tools.grammar import calls_grammar
 from .tools.parse import ToolTextFilter, parse_calls
-from .tools.render import OPEN, native_tools, tool_messages
+from .tools.render import OPEN, marker_tokens, native_tools, tool_messages
 from .tools.spec import Tool
 
 MODEL_ID = "dera-local"
@@ -171,6 +171,7 @@ class DeraModel(llm.Model):
                 max_tokens=options.max_tokens or 512,
                 logprobs=True,  # for the answer's KL to the reference, logged below
                 exact=bool(options.exact),
+                shown_special=marker_tokens(pair.model) if tools else (),
                 **guidance,
             )
             for chunk in generation:

@@ -373,3 +373,20 @@ def test_responses_refusals_name_the_field(client, extra, field):
     with pytest.raises(openai.BadRequestError) as refused:
         client.responses.create(**settings)
     assert refused.value.body["param"] == field, refused.value.body
+
+
+def test_bare_json_calls_are_read_and_held_back_while_streaming():
+    """Small models (Qwen2.5-Coder-0.5B with auto, here by hand) often write the call's
+    JSON without the markers: a whole answer of such objects is calls too."""
+    names = {"get_weather"}
+    bare = '{"name": "get_weather", "arguments": {"city": "Paris"}}'
+    text, calls = parse_calls(bare, names)
+    assert text == "" and [(c.name, c.arguments) for c in calls] == [
+        ("get_weather", {"city": "Paris"})
+    ]
+    assert parse_calls('{"name": "nope", "arguments": {}}', names)[1] == []
+    assert parse_calls("Sure: " + bare, names)[1] == []  # words first: text
+    f = ToolTextFilter()
+    assert f.feed(' {"na') == "" and f.feed('me"') == "" and f.held == ' {"name"'
+    f = ToolTextFilter()
+    assert f.feed("Hi ") == "Hi " and f.feed("{x}") == "{x}"  # after text: shown

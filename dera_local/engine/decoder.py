@@ -212,6 +212,7 @@ class BatchDecoder:
             n_ctx=self.n_ctx_per_slot,
             max_tokens=request.max_tokens,
             stop=request.stop,
+            shown_special=request.shown_special,
         )
         chain = SamplerChain(
             request.sampling, model.vocab, self.n_ctx_per_slot, request.logits_observer

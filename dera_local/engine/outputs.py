@@ -31,9 +31,11 @@ class SequenceOutput:
         n_ctx: int,
         max_tokens: int,
         stop: Sequence[str] = (),
+        shown_special: Sequence[int] = (),
     ) -> None:
         """max_tokens: -1 = no limit but the context. n_ctx: positions this sequence may
-        use, its prompt included."""
+        use, its prompt included. shown_special: control tokens written as their text
+        (others are empty, as llama.cpp detokenizes by default)."""
         self._model = model
         self._n_prompt = n_prompt
         self._n_ctx = n_ctx
@@ -44,6 +46,7 @@ class SequenceOutput:
         self.new_text = ""
         self.finish_reason: str | None = None
         self.end_token: int | None = None  # the end-of-generation token, when one ended it
+        self._shown_special = frozenset(shown_special)
 
     def advance(self, token: int) -> str | None:
         """Takes one sampled token; returns the finish reason if the sequence ends with
@@ -53,7 +56,9 @@ class SequenceOutput:
             self.end_token = token
             return self.end(FINISH_STOP)
         self.tokens.append(token)
-        piece = self._text.push(self._model.token_bytes(token))
+        piece = self._text.push(
+            self._model.token_bytes(token, special=token in self._shown_special)
+        )
         if piece:
             self.pieces.append(piece)
             self.new_text = piece

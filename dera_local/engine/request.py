@@ -44,6 +44,9 @@ class GenerationRequest:
     target_lam: float | None = None
     logits_observer: object = None
     kill_test: object = None  # exact realignment: the attempt's kill test (engine/exact.py)
+    # Control tokens written into the text as their own text (a vocabulary's tool-call
+    # markers, such as Qwen's <tool_call>, which the calls are parsed from).
+    shown_special: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:  # sequences as tuples: the value is frozen all through
         object.__setattr__(self, "prompt", tuple(self.prompt))

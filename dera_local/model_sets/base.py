@@ -140,6 +140,7 @@ class ModelSet:
         exact: bool = False,
         exact_budget: int = DEFAULT_BUDGET,
         exact_parallel: int = DEFAULT_PARALLEL,
+        shown_special: Sequence[int] = (),
     ) -> GenerationStream:
         """Starts a generation from a prompt (text, or token ids fed as they are): the one
         slot of a batched decoder kept with its caches (a next prompt that starts the same
@@ -179,6 +180,8 @@ class ModelSet:
             sequence-tokens attempts may spend before a new one would start (then
             ExactBudgetError). exact_parallel: attempts decoded at once, as slots of one
             batch sharing the prompt's cache.
+        shown_special: control tokens written into the text as their own text (the
+            vocabulary's tool-call markers: dera_local.tools.render.marker_tokens).
         """
         prompt_tokens, lam = self._prompt_and_lam(prompt, lam, max_tokens)
         check_top_logprobs(top_logprobs)
@@ -197,6 +200,7 @@ class ModelSet:
             accept=accept,
             target_lam=self.exact_target(lam, guidance),
             logits_observer=logits_observer,
+            shown_special=tuple(shown_special),
         )
         if exact:  # attempts are plain DeRa, one token per step
             request = replace(request, speculation=SpeculationParams(draft_max=0), drafter=None)

@@ -24,7 +24,7 @@ from ..errors import DeraError
 from ..llama.gguf_inspect import read_gguf
 from ..model_sets.pair import GenerationResult
 from ..tools.parse import ToolTextFilter, parse_calls
-from ..tools.render import native_tools, tool_messages
+from ..tools.render import marker_tokens, native_tools, tool_messages
 from .jobs import (
     Encoder,
     Failure,
@@ -182,7 +182,10 @@ def ollama_routes(served: Served) -> list[Route]:
         tools = parse_tool_fields(body, served.template.source) if chat else None
         if tools is not None:  # Ollama has no tool_choice: the model may call (auto)
             sampling = with_tool_grammar(parsed.request.sampling, tools, "format")
-            parsed = replace(parsed, request=replace(parsed.request, sampling=sampling))
+            markers = marker_tokens(pair.model)
+            parsed = replace(
+                parsed, request=replace(parsed.request, sampling=sampling, shown_special=markers)
+            )
             await check_schema_grammar(sampling, pair.model.vocab, "tools")
         refuse_unguided(served, parsed, "options")
         check_exact_request(served, parsed, "options")

@@ -15,7 +15,7 @@ from starlette.routing import Route
 
 from ..errors import DeraError
 from ..model_sets.pair import GenerationResult
-from ..tools.render import native_tools, tool_messages
+from ..tools.render import marker_tokens, native_tools, tool_messages
 from .jobs import (
     Encoder,
     Failure,
@@ -57,7 +57,10 @@ async def chat_job(served: Served, body, chat: bool = True, fields: dict | None 
     tools = parse_tool_fields(body, served.template.source) if chat else None
     if tools is not None and tools.calls_expected:
         sampling = with_tool_grammar(parsed.request.sampling, tools, "response_format")
-        parsed = replace(parsed, request=replace(parsed.request, sampling=sampling))
+        markers = marker_tokens(pair.model)
+        parsed = replace(
+            parsed, request=replace(parsed.request, sampling=sampling, shown_special=markers)
+        )
         await check_schema_grammar(sampling, pair.model.vocab, "tools")
     refuse_unguided(served, parsed, "dera_negative_prompt")
     check_exact_request(served, parsed, "dera_exact")

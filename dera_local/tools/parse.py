@@ -35,7 +35,8 @@ def parse_calls(text: str, names: set[str]) -> tuple[str, list[ToolCall]]:
     follows the last; otherwise (text, []): an answer that is not a clean call is text."""
     start = text.find(OPEN)
     if start < 0:
-        return text, []
+        bare = _bare_calls(text, names)
+        return ("", bare) if bare else (text, [])
     calls, end = [], start
     for match in _BLOCK.finditer(text, start):
         if text[end : match.start()].strip():
@@ -56,6 +57,29 @@ def parse_calls(text: str, names: set[str]) -> tuple[str, list[ToolCall]]:
     return text[:start].rstrip(), calls
 
 
+def _bare_calls(text: str, names: set[str]) -> list[ToolCall]:
+    """Calls written without the markers, the whole answer one JSON object per line
+    naming a tool (as small models and Llama 3.x's format do, `parameters` for
+    `arguments`): these are read too. Anything else is text. (With tool_choice auto such
+    calls are not held to the tool's schema: the grammar starts at the opener.)"""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    if not lines or not text.lstrip().startswith("{"):
+        return []
+    calls = []
+    for line in lines:
+        try:
+            data = json.loads(line)
+        except ValueError:
+            return []
+        if not isinstance(data, dict) or data.get("name") not in names:
+            return []
+        arguments = data.get("arguments", data.get("parameters"))
+        if not isinstance(arguments, dict):
+            return []
+        calls.append(ToolCall(data["name"], arguments))
+    return calls
+
+
 class ToolTextFilter:
     """Streamed text with everything from a possible call opener on held back: feed()
     returns what is safe to show now; `held` is the rest (parsed at the end)."""
@@ -63,12 +87,17 @@ class ToolTextFilter:
     def __init__(self) -> None:
         self.held = ""
         self.opened = False
+        self.shown = False  # some text was shown: a bare JSON call can no longer start
 
     def feed(self, text: str) -> str:
         if self.opened:
             self.held += text
             return ""
         pending = self.held + text
+        if not self.shown and pending.lstrip().startswith("{"):  # maybe a bare call
+            self.opened = True
+            self.held = pending
+            return ""
         start = pending.find(OPEN)
         if start >= 0:
             self.opened = True
@@ -84,4 +113,6 @@ class ToolTextFilter:
             0,
         )
         self.held = pending[len(pending) - keep :] if keep else ""
-        return pending[: len(pending) - keep]
+        shown = pending[: len(pending) - keep]
+        self.shown = self.shown or bool(shown.strip())
+        return shown

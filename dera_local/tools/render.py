@@ -13,6 +13,18 @@ from .spec import Tool
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 
 
+def marker_tokens(model) -> tuple[int, ...]:
+    """The vocabulary's single tokens for the call markers (Qwen2.5 has <tool_call> and
+    </tool_call> as control tokens): written into the text as their own, so that calls
+    can be read back."""
+    tokens = []
+    for marker in (OPEN, CLOSE):
+        ids = model.tokenize(marker, add_special=False, parse_special=True)
+        if len(ids) == 1:
+            tokens.append(ids[0])
+    return tuple(tokens)
+
+
 def native_tools(template_source: str) -> bool:
     """Whether a chat template renders tools itself (it reads a `tools` variable)."""
     return "tools" in template_source
