@@ -140,3 +140,19 @@ def test_check_flags_a_shifted_statistic_and_passes_a_fresh_draw():
     assert len(same) == 5 and all(row[4] for row in same)  # words, KL x 2 lams; mismatch at 0.5
     shifted = compare(stored, statistics_of(_fake_runs(rng, 15.0, seeds=4)))
     assert [row[0] for row in shifted if not row[4]] == ["words at lam' 1"]
+
+
+def test_pareto_k_hat_finds_the_tail_it_is_given():
+    """Weights with a generalized Pareto tail of shape k: the estimate lands near k;
+    light-tailed (normal log-weights) ones stay well under 0.5."""
+    from scipy.stats import genpareto
+    from weights import pareto_k_hat
+
+    rng = np.random.default_rng(0)
+    n = 20000
+    tail = int(min(n / 5, 3 * np.sqrt(n)))  # the draws the fit sees
+    for k in (0.3, 0.8, 1.2):
+        w = genpareto.rvs(k, size=n, random_state=rng) + 1.0
+        # within 3 standard errors of the maximum-likelihood shape, (1 + k) / sqrt(M)
+        assert abs(pareto_k_hat(np.log(w)) - k) < 3 * (1 + k) / np.sqrt(tail), k
+    assert pareto_k_hat(rng.normal(size=20000) * 0.3) < 0.3

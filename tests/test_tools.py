@@ -239,32 +239,41 @@ def test_the_generic_rendering_describes_the_tools_in_the_system_message(pair):
 # --- Ollama's API: tools on /api/chat -----------------------------------------------------
 
 
-def get_weather(city: str, unit: str) -> str:
-    """The weather in a city.
+def switch_lights(on: bool) -> str:
+    """Switches the lights.
 
     Args:
-      city: the city
-      unit: celsius or fahrenheit
+      on: whether the lights are on afterwards
     """
-    return f"21 degrees {unit} in {city}"
+    return "done"
 
 
 @pytest.mark.parametrize("lam", [0.0, 0.5, 1.0])
 def test_the_ollama_client_with_a_python_function_as_a_tool(server, lam):
-    """The ollama client turns the function into a tool; the answer is text or calls
-    (auto: the tiny model seldom opens one), and calls carry their arguments as an
-    object. With the opener forced by a tool-only template turn, see the /v1 tests."""
+    """The ollama client turns the function into a tool; with dera-local's
+    options.tool_choice "required" the answer is a call, its arguments an object that
+    validates against the schema the client made; without it (Ollama's auto) the tiny
+    model answers in text."""
     ollama = pytest.importorskip("ollama")
     client = ollama.Client(host=server)
+    schema = ollama._utils.convert_function_to_tool(switch_lights).function.parameters
+    schema = schema.model_dump(exclude_none=True)
     reply = client.chat(
-        model=f"dera-local:{lam:g}", messages=CHAT, tools=[get_weather],
-        options={"num_predict": 8, "temperature": 1, "seed": 1},
+        model=f"dera-local:{lam:g}", messages=CHAT, tools=[switch_lights],
+        options={"num_predict": 300, "temperature": 1, "seed": 1, "tool_choice": "required",
+                 "parallel_tool_calls": False},
     )  # fmt: skip
-    assert reply.done
-    for call in reply.message.tool_calls or []:
-        assert call.function.name == "get_weather" and isinstance(call.function.arguments, dict)
-    shown = client.show("dera-local")
-    assert "tools" in shown.capabilities
+    calls = reply.message.tool_calls
+    assert calls and len(calls) == 1 and calls[0].function.name == "switch_lights", reply
+    for call in calls:
+        assert isinstance(call.function.arguments, dict)
+        jsonschema.validate(call.function.arguments, schema)
+    free = client.chat(
+        model=f"dera-local:{lam:g}", messages=CHAT, tools=[switch_lights],
+        options={"num_predict": 8, "temperature": 0},
+    )  # fmt: skip
+    assert free.done and not free.message.tool_calls
+    assert "tools" in client.show("dera-local").capabilities
 
 
 def test_ollama_tool_turns_render_and_a_call_comes_back_as_an_object(server, client):

@@ -179,8 +179,16 @@ def ollama_routes(served: Served) -> list[Route]:
         if parsed is None:
             return _not_found(body["model"])
         await check_schema_grammar(parsed.request.sampling, pair.model.vocab, "format")
-        tools = parse_tool_fields(body, served.template.source) if chat else None
-        if tools is not None:  # Ollama has no tool_choice: the model may call (auto)
+        tools = None
+        if chat and body.get("tools"):  # Ollama has no tool_choice: options.tool_choice
+            options = body.get("options") or {}
+            wanted = {
+                "tools": body["tools"],
+                "tool_choice": options.get("tool_choice"),
+                "parallel_tool_calls": options.get("parallel_tool_calls", True),
+            }
+            tools = parse_tool_fields(wanted, served.template.source)
+        if tools is not None and tools.calls_expected:
             sampling = with_tool_grammar(parsed.request.sampling, tools, "format")
             markers = marker_tokens(pair.model)
             parsed = replace(

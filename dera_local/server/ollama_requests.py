@@ -241,6 +241,14 @@ def _options(options: dict, n_ctx: int) -> dict:
             if value is not None and not isinstance(value, bool):
                 raise RequestError("option 'exact' must be true or false", "options")
             values[name] = bool(value)
+        elif name == "tool_choice":  # dera-local's own: with tools, "required" forces a call
+            if value not in (None, "auto", "required", "none"):
+                raise RequestError(
+                    'option \'tool_choice\' must be "auto", "required" or "none"', "options"
+                )
+        elif name == "parallel_tool_calls":  # dera-local's own, as on /v1
+            if value is not None and not isinstance(value, bool):
+                raise RequestError("option 'parallel_tool_calls' must be true or false", "options")
         elif name == "num_ctx":
             if value is not None and (not is_number(value) or value > n_ctx):
                 raise RequestError(

@@ -42,7 +42,17 @@ def per_prompt_tables(draws: dict[int, PromptDraws], targets) -> dict[str, np.nd
     """Every per-prompt number the report averages, as arrays [prompts, ...]."""
     rows = {
         key: []
-        for key in ("log_z", "pi_words", "pi_kl", "ess", "kl_from", "ess_of", "q_words", "q_kl")
+        for key in (
+            "log_z",
+            "pi_words",
+            "pi_kl",
+            "ess",
+            "k_hat",
+            "kl_from",
+            "ess_of",
+            "q_words",
+            "q_kl",
+        )  # fmt: skip
     }
     for one in draws.values():
         estimates = [estimate(one, lam) for lam in targets]
@@ -50,6 +60,7 @@ def per_prompt_tables(draws: dict[int, PromptDraws], targets) -> dict[str, np.nd
         rows["pi_words"].append([e.words for e in estimates])
         rows["pi_kl"].append([e.kl_to_reference for e in estimates])
         rows["ess"].append([e.ess for e in estimates])
+        rows["k_hat"].append([e.k_hat for e in estimates])
         rows["kl_from"].append([e.kl_from_proposal for e in estimates])
         rows["ess_of"].append([e.ess_of_proposal for e in estimates])
         words, kl = proposal_means(one)
@@ -110,6 +121,7 @@ def analyse(runs: list[dict]) -> dict:
                 bootstrap(per_prompt, lambda m, j=j: m[6 + j]) for j in range(len(lams))
             ],
             "median_pooled_ess": float(np.median(tables["ess"][:, t])),
+            "median_k_hat": float(np.nanmedian(tables["k_hat"][:, t])),
             "mean_own_ess": float(np.mean(tables["ess_of"][:, t, own])),
         }
         ratios = {
@@ -163,12 +175,32 @@ def analyse(runs: list[dict]) -> dict:
         for t, lam in enumerate(KNOWN_TARGETS)
     ]
     result["seeds_per_prompt"] = len({run["seed"] for run in runs})
+    result["trend_over_seeds"] = trend_over_seeds(runs)
     result["pi_kl_curve"] = {
         "lam": FINE_TARGETS.tolist(),
         "kl_to_reference": np.nanmean(fine["pi_kl"], axis=0).tolist(),
         "median_pooled_ess": np.median(fine["ess"], axis=0).tolist(),
     }
     return _plain(result)
+
+
+def trend_over_seeds(runs: list[dict]) -> list[dict]:
+    """Median pooled ESS and Pareto k-hat per target with the first 6, 12, 18, ... seeds
+    of every prompt: whether more seeds help (ESS growing, k-hat settling below 0.7) or
+    the weights stay heavy-tailed whatever the sample size."""
+    seeds = sorted({run["seed"] for run in runs})
+    rows = []
+    for n in range(6, len(seeds) + 1, 6):
+        kept = set(seeds[:n])
+        tables = per_prompt_tables(prompt_draws([r for r in runs if r["seed"] in kept]), TARGETS)
+        rows.append(
+            {
+                "seeds": n,
+                "median_pooled_ess": np.median(tables["ess"], axis=0).tolist(),
+                "median_k_hat": np.nanmedian(tables["k_hat"], axis=0).tolist(),
+            }
+        )
+    return rows
 
 
 def _plain(value):
@@ -211,17 +243,34 @@ def markdown(result: dict, verified: dict | None, sources: list[dict]) -> str:
         "",
         "| target lam | Pi_lam words | DeRa_lam words | Pi_lam KL to ref | DeRa_lam KL to ref "
         "| KL(DeRa_lam ‖ Pi_lam) | calibration lam'* | pooled ESS (median) "
+        "| Pareto k-hat (median) "
         f"| own ESS (mean, of {result['seeds_per_prompt']:g}) "
         "| verdict |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for t in result["targets"]:
         lines.append(
             f"| {t['lam']:g} | {_interval(*t['pi_words'], 1)} | {_interval(*t['dera_words'], 1)} "
             f"| {_interval(*t['pi_kl'])} | {_interval(*t['dera_kl'])} "
             f"| {_interval(*t['kl_dera_to_target'])} | {_interval(*t['calibration'])} "
-            f"| {t['median_pooled_ess']:.1f} | {t['mean_own_ess']:.1f} | {t['verdict']} |"
+            f"| {t['median_pooled_ess']:.1f} | {t['median_k_hat']:.2f} "
+            f"| {t['mean_own_ess']:.1f} | {t['verdict']} |"
         )
+    lines += [
+        "",
+        "The trend over seeds (the first N seeds of every prompt): median pooled ESS / median "
+        "Pareto k-hat of the pooled weights (k-hat > 0.7: the weighted means are not to be "
+        "trusted at that sample size; > 1: the weights' variance is infinite).",
+        "",
+        "| seeds | " + " | ".join(f"target {lam:g}" for lam in TARGETS) + " |",
+        "|---|" + "---|" * len(TARGETS),
+    ]
+    for row in result["trend_over_seeds"]:
+        cells = [
+            f"{e:.1f} / {k:.2f}"
+            for e, k in zip(row["median_pooled_ess"], row["median_k_hat"], strict=True)
+        ]
+        lines.append(f"| {row['seeds']} | " + " | ".join(cells) + " |")
     lines += [
         "",
         "Where the answer is known (the target at lam 0 is the reference, at 1 the aligned "

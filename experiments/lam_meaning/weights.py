@@ -33,6 +33,26 @@ def effective_sample_size(log_weights: np.ndarray) -> float:
     return float(w.sum() ** 2 / (w**2).sum())
 
 
+def pareto_k_hat(log_weights: np.ndarray) -> float:
+    """The shape k of a generalized Pareto fitted to the largest weights (the PSIS
+    diagnostic of Vehtari et al.: the M = min(n / 5, 3 sqrt(n)) largest, as exceedances
+    over the next one; fitted by scipy's maximum likelihood, not Zhang and Stephens'
+    estimator). k > 0.7: the weights' mean is not to be trusted at this sample size;
+    k > 1: their variance is infinite. NaN with fewer than 5 tail draws."""
+    from scipy.stats import genpareto
+
+    w = np.sort(np.exp(np.asarray(log_weights, np.float64) - np.max(log_weights)))
+    m = int(min(len(w) / 5, 3 * np.sqrt(len(w))))
+    if m < 5:
+        return float("nan")
+    tail, threshold = w[-m:], w[-m - 1]
+    exceed = tail - threshold
+    if not np.any(exceed > 0):
+        return 0.0
+    k, _, _ = genpareto.fit(exceed, floc=0.0)
+    return float(k)
+
+
 @dataclass(frozen=True)
 class PromptDraws:
     """One prompt's answers: A, R [n], G [n, J] (log-probability under each proposal),
@@ -64,6 +84,7 @@ class TargetEstimate:
     words: float  # the target's expected value (words)
     kl_to_reference: float  # KL(Pi_lam || pi_ref)
     ess: float  # of the pooled weights
+    k_hat: float  # the Pareto shape of the pooled weights' tail (pareto_k_hat)
     kl_from_proposal: np.ndarray  # [J] KL(DeRa_lam'_j || Pi_lam)
     ess_of_proposal: np.ndarray  # [J] of proposal j's own draws weighed for Pi_lam
 
@@ -85,7 +106,9 @@ def estimate(draws: PromptDraws, lam: float) -> TargetEstimate:
             own = target[mine] - draws.proposals[mine, j]  # W = log Pi~ - log DeRa_lam'
             kl_from[j] = log_z - own.mean()
             ess_of[j] = effective_sample_size(own)
-    return TargetEstimate(log_z, words, kl_ref, effective_sample_size(log_w), kl_from, ess_of)
+    return TargetEstimate(
+        log_z, words, kl_ref, effective_sample_size(log_w), pareto_k_hat(log_w), kl_from, ess_of
+    )
 
 
 def proposal_means(draws: PromptDraws) -> tuple[np.ndarray, np.ndarray]:
