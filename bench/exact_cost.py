@@ -6,9 +6,13 @@ capped at --tokens), measured in one process.
     python bench/exact_cost.py                       # lam 0.25 0.5 0.75 0.9, 4 answers each
     python bench/exact_cost.py --lams 0.75 --answers 8 --parallel 1,4,8
 
-Per cell: the median over the answers of the wall time, and the mean sequence-tokens
-(every attempt's, discarded ones too) and attempts. "x DeRa": wall time over the median
-time of one plain DeRa answer (same lam, same prompts and seeds).
+Per cell: the mean over the answers of attempts, sequence-tokens (every attempt's,
+discarded ones too) and wall time, and the throughput, sequence-tokens per second (what
+parallel attempts buy). Attempts per answer are geometric (mean 1 / Z, as wide as its
+mean), and an attempt's tokens are not reproducible across batch shapes on a real model
+(batched rounding flips a sampled token now and then), so a few answers per cell say
+little about cost per answer: compare the throughput. "x DeRa": wall time per exact
+answer over the median time of one plain DeRa answer (same lam, prompts, seeds).
 """
 
 from __future__ import annotations
@@ -84,13 +88,14 @@ def main() -> None:
                     times.append(time.perf_counter() - start)
                     tokens.append(result.exact["tokens_spent"])
                     attempts.append(result.exact["attempts"])
-                wall = statistics.median(times)
+                wall = statistics.mean(times)
                 rows.append(
                     [
                         f"{lam:g}",
                         str(width),
                         f"{statistics.mean(attempts):.1f}",
                         f"{statistics.mean(tokens):,.0f}",
+                        f"{sum(tokens) / sum(times):.1f}",
                         f"{wall:.2f}",
                         f"{one:.2f}",
                         f"{wall / one:.1f}",
@@ -102,6 +107,7 @@ def main() -> None:
         "attempts at once",
         "attempts",
         "sequence-tokens",
+        "sequence-tokens / s",
         "s / exact answer",
         "s / DeRa answer",
         "x DeRa",

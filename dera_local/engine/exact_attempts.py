@@ -147,8 +147,9 @@ def _retire_all(decoder: BatchDecoder, live: dict, *, forget: bool = False) -> N
 
 
 MAX_PARALLEL = 16  # attempts decoded at once; each is a KV sequence of its own
-# The default: on 2 CPU cores 4 at once gave an exact answer at lam 0.75 in a quarter
-# of the time of one at a time (bench/exact_cost.py, README).
+# The default: on 2 CPU cores 4 attempts at once decode 1.2-1.6x the sequence-tokens per
+# second of one at a time, 8 at once 1.5-1.9x, part of it spent on attempts started after
+# the answer (bench/exact_cost.py; docs/performance/amd-epyc-avx2.md).
 DEFAULT_PARALLEL = 4
 
 
