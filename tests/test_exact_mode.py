@@ -450,19 +450,23 @@ def test_chat_exact_answers_each_turn_and_toggles_and_fails_in_one_line(
     assert result.stdout == "".join(reply + "\n" for reply in replies)
 
 
-def test_sweep_exact_draws_every_lam_of_its_range(run, tmp_path):
+def test_sweep_exact_draws_every_lam_of_its_range(
+    run, tmp_path, reference_path, weak_lora, monkeypatch
+):
     import json
 
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("hello\nworld\n")
-    result = run("sweep", "--exact", "--prompts", str(prompts), "-n", "3", "--temp", "1",
-                 "-s", "5")  # fmt: skip
+    monkeypatch.delenv("DERA_ALIGNED")  # the LoRA pair, whose target is cheap to sample
+    pair_flags = ["-mr", str(reference_path), "--lora", str(weak_lora), "-c", "256"]
+    result = run("sweep", *pair_flags, "--exact", "--prompts", str(prompts), "-n", "2",
+                 "--temp", "1", "-s", "5")  # fmt: skip
     assert result.exit_code == 0, result.stderr
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     assert [row["lam"] for row in rows] == [0.0, 0.25, 0.5, 0.75, 1.0] * 2
     assert all(row["exact"]["attempts"] >= 1 for row in rows)
     assert all(row["exact"]["attempts"] == 1 for row in rows if row["lam"] in (0.0, 1.0))
-    refused = run("sweep", "--exact", "--lambdas", "0.5,2", "--prompts", str(prompts))
+    refused = run("sweep", *pair_flags, "--exact", "--lambdas", "0.5,2", "--prompts", str(prompts))
     assert refused.exit_code == 1 and "0 <= lam <= 1" in refused.stderr
 
 

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 
 from ..engine.decoder import BatchDecoder
-from ..engine.exact import DEFAULT_BUDGET
+from ..engine.exact import DEFAULT_BUDGET, check_exact
 from ..engine.exact_attempts import DEFAULT_PARALLEL
 from ..engine.guidance import guidance_for, validate_cfg_scale
 from ..engine.mixing import validate_lam
@@ -279,6 +279,12 @@ def _exact_rows(
 ) -> Iterator[SweepRow]:
     grid = parse_lambdas(lambdas, pair.check_lam)
     sampling = (sampling or SamplingParams()).with_seed()  # one seed for every lam, as a sweep
+    for lam in grid:  # every lam checked before the first answer is drawn
+        check_exact(
+            GenerationRequest(
+                prompt=(0,), lam=lam, sampling=sampling, target_lam=pair.exact_target(lam, None)
+            )
+        )
     for prompt_id, prompt, *_ in prompts:
         for lam in grid:
             result = pair.generate(

@@ -11,7 +11,8 @@ import click
 from ..chat import ChatSession
 from ..engine.guidance import validate_cfg_scale
 from ..engine.mixing import validate_lam
-from ..errors import DeraError
+from ..engine.exact import ExactBudgetError
+from ..errors import BadParameterError, DeraError
 from .files import read_text_file
 from .open_models import open_model_set
 from .options import model_options, split_options
@@ -109,11 +110,12 @@ def _command(session: ChatSession, line: str, sampling: dict | None = None) -> b
 
 
 def _reply(session: ChatSession, line: str) -> None:
-    """Streams the reply to a user turn; a reply that fails (exact realignment's spent
-    budget, a lam it cannot sample) is one error line, and the turn is forgotten."""
+    """Streams the reply to a user turn; a reply refused for its settings (a lam exact
+    realignment cannot sample, its spent budget) is one error line and the turn is
+    forgotten; anything else (a lost RPC worker) ends the chat as before."""
     try:
         stream = session.send(line)
-    except DeraError as exc:  # refused before anything ran: the turn is already gone
+    except BadParameterError as exc:  # refused before anything ran: the turn is gone
         click.echo(f"error: {exc}", err=True)
         return
     try:
@@ -122,7 +124,7 @@ def _reply(session: ChatSession, line: str) -> None:
     except KeyboardInterrupt:
         stream.close()
         click.echo(" [stopped]", nl=False)
-    except DeraError as exc:
+    except (BadParameterError, ExactBudgetError) as exc:  # this turn's; the chat goes on
         session.drop_last_turn()
         click.echo(f"error: {exc}", err=True)
         return
