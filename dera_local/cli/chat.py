@@ -9,9 +9,9 @@ from collections.abc import Iterator
 import click
 
 from ..chat import ChatSession
+from ..engine.exact import ExactBudgetError
 from ..engine.guidance import validate_cfg_scale
 from ..engine.mixing import validate_lam
-from ..engine.exact import ExactBudgetError
 from ..errors import BadParameterError, DeraError
 from .files import read_text_file
 from .open_models import open_model_set
