@@ -12,7 +12,7 @@ import importlib.metadata
 import json
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
 from starlette.requests import Request
@@ -24,7 +24,7 @@ from ..errors import DeraError
 from ..llama.gguf_inspect import read_gguf
 from ..model_sets.pair import GenerationResult
 from ..tools.parse import ToolTextFilter, parse_calls
-from ..tools.render import marker_tokens, native_tools, tool_messages
+from ..tools.render import native_tools, tool_messages
 from .jobs import (
     Encoder,
     Failure,
@@ -39,7 +39,7 @@ from .lam_range import describe_lam
 from .ollama_requests import DEFAULTS, chat_messages, generate_prompt, lam_of_name, parse_ollama
 from .requests import MODEL_ID, RequestError, checked_lam
 from .responses import dera
-from .tool_requests import ToolRequest, parse_tool_fields, with_tool_grammar
+from .tool_requests import ToolRequest, parse_tool_fields, with_tools
 from .worker import Job
 
 # The Ollama API level these endpoints mirror (structured outputs, `format` as a schema,
@@ -188,13 +188,7 @@ def ollama_routes(served: Served) -> list[Route]:
                 "parallel_tool_calls": options.get("parallel_tool_calls", True),
             }
             tools = parse_tool_fields(wanted, served.template.source)
-        if tools is not None and tools.calls_expected:
-            sampling = with_tool_grammar(parsed.request.sampling, tools, "format")
-            markers = marker_tokens(pair.model)
-            parsed = replace(
-                parsed, request=replace(parsed.request, sampling=sampling, shown_special=markers)
-            )
-            await check_schema_grammar(sampling, pair.model.vocab, "tools")
+        parsed = await with_tools(parsed, tools, pair, "format")
         refuse_unguided(served, parsed, "options")
         check_exact_request(served, parsed, "options")
         prompt, negative_prompt, load_only = _prompts(

@@ -7,7 +7,6 @@ field `dera_lambda` (what the openai client's `extra_body` sends) or a model id
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
-from dataclasses import replace
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -15,7 +14,7 @@ from starlette.routing import Route
 
 from ..errors import DeraError
 from ..model_sets.pair import GenerationResult
-from ..tools.render import marker_tokens, native_tools, tool_messages
+from ..tools.render import native_tools, tool_messages
 from .jobs import (
     Encoder,
     Failure,
@@ -31,7 +30,7 @@ from .lam_range import describe_lam
 from .requests import MODEL_ID, chat_messages, completion_prompt, parse_common
 from .responses import ChatShape, CompletionShape, event
 from .responses_api import responses_route
-from .tool_requests import ToolRequest, parse_tool_fields, with_tool_grammar
+from .tool_requests import ToolRequest, parse_tool_fields, with_tools
 from .worker import Job
 
 
@@ -55,13 +54,7 @@ async def chat_job(served: Served, body, chat: bool = True, fields: dict | None 
     )
     await check_schema_grammar(parsed.request.sampling, pair.model.vocab, "response_format")
     tools = parse_tool_fields(body, served.template.source) if chat else None
-    if tools is not None and tools.calls_expected:
-        sampling = with_tool_grammar(parsed.request.sampling, tools, "response_format")
-        markers = marker_tokens(pair.model)
-        parsed = replace(
-            parsed, request=replace(parsed.request, sampling=sampling, shown_special=markers)
-        )
-        await check_schema_grammar(sampling, pair.model.vocab, "tools")
+    parsed = await with_tools(parsed, tools, pair, "response_format")
     refuse_unguided(served, parsed, "dera_negative_prompt")
     check_exact_request(served, parsed, "dera_exact")
     prompt, negative_prompt = _prompts(served, body, chat, parsed.negative_prompt, tools)

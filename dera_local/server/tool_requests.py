@@ -7,8 +7,9 @@ from dataclasses import dataclass, replace
 
 from ..sampling.chain import SamplingParams
 from ..tools.grammar import calls_grammar
-from ..tools.render import OPEN, native_tools
+from ..tools.render import OPEN, marker_tokens, native_tools
 from ..tools.spec import Tool, ToolChoice, ToolError, parse_tool_choice, parse_tools
+from .jobs import check_schema_grammar
 from .requests import RequestError, true_or_false
 
 
@@ -41,6 +42,18 @@ def parse_tool_fields(body: dict, template_source: str) -> ToolRequest | None:
         raise RequestError(str(exc), exc.field) from None
     parallel = true_or_false(body, "parallel_tool_calls", True)
     return ToolRequest(tools, choice, parallel, native_tools(template_source))
+
+
+async def with_tools(parsed, tools: ToolRequest | None, pair, other_grammar_field: str):
+    """The parsed request with its tools applied: the calls' grammar (compiled off the
+    decode thread: a refusal is a 400 naming `tools`) and the vocabulary's call markers
+    written into the text, so the calls can be read back."""
+    if tools is None or not tools.calls_expected:
+        return parsed
+    sampling = with_tool_grammar(parsed.request.sampling, tools, other_grammar_field)
+    request = replace(parsed.request, sampling=sampling, shown_special=marker_tokens(pair.model))
+    await check_schema_grammar(sampling, pair.model.vocab, "tools")
+    return replace(parsed, request=request)
 
 
 def with_tool_grammar(
