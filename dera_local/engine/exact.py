@@ -88,6 +88,12 @@ class KillTest:
             self.killed = True
 
 
+def decoded_tokens(sampled: int, finish_reason: str | None) -> int:
+    """Sequence-tokens an attempt decoded: its sampled tokens, and the one that ended it
+    when it ended on an end token or was killed (None: still running)."""
+    return sampled + (finish_reason is not None and finish_reason != "length")
+
+
 @dataclass
 class ExactRun:
     """What an exact answer cost: attempts up to the accepted one (it included), the
@@ -102,10 +108,9 @@ class ExactRun:
     discarded: int = 0
 
     def record(self, tokens: int, finish_reason: str) -> bool:
-        """Counts one ended attempt (`tokens` sampled; a sequence that ended on its end
-        token or was killed also decoded the token that ended it); True if it survived."""
+        """Counts one ended attempt (`tokens` sampled); True if it survived."""
         self.attempts += 1
-        self.tokens_spent += tokens + (finish_reason != "length")
+        self.tokens_spent += decoded_tokens(tokens, finish_reason)
         killed = finish_reason == FINISH_KILLED
         self.killed += killed
         return not killed

@@ -25,6 +25,7 @@ from .exact import (
     ExactRun,
     attempt_requests,
     check_exact,
+    decoded_tokens,
     out_of_budget,
 )
 from .request import GenerationRequest
@@ -134,10 +135,7 @@ def _may_start(rule, number: int, live: dict, run: ExactRun, budget: int) -> boo
 
 
 def _decoded(slot: Slot) -> int:
-    """Sequence-tokens an attempt decoded: its sampled tokens, and the one that ended it
-    when it ended on an end token or was killed."""
-    reason = slot.finish_reason
-    return len(slot.output.tokens) + (reason is not None and reason != "length")
+    return decoded_tokens(len(slot.output.tokens), slot.finish_reason)
 
 
 def _retire_all(decoder: BatchDecoder, live: dict, *, forget: bool = False) -> None:

@@ -87,13 +87,11 @@ def chat_body(body: Any) -> dict:
         chat["tools"] = _tools(body["tools"])
     if body.get("tool_choice") is not None:
         chat["tool_choice"] = _tool_choice(body["tool_choice"])
-    text_format = (
-        (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
-    )
-    if body.get("text") is not None and not isinstance(body.get("text"), dict):
+    text = body.get("text")
+    if text is not None and not isinstance(text, dict):
         raise RequestError("'text' must be an object", "text")
-    if text_format is not None:
-        chat["response_format"] = _format(text_format)
+    if text and text.get("format") is not None:
+        chat["response_format"] = _format(text["format"])
     return chat
 
 
