@@ -1,4 +1,4 @@
-"""Issue 35, part 4: the report of the exact draws (exact_draws.py), by the rule
+"""Study part 3 (issue 35): the report of the exact draws (exact_draws.py), by the rule
 pre-registered in README.md (part 3), beside part 1's importance-sampling estimates.
 
     python experiments/lam_meaning/exact_report.py --lam 0.75
@@ -136,7 +136,7 @@ def markdown(result: dict) -> str:
     lam = result["lam"]
     part1 = PART1.get(lam, {})
     lines = [
-        f"# Exact draws of Pi_{lam:g} on the built-in pair (issue 35, part 4)",
+        f"# Exact draws of Pi_{lam:g} on the built-in pair (study part 3, issue 35)",
         "",
         f"{result['draws']} exact answers over {result['prompts']} prompts (at least "
         f"{result['draws_per_prompt_min']} per prompt); 95% bootstrap intervals over prompts.",
@@ -191,9 +191,10 @@ def main() -> None:
     dera_runs = read_rows(args.results / "importance-samples.jsonl")
     dera_runs = [run for run in dera_runs if run["seed"] < 24]
     result = analyse(args.lam, per_prompt(args.lam, exact_rows, dera_runs))
-    stem = args.results / f"exact-lam{args.lam:g}"
-    stem.with_suffix(".json").write_text(json.dumps(_plain(result), indent=1) + "\n")
-    stem.with_suffix(".md").write_text(markdown(result))
+    # Not Path.with_suffix: it would take ".75" of "exact-lam0.75" for a suffix.
+    stem = f"exact-lam{args.lam:g}"
+    (args.results / f"{stem}.json").write_text(json.dumps(_plain(result), indent=1) + "\n")
+    (args.results / f"{stem}.md").write_text(markdown(result))
     print(markdown(result))
 
 
