@@ -103,3 +103,27 @@ def test_sweep_rows_carry_the_mismatch(run, tmp_path):
         )
         assert row["mismatch"] == pytest.approx(expected, abs=1e-9)
     assert rows[0]["mismatch"] == 0.0
+
+
+def test_step_mismatch_is_log_z_at_each_prefix(pair, aligned_path, reference_path):
+    """Each token's term is log sum_v pi_ref(v|s)^(1-lam) pi_1(v|s)^lam at its prefix,
+    computed here from each model's own logits; the terms sum to the answer's mismatch."""
+    sampling = dera_local.SamplingParams(**SAMPLING, seed=11)
+    prompt = pair.tokenize("abc")
+    with LambdaSweep(pair, [0.0, 0.6, 1.8], max_tokens=10, step_mismatch=True) as runner:
+        rows = runner.run(prompt, sampling=sampling)
+    for row in rows:
+        answer = row.tokens + ([row.end_token] if row.end_token is not None else [])
+        a, r, _ = _each_model(aligned_path, reference_path, prompt, answer)
+        mixed = row.lam * _log_softmax(a) + (1 - row.lam) * _log_softmax(r)
+        log_z = np.log(np.exp(mixed).sum(-1))
+        assert len(row.mismatch_steps) == len(answer)
+        assert row.mismatch_steps == pytest.approx(log_z, abs=1e-3)
+        assert sum(row.mismatch_steps) == pytest.approx(row.mismatch, abs=1e-9)
+        if 0 < row.lam < 1:  # Hoelder: z <= 1 inside [0, 1], >= 1 outside
+            assert max(row.mismatch_steps) <= 1e-6
+        elif row.lam > 1:
+            assert min(row.mismatch_steps) >= -1e-6
+    assert rows[0].mismatch_steps == [0.0] * len(rows[0].mismatch_steps)
+    with LambdaSweep(pair, [0.6], max_tokens=4) as plain:
+        assert plain.run(prompt, sampling=sampling)[0].mismatch_steps is None

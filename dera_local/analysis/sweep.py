@@ -85,6 +85,10 @@ class SweepRow:
     mismatch: float | None = None
     # With sweep(..., exact=True): what the exact answer cost (GenerationResult.exact).
     exact: dict | None = None
+    # With LambdaSweep(step_mismatch=True), for a plain pair's DeRa: each token's term of
+    # `mismatch` (log z at its prefix), so the mismatch of the answer cut at any length
+    # is a prefix sum (what a length-capped target needs).
+    mismatch_steps: list[float] | None = None
 
     @property
     def kl_to_reference(self) -> float:
@@ -107,12 +111,15 @@ class LambdaSweep:
         cfg_scales: Sequence[float] | None = None,
         speculation: SpeculationParams | None = None,
         logprob_lams: Sequence[float] = (),
+        step_mismatch: bool = False,
     ):
         """speculation: drafts per slot (prompt lookup, verified in the shared step;
         default the model set's; SpeculationParams(draft_max=0) turns it off).
         logprob_lams: also score every answer under plain DeRa at these lams, as it is
-        sampled (SweepRow.logprob_grid)."""
+        sampled (SweepRow.logprob_grid). step_mismatch: keep each token's mismatch term
+        (SweepRow.mismatch_steps)."""
         self.pair = pair
+        self.step_mismatch = step_mismatch
         self.lambdas = parse_lambdas(lambdas, pair.check_lam)  # a fixed mixture: lam 1 only
         self.cfg_scales = None if cfg_scales is None else parse_cfg_scales(cfg_scales)
         if max_tokens <= 0:
@@ -210,10 +217,10 @@ class LambdaSweep:
         finally:
             for slot in slots:
                 decoder.retire(slot)
-        return [_row(slot, prompt_id) for slot in slots]
+        return [_row(slot, prompt_id, self.step_mismatch) for slot in slots]
 
 
-def _row(slot: Slot, prompt_id: str) -> SweepRow:
+def _row(slot: Slot, prompt_id: str, step_mismatch: bool = False) -> SweepRow:
     sums = slot.logprobs.sums()
     return SweepRow(
         prompt_id=prompt_id,
@@ -228,6 +235,7 @@ def _row(slot: Slot, prompt_id: str) -> SweepRow:
         cfg_scale=slot.cfg_scale,
         logprob_grid=slot.logprobs.grid_sums() if slot.logprobs.grid else None,
         mismatch=slot.logprobs.mismatch(),
+        mismatch_steps=slot.logprobs.mismatch_steps() if step_mismatch else None,
     )
 
 

@@ -134,6 +134,8 @@ def sweep_command(
                     del record["mismatch"]
                 if row.exact is None:
                     del record["exact"]
+                if row.mismatch_steps is None:
+                    del record["mismatch_steps"]
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")
                 sink.flush()
                 bar.update(1)

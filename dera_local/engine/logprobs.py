@@ -137,6 +137,17 @@ class SequenceLogprobs:
         sums = self.sums()
         return mismatch(self.target_lam, sums["aligned"], sums["reference"], sums["mixture"])
 
+    def mismatch_steps(self) -> list[float] | None:
+        """Each token's term of `mismatch` (log z(s_t) at temperature 1 without
+        truncation), in order; None where there is no exact target."""
+        if self.target_lam is None:
+            return None
+        lam = self.target_lam
+        return [
+            mismatch(lam, a, r, m)
+            for a, r, m in zip(self.aligned, self.reference, self.mixture, strict=True)
+        ]
+
     def sums(self) -> dict[str, float]:
         return {
             "aligned": float(sum(self.aligned)),
