@@ -91,6 +91,13 @@ class Context:
         params.n_threads_batch = threads
         params.no_perf = True
         params.flash_attn_type = FLASH_ATTN_TYPES[options.flash_attn]
+        # Never llama.cpp's experimental backend sampling: a sampler chain given here
+        # (or by llama_set_sampler, which dera-local never calls) samples inside the
+        # decode, on the device, and the host-side hook that mixes the two models'
+        # logits would never run. The defaults are already none; set so a changed
+        # default cannot turn it on.
+        params.samplers = None
+        params.n_samplers = 0
         # A context of a model on RPC workers makes its remote calls in a thread of its
         # own, so that two contexts' decodes overlap (see source_decodes).
         self.calls = None

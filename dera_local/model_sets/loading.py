@@ -80,6 +80,40 @@ def load_options_for(options: ModelSetOptions, notes: list[str]) -> LoadOptions:
     return LoadOptions(n_gpu_layers=options.n_gpu_layers, use_extra_bufts=use_extra_bufts)
 
 
+def check_gpu_layers(options: ModelSetOptions, infos: list[GGUFInfo], remote: bool) -> None:
+    """-ngl as llama.cpp reads it (-1 all, 0 none, n the last n layers, the output layer
+    counting as one more), refused in one line where it could only be a mistake: on a
+    build with no GPU (llama.cpp would silently keep every layer on the CPU), below -1,
+    or above what the largest model of the set has (a set's models share one -ngl, so a
+    smaller draft model may take all of its layers at a count meant for the others)."""
+    n = options.n_gpu_layers
+    if n is None or n == 0:
+        return
+    if n < -1:
+        raise BadParameterError(
+            f"-ngl {n}: use -1 (all layers), 0 (none) or a number of layers",
+            cli_hint="-ngl/--n-gpu-layers",
+        )
+    if not remote and not backend.supports_gpu_offload():
+        raise BadParameterError(
+            f"-ngl {n}: this llama.cpp build has no GPU to offload to (a CPU build); drop "
+            "-ngl, or install a GPU build of llama-cpp-python (docs/install.md)",
+            cli_hint="-ngl/--n-gpu-layers",
+        )
+    most = max((layer_count(info) for info in infos), default=None)
+    if n > 0 and most is not None and n > most + 1:
+        raise BadParameterError(
+            f"-ngl {n}: the largest model here has {most} layers ({most + 1} with its "
+            "output layer); use -ngl -1 for all of them",
+            cli_hint="-ngl/--n-gpu-layers",
+        )
+
+
+def layer_count(info: GGUFInfo) -> int | None:
+    blocks = info.metadata.get(f"{info.architecture}.block_count")
+    return None if blocks is None else int(blocks)
+
+
 def overlap_by_default(options: ModelSetOptions, source_models: list[LoadedModel]) -> bool:
     """Whether different models' decodes run in threads at the same time: where layers
     are offloaded to a GPU or to RPC workers they can overlap; on this machine's CPU
@@ -203,6 +237,8 @@ def load_models(
         if info is not None:
             info.tokens, info.token_types = [], None
     gc.collect()
+    infos = [i for i in (aligned_info, reference_info, draft_info) if i is not None]
+    check_gpu_layers(options, infos, options.rpc.any_remote)
     notes: list[str] = []
     load_options = load_options_for(options, notes)
     if llama_log.is_verbose():

@@ -32,6 +32,7 @@ from .base import ModelSet, SlotRunner
 from .guard import ModelSetGuard
 from .loading import (
     ModelSetOptions,
+    check_gpu_layers,
     check_vocab_sizes,
     load_options_for,
     overlap_by_default,
@@ -81,6 +82,8 @@ def _load_sources(terms: list[MixTerm], options: ModelSetOptions) -> list[Loaded
             )
     for info in infos.values():
         info.tokens, info.token_types = [], None  # as in load_models: out of peak RSS
+    remote = options.rpc.any_remote or any(term.source.rpc for term in terms)
+    check_gpu_layers(options, list(infos.values()), remote)
     load_options = load_options_for(options, [])
     models: dict[tuple[str, Placement], LoadedModel] = {}
     loaded: list[LoadedSource] = []
