@@ -10,6 +10,7 @@ import click
 from ..engine.mixing import LogitMixer
 from ..errors import DeraError
 from ..llama import backend
+from ..llama import devices as ggml_devices
 from ..llama import log as llama_log
 from ..llama.backend import LoadedModel, LoadOptions
 from ..llama.gguf_inspect import GGUFInfo, check_same_tokenizer, read_gguf
@@ -122,6 +123,15 @@ def _placed_models(
 @hook_option
 @rpc_options
 @click.option(
+    "-ngl",
+    "--n-gpu-layers",
+    "n_gpu_layers",
+    type=int,
+    default=None,
+    envvar="DERA_N_GPU_LAYERS",
+    help="Layers to plan on the GPU (as generate's -ngl; default all where there is one).",
+)
+@click.option(
     "--measure-speculation",
     is_flag=True,
     help="Load the models and time decode steps of 1 to 9 rows here (a few seconds), "
@@ -146,6 +156,7 @@ def info(
     rpc_reference: str | None,
     rpc_draft: str | None,
     rpc_timeout: float,
+    n_gpu_layers: int | None,
     measure_speculation: bool,
 ) -> None:
     """Show both models, the compatibility verdict, the mixing path and llama.cpp's build.
@@ -153,7 +164,8 @@ def info(
     With no model flags, shows the built-in demo pair when it is installed; with --mix,
     every model of the mixture; with --proxy-base, the steered model too. With --rpc
     (or the per-model --rpc-* flags): each worker's protocol and free memory, and the
-    layers llama.cpp would put on each device. With --measure-speculation: what a
+    layers llama.cpp would put on each device; likewise on a GPU build, with each local
+    device's free memory. With --measure-speculation: what a
     verification of k drafts costs here, and what it can gain."""
     import llama_cpp
 
@@ -250,12 +262,13 @@ def info(
         )
         lines.append("  (info --measure-speculation: whether it can pay on this machine)")
     where = RpcPlacement.parse(rpc, rpc_aligned, rpc_reference, rpc_draft, rpc_timeout)
+    placed = _placed_models(aligned, reference, lora, draft_model, mix, proxy_base, where)
     if where.any_remote or any(
         term.source.rpc for term in (parse_mix(mix) if mix is not None else ())
     ):
-        lines += placement_lines(
-            _placed_models(aligned, reference, lora, draft_model, mix, proxy_base, where)
-        )
+        lines += placement_lines(placed, n_gpu_layers)
+    elif backend.supports_gpu_offload():
+        lines += local_device_lines(placed, n_gpu_layers)
     click.echo("\n".join(lines))
     if verdict_error is not None:
         raise verdict_error
@@ -311,7 +324,30 @@ def layer_plan(path: str | Path, where: Placement, n_gpu_layers: int | None = No
         model.close()
 
 
-def placement_lines(models: list[tuple[str, str, Placement]]) -> list[str]:
+def local_device_lines(
+    models: list[tuple[str, str, Placement]], n_gpu_layers: int | None
+) -> list[str]:
+    """This machine's devices with their free memory, then where each model's layers
+    would go at -ngl n_gpu_layers (planned from the metadata alone)."""
+    llama_log.install()
+    lines = ["devices:"]
+    for device in ggml_devices.local_devices():
+        free, total = device.memory()
+        lines.append(
+            f"  {device.name} ({device.description}): {free // MIB} MiB free of {total // MIB} MiB"
+        )
+    shown = "all" if n_gpu_layers is None or n_gpu_layers < 0 else str(n_gpu_layers)
+    lines.append(f"placement at -ngl {shown} (llama.cpp's split, planned from the metadata alone):")
+    lines += [
+        f"  {role}: {layer_plan(path, where, n_gpu_layers).describe()}"
+        for role, path, where in models
+    ]
+    return lines
+
+
+def placement_lines(
+    models: list[tuple[str, str, Placement]], n_gpu_layers: int | None = None
+) -> list[str]:
     """For (role, model path, placement) triples: the workers, then each model's plan."""
     llama_log.install()
     endpoints = list(dict.fromkeys(e for _, _, where in models for e in where.endpoints))
@@ -322,7 +358,7 @@ def placement_lines(models: list[tuple[str, str, Placement]]) -> list[str]:
     lines.append("placement (llama.cpp's split, planned from the metadata alone):")
     for role, path, where in models:
         if where.remote:
-            lines.append(f"  {role}: {layer_plan(path, where).describe()}")
+            lines.append(f"  {role}: {layer_plan(path, where, n_gpu_layers).describe()}")
         else:
             lines.append(f"  {role}: this machine")
     return lines
