@@ -26,6 +26,7 @@ from . import log as llama_log
 
 @cache
 def _init_backend() -> None:
+    llama_log.take_over()
     llama_cpp.llama_backend_init()
 
 
@@ -157,6 +158,23 @@ class LoadedModel:
             llama_cpp.llama_model_is_recurrent(self.ptr)
             or llama_cpp.llama_model_is_hybrid(self.ptr)
         )
+
+    def kv_width(self) -> int:
+        """Elements of one token's keys in one layer's KV cache (n_head_kv x key length)."""
+        heads = int(llama_cpp.llama_model_n_head_kv(self.ptr))
+        arch = self.metadata("general.architecture")
+        key_length = self.metadata(f"{arch}.attention.key_length") if arch else None
+        if key_length:
+            return heads * int(key_length)
+        return heads * (
+            int(llama_cpp.llama_model_n_embd(self.ptr))
+            // int(llama_cpp.llama_model_n_head(self.ptr))
+        )
+
+    def metadata(self, key: str) -> str | None:
+        buffer = ctypes.create_string_buffer(128)
+        n = llama_cpp.llama_model_meta_val_str(self.ptr, key.encode(), buffer, len(buffer))
+        return buffer.value.decode("utf-8", errors="replace") if n >= 0 else None
 
     def train_context_length(self) -> int:
         return int(llama_cpp.llama_model_n_ctx_train(self.ptr))

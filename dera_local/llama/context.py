@@ -9,8 +9,9 @@ from dataclasses import dataclass
 
 import llama_cpp
 
-from ..errors import ContextFullError, ModelFileError, RuntimeFailure
+from ..errors import BadParameterError, ContextFullError, ModelFileError, RuntimeFailure
 from ..rpc import faults as rpc_faults
+from . import devices as ggml_devices
 from . import log as llama_log
 from .backend import MAX_THREADS, LoadedModel, LoraAdapter, default_threads, remote_lost
 
@@ -73,6 +74,30 @@ class ContextOptions:
     n_outputs_max: int = 0
 
 
+KV_PADDING = 256  # llama.cpp rounds a context's cache up to a multiple of this
+
+
+def check_kv_fits_devices(model: LoadedModel, n_ctx: int) -> None:
+    """Refuses, in one line, a context whose KV cache llama.cpp would put on a local
+    device that cannot hold one layer of it in a buffer: llama.cpp aborts the process
+    there (GGML_ABORT "pre-allocated tensor ... cannot run the operation", found on
+    Vulkan with a large -c). Each layer's keys and values sit on that layer's device."""
+    names = {name for name in model.layers.devices[:-1] if name != "CPU"}  # [-1]: output
+    if not names or not n_ctx:
+        return
+    elements = -(-n_ctx // KV_PADDING) * KV_PADDING * model.kv_width()
+    for device in ggml_devices.local_devices():
+        if device.name in names and not ggml_devices.holds_tensor(device, elements):
+            mib = elements * 2 / 2**20  # f16 keys
+            raise BadParameterError(
+                f"a context of {n_ctx} tokens needs {mib:.0f} MiB of keys per layer in one "
+                f"buffer, more than {device.name} ({device.description}) can hold; lower "
+                "-c (a server's -c is shared by its --parallel slots) or offload fewer "
+                "layers (-ngl)",
+                cli_hint="-c",
+            )
+
+
 class Context:
     """One llama.cpp context of a loaded model: its KV cache holds sequence 0 (and, for
     n_seq_max > 1, further sequences decoded together with decode_batch)."""
@@ -103,6 +128,7 @@ class Context:
         self.calls = None
         if model.calls is not None:
             self.calls = rpc_faults.RemoteCalls(model.placement.endpoints, model.calls.timeout)
+        check_kv_fits_devices(model, options.n_ctx)
         ctx = self._call(llama_cpp.llama_init_from_model, model.ptr, params)
         if not ctx:
             reason = llama_log.recent_problem() or "out of memory?"

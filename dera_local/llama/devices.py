@@ -65,6 +65,46 @@ def _ggml():
     }
 
 
+class _InitParams(ctypes.Structure):  # struct ggml_init_params (ggml.h)
+    _fields_ = [
+        ("mem_size", ctypes.c_size_t),
+        ("mem_buffer", ctypes.c_void_p),
+        ("no_alloc", ctypes.c_bool),
+    ]
+
+
+@cache
+def _tensors():
+    lib = _open("ggml-base")
+    if lib is None:  # pragma: no cover
+        raise RuntimeFailure("llama-cpp-python's libggml-base was not found")
+    p = ctypes.c_void_p
+    return {
+        "init": _declare(lib, "ggml_init", p, _InitParams),
+        "new_1d": _declare(lib, "ggml_new_tensor_1d", p, p, ctypes.c_int, ctypes.c_int64),
+        "free": _declare(lib, "ggml_free", None, p),
+        "supports_op": _declare(_open("ggml"), "ggml_backend_dev_supports_op", ctypes.c_bool, p, p),
+    }
+
+
+GGML_TYPE_F16 = 1
+
+
+def holds_tensor(device: Device, n_elements: int, ggml_type: int = GGML_TYPE_F16) -> bool:
+    """Whether the device can compute with one tensor of this many elements. llama.cpp
+    places a context's KV cache on the devices its layers sit on without asking, and
+    aborts the process when one layer's cache is larger than the device's largest
+    buffer (Vulkan: maxStorageBufferRange, 128 MiB on lavapipe); the device's own
+    supports_op answers for a tensor of that size, allocating nothing."""
+    t = _tensors()
+    ctx = t["init"](_InitParams(1 << 12, None, True))  # metadata only: no_alloc
+    try:
+        tensor = t["new_1d"](ctx, ggml_type, n_elements)
+        return bool(t["supports_op"](device.handle, tensor))
+    finally:
+        t["free"](ctx)
+
+
 @cache
 def _rpc():
     lib = _open("ggml-rpc")
@@ -128,6 +168,9 @@ def _device(handle: int) -> Device:
 
 def local_devices() -> list[Device]:
     """This machine's devices as registered in ggml (the CPU, GPUs, accelerators)."""
+    from . import log as llama_log
+
+    llama_log.take_over()
     llama_cpp.llama_backend_init()
     g = _ggml()
     return [_device(g["get"](i)) for i in range(g["count"]())]

@@ -40,6 +40,14 @@ def install(verbose: bool = False) -> None:
     llama_cpp.llama_log_set(_on_log, ctypes.c_void_p(0))
 
 
+def take_over() -> None:
+    """Routes llama.cpp's log through dera-local's filter without changing verbosity:
+    called before ggml first enumerates its devices, whose banners (ggml_vulkan's
+    "Found 1 Vulkan devices", at debug level) would otherwise reach stderr through
+    llama-cpp-python's own logger on every command."""
+    llama_cpp.llama_log_set(_on_log, ctypes.c_void_p(0))
+
+
 def is_verbose() -> bool:
     return _verbose
 
