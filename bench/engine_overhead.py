@@ -28,19 +28,25 @@ PLAIN = dera_local.SpeculationParams(draft_max=0)
 
 
 class DecodeClock:
-    """Wraps llama_cpp.llama_decode to add up the seconds spent inside it."""
+    """Wraps llama_decode, llama_synchronize and llama_get_logits_ith to add up the
+    seconds spent inside them: on a GPU, llama_decode returns once the work is queued,
+    and the wait for it (and the logits' copy to the host) is in the first call that
+    needs the results, llama_get_logits_ith or llama_synchronize."""
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self._real = llama_cpp.llama_decode
-        llama_cpp.llama_decode = self._timed
+        for name in ("llama_decode", "llama_synchronize", "llama_get_logits_ith"):
+            setattr(llama_cpp, name, self._timed(getattr(llama_cpp, name)))
 
-    def _timed(self, ctx, batch):
-        started = time.perf_counter()
-        try:
-            return self._real(ctx, batch)
-        finally:
-            self.seconds += time.perf_counter() - started
+    def _timed(self, real):
+        def timed(*args):
+            started = time.perf_counter()
+            try:
+                return real(*args)
+            finally:
+                self.seconds += time.perf_counter() - started
+
+        return timed
 
 
 def per_token(pair, prompt, tokens: int, clock: DecodeClock) -> tuple[float, float]:
@@ -66,13 +72,18 @@ def main() -> None:
     args = parser.parse_args()
     before = load_baseline(args.baseline_checkout) if args.baseline_checkout else None
     clock = DecodeClock()
-    print(f"## Engine overhead per token\n\nMachine: {machine()}\n")
+    from dera_local.llama import devices
+
+    gpus = ", ".join(f"{d.name} ({d.description})" for d in devices.offload_devices())
+    print(f"## Engine overhead per token\n\nMachine: {machine()}; layers on: {gpus or 'CPU'}\n")
     rows = []
     for key in args.pairs.split(","):
         spec = {"smollm2": smollm2_pair, "qwen": qwen_pair}[key]()
         if spec is None:
             continue
-        files = dict(lora=spec.lora, n_ctx=1024, n_threads=args.threads)
+        # Serial decodes: overlapped (the GPU default), the two threads' seconds inside
+        # llama.cpp add up to more than the wall time.
+        files = dict(lora=spec.lora, n_ctx=1024, n_threads=args.threads, overlap_decodes=False)
         pairs = {"this checkout": dera_local.load_pair(spec.aligned, spec.reference, **files)}
         if before is not None:
             label = f"before ({args.baseline_checkout})"
@@ -91,7 +102,13 @@ def main() -> None:
             rows.append([spec.name, name, f"{total:.3f}", f"{decode:.3f}", f"{rest:.3f}"])
         for pair in pairs.values():
             pair.close()
-    headers = ["pair", "code", "ms/token", "inside llama_decode", "the rest (engine)"]
+    headers = [
+        "pair",
+        "code",
+        "ms/token",
+        "inside llama.cpp (decode, wait, logits)",
+        "the rest (engine)",
+    ]
     print(table(headers, rows))
 
 
