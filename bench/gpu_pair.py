@@ -33,6 +33,7 @@ from pathlib import Path
 import gguf
 import numpy as np
 from common import machine, table
+from engine_overhead import DecodeClock
 
 SHAPES = {
     "1b": dict(n_embd=2048, n_layers=22, n_ff=5632, n_vocab=32000, n_head=32, n_head_kv=4),
@@ -92,20 +93,7 @@ def write_model(path: Path, shape: dict, seed: int) -> Path:
     return path
 
 
-class DecodeClock:
-    """Adds up the seconds inside llama_decode, llama_synchronize and llama_get_logits_ith
-    (on a GPU the decode returns once queued; the wait is in the first call that needs
-    its results): what the rest is measured against."""
-
-    def __init__(self) -> None:
-        import llama_cpp
-
-        self.seconds = 0.0
-        for name in ("llama_decode", "llama_synchronize", "llama_get_logits_ith"):
-            setattr(llama_cpp, name, self._timed(getattr(llama_cpp, name)))
-
-    def _timed(self, real):
-        def timed(*args):
+def timed(*args):
             started = time.perf_counter()
             try:
                 return real(*args)

@@ -22,7 +22,13 @@ from ..sources.default_pair import built_in_calibration, calibration_lines, is_b
 from ..sources.resolve import model_path, resolve_models
 from ..speculation.probe import measure_draft_costs
 from .open_models import open_model_set, speculation_from
-from .options import draft_options, hook_option, model_source_options, rpc_options
+from .options import (
+    draft_options,
+    hook_option,
+    model_source_options,
+    n_gpu_layers_option,
+    rpc_options,
+)
 
 
 def _describe(role: str, info: GGUFInfo) -> list[str]:
@@ -122,15 +128,7 @@ def _placed_models(
 @draft_options
 @hook_option
 @rpc_options
-@click.option(
-    "-ngl",
-    "--n-gpu-layers",
-    "n_gpu_layers",
-    type=int,
-    default=None,
-    envvar="DERA_N_GPU_LAYERS",
-    help="Layers to plan on the GPU (as generate's -ngl; default all where there is one).",
-)
+@n_gpu_layers_option
 @click.option(
     "--measure-speculation",
     is_flag=True,

@@ -135,6 +135,16 @@ draft_options = stacked(
     ),
 )
 
+n_gpu_layers_option = click.option(
+    "-ngl",
+    "--n-gpu-layers",
+    "n_gpu_layers",
+    type=int,
+    default=None,
+    envvar="DERA_N_GPU_LAYERS",
+    help="Layers to offload to the GPU (-1 = all; default all when the build has a GPU backend).",
+)
+
 model_options = stacked(
     model_source_options,
     draft_options,
@@ -167,16 +177,7 @@ model_options = stacked(
         envvar="DERA_THREADS",
         help="CPU threads per model (0 = all cores).",
     ),
-    click.option(
-        "-ngl",
-        "--n-gpu-layers",
-        "n_gpu_layers",
-        type=int,
-        default=None,
-        envvar="DERA_N_GPU_LAYERS",
-        help="Layers to offload to the GPU (-1 = all; default all when the build "
-        "has a GPU backend).",
-    ),
+    n_gpu_layers_option,
     click.option(
         "-fa",
         "--flash-attn",
