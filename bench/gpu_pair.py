@@ -93,16 +93,6 @@ def write_model(path: Path, shape: dict, seed: int) -> Path:
     return path
 
 
-def timed(*args):
-            started = time.perf_counter()
-            try:
-                return real(*args)
-            finally:
-                self.seconds += time.perf_counter() - started
-
-        return timed
-
-
 def timed(run, runs: int) -> float:
     """Median tokens/s of run() (which returns its token count) after one warm-up."""
     run()
