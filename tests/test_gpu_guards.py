@@ -35,6 +35,14 @@ def test_ngl_below_minus_one_is_refused(aligned_path, reference_path, n):
         dera_local.load_pair(aligned_path, reference_path, n_gpu_layers=n)
 
 
+def test_the_reference_layers_are_checked_too(aligned_path, reference_path, monkeypatch):
+    monkeypatch.setattr(backend, "supports_gpu_offload", lambda: True)
+    with pytest.raises(BadParameterError, match=r"-ngl -3: use -1"):
+        dera_local.load_pair(aligned_path, reference_path, n_gpu_layers_reference=-3)
+    with pytest.raises(BadParameterError, match=r"-ngl 7: the largest model here has 2"):
+        dera_local.load_pair(aligned_path, reference_path, n_gpu_layers=0, n_gpu_layers_reference=7)
+
+
 def test_ngl_beyond_the_largest_model_is_refused(aligned_path, reference_path, monkeypatch):
     """The tiny models have 2 layers (3 with the output layer): 3 is all, 4 a mistake.
     The check runs before llama.cpp loads anything, so a pretended GPU is enough."""

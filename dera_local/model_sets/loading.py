@@ -8,7 +8,7 @@ import math
 import os
 import sys
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..errors import BadParameterError, IncompatibleModelsError, ModelFileError
@@ -37,6 +37,14 @@ class ModelSetOptions:
     max_rows: int = 17
     # Which llama.cpp RPC workers hold each model's layers (default: none, this machine).
     rpc: RpcPlacement = RpcPlacement()
+    # A pair's reference model's own n_gpu_layers (None: n_gpu_layers).
+    n_gpu_layers_reference: int | None = None
+
+    @property
+    def reference_gpu_layers(self) -> int | None:
+        if self.n_gpu_layers_reference is None:
+            return self.n_gpu_layers
+        return self.n_gpu_layers_reference
 
 
 @dataclass
@@ -86,7 +94,11 @@ def check_gpu_layers(options: ModelSetOptions, infos: list[GGUFInfo], remote: bo
     build with no GPU (llama.cpp would silently keep every layer on the CPU), below -1,
     or above what the largest model of the set has (a set's models share one -ngl, so a
     smaller draft model may take all of its layers at a count meant for the others)."""
-    n = options.n_gpu_layers
+    for n in {options.n_gpu_layers, options.reference_gpu_layers}:
+        _check_gpu_layer_count(n, infos, remote)
+
+
+def _check_gpu_layer_count(n: int | None, infos: list[GGUFInfo], remote: bool) -> None:
     if n is None or n == 0:
         return
     if n < -1:
@@ -119,7 +131,9 @@ def overlap_by_default(options: ModelSetOptions, source_models: list[LoadedModel
     are offloaded to a GPU or to RPC workers they can overlap; on this machine's CPU
     they would compete for the same cores. Never where two sources share an RPC worker
     (see check_overlap). `source_models`: the model of each source context."""
-    if options.n_gpu_layers == 0 or shared_worker_device(source_models):
+    if options.n_gpu_layers == options.reference_gpu_layers == 0 or shared_worker_device(
+        source_models
+    ):
         return False
     remote = any(m.placement.remote for m in source_models)
     return remote or backend.supports_gpu_offload()
@@ -247,12 +261,17 @@ def load_models(
 
     where = options.rpc
     opened: list = []
+    reference_options = replace(load_options, n_gpu_layers=options.reference_gpu_layers)
     try:
         reference_model = LoadedModel(
-            Path(reference_info.path), load_options, where.of("reference")
+            Path(reference_info.path), reference_options, where.of("reference")
         )
         opened.append(reference_model)
-        if aligned_info is reference_info and where.of("aligned") == where.of("reference"):
+        if (
+            aligned_info is reference_info
+            and where.of("aligned") == where.of("reference")
+            and reference_options == load_options
+        ):
             # One copy of the weights serves both contexts (a LoRA pair: the adapter
             # applies in the aligned context only). Placed apart, each side gets a copy.
             aligned_model = reference_model

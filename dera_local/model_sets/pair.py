@@ -201,6 +201,7 @@ def load_pair(
     n_batch: int = ModelSetOptions.n_batch,
     n_threads: int = ModelSetOptions.n_threads,
     n_gpu_layers: int | None = None,
+    n_gpu_layers_reference: int | None = None,
     flash_attn: str = "off",
     hook: str | None = None,
     overlap_decodes: bool | None = None,
@@ -217,6 +218,10 @@ def load_pair(
 
     lora: instead of an aligned model file (pass aligned=None), the reference plus this
     LoRA adapter GGUF; the base weights are loaded once and shared by both contexts.
+    n_gpu_layers: layers offloaded to the GPU (-1 = all; default all where there is one);
+    n_gpu_layers_reference: the reference's own count instead (e.g. 0: the aligned model
+    on the GPU, the reference on the CPU, their decodes overlapped); a LoRA pair placed
+    so is two copies of the base, one per side.
     flash_attn: "off" (default, as llama-cpp-python's Llama), "on" or "auto".
     hook: "native" or "numpy" (default: native when compiled, else numpy; env DERA_HOOK).
     overlap_decodes: run the two models' decodes in two threads (default: on when layers
@@ -247,6 +252,7 @@ def load_pair(
         verbose,
         max_rows=speculation.draft_max + 1,
         rpc=RpcPlacement.parse(rpc, rpc_aligned, rpc_reference, rpc_draft, rpc_timeout),
+        n_gpu_layers_reference=n_gpu_layers_reference,
     )
     mixer = LogitMixer(hook)
     loaded = load_models(

@@ -4,7 +4,8 @@ has, and prints the result as JSON: what the device suite compares between the G
 per case, so every run starts from a fresh llama.cpp, as users run it.
 
 Case keys: aligned / reference / lora / draft_model (paths; builtin: true for the
-built-in pair, as each build's environment installed it), rpc (workers), n_gpu_layers, overlap
+built-in pair, as each build's environment installed it), rpc (workers), n_gpu_layers,
+n_gpu_layers_reference, overlap
 (null: the default), lam or lams (a sweep), prompt (text, chat template off), max_tokens,
 temperature, seed, draft_max (0: no speculation), top_n (logprobs), chat (true: the
 prompt is one user message in the model's chat template), prompt_tokens (token ids
@@ -38,6 +39,7 @@ def run(case: dict) -> dict:
         n_ctx=case.get("n_ctx", 512),
         n_threads=2,
         n_gpu_layers=case.get("n_gpu_layers"),
+        n_gpu_layers_reference=case.get("n_gpu_layers_reference"),
         overlap_decodes=case.get("overlap"),
         draft_model=case.get("draft_model"),
         speculation=speculation,
@@ -68,6 +70,7 @@ def run(case: dict) -> dict:
                 for d in pair.loaded.aligned_model.worker_devices
             ],
             "overlap": pair.overlap_decodes,
+            "one_copy": pair.loaded.aligned_model is pair.loaded.reference_model,
             "layers": {
                 role: model.layers.describe()
                 for role, model in (

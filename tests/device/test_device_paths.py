@@ -103,6 +103,23 @@ def test_overlapped_decodes(builds, aligned_path, reference_path, n_gpu_layers):
     check_same(serial, cpu)
 
 
+@pytest.mark.parametrize("lora", [False, True], ids=["two-models", "lora"])
+def test_one_model_on_the_device_one_on_the_cpu(
+    builds, aligned_path, reference_path, lora_path, lora
+):
+    """The aligned side on the device, the reference on the CPU, their decodes overlapped
+    (the default once any layer is on a device); a LoRA pair placed so is two copies."""
+    case = tiny_case(aligned_path, reference_path, **SEEDED)
+    if lora:
+        case = {**case, "aligned": None, "lora": str(lora_path)}
+    device, cpu = builds.both(case, n_gpu_layers_reference=0)
+    assert device["layers"]["aligned"].startswith(f"{gpu().name} 2 layers + output")
+    assert device["layers"]["reference"].startswith("CPU 2 layers + output")
+    assert device["overlap"] is True and device["one_copy"] is False
+    assert cpu["one_copy"] is lora
+    check_same(device, cpu)
+
+
 @pytest.mark.parametrize("draft", ["lookup", "model"])
 def test_speculative_verification(builds, aligned_path, reference_path, draft):
     """Drafts verified in one batch of 5 rows on the device: the same tokens as the CPU
