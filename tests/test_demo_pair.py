@@ -102,6 +102,7 @@ def test_the_built_in_pair_carries_its_measured_lam_calibration():
     assert calibration["useful_range"] == [0.0, 1.5]
     lines = default_pair.calibration_lines(calibration)
     assert "0.5, 0.75, 1.5, 2" in lines[0] and lines[2].startswith("useful lam range: 0 to 1.5")
+    assert lines[3].startswith("  (targets above lam 1 are defined here by the 96-token cap")
 
 
 @needs_demo

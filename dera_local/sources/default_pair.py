@@ -88,4 +88,12 @@ def calibration_lines(calibration: dict) -> list[str]:
         "KL(DeRa || target), answers up to 96 tokens, temperature 1; docs: Choosing lam)",
         f"useful lam range: {low:g} to {high:g} (judged from samples, not measured: beyond, "
         "answers are short but often broken)",
-    ]
+    ] + (
+        [
+            "  (targets above lam 1 are defined here by the 96-token cap: above 1 the exact "
+            "target favours disagreement between the models, and whether it exists without "
+            "a cap is still being measured)"
+        ]
+        if any(entry["target_lam"] > 1 for entry in entries)
+        else []
+    )
