@@ -128,7 +128,9 @@ def analyse(rows: list[dict]) -> dict:
                 name: bootstrap(table[:, i], lambda x: float(x)) for i, name in enumerate(names)
             }
             entry["median_ess"] = float(np.median(table[:, 3]))
-            entry["median_k_hat"] = float(np.nanmedian(table[:, 4]))
+            # k-hat needs 5 tail draws (25 per prompt): with fewer, NaN for every prompt
+            k_hats = table[:, 4][np.isfinite(table[:, 4])]
+            entry["median_k_hat"] = float(np.median(k_hats)) if len(k_hats) else float("nan")
             entries[cap] = entry
         # how log Z grows from the smallest to the largest cap, per prompt
         growth = per_prompt(rows, lam, CAPS[-1])[:, 0] - per_prompt(rows, lam, CAPS[0])[:, 0]
