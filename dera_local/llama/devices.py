@@ -13,6 +13,7 @@ from pathlib import Path
 import llama_cpp
 
 from ..errors import RuntimeFailure
+from . import log as llama_log
 
 # enum ggml_backend_dev_type (ggml-backend.h)
 CPU, GPU, IGPU, ACCEL, META = range(5)
@@ -168,8 +169,6 @@ def _device(handle: int) -> Device:
 
 def local_devices() -> list[Device]:
     """This machine's devices as registered in ggml (the CPU, GPUs, accelerators)."""
-    from . import log as llama_log
-
     llama_log.take_over()
     llama_cpp.llama_backend_init()
     g = _ggml()

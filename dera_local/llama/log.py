@@ -36,8 +36,7 @@ def install(verbose: bool = False) -> None:
     """Takes over llama.cpp's log (again: llama-cpp-python installs its own on import)."""
     global _verbose
     _verbose = verbose
-    # _on_log is a module global, so the C side never sees a freed callback.
-    llama_cpp.llama_log_set(_on_log, ctypes.c_void_p(0))
+    take_over()
 
 
 def take_over() -> None:
@@ -45,6 +44,7 @@ def take_over() -> None:
     called before ggml first enumerates its devices, whose banners (ggml_vulkan's
     "Found 1 Vulkan devices", at debug level) would otherwise reach stderr through
     llama-cpp-python's own logger on every command."""
+    # _on_log is a module global, so the C side never sees a freed callback.
     llama_cpp.llama_log_set(_on_log, ctypes.c_void_p(0))
 
 

@@ -112,7 +112,8 @@ def _check_gpu_layer_count(n: int | None, infos: list[GGUFInfo], remote: bool) -
             "-ngl, or install a GPU build of llama-cpp-python (docs/install.md)",
             cli_hint="-ngl/--n-gpu-layers",
         )
-    most = max((layer_count(info) for info in infos), default=None)
+    counts = [c for c in (layer_count(info) for info in infos) if c is not None]
+    most = max(counts, default=None)
     if n > 0 and most is not None and n > most + 1:
         raise BadParameterError(
             f"-ngl {n}: the largest model here has {most} layers ({most + 1} with its "
