@@ -13,11 +13,13 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from reference_impl import solo_logits
+from scripted_drafter import ScriptedDrafter
 from tiny_models import write_tiny_lora
 
 import dera_local
 from dera_local.engine import exact_attempts
 from dera_local.engine.exact import ExactBudgetError, log_overlap
+from dera_local.speculation.drafts import SpeculationParams
 
 scipy_stats = pytest.importorskip("scipy.stats")
 
@@ -248,7 +250,7 @@ def parallel_target(lora_pair, reference_path, weak_lora):
     )
 
 
-def _parallel_draws(pair, parallel: int) -> list[tuple]:
+def _parallel_draws(pair, parallel: int, **kwargs) -> list[tuple]:
     sampling = dera_local.SamplingParams(**PURE, grammar=SHORT_OR_LONG)
     return [
         tuple(
@@ -259,6 +261,7 @@ def _parallel_draws(pair, parallel: int) -> list[tuple]:
                 max_tokens=PARALLEL_CAP,
                 exact=True,
                 exact_parallel=parallel,
+                **kwargs,
             ).tokens
         )
         for seed in range(PARALLEL_N)
@@ -300,6 +303,64 @@ def test_parallel_attempts_give_the_answer_one_at_a_time_gives(lora_pair):
             eight.exact["killed"],
         )
         assert eight.exact["tokens_spent"] >= one.exact["tokens_spent"]
+
+
+# Speculation in exact mode: every drafted letter is an "a", verified two at a time.
+ALWAYS_DRAFT = SpeculationParams(draft_max=2, adaptive=False)
+
+
+class CountedAccept:
+    """The usual acceptance rule (the sample equals the draft), counting what it kept."""
+
+    def __init__(self) -> None:
+        self.drafts = self.kept = 0
+
+    def __call__(self, sampled: int, drafted: int) -> bool:
+        self.drafts += 1
+        self.kept += sampled == drafted
+        return sampled == drafted
+
+
+def test_speculating_attempts_stay_exact(lora_pair, parallel_target):
+    """Drafts verified against the attempts' DeRa rows, each verified position tested
+    for the kill: the draws still pass the chi-square against the enumerated target."""
+    accept = CountedAccept()
+    drafter = ScriptedDrafter([ord("a")] * PARALLEL_CAP)
+    drawn = _parallel_draws(lora_pair, 4, speculation=ALWAYS_DRAFT, drafter=drafter, accept=accept)
+    assert accept.kept > 100  # the walk really kept drafts (and tested them for kills)
+    assert _first_token_p_value(parallel_target, drawn) > 0.001
+    assert _length_p_value(parallel_target, drawn, PARALLEL_CAP) > 0.001
+
+
+@pytest.mark.parametrize("parallel", [1, 4])
+def test_speculation_changes_no_attempt_only_the_decodes(lora_pair, parallel):
+    """An attempt's token draws and kill coins are one stream each, used once per
+    position whether the position was drafted or not: with drafts of the pair's likely
+    path (about half kept), every answer, its attempts and its kills equal those of
+    one-token-at-a-time attempts for the same seed. (Thousands of attempts are killed
+    here, many of them inside a verified run: a kill test skipped or misplaced there
+    would change the counts.)"""
+    likely = [73, 68, 154, 73, 68, 154]  # the weak pair's most frequent DeRa answer at lam 0.8
+    accept = CountedAccept()
+    for seed in range(40):
+        settings = {"lam": 0.8, "sampling": pure(1.0, seed), "max_tokens": 6, "exact": True}
+        plain = lora_pair.generate(
+            PROMPT, **settings, exact_parallel=1, speculation=SpeculationParams(draft_max=0)
+        )
+        drafted = lora_pair.generate(
+            PROMPT,
+            **settings,
+            exact_parallel=parallel,
+            speculation=SpeculationParams(draft_max=4, adaptive=False),
+            drafter=ScriptedDrafter(likely),
+            accept=accept,
+        )
+        assert drafted.tokens == plain.tokens, seed
+        counts = ("attempts", "killed")
+        assert [drafted.exact[c] for c in counts] == [plain.exact[c] for c in counts], seed
+        if parallel == 1:  # one at a time, the same positions are decoded
+            assert drafted.exact["tokens_spent"] == plain.exact["tokens_spent"], seed
+    assert accept.kept > 1000 and accept.drafts > accept.kept
 
 
 def test_the_answer_waits_for_every_attempt_started_before_it():
@@ -525,6 +586,66 @@ def test_the_server_answers_exactly_on_both_dialects(exact_server):
     ollama = {"model": "dera-local:0.5", "stream": False, "messages": chat, "options": options}
     status, answer = _post(exact_server, "/api/chat", ollama)
     assert status == 200 and answer["dera"]["exact"]["attempts"] >= 1, answer
+
+
+def _exact_completion(base: str, seed: int, exact: bool = True) -> dict:
+    body = {"prompt": PROMPT, "max_tokens": CAP, "temperature": 1, "seed": seed,
+            "dera_lambda": 0.5, "dera_exact": exact}  # fmt: skip
+    status, answer = _post(base, "/v1/completions", body)
+    assert status == 200, answer
+    return answer
+
+
+def _health(base: str) -> dict:
+    import json
+    import urllib.request
+
+    with urllib.request.urlopen(f"{base}/health", timeout=10) as response:
+        return json.loads(response.read())
+
+
+def test_the_server_decodes_an_answers_attempts_at_once_and_answers_as_python(
+    exact_server, lora_pair
+):
+    """One exact request alone takes both slots (--parallel 2): attempts after the
+    answer are started and dropped (discarded > 0), and each answer, its attempts and
+    its kills are those of generate(exact=True) for the seed, one attempt at a time."""
+    discarded = 0
+    for seed in range(12):
+        answer = _exact_completion(exact_server, seed)
+        python = lora_pair.generate(
+            PROMPT, lam=0.5, sampling=pure(1.0, seed), max_tokens=CAP, exact=True,
+            exact_parallel=1,
+        )  # fmt: skip
+        cost = answer["dera"]["exact"]
+        assert answer["choices"][0]["text"] == python.text, seed
+        assert (cost["attempts"], cost["killed"]) == (
+            python.exact["attempts"],
+            python.exact["killed"],
+        ), seed
+        assert cost["tokens_spent"] >= python.exact["tokens_spent"]
+        discarded += cost["discarded"]
+    assert discarded > 0
+
+
+def test_exact_and_plain_requests_together_each_answer_and_count_once(exact_server, lora_pair):
+    """Exact answers holding several slots beside plain requests: every request gets
+    its own answer, and /health counts each request once (not once per attempt)."""
+    import concurrent.futures
+
+    before = _health(exact_server)
+    jobs = [(seed, seed % 3 != 2) for seed in range(9)]  # six exact, three plain
+    with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
+        answers = list(pool.map(lambda job: _exact_completion(exact_server, *job), jobs))
+    for (seed, exact), answer in zip(jobs, answers, strict=True):
+        python = lora_pair.generate(
+            PROMPT, lam=0.5, sampling=pure(1.0, seed), max_tokens=CAP, exact=exact
+        )
+        assert answer["choices"][0]["text"] == python.text, (seed, exact)
+        assert ("exact" in answer["dera"]) == exact
+    after = _health(exact_server)
+    assert after["completed"] - before["completed"] == len(jobs)
+    assert after["in_flight"] == 0 and after["failed"] == before["failed"]
 
 
 def test_a_json_schema_masks_both_models_and_the_answer_stays_exact(exact_server):

@@ -8,6 +8,7 @@ import click
 
 from ..analysis.sweep import parse_lambdas
 from ..engine.exact import DEFAULT_BUDGET
+from ..engine.exact_attempts import DEFAULT_PARALLEL, MAX_PARALLEL
 from ..engine.mixing import validate_lam
 from ..errors import BadParameterError, DeraError
 from ..rpc.endpoints import is_loopback
@@ -119,6 +120,14 @@ def _deadline(flag: str, seconds: float, what: str):
     show_default=True,
     help="Tokens the attempts of one exact answer (dera_exact) may spend before a 503.",
 )
+@click.option(
+    "--exact-parallel",
+    type=click.IntRange(1, MAX_PARALLEL),
+    default=DEFAULT_PARALLEL,
+    show_default=True,
+    help="Slots one exact answer's attempts may take at once (beyond the first, only "
+    "while no other request waits).",
+)
 @model_options
 def serve(
     host: str,
@@ -135,6 +144,7 @@ def serve(
     chat_template: str | None,
     guided: bool,
     exact_budget: int,
+    exact_parallel: int,
     **kwargs,
 ) -> None:
     """Serve /v1/chat/completions, /v1/completions, /v1/models and /health."""
@@ -195,6 +205,7 @@ def serve(
             lam_presets=presets,
             guided=guided,
             exact_budget=exact_budget,
+            exact_parallel=exact_parallel,
             lam_range=bounds,
         )
         click.echo(

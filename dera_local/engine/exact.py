@@ -20,11 +20,18 @@ z is computed from them (Hoelder again: z <= 1). DeRa's draw is unchanged by thi
 mix of the masked models is the masked mix), so only the kill test sees the mask, and at
 lam 0 and 1 nothing is killed, as grammar-constrained decoding of one model behaves.
 What is not a fixed mask (top-k, top-p, min-p, penalties, a finite bias), lam outside
-[0, 1], guidance, mixtures and speculation are refused (check_exact).
+[0, 1], guidance and mixtures are refused (check_exact).
+
+Speculation stays on: drafts are verified against the attempt's DeRa rows, and each row
+the walk samples is one position of the answer, in order, so it gets its kill test there
+(engine/mixing_step.py) with the next coin of the attempt's stream. An attempt's tokens,
+kills and cost in tokens are then what they are without speculation; only the number of
+decodes changes.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, replace
 
@@ -167,16 +174,21 @@ def attempt_requests(request):
     answer is plain DeRa's with that seed); later ones with seeds drawn from a stream of
     their own. Each attempt's kill coins come from a stream seeded by the request's seed
     and the attempt's number, so what an attempt does does not depend on how many run
-    beside it."""
+    beside it. A cheap drafter (prompt lookup, a script) follows one text: each attempt
+    gets a copy of its own (a draft model is shared: its attempts run one at a time)."""
     seed = request.sampling.seed
     seeds = np.random.default_rng([seed, 1])
+    drafter = request.drafter
     attempt = 0
     while True:
         sampler_seed = seed if attempt == 0 else int(seeds.integers(2**31))
         coins = np.random.default_rng([seed, 2, attempt])
         kill = KillTest(request.lam, request.sampling.temperature, coins)
         yield replace(
-            request, sampling=replace(request.sampling, seed=sampler_seed), kill_test=kill
+            request,
+            sampling=replace(request.sampling, seed=sampler_seed),
+            kill_test=kill,
+            drafter=copy.deepcopy(drafter) if getattr(drafter, "cheap", False) else drafter,
         )
         attempt += 1
 

@@ -15,7 +15,7 @@ the budget plus what the attempts in flight then decode.
 
 from __future__ import annotations
 
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 
 from ..errors import BadParameterError
 from .decoder import BatchDecoder
@@ -57,6 +57,88 @@ class SmallestNumber:
         return not any(survived and n < number for n, survived in self.ended.items())
 
 
+class ExactAnswer:
+    """The attempts of one exact answer: which may start, which ended or can no longer
+    be the answer, and, once the rule names it, the answer with what it cost. Whoever
+    owns the decoder runs them (exact_attempts below; the server's worker, beside other
+    requests): it starts attempts while `wants_attempt()`, steps the decoder, retires
+    what `settle()` hands back, and stops at `winner` (or `out_of_budget()` when no
+    attempt is live and none may start)."""
+
+    def __init__(self, request: GenerationRequest, *, parallel: int, budget: int) -> None:
+        check_exact(request)
+        if request.lam in (0.0, 1.0):  # nothing is killed: one attempt is the answer
+            parallel = 1
+        self.parallel = parallel
+        self.budget = budget
+        self.rule = SmallestNumber()  # looked up here: a test swaps in the pitfall's rule
+        self.run = ExactRun()
+        self.live: dict[Slot, int] = {}  # attempt in flight -> its number
+        self._starts = attempt_requests(request)
+        self._started = 0
+        self._results: dict[int, GenerationResult] = {}
+
+    @property
+    def winner(self) -> int | None:
+        return self.rule.answer()
+
+    def wants_attempt(self) -> bool:
+        """Another attempt may start now: fewer than `parallel` in flight, no survivor
+        known, and the budget not spent (counting what the attempts in flight decoded)."""
+        if len(self.live) >= self.parallel or not self.rule.may_answer(self._started):
+            return False
+        in_flight = sum(_decoded(slot) for slot in self.live)
+        return self.run.tokens_spent + in_flight < self.budget
+
+    def start(self, admit: Callable[[GenerationRequest], Slot]) -> Slot:
+        """Starts the next attempt in the slot `admit` gives it."""
+        slot = admit(next(self._starts))
+        self.live[slot] = self._started
+        self._started += 1
+        return slot
+
+    def settle(self) -> list[Slot]:
+        """After a step: the attempts that ended, or that a survivor numbered before them
+        has made useless, counted and handed back for the caller to retire."""
+        done = []
+        for slot, number in list(self.live.items()):
+            if slot.finish_reason is not None:
+                survived = slot.finish_reason != FINISH_KILLED
+                self.rule.end(number, survived)
+                if survived:
+                    self._results[number] = slot_result(slot)
+            elif self.rule.may_answer(number):
+                continue
+            else:  # a survivor before it is known
+                self.run.discarded += 1
+            del self.live[slot]
+            self.run.tokens_spent += _decoded(slot)
+            done.append(slot)
+        return done
+
+    def out_of_budget(self) -> ExactBudgetError:
+        """The error once the budget is spent and every attempt was killed."""
+        self.run.attempts = self.run.killed = len(self.rule.ended)
+        return ExactBudgetError(out_of_budget(self.run, self.budget))
+
+    def finish(self) -> tuple[GenerationResult, list[Slot]]:
+        """The answer, its `exact` set, and the attempts still in flight (to retire):
+        attempts numbered up to it (the sequence a one-at-a-time run would have made)
+        and every token decoded, survivors past it counted as discarded."""
+        winner = self.winner
+        assert winner is not None
+        run = self.run
+        run.attempts = winner + 1
+        run.killed = winner
+        run.discarded += sum(1 for n in self.rule.ended if n > winner) + len(self.live)
+        run.tokens_spent += sum(_decoded(slot) for slot in self.live)
+        rest = list(self.live)
+        self.live.clear()
+        result = self._results[winner]
+        result.exact = run.to_dict()
+        return result, rest
+
+
 def exact_attempts(
     decoder: BatchDecoder,
     request: GenerationRequest,
@@ -68,70 +150,30 @@ def exact_attempts(
     until the rule names the answer; yields its text once, returns its result with
     `exact` set (attempts up to it, killed, tokens spent by all, discarded). Raises
     ExactBudgetError when the budget is spent before any attempt survived."""
-    check_exact(request)
-    if request.lam in (0.0, 1.0):  # nothing is killed: one attempt is the answer
-        parallel = 1
-    parallel = max(1, min(parallel, decoder.free_slots))
-    if parallel > 1:  # one read of the prompt (its new part), shared by every attempt
-        decoder.share_prefix(list(request.prompt)[:-1], decoder.free_sequences[:parallel])
-    rule = SmallestNumber()  # looked up here: a test swaps in the pitfall's rule
-    run = ExactRun()
-    starts = attempt_requests(request)
-    started = 0
-    live: dict[Slot, int] = {}
-    results: dict[int, GenerationResult] = {}
+    answer = ExactAnswer(request, parallel=max(1, min(parallel, decoder.free_slots)), budget=budget)
+    if answer.parallel > 1:  # one read of the prompt (its new part), shared by every attempt
+        decoder.share_prefix(list(request.prompt)[:-1], decoder.free_sequences[: answer.parallel])
     try:
-        while (winner := rule.answer()) is None:
-            while len(live) < parallel and _may_start(rule, started, live, run, budget):
-                live[decoder.admit(next(starts))] = started
-                started += 1
-            if not live:  # the budget is spent and every attempt was killed
-                run.attempts = run.killed = len(rule.ended)
-                raise ExactBudgetError(out_of_budget(run, budget))
+        while answer.winner is None:
+            while answer.wants_attempt():
+                answer.start(decoder.admit)
+            if not answer.live:
+                raise answer.out_of_budget()
             decoder.step()
-            for slot, number in list(live.items()):
-                if slot.finish_reason is not None:
-                    del live[slot]
-                    run.tokens_spent += _decoded(slot)
-                    survived = slot.finish_reason != FINISH_KILLED
-                    rule.end(number, survived)
-                    if survived:
-                        results[number] = slot_result(slot)
-                    decoder.retire(slot)
-                elif not rule.may_answer(number):  # a survivor before it is known
-                    del live[slot]
-                    run.tokens_spent += _decoded(slot)
-                    run.discarded += 1
-                    decoder.retire(slot)
+            for slot in answer.settle():
+                decoder.retire(slot)
     except GeneratorExit:
-        _retire_all(decoder, live)
+        _retire_all(decoder, answer.live)
         raise
     except BaseException:
-        _retire_all(decoder, live, forget=True)
+        _retire_all(decoder, answer.live, forget=True)
         raise
-    # What the answer cost: attempts numbered up to it (the sequence a one-at-a-time
-    # run would have made), every token decoded, and survivors past it as discarded.
-    run.attempts = winner + 1
-    run.killed = winner
-    run.discarded += sum(1 for n in rule.ended if n > winner)
-    run.discarded += len(live)
-    for slot in live:
-        run.tokens_spent += _decoded(slot)
-    _retire_all(decoder, live)
-    result = results[winner]
-    result.exact = run.to_dict()
+    result, rest = answer.finish()
+    for slot in rest:
+        decoder.retire(slot)
     if result.text:
         yield result.text
     return result
-
-
-def _may_start(rule, number: int, live: dict, run: ExactRun, budget: int) -> bool:
-    """Attempt `number` starts while no survivor is known and the budget is not spent
-    (counting what the attempts in flight have decoded so far)."""
-    if not rule.may_answer(number):
-        return False
-    in_flight = sum(_decoded(slot) for slot in live)
-    return run.tokens_spent + in_flight < budget
 
 
 def _decoded(slot: Slot) -> int:

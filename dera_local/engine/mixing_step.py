@@ -51,6 +51,11 @@ def take_tokens(decoder, slot: Slot, rows: list[list[int]]) -> None:
     def advance(token: int) -> str | None:
         finish = slot.output.advance(token)
         texts.append(slot.output.new_text)
+        # An exact attempt killed at this position ends here, the token drawn there
+        # included (its coin came before the draw): in a walk over verified drafts too,
+        # since each row sampled is one position of the answer, tested in order.
+        if slot.kill_test is not None and slot.kill_test.killed:
+            finish = slot.output.end(FINISH_KILLED)
         return finish
 
     drafting = slot.drafting
@@ -69,8 +74,6 @@ def take_tokens(decoder, slot: Slot, rows: list[list[int]]) -> None:
     else:
         kept = [sample_slot(decoder.models, decoder.contexts, slot, [r[-1] for r in rows])]
         finish = advance(kept[0])
-        if slot.kill_test is not None and slot.kill_test.killed:
-            finish = slot.output.end(FINISH_KILLED)
     if slot.first_token_at is None:
         slot.first_token_at = time.perf_counter()
     for lane in slot.lanes:

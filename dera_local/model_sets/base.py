@@ -176,7 +176,10 @@ class ModelSet:
             (see engine/exact.py); the surviving attempt that started first is returned,
             its cost in result.exact. A pair's plain DeRa, 0 <= lam <= 1, temperature in
             (0, 1], no truncation or penalties (a grammar, a JSON schema and bans by a
-            bias of -100 mask both models); no speculation. exact_budget: the
+            bias of -100 mask both models). Speculation verifies each attempt's drafts
+            against its DeRa rows and tests every verified position for the kill, so it
+            changes only the decodes an answer takes (attempts decoded at once draft by
+            prompt lookup: a draft model follows one text). exact_budget: the
             sequence-tokens attempts may spend before a new one would start (then
             ExactBudgetError). exact_parallel: attempts decoded at once, as slots of one
             batch sharing the prompt's cache.
@@ -202,9 +205,10 @@ class ModelSet:
             logits_observer=logits_observer,
             shown_special=tuple(shown_special),
         )
-        if exact:  # attempts are plain DeRa, one token per step
-            request = replace(request, speculation=SpeculationParams(draft_max=0), drafter=None)
         n_slots = check_parallel(exact_parallel) if exact and 0.0 < lam < 1.0 else 1
+        if n_slots > 1 and not getattr(request.drafter, "cheap", True):
+            # a draft model follows one text: attempts decoded at once look up their own
+            request = replace(request, drafter=None)
         decoder = self._slots.decoder_for(
             1 if guidance is None else 2, request.speculation.draft_max, n_slots
         )

@@ -20,6 +20,7 @@ from starlette.routing import Route
 
 from ..chat import ChatTemplate
 from ..engine.exact import DEFAULT_BUDGET
+from ..engine.exact_attempts import DEFAULT_PARALLEL
 from ..errors import BadParameterError
 from ..model_sets.pair import DeraPair
 from ..rpc import faults as rpc_faults
@@ -99,6 +100,7 @@ def create_app(
     lam_presets: Sequence[float] = DEFAULT_LAM_PRESETS,
     guided: bool = True,
     exact_budget: int = DEFAULT_BUDGET,
+    exact_parallel: int = DEFAULT_PARALLEL,
     lam_range: LamRange | None = None,
 ) -> Starlette:
     """The ASGI app serving `pair`; run it with uvicorn (see cli/serve.py).
@@ -106,7 +108,10 @@ def create_app(
     parallel: requests decoded together (continuous batching), each in a slot of
     pair.n_ctx tokens. lam_presets: the lams /v1/models offers as "dera-local@<lam>".
     guided: accept negative prompts (dera_negative_prompt); each slot then has room
-    for a second sequence (the KV cache is twice as large).
+    for a second sequence (the KV cache is twice as large). exact_budget: the
+    sequence-tokens one exact answer's attempts may spend (then a 503); exact_parallel:
+    the most slots its attempts take at once (more than one only while no other request
+    waits).
     """
     lam_range = lam_range or LamRange()
     outside = [lam for lam in (default_lam, *lam_presets) if not lam_range.holds(lam)]
@@ -116,7 +121,12 @@ def create_app(
             cli_hint="widen --lam-range or change --lam/--lam-presets",
         )
     worker = GenerationWorker(
-        pair, max_queue, parallel=parallel, guided=guided, exact_budget=exact_budget
+        pair,
+        max_queue,
+        parallel=parallel,
+        guided=guided,
+        exact_budget=exact_budget,
+        exact_parallel=exact_parallel,
     )
     served = Served(
         pair=pair,

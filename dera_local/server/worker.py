@@ -2,33 +2,31 @@
 used from two threads) as continuous batching: up to `parallel` requests decode together
 in one batch, each with its own lam; more wait in a bounded queue; a request leaves the
 batch at the next step once it ends or its client goes away. A follow-up request goes to
-the slot that holds its conversation's prefix when that slot is free."""
+the slot that holds its conversation's prefix when that slot is free.
+
+An exact request (engine/exact.py) runs its attempts in slots of the same batch: one
+always, and up to `exact_parallel` while no other request waits for a slot (a started
+attempt runs to its end, since cutting it short would bias the answer, so a request
+that arrives then waits for at most one attempt)."""
 
 from __future__ import annotations
 
 import asyncio
 import collections
 import threading
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
 
 from ..engine.decoder import BatchDecoder
-from ..engine.exact import (
-    DEFAULT_BUDGET,
-    ExactBudgetError,
-    ExactRun,
-    attempt_requests,
-    check_exact,
-    out_of_budget,
-)
+from ..engine.exact import DEFAULT_BUDGET
+from ..engine.exact_attempts import DEFAULT_PARALLEL, ExactAnswer
 from ..engine.guidance import Guidance
 from ..engine.logprobs import SequenceLogprobs
 from ..engine.request import GenerationRequest
 from ..engine.slots import Slot
-from ..engine.stream import slot_result
+from ..engine.stream import GenerationResult, slot_result
 from ..errors import BadParameterError
-from ..model_sets.pair import DeraPair, GenerationResult
-from ..speculation.drafts import SpeculationParams
+from ..model_sets.pair import DeraPair
 
 # The decode thread builds every request's sampler chain, and llama.cpp's grammar parser
 # recurses once per nested group (up to grammar_bounds.MAX_GROUP_DEPTH, under 0.5 MB):
@@ -94,19 +92,24 @@ class _Waiting:
     job: Job
     deliver: Callable[[object], None]  # thread-safe: a TextChunk, a result, an error, None
     delivered_tokens: int = 0
-    attempts: Iterator[GenerationRequest] | None = None  # an exact job's attempts to come
-    run: ExactRun | None = None  # and what they cost so far
+    answer: ExactAnswer | None = None  # an exact job's attempts
 
-    def chunk(self, slot: Slot, whole: bool = False) -> TextChunk:
+    def chunk(self, slot: Slot) -> TextChunk:
         """The tokens sampled since the last chunk, with the text the last step made safe
-        to show (`whole`: all of the answer's text, for an exact answer shown at once)."""
+        to show."""
         start, end = self.delivered_tokens, len(slot.output.tokens)
         self.delivered_tokens = end
         logprobs = None
         if self.job.per_token and slot.logprobs is not None:
             logprobs = slot.logprobs.slice(start, end)
-        text = slot.output.text if whole else slot.new_text
-        return TextChunk(text, slot.output.tokens[start:end], logprobs)
+        return TextChunk(slot.new_text, slot.output.tokens[start:end], logprobs)
+
+    def whole(self, result: GenerationResult) -> TextChunk:
+        """An exact answer, shown at once when it survived."""
+        logprobs = None
+        if self.job.per_token and result.logprobs is not None:
+            logprobs = result.logprobs.slice(0, len(result.tokens))
+        return TextChunk(result.text, list(result.tokens), logprobs)
 
 
 class GenerationWorker:
@@ -123,9 +126,12 @@ class GenerationWorker:
         parallel: int = 4,
         guided: bool = True,
         exact_budget: int = DEFAULT_BUDGET,
+        exact_parallel: int = DEFAULT_PARALLEL,
     ) -> None:
         """Each of the `parallel` slots holds pair.n_ctx tokens (serve loads the pair with
-        its share of -c); `guided`: each also has a sequence for a negative prompt."""
+        its share of -c); `guided`: each also has a sequence for a negative prompt.
+        exact_budget: sequence-tokens per exact answer; exact_parallel: the most slots
+        one exact answer's attempts take at once."""
         if parallel < 1:
             raise BadParameterError(f"parallel must be at least 1, got {parallel}")
         self.pair = pair
@@ -143,7 +149,8 @@ class GenerationWorker:
         # Each slot drafts by prompt lookup over its own text (a draft model follows one
         # text, so it cannot serve several slots) and verifies in the shared step.
         self.speculation = pair.speculation
-        self.exact_budget = exact_budget  # sequence-tokens per exact answer
+        self.exact_budget = exact_budget
+        self.exact_parallel = exact_parallel
         self._decoder = BatchDecoder(
             pair,
             parallel,
@@ -230,8 +237,8 @@ class GenerationWorker:
             try:
                 self._iterate(admitted)
             except BaseException as exc:  # a failed decode fails every generation in it
-                for slot in list(self._decoder.live):
-                    self._finish(slot, "failed", forget=True, last=exc)
+                for waiting in self._live_jobs():
+                    self._finish(waiting, "failed", forget=True, last=exc)
 
     def _take_admissible(self) -> list[_Waiting]:
         """Waiting requests for the free slots (and the cancelled ones, to drop them)."""
@@ -247,38 +254,56 @@ class GenerationWorker:
         decoder = self._decoder
         for waiting in admitted:
             self._start(waiting)
-        for slot in list(decoder.live):
-            if slot.tag.job.cancelled.is_set():
-                self._finish(slot, "cancelled")
+        for waiting in self._live_jobs():
+            if waiting.job.cancelled.is_set():
+                self._finish(waiting, "cancelled")
         if not decoder.live:
             return
+        exact_jobs: dict[_Waiting, None] = {}  # in the order their slots sampled
         for slot in decoder.step():
-            exact = slot.tag.run is not None
-            if slot.new_text and not exact:  # an exact answer is shown once it survived
-                slot.tag.deliver(slot.tag.chunk(slot))
+            waiting = slot.tag
+            if waiting.answer is not None:  # an exact answer is shown once it survived
+                exact_jobs[waiting] = None
+                continue
+            if slot.new_text:
+                waiting.deliver(waiting.chunk(slot))
             if slot.finish_reason is not None:
-                if exact:
-                    self._end_attempt(slot)
-                else:
-                    self._finish(slot, "completed", last=slot_result(slot))
+                self._finish(waiting, "completed", last=slot_result(slot))
+        for waiting in exact_jobs:
+            self._advance_exact(waiting)
 
-    def _end_attempt(self, slot: Slot) -> None:
-        """An exact job's attempt ended: the survivor is the answer (its text in one
-        chunk); a killed one is followed by the next attempt in the slot it frees, until
+    def _advance_exact(self, waiting: _Waiting) -> None:
+        """After a step of an exact job's attempts: retire the ones that ended or can no
+        longer be the answer; answer once the rule names the survivor (its text in one
+        chunk); else keep one attempt running, and more while no request waits, until
         the budget is spent."""
-        waiting, run = slot.tag, slot.tag.run
-        if run.record(len(slot.output.tokens), slot.finish_reason):
-            result = slot_result(slot)
-            result.exact = run.to_dict()
-            waiting.deliver(waiting.chunk(slot, whole=True))
-            self._finish(slot, "completed", last=result)
+        answer, decoder = waiting.answer, self._decoder
+        for slot in answer.settle():
+            decoder.retire(slot)
+        if answer.winner is not None:
+            result, rest = answer.finish()
+            for slot in rest:
+                decoder.retire(slot)
+            waiting.deliver(waiting.whole(result))
+            self._finish(waiting, "completed", last=result)
             return
-        if run.tokens_spent >= self.exact_budget:
-            error = ExactBudgetError(out_of_budget(run, self.exact_budget))
-            self._finish(slot, "failed", last=error)
+
+        def admit(request: GenerationRequest) -> Slot:
+            return decoder.admit(request, tag=waiting)
+
+        if not answer.live and answer.wants_attempt():  # its own slot, just freed
+            answer.start(admit)
+        if not answer.live:
+            self._finish(waiting, "failed", last=answer.out_of_budget())
             return
-        self._decoder.retire(slot)
-        self._decoder.admit(next(waiting.attempts), tag=waiting)
+        with self._lock:
+            queued = bool(self._waiting)
+        while not queued and decoder.free_slots and answer.wants_attempt():
+            answer.start(admit)
+
+    def _live_jobs(self) -> list[_Waiting]:
+        """The jobs with a slot in the batch, each once (an exact job may have several)."""
+        return list(dict.fromkeys(slot.tag for slot in self._decoder.live))
 
     def _start(self, waiting: _Waiting) -> None:
         job = waiting.job
@@ -297,24 +322,26 @@ class GenerationWorker:
                 speculation=self.speculation,
                 target_lam=self.pair.exact_target(job.request.lam, guidance),
             )
-            if job.exact:  # attempts are plain DeRa, one token per step
-                request = replace(request, speculation=SpeculationParams(draft_max=0))
-                check_exact(request)
-                waiting.attempts, waiting.run = attempt_requests(request), ExactRun()
-                request = next(waiting.attempts)
-            self._decoder.admit(request, tag=waiting)
+            if job.exact:  # one attempt now; more once it has read the prompt
+                waiting.answer = ExactAnswer(
+                    request, parallel=self.exact_parallel, budget=self.exact_budget
+                )
+                waiting.answer.start(lambda attempt: self._decoder.admit(attempt, tag=waiting))
+            else:
+                self._decoder.admit(request, tag=waiting)
         except BaseException as exc:  # handed to the request that asked
             self._release(job, "failed")
             waiting.deliver(exc)
             waiting.deliver(None)
 
     def _finish(
-        self, slot: Slot, outcome: str, *, forget: bool = False, last: object = None
+        self, waiting: _Waiting, outcome: str, *, forget: bool = False, last: object = None
     ) -> None:
-        """Retire the slot and count its outcome *before* the client hears the end, so a
-        client that asks /health right after its stream sees its request counted."""
-        self._decoder.retire(slot, forget=forget)
-        self._release(slot.tag.job, outcome)
+        """Retire the job's slots and count its outcome *before* the client hears the
+        end, so a client that asks /health right after its stream sees it counted."""
+        for slot in [s for s in self._decoder.live if s.tag is waiting]:
+            self._decoder.retire(slot, forget=forget)
+        self._release(waiting.job, outcome)
         if last is not None:
-            slot.tag.deliver(last)
-        slot.tag.deliver(None)
+            waiting.deliver(last)
+        waiting.deliver(None)
