@@ -5,6 +5,7 @@ capped at --tokens), measured in one process.
 
     python bench/exact_cost.py                       # lam 0.25 0.5 0.75 0.9, 4 answers each
     python bench/exact_cost.py --lams 0.75 --answers 8 --parallel 1,4,8
+    python bench/exact_cost.py --lams 0.75 --parallel 1,4 --draft-max 0,16   # speculation
 
 Per cell: the mean over the answers of attempts, sequence-tokens (every attempt's,
 discarded ones too) and wall time, and the throughput, sequence-tokens per second (what
@@ -13,6 +14,10 @@ mean), and an attempt's tokens are not reproducible across batch shapes on a rea
 (batched rounding flips a sampled token now and then), so a few answers per cell say
 little about cost per answer: compare the throughput. "x DeRa": wall time per exact
 answer over the median time of one plain DeRa answer (same lam, prompts, seeds).
+--draft-max 0,16: each cell also with speculation (prompt lookup, adaptive draft length):
+an attempt's tokens and kills are the same either way (engine/exact.py; up to batched
+rounding on a real model), so the throughput column compares the two directly; "drafts
+kept" is accepted over drafted.
 """
 
 from __future__ import annotations
@@ -38,12 +43,14 @@ def main() -> None:
     parser.add_argument("--lams", default="0.25,0.5,0.75,0.9")
     parser.add_argument("--parallel", default="1,4,8")
     parser.add_argument("--answers", type=int, default=4, help="exact answers per cell")
+    parser.add_argument("--draft-max", default="0", help="speculation per cell (0: off)")
     args = parser.parse_args()
     import dera_local
 
     spec = demo_pair_or_exit()
     lams = [float(x) for x in args.lams.split(",")]
     widths = [int(x) for x in args.parallel.split(",")]
+    draft_maxes = [int(x) for x in args.draft_max.split(",")]
     print(f"machine: {machine()}; {args.threads} threads; answers <= {args.tokens} tokens\n")
     rows = []
     with dera_local.load_pair(
@@ -74,37 +81,16 @@ def main() -> None:
                 plain.append(time.perf_counter() - start)
             one = statistics.median(plain)
             for width in widths:
-                times, tokens, attempts = [], [], []
-                for i in range(args.answers):
-                    start = time.perf_counter()
-                    result = pair.generate(
-                        encoded[i % len(encoded)],
-                        lam=lam,
-                        exact=True,
-                        exact_parallel=width,
-                        exact_budget=10**9,
-                        **settings(i),
+                for draft_max in draft_maxes:
+                    rows.append(
+                        exact_cell(pair, encoded, settings, args, lam, width, draft_max, one)
                     )
-                    times.append(time.perf_counter() - start)
-                    tokens.append(result.exact["tokens_spent"])
-                    attempts.append(result.exact["attempts"])
-                wall = statistics.mean(times)
-                rows.append(
-                    [
-                        f"{lam:g}",
-                        str(width),
-                        f"{statistics.mean(attempts):.1f}",
-                        f"{statistics.mean(tokens):,.0f}",
-                        f"{sum(tokens) / sum(times):.1f}",
-                        f"{wall:.2f}",
-                        f"{one:.2f}",
-                        f"{wall / one:.1f}",
-                    ]
-                )
-                print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
+                    print(" | ".join(rows[-1]), file=sys.stderr, flush=True)
     headers = [
         "lam",
         "attempts at once",
+        "draft max",
+        "drafts kept",
         "attempts",
         "sequence-tokens",
         "sequence-tokens / s",
@@ -113,6 +99,52 @@ def main() -> None:
         "x DeRa",
     ]
     print(table(headers, rows))
+
+
+def exact_cell(pair, encoded, settings, args, lam, width, draft_max, one) -> list[str]:
+    """One table row: --answers exact answers at lam, `width` attempts at once."""
+    import dera_local
+    from dera_local.speculation.drafts import sample_equals_draft
+
+    speculation = dera_local.SpeculationParams(draft_max=draft_max)
+    times, tokens, attempts = [], [], []
+    drafted = accepted = 0
+
+    def accept(sampled: int, draft: int) -> bool:  # the usual rule, counting every attempt's
+        nonlocal drafted, accepted
+        kept = sample_equals_draft(sampled, draft)
+        drafted += 1
+        accepted += kept
+        return kept
+
+    for i in range(args.answers):
+        start = time.perf_counter()
+        result = pair.generate(
+            encoded[i % len(encoded)],
+            lam=lam,
+            exact=True,
+            exact_parallel=width,
+            exact_budget=10**9,
+            speculation=speculation,
+            accept=accept,
+            **settings(i),
+        )
+        times.append(time.perf_counter() - start)
+        tokens.append(result.exact["tokens_spent"])
+        attempts.append(result.exact["attempts"])
+    wall = statistics.mean(times)
+    return [
+        f"{lam:g}",
+        str(width),
+        str(draft_max),
+        f"{accepted}/{drafted}" if draft_max else "-",
+        f"{statistics.mean(attempts):.1f}",
+        f"{statistics.mean(tokens):,.0f}",
+        f"{sum(tokens) / sum(times):.1f}",
+        f"{wall:.2f}",
+        f"{one:.2f}",
+        f"{wall / one:.1f}",
+    ]
 
 
 if __name__ == "__main__":

@@ -1,6 +1,9 @@
 """`importance.py --check`: sample a small fresh slice (4 prompts x 6 seeds that no
 stored run used, ~5 min on 2 cores) and say whether its statistics agree with the stored
-run's.
+run's. The slice is kept (results/check-samples.jsonl, appended as it is sampled, so an
+interrupted check resumes; its provenance in check-provenance.jsonl) and the comparison
+is written to results/check.md: a check anyone can read, and rerun on their machine
+with `--results` pointing elsewhere.
 
 Samples at temperature 1 do not reproduce across CPUs (llama.cpp's kernels round
 differently per ISA and batch shape), so the check compares statistics, not answers:
@@ -18,11 +21,10 @@ any correlation between them).
 from __future__ import annotations
 
 import math
-import tempfile
-from pathlib import Path
 
 import numpy as np
-from stages import TARGETS, log, read_rows, result_files, sample
+from provenance import provenance
+from stages import TARGETS, log, read_rows, record_provenance, result_files, sample
 
 SLICE_PROMPTS = 4
 SLICE_SEEDS = 6
@@ -106,22 +108,35 @@ def check(args, files: dict, prompts: list[str]) -> int:
         return 2
     chosen = sorted({r["prompt"] for r in stored_runs})[:: max(1, len(prompts) // SLICE_PROMPTS)]
     chosen = chosen[:SLICE_PROMPTS]
-    with tempfile.TemporaryDirectory(prefix="dera-check-") as folder:
-        fresh_files = result_files(Path(folder), "check")
-        sample(fresh_files, prompts, range(SLICE_SEEDS), args.seed + FRESH_SEED_OFFSET, only=chosen)
-        fresh_runs = read_rows(fresh_files["samples"])
+    fresh_files = result_files(args.results, "check")
+    record_provenance(fresh_files, "check")
+    sample(fresh_files, prompts, range(SLICE_SEEDS), args.seed + FRESH_SEED_OFFSET, only=chosen)
+    fresh_runs = [r for r in read_rows(fresh_files["samples"]) if r["prompt"] in chosen]
     stored = statistics_of([r for r in stored_runs if r["prompt"] in chosen])
     rows = compare(stored, statistics_of(fresh_runs))
     disagree = [row for row in rows if not row[4]]
-    print(
-        f"Fresh slice: prompts {chosen}, {SLICE_SEEDS} new seeds each; "
-        "stored run on the same prompts."
-    )
-    print(f"{'statistic':32} {'stored':>9} {'fresh':>9} {'allowed':>9}")
-    for name, mean, other, allowed, agrees in rows:
-        mark = "" if agrees else "   <- outside"
-        print(f"{name:32} {mean:9.2f} {other:9.2f} {allowed:9.2f}{mark}")
     verdict = not disagree
     outcome = "reproduce here." if verdict else "do NOT reproduce here."
-    print(f"{len(rows) - len(disagree)}/{len(rows)} statistics agree: the stored results {outcome}")
+    where = provenance()["machine"]
+    lines = [
+        "# `importance.py --check`: a fresh slice against the stored run",
+        "",
+        f"Fresh slice: prompts {chosen}, {SLICE_SEEDS} new seeds each (base "
+        f"{args.seed + FRESH_SEED_OFFSET}, results/check-samples.jsonl); stored run on the "
+        "same prompts. Welch's t test per statistic at the Bonferroni level "
+        f"{FAMILY_LEVEL:g} / {len(rows)}.",
+        "",
+        "| statistic | stored | fresh | allowed difference | agrees |",
+        "|---|---|---|---|---|",
+        *(
+            f"| {name} | {mean:.2f} | {other:.2f} | {allowed:.2f} | {'yes' if agrees else 'NO'} |"
+            for name, mean, other, allowed, agrees in rows
+        ),
+        "",
+        f"**{len(rows) - len(disagree)}/{len(rows)} statistics agree: the stored results "
+        f"{outcome}** ({where})",
+    ]
+    report = "\n".join(lines) + "\n"
+    (args.results / "check.md").write_text(report)
+    print(report, end="")
     return 0 if verdict else 1
