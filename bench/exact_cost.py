@@ -59,7 +59,8 @@ def main() -> None:
         lora=spec.lora,
         n_ctx=1024,
         n_threads=args.threads,
-        speculation=dera_local.SpeculationParams(draft_max=0),
+        # room for the largest draft asked; each call says its own speculation
+        speculation=dera_local.SpeculationParams(draft_max=max(draft_maxes)),
     ) as pair:
         session = dera_local.ChatSession(pair)
         encoded = []
@@ -77,7 +78,12 @@ def main() -> None:
             plain = []
             for i in range(args.answers):
                 start = time.perf_counter()
-                pair.generate(encoded[i % len(encoded)], lam=lam, **settings(i))
+                pair.generate(
+                    encoded[i % len(encoded)],
+                    lam=lam,
+                    speculation=dera_local.SpeculationParams(draft_max=0),
+                    **settings(i),
+                )
                 plain.append(time.perf_counter() - start)
             one = statistics.median(plain)
             for width in widths:
