@@ -99,12 +99,11 @@ def pair_scale_chains() -> dict[str, Chain]:
     both = _bisect(
         lambda s: aligned(cost_for_length(s), s)[1], 0.0, 10.0, PAIR_ALIGNED_KL, steps=30
     )
+    both_cost = cost_for_length(both)
     return {
         f"length alone (c {length_only:.3f})": chain(length_only, 0.0),
         f"content alone (s {content_only:.3f})": chain(0.0, content_only),
-        f"length plus content (c {cost_for_length(both):.3f}, s {both:.3f})": chain(
-            cost_for_length(both), both
-        ),
+        f"length plus content (c {both_cost:.3f}, s {both:.3f})": chain(both_cost, both),
     }
 
 
